@@ -1,0 +1,112 @@
+"""The `recstream` command: one entry point whose subcommands run every part."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from recstream import settings as settings_mod
+from recstream.settings import Settings
+
+
+def _services(args: argparse.Namespace, s: Settings) -> int:
+    from recstream import services
+
+    if args.action == "install":
+        services.install(s)
+    elif args.action == "up":
+        services.install(s)
+        services.up(s, with_mlflow=not args.no_mlflow)
+    elif args.action == "down":
+        services.down(s)
+    else:
+        for name, state in services.status(s).items():
+            print(f"{name:8} {state}")
+    return 0
+
+
+def _topics(args: argparse.Namespace, s: Settings) -> int:
+    from streams import topics
+
+    if args.action == "create":
+        for name, state in asyncio.run(topics.ensure_topics(s)).items():
+            print(f"{name:32} {state}")
+    else:
+        for spec in topics.specs(s):
+            print(f"{spec.name:32} partitions={spec.partitions:<3} {spec.doc}")
+    return 0
+
+
+def _replay(args: argparse.Namespace, s: Settings) -> int:
+    from recstream.data import load_dataset
+    from streams import replay
+
+    data = load_dataset(args.dataset, args.path, on_error=args.on_error, limit=args.limit)
+    for err in data.errors[:20]:
+        print(f"skipped {err}", file=sys.stderr)
+    if len(data.errors) > 20:
+        print(f"... and {len(data.errors) - 20} more malformed rows", file=sys.stderr)
+    result = asyncio.run(replay.publish_dataset(s, data, rate_per_s=args.rate))
+    print(result.summary())
+    return 0
+
+
+def _demo(args: argparse.Namespace, s: Settings) -> int:
+    from recstream import demo
+
+    return asyncio.run(demo.run(s, args))
+
+
+def _settings(args: argparse.Namespace, s: Settings) -> int:
+    for var, default, doc in settings_mod.describe():
+        print(f"{var:36} {default:28} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recstream", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("services", help="install, start, stop or show the local Kafka, Redis and MLflow")
+    sp.add_argument("action", choices=["install", "up", "down", "status"])
+    sp.add_argument("--no-mlflow", action="store_true", help="start Kafka and Redis only")
+    sp.set_defaults(run=_services)
+
+    sp = sub.add_parser("topics", help="create (idempotently) or list the project's topics")
+    sp.add_argument("action", choices=["create", "list"])
+    sp.set_defaults(run=_topics)
+
+    sp = sub.add_parser("replay", help="publish a dataset's events to the clickstream topic")
+    sp.add_argument("--dataset", default="shop", help="shop (embedded), csv, taobao, yoochoose, groceries, movielens")
+    sp.add_argument("--path", type=Path, help="file or folder of the dataset (not for shop)")
+    sp.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    sp.add_argument("--limit", type=int, default=None, help="publish at most this many events")
+    sp.add_argument("--on-error", choices=["skip", "stop"], default="skip", help="malformed rows: report and skip, or stop")
+    sp.set_defaults(run=_replay)
+
+    sp = sub.add_parser("demo", help="the end-to-end demo on the embedded shop dataset")
+    sp.add_argument("--users", type=int, default=400, help="shoppers in the generated shop")
+    sp.add_argument("--products", type=int, default=1500, help="products in the generated shop")
+    sp.add_argument("--seed", type=int, default=7)
+    sp.set_defaults(run=_demo)
+
+    sp = sub.add_parser("settings", help="list every RECSTREAM_* setting with its default and unit")
+    sp.set_defaults(run=_settings)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        s = settings_mod.load()
+        return args.run(args, s)
+    except settings_mod.SettingsError as exc:
+        print(f"recstream: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The one typed settings object, read once from RECSTREAM_* environment variables."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+PREFIX = "RECSTREAM_"
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every field is read from RECSTREAM_<FIELD_NAME_IN_CAPITALS>; units are in the names."""
+
+    # -- where things run --------------------------------------------------------------------
+    home_dir: Path = _setting(Path(".local"), "folder for service data, jars, logs and pid files (path; relative to the working directory)")
+    kafka_bootstrap: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers (host:port[,host:port])")
+    kafka_controller_port: int = _setting(9093, "KRaft controller listener of the local broker (TCP port)")
+    kafka_heap_mb: int = _setting(768, "JVM heap of the local Kafka broker (MiB)")
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis URL for online features (redis://host:port/db)")
+    mlflow_tracking_uri: str = _setting("http://127.0.0.1:5000", "MLflow tracking/registry server (URL)")
+    # -- topics ------------------------------------------------------------------------------
+    topic_prefix: str = _setting("recs", "prefix of every recstream topic name (dotted lowercase)")
+    clickstream_partitions: int = _setting(8, "partitions of the clickstream topic, keyed by user_id (count)")
+    request_partitions: int = _setting(4, "partitions of the recommendation request/reply topics (count)")
+    replication_factor: int = _setting(1, "replication factor of topics the project creates (count; 3 in production)")
+    clickstream_retention_h: int = _setting(24 * 7, "clickstream topic retention (hours)")
+    # -- producers ---------------------------------------------------------------------------
+    produce_timeout_ms: int = _setting(5000, "longest wait for Kafka to acknowledge a produced record (milliseconds)")
+    producer_linger_ms: int = _setting(5, "producer batching delay (milliseconds)")
+    # -- app ---------------------------------------------------------------------------------
+    app_id: str = _setting("recstream", "Faust application id: consumer group and changelog prefix (name)")
+    table_store: str = _setting("rocksdb://", "Faust table store URL: rocksdb:// (durable) or memory:// (name)")
+    session_idle_timeout_s: int = _setting(30 * 60, "a session ends after this much inactivity (seconds)")
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def redis_port(self) -> int:
+        return int(self.redis_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+    @property
+    def mlflow_port(self) -> int:
+        return int(self.mlflow_tracking_uri.rstrip("/").rsplit(":", 1)[1])
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}.{name}"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _coerce(name: str, kind: type, raw: str) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true/false")
+        return kind(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{name.upper()}={raw!r}: {exc}") from None
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment; an unknown RECSTREAM_* variable is an error (typos)."""
+    environ = os.environ if environ is None else environ
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    types = {"Path": Path, "str": str, "int": int, "float": float, "bool": bool}
+    values: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX):].lower()
+        if name not in fields:
+            raise SettingsError(f"unknown setting {key}; known: {', '.join(PREFIX + n.upper() for n in fields)}")
+        values[name] = _coerce(name, types[str(fields[name].type)], raw)
+    settings = Settings(**values)
+    for name in ("clickstream_partitions", "request_partitions", "replication_factor", "produce_timeout_ms"):
+        if getattr(settings, name) < 1:
+            raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
+    return settings
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, documentation) for every setting, for `recstream settings`."""
+    return [(PREFIX + f.name.upper(), str(f.default), f.metadata["doc"]) for f in dataclasses.fields(Settings)]

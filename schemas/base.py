@@ -1,0 +1,259 @@
+"""Record base: declarative field checks, validation with field-level errors, JSON via orjson."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping, Self
+
+import orjson
+
+MAX_TEXT = 256           # characters in any id or short string
+MAX_FUTURE_SKEW_S = 300  # a timestamp may run this far ahead of the receiver's clock (seconds)
+MIN_TIMESTAMP_S = 631_152_000.0  # 1990-01-01: older timestamps are unit mistakes, not shop history
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
+class SchemaError(ValueError):
+    """A record failed validation; `errors` names each bad field and why."""
+
+    def __init__(self, record: str, errors: list[FieldError]):
+        self.record = record
+        self.errors = errors
+        super().__init__(f"invalid {record}: " + "; ".join(map(str, errors)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": "invalid " + self.record, "fields": [dataclasses.asdict(e) for e in self.errors]}
+
+
+class Invalid(Exception):
+    """Raised by a check with the reason; the record adds the field name."""
+
+
+# -- checks: each takes the raw JSON value and returns the typed value or raises Invalid ---------
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    max_len: int = MAX_TEXT
+    min_len: int = 1
+
+    def __call__(self, v: Any, now: float) -> str:
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise Invalid(f"expected a string, got {type(v).__name__}")
+        v = str(v)
+        if len(v) < self.min_len:
+            raise Invalid("must not be empty")
+        if len(v) > self.max_len:
+            raise Invalid(f"longer than {self.max_len} characters ({len(v)})")
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    lo: float | None = None
+    hi: float | None = None
+    integer: bool = False
+
+    def __call__(self, v: Any, now: float) -> float | int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise Invalid(f"expected a number, got {type(v).__name__}")
+        if self.integer and (isinstance(v, float) and not v.is_integer()):
+            raise Invalid("expected an integer")
+        if not math.isfinite(v):
+            raise Invalid("must be finite")
+        if self.lo is not None and v < self.lo:
+            raise Invalid(f"must be at least {self.lo:g}, got {v:g}")
+        if self.hi is not None and v > self.hi:
+            raise Invalid(f"must be at most {self.hi:g}, got {v:g}")
+        return int(v) if self.integer else float(v)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    options: tuple[str, ...]
+
+    def __call__(self, v: Any, now: float) -> str:
+        if v not in self.options:
+            raise Invalid(f"{str(v)[:40]!r} is not one of {', '.join(self.options)}")
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    def __call__(self, v: Any, now: float) -> bool:
+        if not isinstance(v, bool):
+            raise Invalid(f"expected true or false, got {type(v).__name__}")
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class Timestamp:
+    """Unix seconds (int or float); unit slips (milliseconds) and far-future clocks are refused."""
+
+    def __call__(self, v: Any, now: float) -> float:
+        t = Number()(v, now)
+        if t < MIN_TIMESTAMP_S:
+            raise Invalid(f"{t:g} is before 1990-01-01; expected Unix seconds")
+        if t > now + MAX_FUTURE_SKEW_S:
+            raise Invalid(f"{t:.0f} is {t - now:.0f} s in the future (at most {MAX_FUTURE_SKEW_S} s allowed)")
+        return t
+
+
+@dataclass(frozen=True, slots=True)
+class ListOf:
+    item: Any
+    max_items: int = 100
+    min_items: int = 0
+
+    def __call__(self, v: Any, now: float) -> tuple:
+        if not isinstance(v, (list, tuple)):
+            raise Invalid(f"expected a list, got {type(v).__name__}")
+        if len(v) < self.min_items:
+            raise Invalid(f"needs at least {self.min_items} item(s)")
+        if len(v) > self.max_items:
+            raise Invalid(f"more than {self.max_items} items ({len(v)})")
+        out = []
+        for i, x in enumerate(v):
+            try:
+                out.append(self.item(x, now))
+            except Invalid as exc:
+                raise Invalid(f"item {i}: {exc}") from None
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Nested:
+    record: type["Record"]
+
+    def __call__(self, v: Any, now: float) -> "Record":
+        try:
+            return self.record.from_dict(v, now=now)
+        except SchemaError as exc:
+            raise Invalid("; ".join(map(str, exc.errors))) from None
+
+
+@dataclass(frozen=True, slots=True)
+class StrMap:
+    max_items: int = 32
+
+    def __call__(self, v: Any, now: float) -> dict[str, str]:
+        if not isinstance(v, dict):
+            raise Invalid(f"expected an object, got {type(v).__name__}")
+        if len(v) > self.max_items:
+            raise Invalid(f"more than {self.max_items} keys ({len(v)})")
+        return {Text()(k, now): Text(min_len=0)(x, now) for k, x in v.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class NumMap:
+    max_items: int = 32
+
+    def __call__(self, v: Any, now: float) -> dict[str, float]:
+        if not isinstance(v, dict):
+            raise Invalid(f"expected an object, got {type(v).__name__}")
+        if len(v) > self.max_items:
+            raise Invalid(f"more than {self.max_items} keys ({len(v)})")
+        return {Text()(k, now): Number()(x, now) for k, x in v.items()}
+
+
+_REQUIRED = object()
+
+
+def check(rule: Any, *, default: Any = _REQUIRED, doc: str = "") -> Any:
+    """Declare a record field: its check, its default (absent = required) and its meaning."""
+    meta = {"check": rule, "doc": doc}
+    if default is _REQUIRED:
+        return field(metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
+    return field(default=default, metadata=meta)
+
+
+class Record:
+    """Base of every schema: `from_dict`/`from_json` validate, `to_dict`/`to_json` serialise."""
+
+    SCHEMA: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    __slots__ = ()
+
+    @classmethod
+    def from_dict(cls, data: Any, *, now: float | None = None) -> Self:
+        if not isinstance(data, Mapping):
+            raise SchemaError(cls.SCHEMA, [FieldError("<record>", f"expected a JSON object, got {type(data).__name__}")])
+        now = time.time() if now is None else now
+        errors: list[FieldError] = []
+        version = data.get("version", cls.VERSION)
+        if version != cls.VERSION:
+            errors.append(FieldError("version", f"unsupported version {version!r}; this reader takes {cls.VERSION}"))
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = data.get(f.name)
+            if raw is None:
+                if f.default is dataclasses.MISSING:
+                    errors.append(FieldError(f.name, "is required"))
+                continue
+            try:
+                values[f.name] = f.metadata["check"](raw, now)
+            except Invalid as exc:
+                errors.append(FieldError(f.name, str(exc)))
+        unknown = set(data) - cls._names() - {"version"}
+        errors.extend(FieldError(k[:40], "unknown field") for k in sorted(map(str, unknown)))
+        if not errors:
+            try:
+                record = cls(**values)
+                record.validate()
+                return record
+            except Invalid as exc:
+                field_name, _, reason = str(exc).partition(": ")
+                errors.append(FieldError(field_name, reason))
+        raise SchemaError(cls.SCHEMA, errors)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, *, now: float | None = None) -> Self:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise SchemaError(cls.SCHEMA, [FieldError("<body>", f"malformed JSON: {exc}")]) from None
+        return cls.from_dict(data, now=now)
+
+    @classmethod
+    def _names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def validate(self) -> None:
+        """Cross-field rules; raise Invalid("field: reason")."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.VERSION}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            out[f.name] = _plain(v)
+        return out
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def describe(cls) -> Iterable[tuple[str, bool, str]]:
+        """(field, required, doc) rows: the documentation derives from the schema."""
+        for f in dataclasses.fields(cls):
+            yield f.name, f.default is dataclasses.MISSING, f.metadata["doc"]
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Record):
+        return v.to_dict()
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v

@@ -1,0 +1,55 @@
+"""Consumer lag: records behind the end of each partition, per consumer group."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CoordinatorNotAvailableError
+
+from recstream.settings import Settings
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    partition: int
+    committed: int  # -1: the group has committed nothing yet
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - max(self.committed, 0)
+
+
+async def group_lag(s: Settings, group: str, topic: str) -> list[PartitionLag]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
+    await admin.start()
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        ends = await consumer.end_offsets(partitions)
+        committed = await _committed(admin, group, partitions)
+        return [PartitionLag(tp.partition, committed[tp].offset if tp in committed else -1, ends[tp])
+                for tp in partitions]
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def _committed(admin: AIOKafkaAdminClient, group: str, partitions: list[TopicPartition]) -> dict:
+    # The first coordinator lookup on a fresh broker creates __consumer_offsets: wait for it.
+    for attempt in range(40):
+        try:
+            return await admin.list_consumer_group_offsets(group, partitions=partitions)
+        except CoordinatorNotAvailableError:
+            await asyncio.sleep(0.25)
+    return await admin.list_consumer_group_offsets(group, partitions=partitions)
+
+
+def total(lags: list[PartitionLag]) -> int:
+    return sum(p.lag for p in lags)

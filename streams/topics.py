@@ -1,0 +1,76 @@
+"""The project's topics: names, partitions, keys and configs in one table; created idempotently."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from recstream.settings import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    key: str
+    record: str
+    doc: str
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def specs(s: Settings) -> list[TopicSpec]:
+    retention_ms = str(s.clickstream_retention_h * 3600 * 1000)
+    return [
+        TopicSpec(s.topic("clickstream"), s.clickstream_partitions, "user_id", "schemas.Event",
+                  "interaction events, keyed by user so one user's events stay in order",
+                  {"retention.ms": retention_ms, "min.insync.replicas": "1"}),
+        TopicSpec(s.topic("catalogue"), s.clickstream_partitions, "product_id", "schemas.Product",
+                  "catalogue upserts; compacted, the latest record per product wins",
+                  {"cleanup.policy": "compact"}),
+        TopicSpec(s.topic("rec.requests"), s.request_partitions, "user_id or product_id", "schemas.RecommendationRequest",
+                  "recommendation requests to the serving agents", {"retention.ms": str(3600 * 1000)}),
+        TopicSpec(s.topic("rec.replies"), s.request_partitions, "request_id", "schemas.RecommendationReply",
+                  "replies to recommendation requests", {"retention.ms": str(3600 * 1000)}),
+        TopicSpec(s.topic("model.updates"), 1, "model name", "model version announcement",
+                  "new model versions for the serving agents to load; compacted",
+                  {"cleanup.policy": "compact"}),
+        TopicSpec(s.topic("deadletter"), 1, "source topic", "raw bytes + x-error-* headers",
+                  "records that failed to decode or validate, kept with the reason",
+                  {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+    ]
+
+
+def spec(s: Settings, short_name: str) -> TopicSpec:
+    name = s.topic(short_name)
+    return next(t for t in specs(s) if t.name == name)
+
+
+async def ensure_topics(s: Settings, wanted: list[TopicSpec] | None = None) -> dict[str, str]:
+    """Create missing topics; report existing ones, and refuse one with too few partitions."""
+    wanted = specs(s) if wanted is None else wanted
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        states: dict[str, str] = {}
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            new = [NewTopic(t.name, t.partitions, s.replication_factor, topic_configs=t.config) for t in missing]
+            response = await admin.create_topics(new, timeout_ms=15000)
+            for name, code, *_ in response.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise RuntimeError(f"creating topic {name} failed with Kafka error code {code}")
+            states.update({t.name: f"created ({t.partitions} partitions)" for t in missing})
+        present = [t for t in wanted if t.name in existing]
+        if present:
+            for desc in await admin.describe_topics([t.name for t in present]):
+                t = next(x for x in present if x.name == desc["topic"])
+                have = len(desc["partitions"])
+                if have < t.partitions:
+                    raise RuntimeError(f"topic {t.name} has {have} partitions, settings ask for {t.partitions}; "
+                                       "add partitions with kafka-topics --alter (keys would move) or lower the setting")
+                states[t.name] = f"exists ({have} partitions)"
+        return {t.name: states[t.name] for t in wanted}
+    finally:
+        await admin.close()

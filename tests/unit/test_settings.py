@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import pytest
+
+from recstream.settings import Settings, SettingsError, describe, load
+
+
+def test_defaults_without_environment():
+    s = load({})
+    assert s == Settings() and s.kafka_port == 9092 and s.redis_port == 6379 and s.mlflow_port == 5000
+    assert s.topic("clickstream") == "recs.clickstream"
+
+
+def test_reads_prefixed_variables_with_types():
+    s = load({"RECSTREAM_CLICKSTREAM_PARTITIONS": "32", "RECSTREAM_HOME_DIR": "/tmp/x",
+              "RECSTREAM_TOPIC_PREFIX": "shop1", "OTHER": "ignored"})
+    assert s.clickstream_partitions == 32 and s.home_dir == Path("/tmp/x") and s.topic("a") == "shop1.a"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RECSTREAM_CLIKSTREAM_PARTITIONS": "3"}, "unknown setting RECSTREAM_CLIKSTREAM_PARTITIONS"),
+    ({"RECSTREAM_CLICKSTREAM_PARTITIONS": "many"}, "RECSTREAM_CLICKSTREAM_PARTITIONS='many'"),
+    ({"RECSTREAM_CLICKSTREAM_PARTITIONS": "0"}, "must be at least 1"),
+])
+def test_bad_settings_are_refused_by_name(env, message):
+    with pytest.raises(SettingsError, match=message):
+        load(env)
+
+
+def test_every_setting_is_documented_with_a_unit():
+    rows = describe()
+    assert len(rows) == len(Settings.__dataclass_fields__)
+    for var, _, doc in rows:
+        assert var.startswith("RECSTREAM_") and "(" in doc and doc.endswith(")"), var
