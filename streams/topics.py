@@ -1,6 +1,8 @@
 """The project's topics: names, partitions, keys and configs in one table; created idempotently."""
 from __future__ import annotations
 
+import asyncio
+
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -53,24 +55,33 @@ async def ensure_topics(s: Settings, wanted: list[TopicSpec] | None = None) -> d
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        states: dict[str, str] = {}
+        created: set[str] = set()
         missing = [t for t in wanted if t.name not in existing]
         if missing:
             new = [NewTopic(t.name, t.partitions, s.replication_factor, topic_configs=t.config) for t in missing]
             response = await admin.create_topics(new, timeout_ms=15000)
             for name, code, *_ in response.topic_errors:
-                if code not in (0, TopicAlreadyExistsError.errno):
+                if code == 0:
+                    created.add(name)
+                elif code != TopicAlreadyExistsError.errno:  # a concurrent creator, or stale metadata
                     raise RuntimeError(f"creating topic {name} failed with Kafka error code {code}")
-            states.update({t.name: f"created ({t.partitions} partitions)" for t in missing})
-        present = [t for t in wanted if t.name in existing]
-        if present:
-            for desc in await admin.describe_topics([t.name for t in present]):
-                t = next(x for x in present if x.name == desc["topic"])
-                have = len(desc["partitions"])
-                if have < t.partitions:
-                    raise RuntimeError(f"topic {t.name} has {have} partitions, settings ask for {t.partitions}; "
-                                       "add partitions with kafka-topics --alter (keys would move) or lower the setting")
-                states[t.name] = f"exists ({have} partitions)"
-        return {t.name: states[t.name] for t in wanted}
+        have = await _partition_counts(admin, [t.name for t in wanted])
+        states = {}
+        for t in wanted:
+            if have[t.name] < t.partitions:
+                raise RuntimeError(f"topic {t.name} has {have[t.name]} partitions, settings ask for {t.partitions}; "
+                                   "add partitions with kafka-topics --alter (keys would move) or lower the setting")
+            states[t.name] = f"{'created' if t.name in created else 'exists'} ({have[t.name]} partitions)"
+        return states
     finally:
         await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 10) -> dict[str, int]:
+    """Partitions per topic; a topic created a moment ago may show none until metadata settles."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        counts = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(names) if not d["error_code"]}
+        if all(counts.get(n, 0) > 0 for n in names) or asyncio.get_running_loop().time() > deadline:
+            return {n: counts.get(n, 0) for n in names}
+        await asyncio.sleep(0.1)
