@@ -38,6 +38,34 @@ class Settings:
     app_id: str = _setting("recstream", "Faust application id: consumer group and changelog prefix (name)")
     table_store: str = _setting("rocksdb://", "Faust table store URL: rocksdb:// (durable) or memory:// (name)")
     session_idle_timeout_s: int = _setting(30 * 60, "a session ends after this much inactivity (seconds)")
+    # -- HTTP ingest -------------------------------------------------------------------------
+    http_max_batch_events: int = _setting(500, "most events in one POST /api/v1/events; more is answered 413 (count)")
+    http_max_body_bytes: int = _setting(1024 * 1024, "largest POST body accepted; more is answered 413 (bytes)")
+    # -- real-time features ------------------------------------------------------------------
+    weight_view: float = _setting(1.0, "implicit-feedback weight of a view (weight)")
+    weight_click: float = _setting(2.0, "weight of a click: more intent than a view, less than a cart (weight)")
+    weight_add_to_cart: float = _setting(3.0, "weight of an add_to_cart (weight)")
+    weight_purchase: float = _setting(5.0, "weight of a purchase (weight)")
+    session_recent_max: int = _setting(20, "products kept in user_session:{id}, newest first (count)")
+    covisit_window: int = _setting(5, "a view pairs with this many previous session views for 'also viewed' (count)")
+    cooccurrence_max_per_item: int = _setting(100, "neighbours kept per item in covis:/cobuy: sets (count)")
+    user_features_ttl_s: int = _setting(30 * 86400, "expiry of user_features:{id} after the last event (seconds)")
+    popularity_window_days: int = _setting(7, "popularity counts cover this many UTC days (days)")
+    trending_half_life_s: int = _setting(6 * 3600, "trending scores halve after this long (seconds)")
+    feature_batch_max: int = _setting(1000, "events the feature agent takes per batch (count)")
+    feature_batch_within_ms: int = _setting(20, "longest wait to fill a batch (milliseconds)")
+    # -- archive -----------------------------------------------------------------------------
+    archive_flush_records: int = _setting(20000, "the archive writes a Parquet file after this many records (count)")
+    archive_flush_interval_s: float = _setting(10.0, "... or after this long, whichever comes first (seconds)")
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.home_dir / "archive"
+
+    @property
+    def event_weights(self) -> dict[str, float]:
+        return {"view": self.weight_view, "click": self.weight_click,
+                "add_to_cart": self.weight_add_to_cart, "purchase": self.weight_purchase}
 
     @property
     def kafka_port(self) -> int:
