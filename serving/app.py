@@ -1,0 +1,193 @@
+"""The HTTP API (Starlette): POST /api/v1/events into the clickstream topic, and GET /healthz.
+
+Delivery: 202 {"accepted": n} is answered only after Kafka acknowledged every event of the
+request (acks=all, idempotent producer). Validation is all-or-nothing: one bad event and nothing
+of the request is sent. Sending is not: when Kafka cannot acknowledge within produce_timeout_ms
+(timeout, KafkaError, producer not connected) the answer is 503 with `Retry-After: 1`, and some
+events of that request may already be written. A client that retries after a 503 may therefore
+duplicate events; that is the at-least-once contract of the clickstream, and consumers drop
+repeats by `event_id` (idempotent consumers, see README "Delivery guarantees").
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from http import HTTPStatus
+from typing import Any, AsyncIterator, cast
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from recstream.settings import Settings
+from schemas import Event
+from serving import ingest
+from streams.producer import create_producer
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+CONNECT_BACKOFF_S = (0.2, 5.0)  # first and longest wait between producer start attempts (seconds)
+
+
+class KafkaUnavailable(Exception):
+    """Kafka could not take a request's events in the bounded time: the client should retry."""
+
+
+class OrjsonResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class EventSink:
+    """Owns the producer for the app's lifetime and sends one request's events with bounded waits.
+
+    Start-up: the app waits up to produce_timeout_ms for the producer to connect, then serves
+    anyway and keeps connecting in the background (backing off up to 5 s). Until connected,
+    POST answers 503 and /healthz 503, so the server comes up, and recovers, even when Kafka is
+    down at boot. The sink starts and stops the producer, also one passed in (tests)."""
+
+    def __init__(self, s: Settings, producer: AIOKafkaProducer | None = None):
+        self._settings = s
+        self._producer = producer
+        self._connect_task: asyncio.Task[None] | None = None
+        self.topic = s.topic("clickstream")
+        self.timeout_s = s.produce_timeout_ms / 1000
+        self.connected = False
+
+    async def start(self) -> None:
+        if self._producer is None:  # aiokafka binds to the running loop: create it inside it
+            self._producer = create_producer(self._settings)
+        self._connect_task = asyncio.create_task(self._connect(self._producer), name="kafka-producer-connect")
+        await asyncio.wait([self._connect_task], timeout=self.timeout_s)
+        if not self.connected:
+            log.warning("Kafka at %s not reachable yet; answering 503 while connecting in the background",
+                        self._settings.kafka_bootstrap)
+
+    async def stop(self) -> None:
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connect_task
+        if self._producer is not None:
+            await self._producer.stop()  # flushes what is still in flight
+        self.connected = False
+
+    async def _connect(self, producer: AIOKafkaProducer) -> None:
+        backoff_s, longest_s = CONNECT_BACKOFF_S
+        while True:
+            try:
+                await producer.start()
+            except Exception as exc:  # aiokafka raises KafkaError, OSError or TimeoutError here
+                log.info("Kafka producer start failed (%s); next try in %.1f s", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, longest_s)
+            else:
+                self.connected = True
+                return
+
+    async def send(self, events: list[Event]) -> None:
+        """Return once Kafka acknowledged every event, or raise KafkaUnavailable within the timeout."""
+        if not self.connected or self._producer is None:
+            raise KafkaUnavailable("Kafka is not connected yet")
+        try:
+            await asyncio.wait_for(self._send_all(self._producer, events), self.timeout_s)
+        except TimeoutError:
+            raise KafkaUnavailable(f"Kafka did not acknowledge within {self._settings.produce_timeout_ms} ms") from None
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"Kafka refused the events: {exc}") from None
+
+    async def _send_all(self, producer: AIOKafkaProducer, events: list[Event]) -> None:
+        # send() only queues (the producer batches them); the returned futures resolve on acks
+        acks = [await producer.send(self.topic, e.to_json(), key=e.key) for e in events]
+        await asyncio.gather(*acks)
+
+
+async def _read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The body, read chunk by chunk, refused as soon as it is over the limit (not read to the end)."""
+    ingest.check_content_length(request.headers.get("content-length"), max_body_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        ingest.check_body_size(size, max_body_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# -- the one place where exceptions become HTTP statuses -----------------------------------------
+
+async def _ingest_error(request: Request, exc: Exception) -> Response:
+    error = cast(ingest.IngestError, exc)
+    return OrjsonResponse(error.to_dict(), status_code=error.status)
+
+
+async def _kafka_unavailable(request: Request, exc: Exception) -> Response:
+    return OrjsonResponse({"error": f"{exc}; retry later"}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    error = cast(HTTPException, exc)
+    return OrjsonResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+async def _client_disconnect(request: Request, exc: Exception) -> Response:
+    return Response(status_code=HTTPStatus.BAD_REQUEST)  # nobody is listening; keeps it out of the 500 log
+
+
+EXCEPTION_HANDLERS = {
+    ingest.IngestError: _ingest_error,
+    KafkaUnavailable: _kafka_unavailable,
+    HTTPException: _http_exception,
+    ClientDisconnect: _client_disconnect,
+}
+
+
+def create_app(s: Settings, producer: AIOKafkaProducer | None = None) -> Starlette:
+    """The API app; its lifespan starts and stops `producer` (default: create_producer(s))."""
+    sink = EventSink(s, producer)
+
+    async def post_events(request: Request) -> Response:
+        """Validate the whole request, send it, answer 202 after every ack (see module docstring)."""
+        ingest.check_content_type(request.headers.get("content-type"))
+        body = await _read_body(request, s.http_max_body_bytes)
+        events = ingest.parse_events(body, max_events=s.http_max_batch_events)
+        await sink.send(events)
+        return OrjsonResponse({"accepted": len(events)}, status_code=HTTPStatus.ACCEPTED)
+
+    async def healthz(request: Request) -> Response:
+        if sink.connected:
+            return OrjsonResponse({"status": "ok"})
+        return OrjsonResponse({"status": "kafka unavailable"}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await sink.start()
+        try:
+            yield
+        finally:
+            await sink.stop()
+
+    app = Starlette(
+        routes=[Route("/api/v1/events", post_events, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.sink = sink
+    return app
+
+
+def serve(s: Settings, host: str, port: int) -> None:
+    """Run the API under uvicorn (uvloop, httptools, no access log) until SIGINT/SIGTERM."""
+    import uvicorn
+
+    uvicorn.run(create_app(s), host=host, port=port, loop="uvloop", http="httptools",
+                access_log=False, lifespan="on", log_level="info")
