@@ -59,6 +59,36 @@ def _demo(args: argparse.Namespace, s: Settings) -> int:
     return asyncio.run(demo.run(s, args))
 
 
+def _worker(args: argparse.Namespace, s: Settings) -> int:
+    import uvloop
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    if args.kind == "features":
+        from streams.worker import run_features
+
+        uvloop.run(run_features(s))
+    else:
+        from streams.archive import run as run_archive
+
+        uvloop.run(run_archive(s))
+    return 0
+
+
+def _serve(args: argparse.Namespace, s: Settings) -> int:
+    from serving.app import serve
+    from streams.topics import ensure_topics
+
+    asyncio.run(ensure_topics(s))  # never let a first produce auto-create a one-partition topic
+    serve(s, args.host, args.port)
+    return 0
+
+
+def _lag(args: argparse.Namespace, s: Settings) -> int:
+    from streams import lag
+
+    return asyncio.run(lag.report(s))
+
+
 def _settings(args: argparse.Namespace, s: Settings) -> int:
     for var, default, doc in settings_mod.describe():
         print(f"{var:36} {default:28} {doc}")
@@ -91,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--products", type=int, default=1500, help="products in the generated shop")
     sp.add_argument("--seed", type=int, default=7)
     sp.set_defaults(run=_demo)
+
+    sp = sub.add_parser("worker", help="run a worker process until SIGTERM")
+    sp.add_argument("kind", choices=["features", "archive"],
+                    help="features: session table + Redis features + item features; archive: clickstream -> Parquet")
+    sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sp.set_defaults(run=_worker)
+
+    sp = sub.add_parser("serve", help="run the HTTP API (POST /api/v1/events, GET /healthz) under uvicorn")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sp.add_argument("--port", type=int, default=8000, help="TCP port")
+    sp.set_defaults(run=_serve)
+
+    sp = sub.add_parser("lag", help="consumer lag per group and partition, and the workers' latest metrics")
+    sp.set_defaults(run=_lag)
 
     sp = sub.add_parser("settings", help="list every RECSTREAM_* setting with its default and unit")
     sp.set_defaults(run=_settings)

@@ -24,6 +24,7 @@ class Settings:
     kafka_controller_port: int = _setting(9093, "KRaft controller listener of the local broker (TCP port)")
     kafka_heap_mb: int = _setting(768, "JVM heap of the local Kafka broker (MiB)")
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis URL for online features (redis://host:port/db)")
+    redis_namespace: str = _setting("", "prefix of every Redis key, so deployments can share one Redis (text)")
     mlflow_tracking_uri: str = _setting("http://127.0.0.1:5000", "MLflow tracking/registry server (URL)")
     # -- topics ------------------------------------------------------------------------------
     topic_prefix: str = _setting("recs", "prefix of every recstream topic name (dotted lowercase)")

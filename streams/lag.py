@@ -53,3 +53,25 @@ async def _committed(admin: AIOKafkaAdminClient, group: str, partitions: list[To
 
 def total(lags: list[PartitionLag]) -> int:
     return sum(p.lag for p in lags)
+
+
+async def report(s: Settings) -> int:
+    """`recstream lag`: committed lag of each consumer group, then each worker's own snapshot."""
+    import orjson
+    import redis.asyncio as aioredis
+
+    topic = s.topic("clickstream")
+    for group in (s.app_id, f"{s.app_id}-archive"):
+        lags = await group_lag(s, group, topic)
+        parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
+        print(f"{group:28} {topic}  total {total(lags):>8}   per partition {parts}")
+    client = aioredis.from_url(s.redis_url)
+    try:
+        async for key in client.scan_iter(f"{s.redis_namespace}metrics:*"):
+            m = orjson.loads(await client.get(key) or b"{}")
+            if m:
+                print(f"{key.decode():40} lag {m['lag_total']:>7}  event->feature p50 {m['event_latency_ms']['p50']:.1f} ms "
+                      f"p99 {m['event_latency_ms']['p99']:.1f} ms  processed {sum(m['processed'].values())}")
+    finally:
+        await client.aclose()
+    return 0

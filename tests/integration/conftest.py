@@ -20,9 +20,10 @@ def stack() -> Settings:
 
 @pytest.fixture
 def fresh(stack: Settings):
-    """A factory of Settings with a topic prefix and app id of their own: a fresh namespace per test."""
+    """A factory of Settings with a namespace of their own: topic prefix, app id, Redis key prefix."""
     def make(**overrides) -> Settings:
         tag = uuid.uuid4().hex[:10]
-        values = {"topic_prefix": f"t{tag}", "app_id": f"recstream-test-{tag}", "clickstream_partitions": 4}
+        values = {"topic_prefix": f"t{tag}", "app_id": f"recstream-test-{tag}", "clickstream_partitions": 4,
+                  "redis_namespace": f"t{tag}:"}
         return dataclasses.replace(stack, **{**values, **overrides})
     return make

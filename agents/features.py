@@ -1,0 +1,145 @@
+"""Feature agents: clickstream -> user session table + Redis features; catalogue -> item features.
+
+Thin edges around the pure core (recstream/features): decode, fetch what the core needs, call it,
+write. Batches (stream.take_events) amortise Faust's per-event cost and Redis round trips.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import faust
+
+from recstream.features import Incoming, UserState, plan
+from recstream.features.config import feature_config, limits
+from recstream.settings import Settings
+from recstream.stats import LatencyWindow
+from schemas import Event, Product, SchemaError
+from streams import deadletter
+from streams.app import raw_topic
+from streams.online_store import OffsetConflict, OnlineStore
+
+
+@dataclass
+class FeatureStats:
+    processed: Counter = field(default_factory=Counter)   # by event type
+    duplicates: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    items: int = 0
+    last_offset: dict[int, int] = field(default_factory=dict)   # partition -> last processed offset
+    event_latency: LatencyWindow = field(default_factory=LatencyWindow)   # event time -> Redis written
+    ingest_latency: LatencyWindow = field(default_factory=LatencyWindow)  # Kafka append -> Redis written
+
+    @property
+    def seen(self) -> int:
+        return sum(self.processed.values()) + self.duplicates + self.dead_letters
+
+
+@dataclass
+class FeatureAgents:
+    sessions: faust.types.TableT
+    store: OnlineStore
+    stats: FeatureStats
+
+
+def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
+    clickstream = raw_topic(app, s.topic("clickstream"))
+    catalogue = raw_topic(app, s.topic("catalogue"))
+    dead_letters = raw_topic(app, s.topic("deadletter"))
+    # Keyed by user like the clickstream; its changelog partition is the event's (see _write_states).
+    sessions = app.Table("user-sessions", default=None, key_type=str, partitions=s.clickstream_partitions,
+                         help="per-user session state (recstream.features.session.UserState)")
+    store = OnlineStore(store_client, s.redis_namespace, s.app_id, clickstream.get_topic_name())
+    stats = FeatureStats()
+    cfg, lim = feature_config(s), limits(s)
+    applied: dict[int, int] = {}
+
+    async def decode(events, record_type):
+        good = []
+        for ev in events:
+            try:
+                good.append((ev, record_type.from_json(ev.value)))
+            except SchemaError as exc:
+                await deadletter.send(dead_letters, deadletter.from_error(ev, exc))
+                stats.dead_letters += 1
+        return good
+
+    @app.agent(clickstream, name="update_session_features")
+    async def update_session_features(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(s.feature_batch_max, within=s.feature_batch_within_ms / 1000):
+            good = await decode(events, Event)
+            if not good:
+                continue
+            batch = [Incoming(e, ev.message.partition, ev.message.offset) for ev, e in good]
+            states = _read_states(stream, sessions, good)
+            missing = {p for p in (i.partition for i in batch) if p not in applied}
+            applied.update(await store.applied_offsets(missing))
+            categories = await store.categories(i.event.product_id for i in batch if not i.event.category)
+            for attempt in range(3):
+                result = plan(batch, states, applied, categories, cfg, lim)
+                try:
+                    await store.apply(result.ops)  # Redis first: see recstream/features/plan.py
+                    break
+                except OffsetConflict:
+                    applied.update(await store.applied_offsets({i.partition for i in batch}))
+            else:
+                raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
+            for p, (_, hi) in result.ops.offsets.items():
+                applied[p] = hi
+            _write_states(stream, sessions, good, result.states)
+            _account(stats, result, good)
+
+    @app.agent(catalogue, name="update_item_features")
+    async def update_item_features(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(500, within=s.feature_batch_within_ms / 1000):
+            good = await decode(events, Product)
+            stats.items += await store.write_items(p for _, p in good)
+
+    return FeatureAgents(sessions, store, stats)
+
+
+@contextmanager
+def _as_current(stream: faust.StreamT):
+    """Faust's table reads and writes go to the partition of the *current* event (RocksDB keeps one
+    database per partition; the changelog has one partition per source partition). In a batch we
+    make each user's own event current, so the row lives where that user's events do and recovers
+    on the worker that owns them. The stream's current event is restored after: the take buffer's
+    filler reads it when it resumes."""
+    previous = stream.current_event
+    try:
+        yield lambda ev: stream._set_current_event(ev)
+    finally:
+        stream._set_current_event(previous)
+
+
+def _read_states(stream: faust.StreamT, sessions: faust.types.TableT, good) -> dict[str, UserState]:
+    last_event = {e.user_id: ev for ev, e in good}
+    states = {}
+    with _as_current(stream) as make_current:
+        for user, ev in last_event.items():
+            make_current(ev)
+            states[user] = UserState.from_dict(sessions.get(user))
+    return states
+
+
+def _write_states(stream: faust.StreamT, sessions: faust.types.TableT, good, states: dict[str, UserState]) -> None:
+    last_event = {e.user_id: ev for ev, e in good}
+    with _as_current(stream) as make_current:
+        for user, state in states.items():
+            make_current(last_event[user])
+            sessions[user] = state.to_dict()
+
+
+def _account(stats: FeatureStats, result, good) -> None:
+    now = time.time()
+    stats.batches += 1
+    stats.duplicates += result.duplicates
+    for inc in result.processed:
+        stats.processed[inc.event.event_type] += 1
+        stats.event_latency.add(now - inc.event.timestamp)
+    for ev, _ in good:
+        stats.ingest_latency.add(now - ev.message.timestamp / 1000)
+        stats.last_offset[ev.message.partition] = ev.message.offset

@@ -1,0 +1,115 @@
+"""A batch of clickstream events -> new user states + the Redis writes they imply (pure).
+
+Writes come in two kinds. Overwrites (user_session, user_features) are recomputed from the state,
+so repeating them is harmless. Increments (popularity, trending, co-occurrence) must happen once:
+each carries the Kafka offset it came from, and the Redis edge applies a batch atomically together
+with the highest offset applied per partition, skipping offsets it has already applied. Together
+with de-duplication by event_id in the state, every counter counts an event exactly once, even
+when a worker dies between writing Redis and committing its offsets.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from recstream.features import popularity
+from recstream.features.session import FeatureConfig, UserState, apply, features_key, features_value, session_key, session_value
+from schemas import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    event: Event
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    session_ttl_s: int
+    user_features_ttl_s: int
+    window_days: int
+    trending_half_life_s: float
+    cooccurrence_max: int
+
+
+@dataclass
+class RedisOps:
+    """Everything one batch writes, applied by one atomic script (streams/redis_sink.py)."""
+    incr: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # (zset, member) -> delta
+    expire_at: dict[str, int] = field(default_factory=dict)        # zset -> Unix s
+    trim: dict[str, int] = field(default_factory=dict)             # zset -> neighbours to keep
+    set: dict[str, tuple[bytes, int]] = field(default_factory=dict)                # key -> (value, ttl s)
+    hset: dict[str, tuple[dict[str, str], int]] = field(default_factory=dict)      # key -> (fields, ttl s)
+    offsets: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> (lowest, highest) offset counted
+
+    def as_payload(self) -> dict:
+        return {
+            "z": [[k, m, d] for (k, m), d in self.incr.items()],
+            "xat": [[k, t] for k, t in self.expire_at.items()],
+            "trim": [[k, n] for k, n in self.trim.items()],
+            "set": [[k, v.decode(), t] for k, (v, t) in self.set.items()],
+            "hset": [[k, f, t] for k, (f, t) in self.hset.items()],
+            "off": [[p, lo, hi] for p, (lo, hi) in self.offsets.items()],
+        }
+
+
+@dataclass
+class BatchPlan:
+    states: dict[str, UserState]
+    ops: RedisOps
+    processed: list[Incoming]
+    duplicates: int
+
+
+def plan(batch: list[Incoming], states: Mapping[str, UserState], applied: Mapping[int, int],
+         categories: Mapping[str, str], cfg: FeatureConfig, limits: Limits) -> BatchPlan:
+    """Fold a batch into the states; `applied` is the highest offset per partition whose increments
+    Redis already holds; `categories` fills in the category of events that lack one."""
+    new_states: dict[str, UserState] = {}
+    ops = RedisOps()
+    processed: list[Incoming] = []
+    duplicates = 0
+    for inc in batch:
+        e = inc.event
+        state = new_states.get(e.user_id) or states.get(e.user_id) or UserState()
+        category = e.category or categories.get(e.product_id)
+        update = apply(state, e, cfg, category)
+        if update.duplicate:
+            duplicates += 1
+            continue
+        new_states[e.user_id] = update.state
+        processed.append(inc)
+        if inc.offset <= applied.get(inc.partition, -1):
+            continue  # Redis counted this one before a restart: state only
+        lo, hi = ops.offsets.get(inc.partition, (inc.offset, inc.offset))
+        ops.offsets[inc.partition] = (min(lo, inc.offset), max(hi, inc.offset))
+        _count(ops, e, category, update.covisits, update.copurchases, cfg, limits)
+    for user, state in new_states.items():
+        ops.set[session_key(user)] = (session_value(state), limits.session_ttl_s)
+        ops.hset[features_key(user)] = (features_value(state), limits.user_features_ttl_s)
+    return BatchPlan(new_states, ops, processed, duplicates)
+
+
+def _count(ops: RedisOps, e: Event, category: str | None, covisits, copurchases, cfg: FeatureConfig,
+           limits: Limits) -> None:
+    weight = cfg.weights[e.event_type]
+    d = popularity.day(e.timestamp)
+    key = popularity.count_key(e.event_type, d)
+    ops.incr[(key, e.product_id)] += 1
+    ops.expire_at[key] = popularity.expires_at(d, limits.window_days)
+    lm = popularity.landmark(e.timestamp)
+    trend = popularity.trend_increment(weight, e.timestamp, limits.trending_half_life_s)
+    for k in (popularity.trend_key(lm), *([popularity.trend_key(lm, category)] if category else [])):
+        ops.incr[(k, e.product_id)] += trend
+        ops.expire_at[k] = popularity.trend_expires_at(lm)
+    if category:
+        key = popularity.category_key(category, d)
+        ops.incr[(key, e.product_id)] += weight
+        ops.expire_at[key] = popularity.expires_at(d, limits.window_days)
+    for prefix, pairs in (("covis", covisits), ("cobuy", copurchases)):
+        for a, b in pairs:
+            for x, y in ((a, b), (b, a)):
+                ops.incr[(f"{prefix}:{x}", y)] += 1
+                ops.trim[f"{prefix}:{x}"] = limits.cooccurrence_max

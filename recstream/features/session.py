@@ -1,0 +1,134 @@
+"""Per-user state: the write half (event -> new state) and the read half (state -> Redis values).
+
+Pure: no Kafka, no Redis. The Faust agent keeps the state in a changelogged table; the batch layer
+replays the same function over archived events, so training and serving see the same features.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from schemas import Event
+
+SEEN_MAX = 256      # event ids remembered per user for de-duplication (count)
+CART_MAX = 50       # products kept in the cart (count)
+PURCHASES_MAX = 50  # recent purchases kept (count)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureConfig:
+    session_idle_timeout_s: float = 1800
+    session_recent_max: int = 20
+    covisit_window: int = 5
+    weights: dict[str, float] = field(default_factory=lambda: {"view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase": 5.0})
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    session_id: str | None = None
+    session_start_s: float = 0.0
+    last_s: float = 0.0
+    recent: tuple[str, ...] = ()              # viewed or clicked this session, newest first, unique
+    categories: dict[str, int] = field(default_factory=dict)  # this session's category counts
+    session_purchases: tuple[str, ...] = ()   # bought this session: the "order" for co-purchases
+    cart: tuple[str, ...] = ()                # in the cart (outlives sessions until bought), newest first
+    purchases: tuple[str, ...] = ()           # recent purchases, newest first
+    last_viewed: str | None = None
+    seen: tuple[str, ...] = ()                # recent event ids, oldest first
+    events: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "UserState":
+        if not d:
+            return cls()
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    state: UserState
+    duplicate: bool = False
+    covisits: tuple[tuple[str, str], ...] = ()   # (product, product viewed before it in the session)
+    copurchases: tuple[tuple[str, str], ...] = ()
+
+
+def _front(items: tuple[str, ...], item: str, cap: int) -> tuple[str, ...]:
+    return (item, *(x for x in items if x != item))[:cap]
+
+
+def apply(state: UserState, event: Event, cfg: FeatureConfig, category: str | None = None) -> Update:
+    """Fold one event into a user's state. A repeated event_id changes nothing (idempotent)."""
+    if event.event_id in state.seen:
+        return Update(state, duplicate=True)
+    category = event.category or category
+    ts = event.timestamp
+    s = state
+    late = ts < s.session_start_s  # an event older than the current session: counters only
+    if not late and (s.session_id != event.session_id or ts - s.last_s > cfg.session_idle_timeout_s):
+        s = replace(s, session_id=event.session_id, session_start_s=ts, recent=(), categories={},
+                    session_purchases=())
+    covisits: tuple[tuple[str, str], ...] = ()
+    copurchases: tuple[tuple[str, str], ...] = ()
+    pid = event.product_id
+    if event.event_type in ("view", "click") and not late:
+        covisits = tuple((pid, prev) for prev in s.recent[: cfg.covisit_window] if prev != pid)
+        categories = dict(s.categories)
+        if category:
+            categories[category] = categories.get(category, 0) + 1
+        s = replace(s, recent=_front(s.recent, pid, cfg.session_recent_max), categories=categories, last_viewed=pid)
+    elif event.event_type == "add_to_cart":
+        s = replace(s, cart=_front(s.cart, pid, CART_MAX))
+    elif event.event_type == "purchase":
+        if not late:
+            copurchases = tuple((pid, other) for other in s.session_purchases if other != pid)
+            s = replace(s, session_purchases=_front(s.session_purchases, pid, CART_MAX))
+        s = replace(s, purchases=_front(s.purchases, pid, PURCHASES_MAX), cart=tuple(x for x in s.cart if x != pid))
+    s = replace(s, last_s=max(s.last_s, ts), seen=(*s.seen, event.event_id)[-SEEN_MAX:], events=s.events + 1)
+    return Update(s, covisits=covisits, copurchases=copurchases)
+
+
+# -- read half: what serving reads from Redis ----------------------------------------------------
+
+def session_key(user_id: str) -> str:
+    return f"user_session:{user_id}"
+
+
+def features_key(user_id: str) -> str:
+    return f"user_features:{user_id}"
+
+
+def session_value(state: UserState) -> bytes:
+    """user_session:{id}: the last products viewed or clicked this session, newest first (JSON list)."""
+    return orjson.dumps(list(state.recent))
+
+
+def features_value(state: UserState) -> dict[str, str]:
+    """user_features:{id}: a hash of JSON values."""
+    return {
+        "session_id": state.session_id or "",
+        "last_viewed": state.last_viewed or "",
+        "session_categories": orjson.dumps(state.categories).decode(),
+        "cart_items": orjson.dumps(list(state.cart)).decode(),
+        "purchases": orjson.dumps(list(state.purchases)).decode(),
+        "last_event_s": repr(state.last_s),
+        "events": str(state.events),
+    }
+
+
+def decode_features(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
+    """Inverse of features_value, for serving and tests."""
+    d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+    return {
+        "session_id": d.get("session_id") or None,
+        "last_viewed": d.get("last_viewed") or None,
+        "session_categories": orjson.loads(d.get("session_categories", "{}")),
+        "cart_items": orjson.loads(d.get("cart_items", "[]")),
+        "purchases": orjson.loads(d.get("purchases", "[]")),
+        "last_event_s": float(d.get("last_event_s", 0)),
+        "events": int(d.get("events", 0)),
+    }

@@ -1,0 +1,76 @@
+"""Worker processes: run the feature agents until SIGTERM, publishing lag and latency for on-call."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+
+import orjson
+import redis.asyncio as aioredis
+from faust.contrib.asgi import faust_app_running
+
+from agents import features
+from recstream.settings import Settings
+from streams.app import create_app
+from streams.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+METRICS_EVERY_S = 2.0
+METRICS_TTL_S = 30
+
+
+def metrics_key(s: Settings, agent: str) -> str:
+    return f"{s.redis_namespace}metrics:{agent}:{socket.gethostname()}:{os.getpid()}"
+
+
+def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
+    """What on-call reads: consumer lag per partition and event-to-feature latency."""
+    st = agents.stats
+    topic = s.topic("clickstream")
+    lag = {}
+    for tp in app.consumer.assignment():
+        if tp.topic == topic:
+            high = app.consumer.highwater(tp) or 0
+            lag[tp.partition] = max(0, high - (st.last_offset.get(tp.partition, -1) + 1)) if high else 0
+    return {
+        "agent": "update_session_features", "ts": time.time(), "processed": dict(st.processed),
+        "duplicates": st.duplicates, "dead_letters": st.dead_letters, "batches": st.batches, "items": st.items,
+        "lag": lag, "lag_total": sum(lag.values()),
+        "event_latency_ms": st.event_latency.percentiles_ms(), "ingest_latency_ms": st.ingest_latency.percentiles_ms(),
+    }
+
+
+async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
+    stop = stop or _stop_on_signals()
+    await ensure_topics(s)
+    client = aioredis.from_url(s.redis_url)
+    app = create_app(s)
+    agents = features.register(app, s, client)
+    key = metrics_key(s, "features")
+    try:
+        async with faust_app_running(app):
+            log.info("feature worker %s running", s.app_id)
+            if ready:
+                ready.set()
+            while not stop.is_set():
+                try:
+                    await client.set(key, orjson.dumps(snapshot(app, s, agents)), ex=METRICS_TTL_S)
+                except Exception as exc:  # metrics must never stop the worker
+                    log.warning("metrics not published: %r", exc)
+                try:
+                    await asyncio.wait_for(stop.wait(), METRICS_EVERY_S)
+                except TimeoutError:
+                    pass
+    finally:
+        await client.aclose()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

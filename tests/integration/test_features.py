@@ -1,0 +1,127 @@
+import asyncio
+import time
+
+import orjson
+import redis.asyncio as aioredis
+from faust.contrib.asgi import faust_app_running
+
+from agents import features
+from recstream.features import popularity
+from schemas import Event, Product
+from streams.app import create_app
+from streams.producer import create_producer
+from streams.replay import publish
+from streams.topics import ensure_topics
+
+T0 = time.time() - 600
+
+
+def ev(i, user, kind, pid, category=None, session="s1", dt=10.0):
+    return Event(event_id=f"e{i}", user_id=user, session_id=session, product_id=pid, event_type=kind,
+                 timestamp=T0 + i * dt, category=category)
+
+
+def product(pid, category, in_stock=True):
+    return Product(product_id=pid, title=f"Item {pid}", category_path=("Shop", category), brand="Nova",
+                   price=10.0, in_stock=in_stock, created_at=T0 - 86400)
+
+
+async def wait_until(cond, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await cond():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def run_agents(s, records_by_topic, until):
+    await ensure_topics(s)
+    client = aioredis.from_url(s.redis_url)
+    app = create_app(s)
+    agents = features.register(app, s, client)
+    async with faust_app_running(app):
+        producer = create_producer(s)
+        await producer.start()
+        try:
+            for topic, records in records_by_topic:
+                await publish(producer, s.topic(topic), records, progress=False)
+        finally:
+            await producer.stop()
+        assert await wait_until(lambda: until(agents)), agents.stats
+    return agents, client
+
+
+async def test_events_in_features_out_with_the_right_values(fresh, tmp_path):
+    s = fresh(home_dir=tmp_path)
+    catalogue = [product("p1", "Audio"), product("p2", "Audio"), product("p3", "Phones"), product("p4", "Cables")]
+    events = [
+        ev(1, "u1", "view", "p1"),                        # category filled in from item_features
+        ev(2, "u1", "view", "p2", "Audio"),
+        ev(3, "u1", "click", "p3", "Phones"),
+        ev(4, "u1", "add_to_cart", "p2", "Audio"),
+        ev(5, "u1", "purchase", "p2", "Audio"),
+        ev(6, "u1", "purchase", "p4", "Cables"),
+        ev(5, "u1", "purchase", "p2", "Audio"),           # a repeated event_id: counted once
+        ev(7, "u2", "view", "p2", "Audio"),
+        ev(8, "u2", "view", "p1", "Audio"),
+        ev(9, "u2", "view", "p3", "Phones", session="s9"),  # a new session starts a new list
+    ]
+
+    async def done(agents):
+        return agents.stats.seen == len(events) and agents.stats.items == len(catalogue)
+
+    # catalogue first and alone, so the category lookup for e1 finds it
+    agents, client = await run_agents(s, [("catalogue", catalogue), ("clickstream", events)], done)
+    store = agents.store
+    try:
+        assert agents.stats.duplicates == 1
+        assert await store.user_session("u1") == ["p3", "p2", "p1"]
+        f = await store.user_features("u1")
+        assert f["last_viewed"] == "p3" and f["cart_items"] == [] and f["purchases"] == ["p4", "p2"]
+        assert f["session_categories"] == {"Audio": 2, "Phones": 1}
+        assert await store.user_session("u2") == ["p3"]
+        assert (await store.user_features("u2"))["session_categories"] == {"Phones": 1}
+        assert 0 < await client.ttl(f"{s.redis_namespace}user_session:u1") <= s.session_idle_timeout_s
+        assert dict(await store.neighbours("covis", "p2")) == {"p1": 2.0, "p3": 1.0}   # u1 and u2 both
+        assert dict(await store.neighbours("cobuy", "p4")) == {"p2": 1.0}
+        views = await store.popularity("view", time.time(), s.popularity_window_days, ["p1", "p2", "p3"])
+        assert views == {"p1": 2.0, "p2": 2.0, "p3": 1.0}
+        purchases = await store.popularity("purchase", time.time(), 7, ["p2"])
+        assert purchases == {"p2": 1.0}   # the repeat did not count
+        top = [pid for pid, _ in await store.trending(time.time(), s.trending_half_life_s, n=4)]
+        assert top[0] == "p2"               # 2 views + cart + purchase outweighs the rest
+        audio = [pid for pid, _ in await store.trending(time.time(), s.trending_half_life_s, category="Audio")]
+        assert set(audio) == {"p1", "p2"}
+        item = await store.item_features("p3")
+        assert item["category"] == "Phones" and item["in_stock"] == "1" and item["price"] == "10.0"
+    finally:
+        await client.aclose()
+
+
+async def test_a_stock_change_reaches_item_features_within_a_second(fresh, tmp_path):
+    s = fresh(home_dir=tmp_path)
+    await ensure_topics(s)
+    client = aioredis.from_url(s.redis_url)
+    app = create_app(s)
+    agents = features.register(app, s, client)
+    try:
+        async with faust_app_running(app):
+            producer = create_producer(s)
+            await producer.start()
+            try:
+                await publish(producer, s.topic("catalogue"), [product("p7", "Audio")], progress=False)
+                assert await wait_until(lambda: _eq(client, s, "p7", "1"))
+                await asyncio.sleep(1.0)  # past the start-up: now time one update
+                t = time.perf_counter()
+                await publish(producer, s.topic("catalogue"), [product("p7", "Audio", in_stock=False)], progress=False)
+                assert await wait_until(lambda: _eq(client, s, "p7", "0"), timeout_s=5)
+                assert time.perf_counter() - t < 1.0
+            finally:
+                await producer.stop()
+    finally:
+        await client.aclose()
+
+
+async def _eq(client, s, pid, in_stock):
+    return await client.hget(f"{s.redis_namespace}item_features:{pid}", "in_stock") == in_stock.encode()
