@@ -15,7 +15,7 @@ import faust
 from recstream.features import Incoming, UserState, plan
 from recstream.features.config import feature_config, limits
 from recstream.settings import Settings
-from recstream.stats import LatencyWindow
+from recstream.stats import LatencyHistogram
 from schemas import Event, Product, SchemaError
 from streams import deadletter
 from streams.app import raw_topic
@@ -30,8 +30,8 @@ class FeatureStats:
     batches: int = 0
     items: int = 0
     last_offset: dict[int, int] = field(default_factory=dict)   # partition -> last processed offset
-    event_latency: LatencyWindow = field(default_factory=LatencyWindow)   # event time -> Redis written
-    ingest_latency: LatencyWindow = field(default_factory=LatencyWindow)  # Kafka append -> Redis written
+    event_latency: LatencyHistogram = field(default_factory=LatencyHistogram)   # event time -> Redis written
+    ingest_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # Kafka append -> Redis written
 
     @property
     def seen(self) -> int:
@@ -139,7 +139,7 @@ def _account(stats: FeatureStats, result, good) -> None:
     stats.duplicates += result.duplicates
     for inc in result.processed:
         stats.processed[inc.event.event_type] += 1
-        stats.event_latency.add(now - inc.event.timestamp)
+    stats.event_latency.extend([now - inc.event.timestamp for inc in result.processed])
+    stats.ingest_latency.extend([now - ev.message.timestamp for ev, _ in good])  # Faust: seconds
     for ev, _ in good:
-        stats.ingest_latency.add(now - ev.message.timestamp / 1000)
         stats.last_offset[ev.message.partition] = ev.message.offset

@@ -1,31 +1,47 @@
-"""Small streaming statistics: a sliding window of latencies with percentiles (pure)."""
+"""Streaming statistics (pure): a cumulative latency histogram with log-spaced buckets.
+
+Cumulative like a Prometheus histogram: two snapshots subtract to the histogram of the time
+between them, so a dashboard or a benchmark gets percentiles over exactly its own window.
+"""
 from __future__ import annotations
 
-from collections import deque
+import math
 
 import numpy as np
 
+LOWEST_S = 1e-4     # 0.1 ms
+GROWTH = 1.05       # each bucket 5% wider than the last: percentiles within 5%
+BUCKETS = int(math.log(1e4 / LOWEST_S, GROWTH)) + 2  # up to ~3 hours; the last bucket takes the rest
 
-class LatencyWindow:
-    """The last `size` observations (seconds); percentiles in milliseconds."""
 
-    def __init__(self, size: int = 50_000):
-        self._values: deque[float] = deque(maxlen=size)
+def bucket_upper_s(i: int) -> float:
+    return LOWEST_S * GROWTH ** i
+
+
+def percentiles_ms(counts: list[int] | np.ndarray, qs: tuple[float, ...] = (50, 99)) -> dict[str, float]:
+    """Percentiles (upper bucket bounds, never rounded down) in milliseconds; NaN when empty."""
+    counts = np.asarray(counts)
+    total = counts.sum()
+    if total == 0:
+        return {f"p{q:g}": float("nan") for q in qs}
+    cumulative = np.cumsum(counts)
+    return {f"p{q:g}": bucket_upper_s(int(np.searchsorted(cumulative, total * q / 100))) * 1000 for q in qs}
+
+
+class LatencyHistogram:
+    def __init__(self) -> None:
+        self.counts = np.zeros(BUCKETS, dtype=np.int64)
+
+    def extend(self, seconds: list[float] | np.ndarray) -> None:
+        x = np.maximum(np.asarray(seconds, dtype=float), LOWEST_S)
+        idx = np.minimum(np.ceil(np.log(x / LOWEST_S) / math.log(GROWTH)).astype(np.int64), BUCKETS - 1)
+        np.add.at(self.counts, idx, 1)
 
     def add(self, seconds: float) -> None:
-        self._values.append(seconds)
-
-    def extend(self, seconds: list[float]) -> None:
-        self._values.extend(seconds)
+        self.extend([seconds])
 
     def __len__(self) -> int:
-        return len(self._values)
+        return int(self.counts.sum())
 
     def percentiles_ms(self, qs: tuple[float, ...] = (50, 99)) -> dict[str, float]:
-        if not self._values:
-            return {f"p{q:g}": float("nan") for q in qs}
-        values = np.percentile(np.fromiter(self._values, float), qs) * 1000
-        return {f"p{q:g}": float(v) for q, v in zip(qs, values)}
-
-    def clear(self) -> None:
-        self._values.clear()
+        return percentiles_ms(self.counts, qs)

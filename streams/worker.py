@@ -40,6 +40,9 @@ def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
         "duplicates": st.duplicates, "dead_letters": st.dead_letters, "batches": st.batches, "items": st.items,
         "lag": lag, "lag_total": sum(lag.values()),
         "event_latency_ms": st.event_latency.percentiles_ms(), "ingest_latency_ms": st.ingest_latency.percentiles_ms(),
+        # cumulative histograms (recstream.stats): subtract two snapshots for a window's percentiles
+        "event_latency_counts": st.event_latency.counts.tolist(),
+        "ingest_latency_counts": st.ingest_latency.counts.tolist(),
     }
 
 

@@ -106,7 +106,7 @@ def generate(cfg: ShopConfig = ShopConfig()) -> Shop:
                 t += float(rng.exponential(10.0)) + 1
                 raw.append((t, _ev(user, session, by_id[pid], "purchase", device, "checkout")))
     raw.sort(key=lambda x: x[0])
-    events = [Event(event_id=f"shop{cfg.seed}-{i:07d}", timestamp=round(t, 3), **fields)
+    events = [Event(event_id=f"shop{cfg.seed}-{int(cfg.end_s)}-{i:07d}", timestamp=round(t, 3), **fields)
               for i, (t, fields) in enumerate(raw)]
     return Shop(products, events, tastes)
 
@@ -115,6 +115,12 @@ def _ev(user: str, session: str, p: Product, kind: str, device: str, page: str) 
     priced = kind in ("add_to_cart", "purchase")
     return dict(user_id=user, session_id=session, product_id=p.product_id, event_type=kind, device=device,
                 page=page, price=p.price if priced else None, category=p.category)
+
+
+def _singular(name: str) -> str:
+    if name.endswith(("sses", "ches")):
+        return name[:-2]
+    return name[:-1] if name.endswith("s") else name
 
 
 def _catalogue(cfg: ShopConfig, rng: np.random.Generator):
@@ -130,7 +136,7 @@ def _catalogue(cfg: ShopConfig, rng: np.random.Generator):
         pid = f"p{i:05d}"
         products.append(Product(
             product_id=pid,
-            title=f"{brand} {ADJECTIVES[rng.integers(len(ADJECTIVES))]} {leaf.rstrip('s')} {100 + i}",
+            title=f"{brand} {ADJECTIVES[rng.integers(len(ADJECTIVES))]} {_singular(leaf)} {100 + i}",
             category_path=(top, leaf), brand=brand,
             price=round(float(rng.lognormal(np.log(MEDIAN_PRICE[top]), 0.5)), 2),
             in_stock=bool(rng.random() > 0.06),

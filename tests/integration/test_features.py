@@ -125,3 +125,48 @@ async def test_a_stock_change_reaches_item_features_within_a_second(fresh, tmp_p
 
 async def _eq(client, s, pid, in_stock):
     return await client.hget(f"{s.redis_namespace}item_features:{pid}", "in_stock") == in_stock.encode()
+
+
+async def test_malformed_records_go_to_the_dead_letter_topic_and_the_stream_goes_on(fresh, tmp_path):
+    from aiokafka import AIOKafkaConsumer
+
+    from streams import deadletter
+
+    s = fresh(home_dir=tmp_path)
+    bad = [b"{oops", b'{"event_id":"x","user_id":"u1"}', ev(1, "u1", "view", "p1").to_json().replace(b'"view"', b'"wish"')]
+    good = [ev(2, "u1", "view", "p1"), ev(3, "u1", "view", "p2")]
+    await ensure_topics(s)
+    client = aioredis.from_url(s.redis_url)
+    app = create_app(s)
+    agents = features.register(app, s, client)
+    try:
+        async with faust_app_running(app):
+            producer = create_producer(s)
+            await producer.start()
+            try:
+                for raw in bad:
+                    await producer.send_and_wait(s.topic("clickstream"), raw, key=b"u1")
+                await publish(producer, s.topic("clickstream"), good, progress=False)
+            finally:
+                await producer.stop()
+
+            async def done():
+                return agents.stats.seen == len(bad) + len(good)
+            assert await wait_until(done)
+            assert await agents.store.user_session("u1") == ["p2", "p1"]  # after the bad ones
+        assert agents.stats.dead_letters == len(bad)
+    finally:
+        await client.aclose()
+    consumer = AIOKafkaConsumer(s.topic("deadletter"), bootstrap_servers=s.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        msgs = [m for batch in (await consumer.getmany(timeout_ms=5000)).values() for m in batch]
+    finally:
+        await consumer.stop()
+    letters = [deadletter.DeadLetter.from_headers(m.key, m.value, list(m.headers)) for m in msgs]
+    assert [lt.value for lt in letters] == bad  # the raw bytes, untouched
+    assert [lt.field for lt in letters] == ["<body>", "session_id", "event_type"]
+    assert "malformed JSON" in letters[0].reason and "'wish' is not one of" in letters[2].reason
+    assert all(lt.source_topic == s.topic("clickstream") and lt.key == b"u1" for lt in letters)
+    assert [lt.offset for lt in letters] == [0, 1, 2]

@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+from recstream.stats import LatencyHistogram, percentiles_ms
+
+
+def test_percentiles_are_within_five_percent_and_never_below_the_truth():
+    rng = np.random.default_rng(1)
+    x = rng.lognormal(np.log(0.02), 0.8, 50_000)
+    h = LatencyHistogram()
+    h.extend(x)
+    for q in (50, 99):
+        true_ms = np.percentile(x, q) * 1000
+        got = h.percentiles_ms((q,))[f"p{q}"]
+        assert true_ms <= got <= true_ms * 1.05 + 1e-9
+
+
+def test_snapshots_subtract_to_the_window_between_them():
+    h = LatencyHistogram()
+    h.extend([0.001] * 1000)
+    before = h.counts.copy()
+    h.extend([0.5] * 100)
+    window = percentiles_ms(h.counts - before)
+    assert 500 <= window["p50"] <= 525 and len(h) == 1100
+
+
+@pytest.mark.parametrize("values", [[], [0.0], [1e-9], [1e6]])
+def test_edges(values):
+    h = LatencyHistogram()
+    h.extend(values)
+    p = h.percentiles_ms()
+    assert len(h) == len(values) and (np.isnan(p["p50"]) if not values else p["p50"] > 0)
