@@ -249,9 +249,11 @@ def redis_up(s: Settings, say: Callable[[str], None] = print) -> None:
         raise ServiceError("redis-server is missing: run `recstream services install` first")
     data = (s.home_dir / "redis").resolve()
     data.mkdir(parents=True, exist_ok=True)
-    # Features are rebuilt from Kafka, so snapshots are enough; appendonly would cost throughput.
+    # Features are rebuilt from Kafka, so snapshots are enough (appendonly would cost throughput),
+    # and a failed snapshot must not stop the feature writes.
     svc.spawn([server, "--bind", "127.0.0.1", "--port", str(s.redis_port), "--dir", str(data),
-               "--daemonize", "no", "--save", "60 1000", "--protected-mode", "yes"])
+               "--daemonize", "no", "--save", "60 1000", "--stop-writes-on-bgsave-error", "no",
+               "--protected-mode", "yes"])
     wait_for("redis", lambda: port_open(s.redis_port), 20, svc.log_file)
     say(f"redis: ready on 127.0.0.1:{s.redis_port}")
 

@@ -34,7 +34,7 @@ def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
     for tp in app.consumer.assignment():
         if tp.topic == topic:
             high = app.consumer.highwater(tp) or 0
-            lag[tp.partition] = max(0, high - (st.last_offset.get(tp.partition, -1) + 1)) if high else 0
+            lag[str(tp.partition)] = max(0, high - (st.last_offset.get(tp.partition, -1) + 1)) if high else 0
     return {
         "agent": "update_session_features", "ts": time.time(), "processed": dict(st.processed),
         "duplicates": st.duplicates, "dead_letters": st.dead_letters, "batches": st.batches, "items": st.items,

@@ -88,6 +88,16 @@ async def test_worker_killed_mid_stream_recovers_to_the_replayed_state(fresh, tm
         while lag.total(await lag.group_lag(s, s.app_id, s.topic("clickstream"))) > 0:
             assert time.monotonic() < deadline and worker.poll() is None, log_path.read_text()[-3000:]
             await asyncio.sleep(0.2)
+        # on-call's view: the worker's snapshot shows it caught up
+        deadline = time.monotonic() + 10
+        while True:
+            keys = [k async for k in client.scan_iter(f"{s.redis_namespace}metrics:features:*")]
+            snap = orjson.loads(await client.get(keys[0])) if keys else {}
+            if snap.get("lag_total") == 0 and sum(snap["processed"].values()) > 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert snap.get("lag_total") == 0 and set(snap["lag"]) <= {"0", "1", "2", "3"}, snap
+        assert snap["event_latency_ms"]["p99"] > 0 and sum(snap["event_latency_counts"]) > 0
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=60) == 0, log_path.read_text()[-3000:]
 
