@@ -55,6 +55,22 @@ class Settings:
     trending_half_life_s: int = _setting(6 * 3600, "trending scores halve after this long (seconds)")
     feature_batch_max: int = _setting(1000, "events the feature agent takes per batch (count)")
     feature_batch_within_ms: int = _setting(20, "longest wait to fill a batch (milliseconds)")
+    # -- batch layer -------------------------------------------------------------------------
+    spark_master: str = _setting("local[*]", "Spark master URL: local[*] here, spark://host:7077 or yarn on a cluster (URL)")
+    spark_driver_memory: str = _setting("4g", "Spark driver memory (JVM size, e.g. 4g)")
+    train_window_days: int = _setting(30, "history a training run reads, back from its newest event (days)")
+    trainer_every_hours: float = _setting(4.0, "`recstream trainer` retrains this often (hours)")
+    als_rank: int = _setting(128, "dimension of the ALS user and item embeddings (count)")
+    als_iterations: int = _setting(10, "ALS sweeps (count)")
+    als_reg: float = _setting(0.1, "ALS L2 regularisation, Spark's regParam (weight)")
+    als_alpha: float = _setting(10.0, "implicit-feedback confidence = 1 + alpha * summed event weights (weight)")
+    cooccurrence_top_n: int = _setting(50, "neighbours kept per item by the batch co-occurrence (count)")
+    ranker_trees: int = _setting(200, "XGBoost boosting rounds of the ranker (count)")
+    ranker_depth: int = _setting(8, "XGBoost max tree depth of the ranker (count)")
+    retrieval_candidates: int = _setting(200, "candidates retrieval hands to ranking (count)")
+    promotion_margin: float = _setting(0.02, "a new model becomes champion unless its offline metric is worse "
+                                            "than the champion's by more than this fraction (fraction)")
+    model_name: str = _setting("recstream", "registered model name in MLflow (name)")
     # -- archive -----------------------------------------------------------------------------
     archive_flush_records: int = _setting(20000, "the archive writes a Parquet file after this many records (count)")
     archive_flush_interval_s: float = _setting(10.0, "... or after this long, whichever comes first (seconds)")

@@ -1,0 +1,132 @@
+"""Publish a trained version to serving: Redis under versioned keys, then one pointer swap, then a
+message on the model-updates topic.
+
+Readers read `model:current` first and then only keys of that version, so a half-finished publish
+is never read: the pointer moves only after every key of the new version is written. The version
+before stays readable for requests in flight; older ones are removed.
+
+  model:current                    JSON {name, version, published_at, rank}
+  emb:user:{version}:{user}        float32 bytes of the ALS user embedding
+  emb:item:{version}:{item}        float32 bytes of the item embedding (ALS, or content model for new items)
+  uoff:{version}:{user}            hash: category_affinity (JSON), median_price
+  ioff:{version}:{item}            hash: popularity_7d, category
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+
+from batch.artifacts import BatchOutputs, Embeddings
+from recstream.settings import Settings
+from streams.producer import create_producer
+
+CHUNK = 5000  # commands per pipeline round trip
+
+
+@dataclass(frozen=True)
+class Published:
+    version: str
+    keys: int
+    seconds: float
+    removed_versions: list[str]
+
+
+def _embedding_writes(prefix: str, emb: Embeddings):
+    for i, x in enumerate(emb.ids):
+        yield f"{prefix}{x}", emb.vectors[i].tobytes()
+
+
+async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_embeddings: Embeddings | None = None,
+                  progress: Callable[[str], None] = print) -> Published:
+    t0 = time.perf_counter()
+    ns = s.redis_namespace
+    client = aioredis.from_url(s.redis_url)
+    items = item_embeddings or out.item_embeddings
+    try:
+        previous = await client.get(f"{ns}model:current")
+        n = 0
+        pipe = client.pipeline(transaction=False)
+
+        async def flush_if_full(force: bool = False) -> None:
+            nonlocal pipe
+            if force or len(pipe) >= CHUNK:
+                await pipe.execute()
+                pipe = client.pipeline(transaction=False)
+
+        for key, value in (*_embedding_writes(f"{ns}emb:user:{version}:", out.user_embeddings),
+                           *_embedding_writes(f"{ns}emb:item:{version}:", items)):
+            pipe.set(key, value)
+            n += 1
+            await flush_if_full()
+        users = set(out.category_affinity) | set(out.user_median_price)
+        for user in users:
+            fields = {"category_affinity": orjson.dumps(out.category_affinity.get(user, {})).decode()}
+            if user in out.user_median_price:
+                fields["median_price"] = repr(out.user_median_price[user])
+            pipe.hset(f"{ns}uoff:{version}:{user}", mapping=fields)
+            n += 1
+            await flush_if_full()
+        for item in set(out.item_popularity) | set(out.item_category):
+            fields = {"popularity_7d": repr(out.item_popularity.get(item, 0.0))}
+            if item in out.item_category:
+                fields["category"] = out.item_category[item]
+            pipe.hset(f"{ns}ioff:{version}:{item}", mapping=fields)
+            n += 1
+            await flush_if_full()
+        await flush_if_full(force=True)
+        progress(f"publish: {n} keys of version {version} written; switching model:current")
+        pointer = {"name": name, "version": version, "published_at": time.time(), "rank": items.rank}
+        await client.set(f"{ns}model:current", orjson.dumps(pointer))
+        removed = await _remove_old_versions(client, ns, keep={version, _version_of(previous)})
+    finally:
+        await client.aclose()
+    await _announce(s, pointer)
+    return Published(version, n, time.perf_counter() - t0, removed)
+
+
+def _version_of(pointer: bytes | None) -> str | None:
+    return orjson.loads(pointer)["version"] if pointer else None
+
+
+async def _remove_old_versions(client: aioredis.Redis, ns: str, keep: set[str | None]) -> list[str]:
+    removed: set[str] = set()
+    for pattern in ("emb:user:*", "emb:item:*", "uoff:*", "ioff:*"):
+        batch = []
+        async for key in client.scan_iter(f"{ns}{pattern}", count=5000):
+            parts = key.decode()[len(ns):].split(":")
+            version = parts[2] if parts[0] == "emb" else parts[1]
+            if version not in keep:
+                batch.append(key)
+                removed.add(version)
+            if len(batch) >= CHUNK:
+                await client.unlink(*batch)
+                batch = []
+        if batch:
+            await client.unlink(*batch)
+    return sorted(removed)
+
+
+async def _announce(s: Settings, pointer: dict) -> None:
+    producer = create_producer(s)
+    await producer.start()
+    try:
+        await producer.send_and_wait(s.topic("model.updates"), orjson.dumps(pointer), key=pointer["name"].encode())
+    finally:
+        await producer.stop()
+
+
+async def current(s: Settings) -> dict | None:
+    client = aioredis.from_url(s.redis_url)
+    try:
+        return orjson.loads(raw) if (raw := await client.get(f"{s.redis_namespace}model:current")) else None
+    finally:
+        await client.aclose()
+
+
+def decode_embedding(raw: bytes | None) -> np.ndarray | None:
+    return np.frombuffer(raw, dtype=np.float32) if raw else None

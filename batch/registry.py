@@ -1,0 +1,98 @@
+"""The model registry (MLflow): one versioned bundle per training run, champion/challenger aliases.
+
+A bundle is a folder of plain files (ALS factors, FAISS index, ranker, content model, feature
+list, metrics, data window) logged as the artifacts of one run and registered as one version of
+one model. Aliases, not the deprecated stages: `champion` is what serving loads, `challenger` a
+newer version that did not pass the promotion rule and is kept for comparison.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+EXPERIMENT = "recstream-training"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def decide(new: dict[str, float], champion: dict[str, float] | None, metric: str, margin: float) -> Decision:
+    """Pure promotion rule: the new version becomes champion unless its offline metric is worse
+    than the champion's by more than `margin` (a fraction of the champion's value)."""
+    if metric not in new:
+        return Decision(False, f"the new version has no {metric} metric")
+    if champion is None or metric not in champion:
+        return Decision(True, "no champion yet")
+    floor = champion[metric] * (1 - margin)
+    if new[metric] >= floor:
+        return Decision(True, f"{metric} {new[metric]:.4f} >= {floor:.4f} (champion {champion[metric]:.4f} - {margin:.0%})")
+    return Decision(False, f"{metric} {new[metric]:.4f} < {floor:.4f} (champion {champion[metric]:.4f} - {margin:.0%})")
+
+
+@dataclass(frozen=True)
+class Registered:
+    version: str
+    run_id: str
+    alias: str
+    decision: Decision
+
+
+class Registry:
+    def __init__(self, tracking_uri: str, model_name: str):
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        self.name = model_name
+
+    def champion_metrics(self) -> dict[str, float] | None:
+        try:
+            mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
+        except MlflowException:
+            return None
+        return {k[len("metric."):]: float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
+
+    def champion_version(self) -> str | None:
+        try:
+            return self.client.get_model_version_by_alias(self.name, CHAMPION).version
+        except MlflowException:
+            return None
+
+    def register(self, bundle: Path, metrics: dict[str, float], params: dict[str, object], metric: str,
+                 margin: float) -> Registered:
+        """Log the bundle as one run, register it as a new version, and set its alias by `decide`."""
+        mlflow.set_experiment(EXPERIMENT)
+        champion = self.champion_metrics()
+        decision = decide(metrics, champion, metric, margin)
+        with mlflow.start_run() as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifacts(str(bundle), artifact_path="bundle")
+            mlflow.set_tag("promotion", decision.reason)
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(self.name, description="recstream bundle: ALS, FAISS, ranker, content model")
+        mv = self.client.create_model_version(self.name, source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id,
+                                              tags={**{f"metric.{k}": str(v) for k, v in metrics.items()},
+                                                    "promotion": decision.reason})
+        alias = CHAMPION if decision.promote else CHALLENGER
+        self.client.set_registered_model_alias(self.name, alias, mv.version)
+        return Registered(mv.version, run.info.run_id, alias, decision)
+
+    def download(self, alias_or_version: str, dest: Path) -> Path:
+        """The bundle of `models:/name@alias` (or a version number) as a local folder."""
+        uri = f"models:/{self.name}/{alias_or_version}" if alias_or_version.isdigit() else f"models:/{self.name}@{alias_or_version}"
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+
+
+def write_manifest(bundle: Path, manifest: dict) -> None:
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))

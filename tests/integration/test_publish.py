@@ -1,0 +1,43 @@
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
+
+from batch.artifacts import BatchOutputs, Embeddings, Window
+from batch.publish import current, decode_embedding, publish
+from streams.topics import ensure_topics
+
+
+def outputs(scale: float) -> BatchOutputs:
+    users = Embeddings(["u1", "u2"], np.arange(8, dtype=np.float32).reshape(2, 4) * scale)
+    items = Embeddings(["a", "b", "c"], np.ones((3, 4), dtype=np.float32) * scale)
+    return BatchOutputs(Window(0, 1, 10), users, items, {}, {}, {"u1": {"Audio": 1.0}}, {"a": 3.0},
+                        {"u1": 19.5}, {"a": "Audio"})
+
+
+async def test_versions_switch_atomically_and_old_ones_go(fresh):
+    s = fresh()
+    await ensure_topics(s)
+    ns = s.redis_namespace
+    client = aioredis.from_url(s.redis_url)
+    try:
+        first = await publish(s, "m", "1", outputs(1.0), progress=lambda _: None)
+        assert first.keys == 2 + 3 + 1 + 1 and (await current(s))["version"] == "1"
+        assert np.array_equal(decode_embedding(await client.get(f"{ns}emb:user:1:u2")), np.arange(4, 8, dtype=np.float32))
+        assert await client.hget(f"{ns}uoff:1:u1", "median_price") == b"19.5"
+        await publish(s, "m", "2", outputs(2.0), progress=lambda _: None)
+        assert (await current(s))["version"] == "2"
+        assert await client.exists(f"{ns}emb:item:1:a")  # the previous version stays for requests in flight
+        third = await publish(s, "m", "3", outputs(3.0), progress=lambda _: None)
+        assert third.removed_versions == ["1"] and not await client.exists(f"{ns}emb:item:1:a")
+        assert decode_embedding(await client.get(f"{ns}emb:item:3:c"))[0] == 3.0
+    finally:
+        await client.aclose()
+    consumer = AIOKafkaConsumer(s.topic("model.updates"), bootstrap_servers=s.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        msgs = [m for b in (await consumer.getmany(timeout_ms=5000)).values() for m in b]
+    finally:
+        await consumer.stop()
+    assert [orjson.loads(m.value)["version"] for m in msgs] == ["1", "2", "3"] and msgs[0].key == b"m"
