@@ -84,7 +84,7 @@ async def test_worker_killed_mid_stream_recovers_to_the_replayed_state(fresh, tm
         assert killed_at < len(events), "the kill came too late to test anything"
         await sender
         worker = start_worker(s, log_path)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while lag.total(await lag.group_lag(s, s.app_id, s.topic("clickstream"))) > 0:
             assert time.monotonic() < deadline and worker.poll() is None, log_path.read_text()[-3000:]
             await asyncio.sleep(0.2)

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+
+from recstream.features import FeatureConfig, Incoming, Limits, UserState, apply, plan
+from recstream.features import popularity
+from recstream.features.session import SEEN_MAX, decode_features, features_value
+from schemas import Event
+
+CFG = FeatureConfig(session_idle_timeout_s=1800, session_recent_max=3, covisit_window=2)
+LIMITS = Limits(session_ttl_s=1800, user_features_ttl_s=86400, window_days=7, trending_half_life_s=3600,
+                cooccurrence_max=10)
+T = 1_764_000_000.0
+
+
+def ev(i, kind="view", pid="p1", t=None, session="s1", category="c"):
+    return Event(event_id=f"e{i}", user_id="u", session_id=session, product_id=pid, event_type=kind,
+                 timestamp=T + i if t is None else t, category=category)
+
+
+def fold(events, state=None):
+    state = state or UserState()
+    updates = []
+    for e in events:
+        u = apply(state, e, CFG)
+        updates.append(u)
+        state = u.state
+    return state, updates
+
+
+def test_views_build_the_session_newest_first_bounded_and_unique():
+    state, _ = fold([ev(1, pid="a"), ev(2, pid="b"), ev(3, pid="a"), ev(4, pid="c"), ev(5, pid="d")])
+    assert state.recent == ("d", "c", "a") and state.last_viewed == "d" and state.categories == {"c": 5}
+
+
+@pytest.mark.parametrize("second, new_session", [
+    (ev(2, t=T + 1799), False),              # within the idle timeout
+    (ev(2, t=T + 1801), True),               # idle too long
+    (ev(2, session="s2"), True),             # the producer started a new session
+])
+def test_session_boundaries(second, new_session):
+    state, _ = fold([ev(1, pid="x", t=T), second])
+    assert (state.recent == ("p1",)) is new_session
+
+
+def test_a_late_event_does_not_reset_the_session_but_still_counts():
+    state, updates = fold([ev(1, pid="a"), ev(2, pid="b"), ev(3, pid="old", t=T - 5000, session="s0")])
+    assert state.recent == ("b", "a") and state.events == 3 and updates[-1].covisits == ()
+
+
+def test_repeated_event_ids_change_nothing():
+    state, _ = fold([ev(1, "add_to_cart", pid="a")])
+    again = apply(state, ev(1, "add_to_cart", pid="a"), CFG)
+    assert again.duplicate and again.state is state
+
+
+def test_only_the_last_seen_max_ids_are_remembered():
+    state, _ = fold([ev(i) for i in range(SEEN_MAX + 1)])
+    assert len(state.seen) == SEEN_MAX and apply(state, ev(SEEN_MAX), CFG).duplicate  # the newest: remembered
+    assert apply(state, ev(0), CFG).duplicate is False  # the oldest: forgotten, the documented limit
+
+
+def test_covisits_pair_with_the_last_window_views_and_copurchases_within_the_session():
+    state, ups = fold([ev(1, pid="a"), ev(2, pid="b"), ev(3, pid="c"),
+                       ev(4, "add_to_cart", pid="c"), ev(5, "purchase", pid="c"), ev(6, "purchase", pid="d")])
+    assert ups[2].covisits == (("c", "b"), ("c", "a"))
+    assert ups[5].copurchases == (("d", "c"),) and state.cart == () and state.purchases == ("d", "c")
+
+
+def test_features_value_round_trips():
+    state, _ = fold([ev(1, pid="a"), ev(2, "add_to_cart", pid="a")])
+    f = decode_features(features_value(state))
+    assert f["cart_items"] == ["a"] and f["session_categories"] == {"c": 1} and f["events"] == 2
+
+
+def test_forward_decay_orders_like_exponential_decay():
+    h = 3600.0
+    now = T + 7200
+    a = popularity.trend_increment(5.0, T, h)            # a purchase two hours ago
+    b = popularity.trend_increment(1.0, T + 7000, h)     # a view just now
+    w = popularity.trend_read_weights(now, h)[popularity.landmark(T)]
+    assert a * w == pytest.approx(5.0 * 2 ** (-2), rel=1e-9) and b * w == pytest.approx(2 ** (-200 / h), rel=1e-9)
+    assert popularity.log_scaled(math.e - 1) == pytest.approx(1.0)
+
+
+def test_plan_counts_once_and_skips_offsets_redis_already_holds():
+    batch = [Incoming(ev(i, pid=f"p{i % 2}"), partition=0, offset=i) for i in range(6)]
+    full = plan(batch, {}, {}, {}, CFG, LIMITS)
+    skipped = plan(batch, {}, {0: 3}, {}, CFG, LIMITS)
+    day = popularity.day(T)
+    assert full.ops.incr[(popularity.count_key("view", day), "p0")] == 3
+    assert skipped.ops.incr[(popularity.count_key("view", day), "p0")] == 1  # only offset 4
+    assert skipped.ops.offsets == {0: (4, 5)} and skipped.states == full.states  # state still folds all
+    assert set(full.ops.set) == {"user_session:u"} and full.ops.trim["covis:p0"] == 10
