@@ -1,0 +1,326 @@
+"""Ranker training: point-in-time examples replayed from history, XGBoost LambdaMART, offline metrics.
+
+Each user's events are folded in time order with recstream.features.session.apply, the function the
+online feature agents run, and popularity and trending are counted with the same keys and decay as
+recstream.features.popularity; so the state behind every example is what Redis held just before the
+target event. Features come from recstream.ranking.matrix, the function the ranking agent calls.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import xgboost as xgb
+from tqdm import tqdm
+
+from batch.artifacts import BatchOutputs
+from recstream.features import popularity
+from recstream.features.config import feature_config
+from recstream.features.session import FeatureConfig, UserState, apply
+from recstream.ranking import FEATURE_NAMES, SOURCES, Columns, Context, ItemFields, main_category, matrix
+from recstream.settings import Settings
+from schemas import Event, Product
+
+GRADES = {"view": 1, "click": 1, "add_to_cart": 2, "purchase": 3}
+_J = {s: j for j, s in enumerate(SOURCES)}
+
+
+@dataclass(frozen=True, slots=True)
+class RankerConfig:
+    trees: int = 200
+    depth: int = 8
+    learning_rate: float = 0.1
+    nthread: int = 2                  # set explicitly: OpenMP's default oversubscribes shared cores
+    seed: int = 0
+    als_candidates: int = 50          # top-K by dot product with the user's ALS vector
+    session_items: int = 5            # recent (and cart) items whose neighbours are candidates
+    neighbours_per_item: int = 10     # covis / cobuy neighbours taken per session item
+    popular_candidates: int = 20      # popular items in the session's main category
+    train_fraction: float = 0.8       # earliest share of targets, by time, to train on
+    target_sample: float = 1.0        # share of targets kept, chosen by a hash of the event id (deterministic)
+    k: int = 8                        # NDCG@k and recall@k
+    popularity_window_days: int = 7
+    trending_half_life_s: float = 6 * 3600
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    progress: bool = True
+
+
+def ranker_config(s: Settings, **overrides) -> RankerConfig:
+    return RankerConfig(trees=s.ranker_trees, depth=s.ranker_depth, popularity_window_days=s.popularity_window_days,
+                        trending_half_life_s=s.trending_half_life_s, features=feature_config(s), **overrides)
+
+
+# -- items and point-in-time popularity --------------------------------------------------------
+
+class ItemTable:
+    """Catalogue fields and ALS vectors as arrays by row, so a request's columns are fancy indexing."""
+
+    def __init__(self, products: Sequence[Product], outputs: BatchOutputs):
+        ids = [p.product_id for p in products]
+        fields = [ItemFields.from_product(p) for p in products]
+        known = set(ids)
+        for pid in outputs.item_embeddings.ids:            # embedded but not in the catalogue: fields unknown
+            if pid not in known:
+                ids.append(pid)
+                fields.append(ItemFields(category=outputs.item_category.get(pid)))
+        self.ids = ids
+        self.index = {pid: i for i, pid in enumerate(ids)}
+        self.category = [f.category for f in fields]
+        self.num = {a: np.array([getattr(f, a) for f in fields], np.float64)
+                    for a in ("price", "rating", "seller_rating", "in_stock", "created_at")}
+        emb = outputs.item_embeddings
+        self.embeddings = np.full((len(ids), emb.rank), np.nan, np.float32)
+        rows = np.array([self.index[pid] for pid in emb.ids], np.int64)
+        self.embeddings[rows] = emb.vectors
+        self.als_rows, self.als_vectors = rows, emb.vectors
+        by_cat: dict[str, list[int]] = {}
+        for i, c in enumerate(self.category):
+            if c is not None:
+                by_cat.setdefault(c, []).append(i)
+        self.category_rows = {c: np.array(r, np.int64) for c, r in by_cat.items()}
+
+    def columns(self, rows: np.ndarray, sources: np.ndarray, pop: np.ndarray, bought: np.ndarray,
+                trend: np.ndarray) -> Columns:
+        n = self.num
+        emb = self.embeddings[rows] if self.embeddings.shape[1] else None
+        return Columns(ids=[self.ids[i] for i in rows], categories=[self.category[i] for i in rows],
+                       embeddings=emb, price=n["price"][rows], rating=n["rating"][rows],
+                       seller_rating=n["seller_rating"][rows], in_stock=n["in_stock"][rows],
+                       created_at=n["created_at"][rows], popularity_7d=pop, purchases_7d=bought, trending=trend,
+                       sources=sources)
+
+
+class Popularity:
+    """What the pop:*, popcat:* and trend:* keys hold at a moment, counted from the events so far."""
+
+    def __init__(self, n_items: int, window_days: int, half_life_s: float, weights: dict[str, float]):
+        self.n, self.window, self.half_life, self.weights = n_items, window_days, half_life_s, weights
+        self.days: dict[int, np.ndarray] = {}     # day -> (3, n): views+clicks, purchases, weighted events
+        self.trend: dict[int, np.ndarray] = {}    # landmark -> forward-decayed increments
+
+    def add(self, row: int, event_type: str, ts: float) -> None:
+        d = self.days.setdefault(popularity.day(ts), np.zeros((3, self.n)))
+        if event_type in ("view", "click"):
+            d[0, row] += 1
+        elif event_type == "purchase":
+            d[1, row] += 1
+        weight = self.weights[event_type]
+        d[2, row] += weight
+        t = self.trend.setdefault(popularity.landmark(ts), np.zeros(self.n))
+        t[row] += popularity.trend_increment(weight, ts, self.half_life)
+
+    def window_counts(self, now: float, rows: np.ndarray) -> np.ndarray:
+        """(3, len(rows)): views+clicks, purchases and weighted events over the window, at `now`."""
+        total = np.zeros((3, len(rows)))
+        for d in popularity.window_days(now, self.window):
+            if d in self.days:
+                total += self.days[d][:, rows]
+        return total
+
+    def trending(self, now: float, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows))
+        for lm, w in popularity.trend_read_weights(now, self.half_life).items():
+            if lm in self.trend:
+                out += self.trend[lm][rows] * w
+        return out
+
+
+# -- examples ----------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Group:
+    """One target: its request context and candidates, kept so tests can rebuild it the online way."""
+    ctx: Context
+    rows: np.ndarray            # candidate rows in the ItemTable
+    sources: np.ndarray
+    popularity_7d: np.ndarray
+    purchases_7d: np.ndarray
+    trending: np.ndarray
+    target: str
+    grade: int
+    novel: bool                 # the target was not in the session, cart or purchases already
+
+
+@dataclass(slots=True)
+class Examples:
+    X: np.ndarray               # (rows, len(FEATURE_NAMES)) float32
+    y: np.ndarray               # graded labels
+    qid: np.ndarray             # group index per row, non-decreasing (time order)
+    offsets: np.ndarray         # group g is rows offsets[g]:offsets[g+1]
+    groups: list[Group]
+    table: ItemTable
+    targets: int = 0            # targets seen, before dropping those retrieval missed
+
+
+def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Sequence[Product],
+                   cfg: RankerConfig) -> Examples:
+    table = ItemTable(products, outputs)
+    pop = Popularity(len(table.ids), cfg.popularity_window_days, cfg.trending_half_life_s, cfg.features.weights)
+    users = outputs.user_embeddings.index()
+    user_vectors = outputs.user_embeddings.vectors
+    idle = cfg.features.session_idle_timeout_s
+    states: dict[str, UserState] = {}
+    last_request: dict[str, tuple[str, str]] = {}       # user -> (device, page) of the previous event
+    groups: list[Group] = []
+    blocks: list[np.ndarray] = []
+    targets = 0
+    ordered = sorted(events, key=lambda e: e.timestamp)
+    for e in tqdm(ordered, desc="ranker examples", unit="event", mininterval=1, disable=not cfg.progress):
+        state = states.get(e.user_id, UserState())
+        row = table.index.get(e.product_id)
+        # a target: an interaction that continues a live session (the state holds earlier events of it)
+        if (row is not None and state.events and state.session_id == e.session_id and e.event_id not in state.seen
+                and state.session_start_s <= e.timestamp <= state.last_s + idle
+                and _sampled(e.event_id, cfg.target_sample)):
+            targets += 1
+            u = users.get(e.user_id)
+            device, page = last_request[e.user_id]
+            ctx = Context(now_s=e.timestamp, user_embedding=None if u is None else user_vectors[u], session=state,
+                          category_affinity=outputs.category_affinity.get(e.user_id, {}),
+                          median_price=outputs.user_median_price.get(e.user_id), device=device, page=page,
+                          session_idle_timeout_s=idle)
+            group = _group(ctx, state, e, row, table, pop, outputs, cfg)
+            if group is not None:
+                groups.append(group)
+                blocks.append(matrix(ctx, table.columns(group.rows, group.sources, group.popularity_7d,
+                                                        group.purchases_7d, group.trending)))
+        update = apply(state, e, cfg.features, table.category[row] if row is not None else None)
+        if update.duplicate:
+            continue
+        states[e.user_id] = update.state
+        last_request[e.user_id] = (e.device, e.page)
+        if row is not None:
+            pop.add(row, e.event_type, e.timestamp)
+    sizes = np.array([len(g.rows) for g in groups], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    y = np.zeros(int(offsets[-1]), np.float32)
+    for g, start in zip(groups, offsets[:-1]):
+        y[start + int(np.flatnonzero(g.rows == table.index[g.target])[0])] = g.grade
+    X = np.concatenate(blocks) if blocks else np.empty((0, len(FEATURE_NAMES)), np.float32)
+    qid = np.repeat(np.arange(len(groups), dtype=np.uint32), sizes)
+    return Examples(X, y, qid, offsets, groups, table, targets)
+
+
+def _sampled(event_id: str, share: float) -> bool:
+    if share >= 1.0:
+        return True
+    h = int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < share
+
+
+def _group(ctx: Context, state: UserState, e: Event, target_row: int, table: ItemTable, pop: Popularity,
+           outputs: BatchOutputs, cfg: RankerConfig) -> Group | None:
+    """Candidates as retrieval would propose them at this moment; None when the target is not among them."""
+    position: dict[int, int] = {}
+    found: list[tuple[int, int, float]] = []   # (candidate position, source, score)
+
+    def propose(row: int, source: str, score: float) -> None:
+        p = position.setdefault(row, len(position))
+        found.append((p, _J[source], score))
+
+    if ctx.user_embedding is not None and len(table.als_rows):
+        scores = table.als_vectors @ ctx.user_embedding
+        k = min(cfg.als_candidates, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        for i in top[np.argsort(-scores[top], kind="stable")]:
+            propose(int(table.als_rows[i]), "als", float(scores[i]))
+    recent = state.recent[: cfg.session_items]
+    for source, anchors in (("covis", recent), ("cobuy", (*recent, *state.cart[: cfg.session_items]))):
+        neighbours = getattr(outputs, source)
+        for anchor in anchors:
+            for pid, score in neighbours.get(anchor, ())[: cfg.neighbours_per_item]:
+                row = table.index.get(pid)
+                if row is not None:
+                    propose(row, source, float(score))
+    main = main_category(state.categories)
+    if main in table.category_rows:
+        rows = table.category_rows[main]
+        weighted = pop.window_counts(ctx.now_s, rows)[2]
+        best = np.argsort(-weighted, kind="stable")[: cfg.popular_candidates]
+        for i in best[weighted[best] > 0]:
+            propose(int(rows[i]), "popular", float(weighted[i]))
+    if target_row not in position:
+        return None
+    rows = np.fromiter(position, np.int64, len(position))
+    sources = np.full((len(rows), len(SOURCES)), np.nan)
+    for p, j, score in found:   # a source proposing an item twice (two anchors) keeps its best score
+        if not score <= sources[p, j]:
+            sources[p, j] = score
+    counts = pop.window_counts(ctx.now_s, rows)
+    known = {*state.recent, *state.cart, *state.purchases}
+    return Group(ctx, rows, sources, counts[0], counts[1], pop.trending(ctx.now_s, rows), e.product_id,
+                 GRADES[e.event_type], e.product_id not in known)
+
+
+# -- training and evaluation -------------------------------------------------------------------
+
+@dataclass
+class RankerResult:
+    booster: xgb.Booster
+    model: bytes                    # booster.save_raw("ubj"): what the registry stores
+    feature_names: list[str]
+    metrics: dict[str, float]
+    n_examples: int
+    n_groups: int
+
+
+def fit(ex: Examples, cfg: RankerConfig) -> RankerResult:
+    """Train on the earliest `train_fraction` of groups by time; evaluate on the rest."""
+    n_groups = len(ex.groups)
+    cut = int(n_groups * cfg.train_fraction)
+    if cut < 1 or cut >= n_groups:
+        raise ValueError(f"{n_groups} groups with a positive: too few to train and evaluate")
+    r = int(ex.offsets[cut])
+    names = list(FEATURE_NAMES)
+    dtrain = xgb.DMatrix(ex.X[:r], label=ex.y[:r], qid=ex.qid[:r], feature_names=names, nthread=cfg.nthread)
+    params = {"objective": "rank:ndcg", "eval_metric": f"ndcg@{cfg.k}", "max_depth": cfg.depth,
+              "eta": cfg.learning_rate, "nthread": cfg.nthread, "tree_method": "hist", "seed": cfg.seed}
+    booster = xgb.train(params, dtrain, num_boost_round=cfg.trees, evals=[(dtrain, "train")],
+                        verbose_eval=max(1, cfg.trees // 10) if cfg.progress else False)
+    test = slice(r, None)
+    offsets = ex.offsets[cut:] - r
+    novel = np.array([g.novel for g in ex.groups[cut:]])
+    ranker = score(booster, ex.X[test])
+    dot = ex.X[test, FEATURE_NAMES.index("ui_dot")]
+    baseline = np.where(np.isnan(dot), -np.inf, dot)   # retrieval order: by dot product
+    metrics: dict[str, float] = {"train_groups": float(cut), "test_groups": float(n_groups - cut),
+                                 "test_novel_groups": float(novel.sum())}
+    for name, s in (("ranker", ranker), ("baseline", baseline)):
+        ndcg, recall = evaluate(s, ex.y[test], offsets, cfg.k)
+        metrics[f"{name}_ndcg@{cfg.k}"], metrics[f"{name}_recall@{cfg.k}"] = float(ndcg.mean()), float(recall.mean())
+        if novel.any():
+            metrics[f"{name}_novel_ndcg@{cfg.k}"] = float(ndcg[novel].mean())
+            metrics[f"{name}_novel_recall@{cfg.k}"] = float(recall[novel].mean())
+    return RankerResult(booster, bytes(booster.save_raw("ubj")), names, metrics, int(ex.X.shape[0]), n_groups)
+
+
+def train(events: Iterable[Event], outputs: BatchOutputs, products: Sequence[Product],
+          cfg: RankerConfig) -> RankerResult:
+    return fit(build_examples(events, outputs, products, cfg), cfg)
+
+
+def load(model: bytes, nthread: int) -> xgb.Booster:
+    booster = xgb.Booster(model_file=bytearray(model))
+    booster.set_param({"nthread": nthread})
+    return booster
+
+
+def score(booster: xgb.Booster, X: np.ndarray) -> np.ndarray:
+    """Ranker scores for rows of recstream.ranking.matrix (inplace_predict: no DMatrix copy)."""
+    return np.asarray(booster.inplace_predict(X), np.float64)
+
+
+def evaluate(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group NDCG@k (gain 2^label - 1) and recall@k; ties keep candidate order."""
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    ndcg, recall = np.zeros(len(offsets) - 1), np.zeros(len(offsets) - 1)
+    for g in range(len(offsets) - 1):
+        s, y = scores[offsets[g]:offsets[g + 1]], labels[offsets[g]:offsets[g + 1]]
+        top = y[np.argsort(-s, kind="stable")[:k]]
+        ideal = np.sort(y)[::-1][:k]
+        idcg = float(((2.0 ** ideal - 1) * discount[: len(ideal)]).sum())
+        ndcg[g] = float(((2.0 ** top - 1) * discount[: len(top)]).sum()) / idcg if idcg > 0 else 0.0
+        recall[g] = float((top > 0).sum()) / max(int((y > 0).sum()), 1)
+    return ndcg, recall
