@@ -83,6 +83,47 @@ def _serve(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def _source(args: argparse.Namespace):
+    from batch.train import Source
+
+    return Source(dataset=args.dataset, path=args.path)
+
+
+def _train(args: argparse.Namespace, s: Settings) -> int:
+    from batch.train import TrainingFailed, train_once
+
+    try:
+        report = train_once(s, _source(args), publish_to_serving=not args.no_publish)
+    except TrainingFailed as exc:
+        print(f"recstream: {exc}", file=sys.stderr)
+        return 1
+    print(f"version {report.version} registered as {report.alias} ({report.promotion}); "
+          f"{report.published_keys} keys published; stages " +
+          ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_s.items()))
+    for key in ("ranker_ndcg_at_8", "baseline_ndcg_at_8", "ranker_novel_ndcg_at_8", "baseline_novel_ndcg_at_8",
+                "faiss_recall_at_200"):
+        if key in report.metrics:
+            print(f"  {key:28} {report.metrics[key]:.4f}")
+    for warning in report.warnings:
+        print(f"  warning: {warning}")
+    return 0
+
+
+def _trainer(args: argparse.Namespace, s: Settings) -> int:
+    import signal
+
+    from batch.train import run_forever
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    every = args.every_hours if args.every_hours is not None else s.trainer_every_hours
+    try:
+        run_forever(s, _source(args), every, stop=lambda: bool(stopping))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _lag(args: argparse.Namespace, s: Settings) -> int:
     from streams import lag
 
@@ -127,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="features: session table + Redis features + item features; archive: clickstream -> Parquet")
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp.set_defaults(run=_worker)
+
+    for name, helptext in (("train", "train once: Spark ALS, co-occurrence, content model, FAISS, ranker; "
+                                     "register in MLflow; publish when it becomes champion"),
+                           ("trainer", "retrain every --every-hours (default RECSTREAM_TRAINER_EVERY_HOURS) until SIGTERM")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--dataset", default=None, help="train on an imported dataset (shop, csv, taobao, ...) "
+                                                         "instead of the Parquet archive")
+        sp.add_argument("--path", type=Path, help="file or folder of the dataset")
+        if name == "train":
+            sp.add_argument("--no-publish", action="store_true", help="register only; do not publish to serving")
+            sp.set_defaults(run=_train)
+        else:
+            sp.add_argument("--every-hours", type=float, default=None)
+            sp.set_defaults(run=_trainer)
 
     sp = sub.add_parser("serve", help="run the HTTP API (POST /api/v1/events, GET /healthz) under uvicorn")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -1,0 +1,215 @@
+"""One training run, end to end: events -> Spark (ALS, co-occurrence, aggregates) -> content model
+-> FAISS index -> ranker -> one MLflow version -> publish to serving when it becomes champion.
+
+A run that fails at any stage registers and publishes nothing: serving keeps the version it has,
+and the error says which stage failed and why.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from batch import index as faiss_index
+from batch import job, ranker
+from batch.artifacts import BatchOutputs, Embeddings
+from batch.content import ContentModel
+from batch.publish import publish
+from batch.registry import CHAMPION, Registry, write_manifest
+from recstream.data import ShopConfig, load_dataset, shop_dataset
+from recstream.ranking import FEATURE_NAMES
+from recstream.settings import Settings
+from schemas import Event, Product
+
+PROMOTION_METRIC = "ranker_novel_ndcg_at_8"  # held-out NDCG@8 on items new to the session: repeats are easy
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, stage: str, reason: str, serving: str | None):
+        self.stage, self.reason, self.serving = stage, reason, serving
+        keeps = f"serving keeps version {serving}" if serving else "no version is serving yet"
+        super().__init__(f"training failed at {stage}: {reason}; {keeps}")
+
+
+@dataclass
+class Source:
+    """Where a run reads its events: the Parquet archive (default) or an imported dataset."""
+    dataset: str | None = None   # None: the archive; else a recstream.data format or "shop"
+    path: Path | None = None
+    shop: ShopConfig | None = None  # the generated shop's size and seed (dataset "shop")
+
+    def describe(self) -> str:
+        return "archive" if self.dataset is None else f"{self.dataset}:{self.path or 'embedded'}"
+
+
+@dataclass
+class TrainReport:
+    version: str
+    alias: str
+    promotion: str
+    metrics: dict[str, float]
+    window: dict
+    stage_s: dict[str, float]
+    peak_rss_mb: float
+    warnings: list[str] = field(default_factory=list)
+    published_keys: int = 0
+
+
+def load_source(s: Settings, source: Source) -> tuple[list[Event], list[Product]]:
+    if source.dataset == "shop" and source.shop is not None:
+        data = shop_dataset(source.shop)
+        return data.events, data.products
+    if source.dataset is not None:
+        data = load_dataset(source.dataset, source.path)
+        return data.events, data.products
+    from streams.archive import dataset_dir, read_archive
+    from streams.catalogue import read_catalogue
+
+    folder = dataset_dir(s)
+    if not folder.exists():
+        raise job.TrainingDataError(f"no archive at {folder}: run `recstream worker archive` first")
+    names = [f.name for f in Event.__dataclass_fields__.values()]
+    rows = read_archive(folder).select(names).to_pylist()
+    events = sorted((Event(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}) for r in rows),
+                    key=lambda e: e.timestamp)
+    products, _ = asyncio.run(read_catalogue(s))
+    return events, products
+
+
+def train_once(s: Settings, source: Source, progress: Callable[[str], None] = print, publish_to_serving: bool = True,
+               workdir: Path | None = None) -> TrainReport:
+    registry = Registry(s.mlflow_tracking_uri, s.model_name)
+    serving = registry.champion_version()
+    stages: dict[str, float] = {}
+    current = "start"
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        nonlocal current
+        current = name
+        progress(f"[train] {name} ...")
+        t = time.perf_counter()
+        yield
+        stages[name] = time.perf_counter() - t
+        progress(f"[train] {name} done in {stages[name]:.1f} s")
+
+    try:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            work = Path(tmp)
+            with stage("load"):
+                events, products = load_source(s, source)
+                if not events:
+                    raise job.TrainingDataError(f"{source.describe()} holds no events")
+            with stage("spark"):
+                from batch.spark import session
+
+                spark = session(s)
+                try:
+                    df = job.load_events(spark, job.events_to_parquet(events, work / "events.parquet"))
+                    out = job.build(spark, df, s, progress=progress)
+                finally:
+                    spark.stop()
+            window_events = _window(events, out)
+            with stage("content"):
+                items, content, cold = _items_with_cold_start(out, products, progress)
+            with stage("index"):
+                idx = faiss_index.build(items, "auto")
+                recall = _index_recall(idx, items, out.user_embeddings)
+            with stage("ranker"):
+                result = ranker.train(window_events, out, products, ranker.ranker_config(s, nthread=2, progress=False))
+            metrics = {**{f"batch_{k}": v for k, v in out.metrics.items()},
+                       **{k.replace("@", "_at_"): v for k, v in result.metrics.items()},
+                       "faiss_recall_at_200": recall, "items_cold_start": float(cold),
+                       "events": float(out.window.events), "users": float(out.window.users),
+                       "items": float(out.window.items)}
+            with stage("register"):
+                bundle = _bundle(work / "bundle", out, idx, content, result, metrics, source, s)
+                reg = registry.register(bundle, metrics, _params(s, idx, source), PROMOTION_METRIC, s.promotion_margin)
+                progress(f"[train] version {reg.version} is {reg.alias}: {reg.decision.reason}")
+            published = 0
+            if publish_to_serving and reg.alias == CHAMPION:
+                with stage("publish"):
+                    published = asyncio.run(publish(s, s.model_name, reg.version, out, items, progress)).keys
+            return TrainReport(reg.version, reg.alias, reg.decision.reason, metrics, out.window.__dict__, stages,
+                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, out.warnings, published)
+    except Exception as exc:  # every stage: report which, keep serving as it is
+        raise TrainingFailed(current, f"{type(exc).__name__}: {exc}", serving) from exc
+
+
+def _window(events: list[Event], out: BatchOutputs) -> list[Event]:
+    """The events the Spark job trained on, de-duplicated by event_id, in time order."""
+    seen: set[str] = set()
+    kept = []
+    for e in events:
+        if out.window.start_s <= e.timestamp <= out.window.end_s and e.event_id not in seen:
+            seen.add(e.event_id)
+            kept.append(e)
+    return kept
+
+
+def _items_with_cold_start(out: BatchOutputs, products: list[Product], progress) -> tuple[Embeddings, ContentModel | None, int]:
+    """ALS item embeddings, plus content-model embeddings for catalogue items nobody touched yet."""
+    known = out.item_embeddings.index()
+    if not any(p.product_id in known for p in products):
+        out.warnings.append("no catalogue rows for the trained items: no content model, no cold-start embeddings")
+        return out.item_embeddings, None, 0
+    content = ContentModel.fit(products, out.item_embeddings)
+    cold = [p for p in products if p.product_id not in known]
+    if not cold:
+        return out.item_embeddings, content, 0
+    predicted = content.predict(cold)
+    progress(f"[train] content model: embeddings for {len(cold)} products without interactions")
+    return (Embeddings(out.item_embeddings.ids + predicted.ids,
+                       np.vstack([out.item_embeddings.vectors, predicted.vectors])), content, len(cold))
+
+
+def _index_recall(idx, items: Embeddings, users: Embeddings, k: int = 200, queries: int = 500) -> float:
+    if len(users.ids) == 0:
+        return float("nan")
+    rng = np.random.default_rng(0)
+    q = users.vectors[rng.choice(len(users.ids), size=min(queries, len(users.ids)), replace=False)]
+    return faiss_index.recall_at_k(idx, items, q, min(k, len(items.ids)))
+
+
+def _bundle(folder: Path, out: BatchOutputs, idx, content, result, metrics, source: Source, s: Settings) -> Path:
+    out.save(folder / "batch")
+    (folder / "index.faiss").write_bytes(idx.to_bytes())
+    (folder / "index.ids.json").write_text(json.dumps(list(map(str, idx.ids))))
+    if content is not None:
+        (folder / "content.npz").write_bytes(content.to_bytes())
+    (folder / "ranker.ubj").write_bytes(result.model)
+    (folder / "features.json").write_text(json.dumps(list(FEATURE_NAMES)))
+    write_manifest(folder, {"created_at": time.time(), "source": source.describe(), "window": out.window.__dict__,
+                            "metrics": metrics, "warnings": out.warnings, "index": {"kind": idx.kind, **idx.params},
+                            "als": {"rank": s.als_rank, "iterations": s.als_iterations, "reg": s.als_reg,
+                                    "alpha": s.als_alpha}})
+    return folder
+
+
+def _params(s: Settings, idx, source: Source) -> dict[str, object]:
+    return {"source": source.describe(), "als_rank": s.als_rank, "als_iterations": s.als_iterations,
+            "als_reg": s.als_reg, "als_alpha": s.als_alpha, "window_days": s.train_window_days,
+            "ranker_trees": s.ranker_trees, "ranker_depth": s.ranker_depth, "index_kind": idx.kind,
+            **{f"index_{k}": v for k, v in idx.params.items()}}
+
+
+def run_forever(s: Settings, source: Source, every_hours: float, stop: Callable[[], bool],
+                progress: Callable[[str], None] = print) -> None:
+    """`recstream trainer`: retrain every `every_hours`; a failed run is reported and the next one tried."""
+    while not stop():
+        t = time.monotonic()
+        try:
+            report = train_once(s, source, progress)
+            progress(f"[trainer] version {report.version} ({report.alias}) in {sum(report.stage_s.values()):.0f} s")
+        except TrainingFailed as exc:
+            progress(f"[trainer] {exc}")
+        while not stop() and time.monotonic() - t < every_hours * 3600:
+            time.sleep(1.0)

@@ -1,0 +1,47 @@
+"""A whole training run on the real Spark, MLflow, Redis and Kafka; and a failing one."""
+import time
+import uuid
+
+import pytest
+
+from batch.publish import current
+from batch.registry import CHAMPION, Registry
+from batch.train import Source, TrainingFailed, train_once
+from recstream.data import ShopConfig
+from streams.topics import ensure_topics
+
+
+@pytest.fixture
+def small(fresh, tmp_path):
+    return fresh(home_dir=tmp_path, model_name=f"test-{uuid.uuid4().hex[:8]}", als_rank=8, als_iterations=3,
+                 ranker_trees=20, ranker_depth=4, spark_master="local[2]", spark_driver_memory="1g")
+
+
+SHOP = Source(dataset="shop", shop=ShopConfig(users=80, products=200, seed=4, end_s=float(int(time.time()) - 60)))
+
+
+async def test_a_run_registers_a_champion_and_publishes_it(small):
+    await ensure_topics(small)
+    report = await _run(small, SHOP)
+    assert report.alias == CHAMPION and report.promotion == "no champion yet"
+    assert report.metrics["ranker_ndcg_at_8"] > report.metrics["baseline_ndcg_at_8"]
+    assert report.metrics["faiss_recall_at_200"] >= 0.95 and report.published_keys > 0
+    assert set(report.stage_s) == {"load", "spark", "content", "index", "ranker", "register", "publish"}
+    assert (await current(small))["version"] == report.version
+    bundle = Registry(small.mlflow_tracking_uri, small.model_name).download(CHAMPION, small.home_dir / "dl")
+    assert {"index.faiss", "ranker.ubj", "features.json", "manifest.json", "content.npz"} <= {p.name for p in bundle.iterdir()}
+
+
+async def test_a_failed_run_names_the_stage_and_leaves_serving_alone(small, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("user_id,product_id,event_type,timestamp\n")
+    with pytest.raises(TrainingFailed, match="training failed at load: TrainingDataError: .* holds no events; "
+                                             "no version is serving yet"):
+        await _run(small, Source(dataset="csv", path=empty))
+    assert await current(small) is None
+
+
+async def _run(s, source):
+    import asyncio
+
+    return await asyncio.to_thread(train_once, s, source, lambda _: None)
