@@ -121,8 +121,7 @@ def train_once(s: Settings, source: Source, progress: Callable[[str], None] = pr
             with stage("content"):
                 items, content, cold = _items_with_cold_start(out, products, progress)
             with stage("index"):
-                idx = faiss_index.build(items, "auto")
-                recall = _index_recall(idx, items, out.user_embeddings)
+                idx, recall = _index(items, out.user_embeddings, progress)
             with stage("ranker"):
                 result = ranker.train(window_events, out, products, ranker.ranker_config(s, nthread=2, progress=False))
             metrics = {**{f"batch_{k}": v for k, v in out.metrics.items()},
@@ -171,18 +170,26 @@ def _items_with_cold_start(out: BatchOutputs, products: list[Product], progress)
                        np.vstack([out.item_embeddings.vectors, predicted.vectors])), content, len(cold))
 
 
-def _index_recall(idx, items: Embeddings, users: Embeddings, k: int = 200, queries: int = 500) -> float:
+def _index(items: Embeddings, users: Embeddings, progress, k: int = 200, target: float = 0.95):
+    """IVF tuned for recall@200 >= target on user queries; exact search when IVF would have to scan
+    more than a quarter of its lists for that (weakly clustered embeddings), since it costs the same."""
+    idx = faiss_index.build(items, "auto")
     if len(users.ids) == 0:
-        return float("nan")
+        return idx, float("nan")
     rng = np.random.default_rng(0)
-    q = users.vectors[rng.choice(len(users.ids), size=min(queries, len(users.ids)), replace=False)]
-    return faiss_index.recall_at_k(idx, items, q, min(k, len(items.ids)))
+    q = users.vectors[rng.choice(len(users.ids), size=min(500, len(users.ids)), replace=False)]
+    if idx.kind == "ivf":
+        nprobe, recall = faiss_index.tune_nprobe(idx, items, q, k, target=target)
+        if nprobe > idx.params["nlist"] // 4:
+            progress(f"[train] IVF needs nprobe {nprobe} of {idx.params['nlist']} lists for recall {recall:.3f}: "
+                     "exact search instead")
+            idx = faiss_index.build(items, "flat")
+    return idx, faiss_index.recall_at_k(idx, items, q, min(k, len(items.ids)))
 
 
 def _bundle(folder: Path, out: BatchOutputs, idx, content, result, metrics, source: Source, s: Settings) -> Path:
     out.save(folder / "batch")
     (folder / "index.faiss").write_bytes(idx.to_bytes())
-    (folder / "index.ids.json").write_text(json.dumps(list(map(str, idx.ids))))
     if content is not None:
         (folder / "content.npz").write_bytes(content.to_bytes())
     (folder / "ranker.ubj").write_bytes(result.model)
