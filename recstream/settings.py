@@ -53,7 +53,7 @@ class Settings:
     user_features_ttl_s: int = _setting(30 * 86400, "expiry of user_features:{id} after the last event (seconds)")
     popularity_window_days: int = _setting(7, "popularity counts cover this many UTC days (days)")
     trending_half_life_s: int = _setting(6 * 3600, "trending scores halve after this long (seconds)")
-    feature_batch_max: int = _setting(1000, "events the feature agent takes per batch (count)")
+    feature_batch_max: int = _setting(4000, "events the feature agent takes per batch (count)")
     feature_batch_within_ms: int = _setting(20, "longest wait to fill a batch (milliseconds)")
     # -- batch layer -------------------------------------------------------------------------
     spark_master: str = _setting("local[*]", "Spark master URL: local[*] here, spark://host:7077 or yarn on a cluster (URL)")
