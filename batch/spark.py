@@ -44,5 +44,5 @@ def session(s: Settings, app_name: str = APP_NAME) -> SparkSession:
                        .config("spark.driver.bindAddress", "127.0.0.1")
                        .config("spark.driver.host", "127.0.0.1"))
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
+    spark.sparkContext.setLogLevel("ERROR")  # ALS warns of large task binaries every iteration
     return spark

@@ -123,7 +123,8 @@ def train_once(s: Settings, source: Source, progress: Callable[[str], None] = pr
             with stage("index"):
                 idx, recall = _index(items, out.user_embeddings, progress)
             with stage("ranker"):
-                result = ranker.train(window_events, out, products, ranker.ranker_config(s, nthread=2, progress=False))
+                result = ranker.train(window_events, out, products, ranker.ranker_config(s, nthread=2, progress=False,
+                                                                                 target_sample=s.ranker_target_sample))
             metrics = {**{f"batch_{k}": v for k, v in out.metrics.items()},
                        **{k.replace("@", "_at_"): v for k, v in result.metrics.items()},
                        "faiss_recall_at_200": recall, "items_cold_start": float(cold),

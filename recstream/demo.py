@@ -1,9 +1,11 @@
 """The end-to-end demo on the embedded shop: services, topics, replay through Kafka, real-time
-features in Redis, dead letters; it prints what serving will read and the figures."""
+features in Redis, the Parquet archive, dead letters, then a training run registered in MLflow;
+it prints what serving will read and the figures."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 
@@ -12,10 +14,11 @@ from aiokafka import AIOKafkaConsumer
 from faust.contrib.asgi import faust_app_running
 
 from agents import features
+from batch.train import Source, TrainingFailed, train_once
 from recstream import services
 from recstream.data import Dataset, ShopConfig, generate
 from recstream.settings import Settings
-from streams import deadletter, lag
+from streams import archive, deadletter, lag
 from streams.app import create_app
 from streams.producer import create_producer
 from streams.replay import publish
@@ -55,9 +58,12 @@ async def run(s: Settings, args: argparse.Namespace) -> int:
     stats = agents.stats
     topic = s.topic("clickstream")
     backlog = lag.total(await lag.group_lag(s, s.app_id, topic))
+    archive_stop = asyncio.Event()
+    archiver = asyncio.create_task(archive.run(s, archive_stop))
     try:
         async with faust_app_running(app):
-            _say(f"== 4. feature agents of {s.app_id!r} running in this process (backlog before replay: {backlog})")
+            _say(f"== 4. feature agents of {s.app_id!r} and the archive running in this process "
+                 f"(backlog before replay: {backlog})")
             producer = create_producer(s)
             await producer.start()
             try:
@@ -82,13 +88,16 @@ async def run(s: Settings, args: argparse.Namespace) -> int:
             _say(f"   Kafka append -> Redis written: p50 {ingest['p50']:.0f} ms, p99 {ingest['p99']:.0f} ms "
                  "(a replay as fast as possible: queueing included)")
             await _show_features(s, agents.store, shop, data)
+        await _drain_archive(s, archive_stop, archiver)
     finally:
+        archive_stop.set()
         await client.aclose()
     letters = await _read_dead_letters(s, since_s=started_at)
     _say(f"== 7. dead-letter topic {s.topic('deadletter')}: {len(letters)} new")
     for letter in letters[-len(MALFORMED):]:
         _say(f"   partition {letter.partition} offset {letter.offset}: {letter.reason}")
-    ok = stats.seen >= expected and len(letters) >= len(MALFORMED)
+    trained = await _train(s)
+    ok = stats.seen >= expected and len(letters) >= len(MALFORMED) and trained
     _say(f"== done in {time.perf_counter() - t0:.1f} s: "
          f"{'every acknowledged event reached the features' if ok else 'MISMATCH: some events were not counted back'}")
     return 0 if ok else 1
@@ -118,6 +127,40 @@ async def _show_features(s: Settings, store, shop, data: Dataset) -> None:
         if together:
             _say(f"   frequently bought with {titles.get(pid, pid)}: " + "; ".join(titles.get(p, p) for p, _ in together))
             break
+
+
+async def _drain_archive(s: Settings, stop: asyncio.Event, archiver: asyncio.Task) -> None:
+    """Wait until the archive group has committed everything, then stop it (it flushes first)."""
+    topic = s.topic("clickstream")
+    deadline = time.perf_counter() + 60
+    while lag.total(await lag.group_lag(s, archive.group_id(s), topic)) > 0 and time.perf_counter() < deadline:
+        await asyncio.sleep(0.5)
+    stop.set()
+    await archiver
+    files = sum(1 for _ in archive.dataset_dir(s).rglob("part-*.parquet"))
+    _say(f"   archive: the clickstream is in Parquet, {files} hourly files under {archive.dataset_dir(s)}")
+
+
+async def _train(s: Settings) -> bool:
+    _say("== 8. training on the archive: Spark ALS, co-occurrence, content model, FAISS, XGBoost ranker, MLflow")
+    try:
+        # the demo's archive grows with every run; a fifth of the interactions keeps its ranker quick
+        demo = dataclasses.replace(s, ranker_target_sample=min(s.ranker_target_sample, 0.2))
+        report = await asyncio.to_thread(train_once, demo, Source(), lambda line: _say("   " + line))
+    except TrainingFailed as exc:
+        _say(f"   {exc}")
+        return False
+    m = report.metrics
+    _say(f"   registered {s.model_name} version {report.version} as {report.alias} ({report.promotion})")
+    _say(f"   window: {report.window['events']} events, {report.window['users']} users, {report.window['items']} items; "
+         f"{int(m.get('items_cold_start', 0))} catalogue items embedded by the content model")
+    _say(f"   ranker NDCG@8 {m.get('ranker_ndcg_at_8', float('nan')):.3f} vs retrieval order "
+         f"{m.get('baseline_ndcg_at_8', float('nan')):.3f}; on items new to the session "
+         f"{m.get('ranker_novel_ndcg_at_8', float('nan')):.3f} vs {m.get('baseline_novel_ndcg_at_8', float('nan')):.3f}; "
+         f"FAISS recall@200 {m.get('faiss_recall_at_200', float('nan')):.3f}")
+    _say("   stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_s.items())
+         + f"; {report.published_keys} keys published to Redis")
+    return True
 
 
 async def _read_dead_letters(s: Settings, since_s: float) -> list[deadletter.DeadLetter]:

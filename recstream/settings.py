@@ -67,6 +67,7 @@ class Settings:
     cooccurrence_top_n: int = _setting(50, "neighbours kept per item by the batch co-occurrence (count)")
     ranker_trees: int = _setting(200, "XGBoost boosting rounds of the ranker (count)")
     ranker_depth: int = _setting(8, "XGBoost max tree depth of the ranker (count)")
+    ranker_target_sample: float = _setting(1.0, "share of interactions the ranker trains on, chosen by event id (fraction)")
     retrieval_candidates: int = _setting(200, "candidates retrieval hands to ranking (count)")
     promotion_margin: float = _setting(0.02, "a new model becomes champion unless its offline metric is worse "
                                             "than the champion's by more than this fraction (fraction)")
