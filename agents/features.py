@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import faust
 
-from recstream.features import Incoming, UserState, plan
+from recstream.features import Incoming, UserState
 from recstream.features.config import feature_config, limits
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
 from schemas import Event, Product, SchemaError
 from streams import deadletter
 from streams.app import raw_topic
-from streams.online_store import OffsetConflict, OnlineStore
+from streams.online_store import OnlineStore
 
 
 @dataclass
@@ -75,20 +75,7 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                 continue
             batch = [Incoming(e, ev.message.partition, ev.message.offset) for ev, e in good]
             states = _read_states(stream, sessions, good)
-            missing = {p for p in (i.partition for i in batch) if p not in applied}
-            applied.update(await store.applied_offsets(missing))
-            categories = await store.categories(i.event.product_id for i in batch if not i.event.category)
-            for attempt in range(3):
-                result = plan(batch, states, applied, categories, cfg, lim)
-                try:
-                    await store.apply(result.ops)  # Redis first: see recstream/features/plan.py
-                    break
-                except OffsetConflict:
-                    applied.update(await store.applied_offsets({i.partition for i in batch}))
-            else:
-                raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
-            for p, (_, hi) in result.ops.offsets.items():
-                applied[p] = hi
+            result = await store.fold(batch, states, applied, cfg, lim)  # Redis first: see features/plan.py
             _write_states(stream, sessions, good, result.states)
             _account(stats, result, good)
 

@@ -52,12 +52,12 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.http_ingest import machine, process_cpu_s  # noqa: E402
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
-from recstream.features import Incoming, UserState, plan  # noqa: E402
+from recstream.features import Incoming, UserState  # noqa: E402
 from recstream.features.config import feature_config, limits  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from recstream.stats import percentiles_ms  # noqa: E402
 from schemas import Event, SchemaError  # noqa: E402
-from streams.online_store import OffsetConflict, OnlineStore  # noqa: E402
+from streams.online_store import OnlineStore  # noqa: E402
 from streams.producer import create_producer  # noqa: E402
 from streams.replay import publish  # noqa: E402
 from streams.topics import ensure_topics, spec  # noqa: E402
@@ -96,20 +96,7 @@ async def bare_loop(s: Settings) -> None:
                         pass  # the bench sends none
             if not batch:
                 continue
-            missing = {i.partition for i in batch if i.partition not in applied}
-            applied.update(await store.applied_offsets(missing))
-            categories = await store.categories(i.event.product_id for i in batch if not i.event.category)
-            for _ in range(3):
-                result = plan(batch, states, applied, categories, cfg, lim)
-                try:
-                    await store.apply(result.ops)
-                    break
-                except OffsetConflict:
-                    applied.update(await store.applied_offsets({i.partition for i in batch}))
-            else:
-                raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
-            for p, (_, hi) in result.ops.offsets.items():
-                applied[p] = hi
+            result = await store.fold(batch, states, applied, cfg, lim)
             states.update(result.states)
     finally:
         await consumer.stop()

@@ -14,14 +14,14 @@ Key layout (all written by the feature and catalogue agents; each behind the set
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import orjson
 import redis.asyncio as aioredis
 
 from recstream.features import popularity
-from recstream.features.plan import RedisOps
-from recstream.features.session import decode_features, features_key, session_key
+from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan
+from recstream.features.session import FeatureConfig, UserState, decode_features, features_key, session_key
 from schemas import Product
 
 # One round trip per batch: the Python client tops out near 70k commands/s, Redis runs this script
@@ -79,6 +79,25 @@ class OnlineStore:
         result = await self._apply(args=[orjson.dumps(ops.as_payload()), self.offsets_prefix, self.ns])
         if result[0] == b"conflict":
             raise OffsetConflict(f"partition {result[1].decode()} already applied up to {result[2].decode()}")
+
+    async def fold(self, batch: list[Incoming], states: Mapping[str, UserState], applied: dict[int, int],
+                   cfg: FeatureConfig, limits: Limits) -> BatchPlan:
+        """Plan a batch over `states` and apply its writes. `applied` (partition -> highest offset whose
+        increments Redis holds) is filled in as needed, reloaded on a conflict, and advanced."""
+        applied.update(await self.applied_offsets({i.partition for i in batch if i.partition not in applied}))
+        categories = await self.categories(i.event.product_id for i in batch if not i.event.category)
+        for _ in range(3):
+            result = plan(batch, states, applied, categories, cfg, limits)
+            try:
+                await self.apply(result.ops)
+                break
+            except OffsetConflict:
+                applied.update(await self.applied_offsets({i.partition for i in batch}))
+        else:
+            raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
+        for p, (_, hi) in result.ops.offsets.items():
+            applied[p] = hi
+        return result
 
     async def applied_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
         parts = sorted(set(partitions))

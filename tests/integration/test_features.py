@@ -1,12 +1,10 @@
 import asyncio
 import time
 
-import orjson
 import redis.asyncio as aioredis
 from faust.contrib.asgi import faust_app_running
 
 from agents import features
-from recstream.features import popularity
 from schemas import Event, Product
 from streams.app import create_app
 from streams.producer import create_producer
@@ -104,7 +102,7 @@ async def test_a_stock_change_reaches_item_features_within_a_second(fresh, tmp_p
     await ensure_topics(s)
     client = aioredis.from_url(s.redis_url)
     app = create_app(s)
-    agents = features.register(app, s, client)
+    features.register(app, s, client)
     try:
         async with faust_app_running(app):
             producer = create_producer(s)
