@@ -66,7 +66,7 @@ def _worker(args: argparse.Namespace, s: Settings) -> int:
     if args.kind == "features":
         from streams.worker import run_features
 
-        uvloop.run(run_features(s))
+        return uvloop.run(run_features(s))
     else:
         from streams.archive import run as run_archive
 

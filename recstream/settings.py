@@ -54,6 +54,8 @@ class Settings:
     popularity_window_days: int = _setting(7, "popularity counts cover this many UTC days (days)")
     trending_half_life_s: int = _setting(6 * 3600, "trending scores halve after this long (seconds)")
     feature_batch_max: int = _setting(4000, "events the feature agent takes per batch (count)")
+    worker_stall_timeout_s: float = _setting(120.0, "a worker whose committed offsets stop while it keeps "
+                                                    "processing exits (status 3) for its supervisor to restart (seconds)")
     feature_batch_within_ms: int = _setting(20, "longest wait to fill a batch (milliseconds)")
     # -- batch layer -------------------------------------------------------------------------
     spark_master: str = _setting("local[*]", "Spark master URL: local[*] here, spark://host:7077 or yarn on a cluster (URL)")

@@ -45,3 +45,29 @@ class LatencyHistogram:
 
     def percentiles_ms(self, qs: tuple[float, ...] = (50, 99)) -> dict[str, float]:
         return percentiles_ms(self.counts, qs)
+
+
+class StallWatch:
+    """Spots a partition whose processing runs ahead of a committed offset that no longer moves
+    (faust-streaming can stop committing a partition after a rebalance: its tracker's #216, #532).
+    Normal work commits every second, so the committed offset keeps changing."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._since: dict[int, tuple[int, float]] = {}  # partition -> (committed offset, first seen at)
+
+    def check(self, committed: dict[int, int], processed: dict[int, int], now: float) -> list[int]:
+        """Partitions stalled for longer than the timeout; `processed`: last offset processed per
+        partition this worker owns, `committed`: the group's next offset to read (-1: none)."""
+        stalled = []
+        for p, last in processed.items():
+            c = committed.get(p, -1)
+            if last + 1 <= c:
+                self._since.pop(p, None)
+                continue
+            seen = self._since.get(p)
+            if seen is None or seen[0] != c:
+                self._since[p] = (c, now)
+            elif now - seen[1] > self.timeout_s:
+                stalled.append(p)
+        return stalled

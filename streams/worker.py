@@ -14,11 +14,14 @@ from faust.contrib.asgi import faust_app_running
 
 from agents import features
 from recstream.settings import Settings
+from recstream.stats import StallWatch
+from streams import lag
 from streams.app import create_app
 from streams.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 METRICS_EVERY_S = 2.0
+WATCH_EVERY_S = 10.0
 METRICS_TTL_S = 30
 
 
@@ -46,8 +49,14 @@ def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
     }
 
 
-async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
+STALLED = 3  # exit status of a worker that stopped committing: restart it
+
+
+async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> int:
+    """Run until `stop` (SIGTERM, SIGINT); 0 on a clean stop, STALLED when commits stopped moving."""
     stop = stop or _stop_on_signals()
+    watch = StallWatch(s.worker_stall_timeout_s)
+    next_watch = time.monotonic() + WATCH_EVERY_S
     await ensure_topics(s)
     client = aioredis.from_url(s.redis_url)
     app = create_app(s)
@@ -63,12 +72,35 @@ async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: as
                     await client.set(key, orjson.dumps(snapshot(app, s, agents)), ex=METRICS_TTL_S)
                 except Exception as exc:  # metrics must never stop the worker
                     log.warning("metrics not published: %r", exc)
+                if time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + WATCH_EVERY_S
+                    if await _stalled(app, s, agents, watch):
+                        return STALLED
                 try:
                     await asyncio.wait_for(stop.wait(), METRICS_EVERY_S)
                 except TimeoutError:
                     pass
+        return 0
     finally:
         await client.aclose()
+
+
+async def _stalled(app, s: Settings, agents: features.FeatureAgents, watch: StallWatch) -> bool:
+    topic = s.topic("clickstream")
+    owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topic}
+    processed = {p: o for p, o in agents.stats.last_offset.items() if p in owned}
+    try:
+        committed = {x.partition: x.committed for x in await lag.group_lag(s, s.app_id, topic)}
+    except Exception as exc:  # the watchdog must not stop the worker on a failed look-up
+        log.warning("commit watchdog skipped: %r", exc)
+        return False
+    stalled = watch.check(committed, processed, time.monotonic())
+    if stalled:
+        log.error("partitions %s processed up to %s but committed offsets %s have not moved for %.0f s: "
+                  "exiting for a restart (faust-streaming #216/#532); the restart reprocesses exactly",
+                  stalled, {p: processed[p] for p in stalled}, {p: committed.get(p) for p in stalled},
+                  s.worker_stall_timeout_s)
+    return bool(stalled)
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -3,14 +3,16 @@
 Writes come in two kinds. Overwrites (user_session, user_features) are recomputed from the state,
 so repeating them is harmless. Increments (popularity, trending, co-occurrence) must happen once:
 each carries the Kafka offset it came from, and the Redis edge applies a batch atomically together
-with the highest offset applied per partition, skipping offsets it has already applied. Together
-with de-duplication by event_id in the state, every counter counts an event exactly once, even
-when a worker dies between writing Redis and committing its offsets.
+with the highest offset applied per partition, skipping offsets it has already applied. The state
+records the offset of the last event folded into it, so a redelivered record changes nothing, and
+a repeated event_id (a producer's retry: a new record) is recognised by its fingerprint. Together,
+every counter counts an event exactly once, even when a worker dies between writing Redis and
+committing its offsets.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from recstream.features import popularity
@@ -74,12 +76,15 @@ def plan(batch: list[Incoming], states: Mapping[str, UserState], applied: Mappin
     for inc in batch:
         e = inc.event
         state = new_states.get(e.user_id) or states.get(e.user_id) or UserState()
+        if state.partition == inc.partition and inc.offset <= state.offset:
+            duplicates += 1  # redelivered after a restart: the state holds it already
+            continue
         category = e.category or categories.get(e.product_id)
         update = apply(state, e, cfg, category)
         if update.duplicate:
             duplicates += 1
             continue
-        new_states[e.user_id] = update.state
+        new_states[e.user_id] = replace(update.state, partition=inc.partition, offset=inc.offset)
         processed.append(inc)
         if inc.offset <= applied.get(inc.partition, -1):
             continue  # Redis counted this one before a restart: state only

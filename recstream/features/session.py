@@ -39,6 +39,8 @@ class UserState:
     last_viewed: str | None = None
     seen: tuple[str, ...] = ()                # fingerprints of recent event ids, oldest first
     events: int = 0
+    partition: int = -1                       # Kafka position of the last event folded in (streaming only):
+    offset: int = -1                          # a redelivered record is recognised however old it is
 
     def to_dict(self) -> dict[str, Any]:
         # shallow: dataclasses.asdict deep-copies every element and cost 10% of the worker's CPU

@@ -92,3 +92,11 @@ def test_plan_counts_once_and_skips_offsets_redis_already_holds():
     assert skipped.ops.incr[(popularity.count_key("view", day), "p0")] == 1  # only offset 4
     assert skipped.ops.offsets == {0: (4, 5)} and skipped.states == full.states  # state still folds all
     assert set(full.ops.set) == {"user_session:u"} and full.ops.trim["covis:p0"] == 10
+
+
+def test_redelivered_records_are_recognised_by_their_offset_however_old():
+    batch = [Incoming(ev(i, pid=f"p{i}"), partition=2, offset=100 + i) for i in range(SEEN_MAX + 10)]
+    first = plan(batch, {}, {}, {}, CFG, LIMITS)
+    again = plan(batch, first.states, {2: 10_000}, {}, CFG, LIMITS)   # all of it redelivered
+    assert first.states["u"].offset == 100 + SEEN_MAX + 9 and first.states["u"].partition == 2
+    assert again.duplicates == len(batch) and again.states == {} and not again.ops.incr

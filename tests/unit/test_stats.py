@@ -30,3 +30,19 @@ def test_edges(values):
     h.extend(values)
     p = h.percentiles_ms()
     assert len(h) == len(values) and (np.isnan(p["p50"]) if not values else p["p50"] > 0)
+
+
+from recstream.stats import StallWatch  # noqa: E402
+
+
+@pytest.mark.parametrize("steps, stalled", [
+    # (committed, processed, now) per check
+    ([({0: 10}, {0: 20}, 0), ({0: 15}, {0: 30}, 40), ({0: 25}, {0: 40}, 80)], []),   # commits move
+    ([({0: 10}, {0: 20}, 0), ({0: 10}, {0: 30}, 40), ({0: 10}, {0: 40}, 80)], [0]),  # stuck at 10
+    ([({0: 21}, {0: 20}, 0), ({0: 21}, {0: 20}, 100)], []),                            # idle, all committed
+    ([({}, {1: 5}, 0), ({}, {1: 5}, 61)], [1]),                                        # never committed
+])
+def test_stall_watch(steps, stalled):
+    watch = StallWatch(timeout_s=60)
+    result = [watch.check(c, p, t) for c, p, t in steps][-1]
+    assert result == stalled
