@@ -93,7 +93,8 @@ async def run(s: Settings, args: argparse.Namespace) -> int:
         archive_stop.set()
         await client.aclose()
     letters = await _read_dead_letters(s, since_s=started_at)
-    _say(f"== 7. dead-letter topic {s.topic('deadletter')}: {len(letters)} new")
+    _say(f"== 7. dead-letter topic {s.topic('deadletter')}: {len(letters)} new "
+         "(each consumer group, the feature agents and the archive, reports the records it refuses)")
     for letter in letters[-len(MALFORMED):]:
         _say(f"   partition {letter.partition} offset {letter.offset}: {letter.reason}")
     trained = await _train(s)

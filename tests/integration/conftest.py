@@ -27,3 +27,16 @@ def fresh(stack: Settings):
                   "redis_namespace": f"t{tag}:"}
         return dataclasses.replace(stack, **{**values, **overrides})
     return make
+
+
+async def read_topic(s: Settings, topic: str, timeout_ms: int = 5000) -> list:
+    """Every record of a (small) topic from the beginning, with no consumer group."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=s.kafka_bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return [m for batch in (await consumer.getmany(timeout_ms=timeout_ms)).values() for m in batch]
+    finally:
+        await consumer.stop()

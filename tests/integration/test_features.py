@@ -10,6 +10,7 @@ from streams.app import create_app
 from streams.producer import create_producer
 from streams.replay import publish
 from streams.topics import ensure_topics
+from tests.integration.conftest import read_topic
 
 T0 = time.time() - 600
 
@@ -126,8 +127,6 @@ async def _eq(client, s, pid, in_stock):
 
 
 async def test_malformed_records_go_to_the_dead_letter_topic_and_the_stream_goes_on(fresh, tmp_path):
-    from aiokafka import AIOKafkaConsumer
-
     from streams import deadletter
 
     s = fresh(home_dir=tmp_path)
@@ -155,13 +154,7 @@ async def test_malformed_records_go_to_the_dead_letter_topic_and_the_stream_goes
         assert agents.stats.dead_letters == len(bad)
     finally:
         await client.aclose()
-    consumer = AIOKafkaConsumer(s.topic("deadletter"), bootstrap_servers=s.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    try:
-        msgs = [m for batch in (await consumer.getmany(timeout_ms=5000)).values() for m in batch]
-    finally:
-        await consumer.stop()
+    msgs = await read_topic(s, s.topic("deadletter"))
     letters = [deadletter.DeadLetter.from_headers(m.key, m.value, list(m.headers)) for m in msgs]
     assert [lt.value for lt in letters] == bad  # the raw bytes, untouched
     assert [lt.field for lt in letters] == ["<body>", "session_id", "event_type"]

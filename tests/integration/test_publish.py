@@ -1,11 +1,11 @@
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer
 
 from batch.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import current, decode_embedding, publish
 from streams.topics import ensure_topics
+from tests.integration.conftest import read_topic
 
 
 def outputs(scale: float) -> BatchOutputs:
@@ -33,11 +33,5 @@ async def test_versions_switch_atomically_and_old_ones_go(fresh):
         assert decode_embedding(await client.get(f"{ns}emb:item:3:c"))[0] == 3.0
     finally:
         await client.aclose()
-    consumer = AIOKafkaConsumer(s.topic("model.updates"), bootstrap_servers=s.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    try:
-        msgs = [m for b in (await consumer.getmany(timeout_ms=5000)).values() for m in b]
-    finally:
-        await consumer.stop()
+    msgs = await read_topic(s, s.topic("model.updates"))
     assert [orjson.loads(m.value)["version"] for m in msgs] == ["1", "2", "3"] and msgs[0].key == b"m"
