@@ -49,7 +49,7 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
     clickstream = raw_topic(app, s.topic("clickstream"))
     catalogue = raw_topic(app, s.topic("catalogue"))
     dead_letters = raw_topic(app, s.topic("deadletter"))
-    # Keyed by user like the clickstream; its changelog partition is the event's (see _write_states).
+    # Keyed by user like the clickstream; a row lives on the partition of its user's events (see _as_current).
     sessions = app.Table("user-sessions", default=None, key_type=str, partitions=s.clickstream_partitions,
                          help="per-user session state (recstream.features.session.UserState)")
     store = OnlineStore(store_client, s.redis_namespace, s.app_id, clickstream.get_topic_name())
