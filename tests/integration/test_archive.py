@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from aiokafka import AIOKafkaConsumer
 
-from recstream.data import ShopConfig, shop_dataset
+from recstream.data import Dataset, ShopConfig, shop_dataset
 from schemas import Event
 from streams import archive as archive_mod
 from streams.archive import Archive, dataset_dir, group_id, read_archive
 from streams.deadletter import DeadLetter
 from streams.lag import group_lag
 from streams.producer import create_producer
-from streams.replay import publish
+from streams.replay import publish, publish_dataset
 from streams.topics import ensure_topics
+from tests.integration.conftest import read_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ShopConfig(users=30, products=150, seed=3, end_s=1_764_000_000.0)
@@ -45,16 +45,6 @@ def utc_folder(ts: float) -> str:
 
 def files_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
-
-
-async def read_topic(s, topic: str, timeout_s: float = 5):
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=s.kafka_bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return [m for batch in (await consumer.getmany(timeout_ms=int(timeout_s * 1000))).values() for m in batch]
-    finally:
-        await consumer.stop()
 
 
 async def test_archive_writes_hourly_parquet_commits_after_and_dead_letters(fresh, tmp_path):
@@ -165,14 +155,8 @@ class Crash(Exception):
 
 async def test_a_crash_between_rename_and_commit_repeats_rows_that_read_archive_drops(fresh, tmp_path, monkeypatch):
     s = fresh(home_dir=tmp_path, archive_flush_records=1000, archive_flush_interval_s=1.0)
-    await ensure_topics(s)
     events = shop_dataset(SHOP).events
-    producer = create_producer(s)
-    await producer.start()
-    try:
-        await publish(producer, s.topic("clickstream"), events, progress=False)
-    finally:
-        await producer.stop()
+    await publish_dataset(s, Dataset("shop", events), progress=False)
 
     real_write = archive_mod.write_batch
 
@@ -206,14 +190,8 @@ async def test_a_crash_between_rename_and_commit_repeats_rows_that_read_archive_
 async def test_a_rebalance_flushes_and_commits_before_the_partitions_move(fresh, tmp_path):
     # Neither size nor time would flush: only the revocation does.
     s = fresh(home_dir=tmp_path, archive_flush_records=100_000, archive_flush_interval_s=3600.0)
-    await ensure_topics(s)
     events = shop_dataset(SHOP).events
-    producer = create_producer(s)
-    await producer.start()
-    try:
-        await publish(producer, s.topic("clickstream"), events, progress=False)
-    finally:
-        await producer.stop()
+    await publish_dataset(s, Dataset("shop", events), progress=False)
 
     first, second, stop = Archive(s), Archive(s), asyncio.Event()
     tasks = [asyncio.create_task(first.run(stop))]
@@ -230,14 +208,8 @@ async def test_a_rebalance_flushes_and_commits_before_the_partitions_move(fresh,
 
 async def test_a_clean_shutdown_flushes_what_is_buffered(fresh, tmp_path):
     s = fresh(home_dir=tmp_path, archive_flush_records=100_000, archive_flush_interval_s=3600.0)
-    await ensure_topics(s)
     events = shop_dataset(SHOP).events[:300]
-    producer = create_producer(s)
-    await producer.start()
-    try:
-        await publish(producer, s.topic("clickstream"), events, progress=False)
-    finally:
-        await producer.stop()
+    await publish_dataset(s, Dataset("shop", events), progress=False)
 
     archive, stop = Archive(s), asyncio.Event()
     task = asyncio.create_task(archive.run(stop))
