@@ -74,9 +74,10 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
             if not good:
                 continue
             batch = [Incoming(e, ev.message.partition, ev.message.offset) for ev, e in good]
-            states = _read_states(stream, sessions, good)
+            last_event = {e.user_id: ev for ev, e in good}  # each user's newest event in the batch
+            states = _read_states(stream, sessions, last_event)
             result = await store.fold(batch, states, applied, cfg, lim)  # Redis first: see features/plan.py
-            _write_states(stream, sessions, good, result.states)
+            _write_states(stream, sessions, last_event, result.states)
             _account(stats, result, good)
 
     @app.agent(catalogue, name="update_item_features")
@@ -102,8 +103,7 @@ def _as_current(stream: faust.StreamT):
         stream._set_current_event(previous)
 
 
-def _read_states(stream: faust.StreamT, sessions: faust.types.TableT, good) -> dict[str, UserState]:
-    last_event = {e.user_id: ev for ev, e in good}
+def _read_states(stream: faust.StreamT, sessions: faust.types.TableT, last_event: dict) -> dict[str, UserState]:
     states = {}
     with _as_current(stream) as make_current:
         for user, ev in last_event.items():
@@ -112,8 +112,8 @@ def _read_states(stream: faust.StreamT, sessions: faust.types.TableT, good) -> d
     return states
 
 
-def _write_states(stream: faust.StreamT, sessions: faust.types.TableT, good, states: dict[str, UserState]) -> None:
-    last_event = {e.user_id: ev for ev, e in good}
+def _write_states(stream: faust.StreamT, sessions: faust.types.TableT, last_event: dict,
+                  states: dict[str, UserState]) -> None:
     with _as_current(stream) as make_current:
         for user, state in states.items():
             make_current(last_event[user])
