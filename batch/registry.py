@@ -8,6 +8,7 @@ newer version that did not pass the promotion rule and is kept for comparison.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class Registry:
         """The bundle of `models:/name@alias` (or a version number) as a local folder."""
         uri = f"models:/{self.name}/{alias_or_version}" if alias_or_version.isdigit() else f"models:/{self.name}@{alias_or_version}"
         dest.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # not in agents' logs
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
 
 

@@ -67,6 +67,10 @@ def _worker(args: argparse.Namespace, s: Settings) -> int:
         from streams.worker import run_features
 
         return uvloop.run(run_features(s))
+    elif args.kind in ("retrieval", "ranking"):
+        from streams.worker import run_serving
+
+        return uvloop.run(run_serving(s, args.kind))
     else:
         from streams.archive import run as run_archive
 
@@ -164,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(run=_demo)
 
     sp = sub.add_parser("worker", help="run a worker process until SIGTERM")
-    sp.add_argument("kind", choices=["features", "archive"],
-                    help="features: session table + Redis features + item features; archive: clickstream -> Parquet")
+    sp.add_argument("kind", choices=["features", "archive", "retrieval", "ranking"],
+                    help="features: session table + Redis features + item features; archive: clickstream -> Parquet; "
+                         "retrieval: requests -> candidates (FAISS + rules); ranking: candidates -> XGBoost -> replies")
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp.set_defaults(run=_worker)
 

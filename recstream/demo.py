@@ -98,7 +98,8 @@ async def run(s: Settings, args: argparse.Namespace) -> int:
     for letter in letters[-len(MALFORMED):]:
         _say(f"   partition {letter.partition} offset {letter.offset}: {letter.reason}")
     trained = await _train(s)
-    ok = stats.seen >= expected and len(letters) >= len(MALFORMED) and trained
+    served = await _serve(s, data, shop) if trained else False
+    ok = stats.seen >= expected and len(letters) >= len(MALFORMED) and trained and served
     _say(f"== done in {time.perf_counter() - t0:.1f} s: "
          f"{'every acknowledged event reached the features' if ok else 'MISMATCH: some events were not counted back'}")
     return 0 if ok else 1
@@ -162,6 +163,45 @@ async def _train(s: Settings) -> bool:
     _say("   stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_s.items())
          + f"; {report.published_keys} keys published to Redis")
     return True
+
+
+async def _serve(s: Settings, data: Dataset, shop) -> bool:
+    """Start the retrieval and ranking agents and the API's recommender here; ask for each kind."""
+    from serving.recommend import Recommender
+    from serving.params import parse
+    from streams.worker import run_serving
+
+    _say("== 9. serving: API -> Kafka -> retrieval agent (FAISS + rules) -> ranking agent (XGBoost + rules) -> API")
+    stop = asyncio.Event()
+    ready = [asyncio.Event(), asyncio.Event()]
+    workers = [asyncio.create_task(run_serving(s, role, stop, r)) for role, r in zip(("retrieval", "ranking"), ready)]
+    rec = Recommender(s)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 60)
+        await rec.start()
+        titles = {p.product_id: f"{p.title} [{p.category}]" for p in data.products}
+        last = data.events[-1]
+        bought = Counter(e.product_id for e in data.events if e.event_type == "purchase").most_common(1)
+        asks = [("homepage", {"user_id": last.user_id}), ("homepage", {}),
+                ("similar", {"product_id": last.product_id}), ("also-viewed", {"product_id": last.product_id}),
+                ("cart", {"cart_items": bought[0][0] if bought else last.product_id})]
+        served = 0
+        for path, query in asks:
+            await rec.recommend(await rec.check_products(parse(path, query)))   # warm: first use of each path
+            t = time.perf_counter()
+            reply = await rec.recommend(await rec.check_products(parse(path, query)))
+            ms = (time.perf_counter() - t) * 1000
+            what = ", ".join(f"{k}={titles.get(v, v)}" for k, v in query.items()) or "anonymous"
+            _say(f"   {path} ({what}): {len(reply.items)} items in {ms:.1f} ms, model {reply.model_version}"
+                 + (f", FALLBACK: {reply.error}" if reply.fallback else ""))
+            for item in reply.items[:4]:
+                _say(f"     {item.score:7.3f}  {titles.get(item.product_id, item.product_id)}  -- {item.reason}")
+            served += bool(reply.items) and not reply.fallback
+        return served == len(asks)
+    finally:
+        await rec.stop()
+        stop.set()
+        await asyncio.gather(*workers, return_exceptions=True)
 
 
 async def _read_dead_letters(s: Settings, since_s: float) -> list[deadletter.DeadLetter]:

@@ -74,6 +74,17 @@ class Settings:
     promotion_margin: float = _setting(0.02, "a new model becomes champion unless its offline metric is worse "
                                             "than the champion's by more than this fraction (fraction)")
     model_name: str = _setting("recstream", "registered model name in MLflow (name)")
+    # -- online serving ----------------------------------------------------------------------
+    serving_deadline_ms: int = _setting(40, "the API answers from the agents within this, else with the fallback (milliseconds)")
+    retrieval_batch_window_ms: float = _setting(2.0, "requests arriving within this window are searched as one FAISS batch (milliseconds)")
+    serving_batch_max: int = _setting(64, "most requests a serving agent takes per batch (count)")
+    serving_threads: int = _setting(1, "threads FAISS and XGBoost use per serving agent (count)")
+    homepage_cache_ttl_s: int = _setting(300, "homepage replies are reused for a user this long unless their session moves (seconds)")
+    fallback_refresh_s: float = _setting(5.0, "the API refreshes its in-memory trending fallback this often (seconds)")
+    item_cache_ttl_s: float = _setting(60.0, "the ranking agent keeps item fields (not stock) in memory this long (seconds)")
+    max_per_category: int = _setting(3, "diversity: at most this many items of one category in a reply (count; 0 = no cap)")
+    exclude_purchased: bool = _setting(True, "never recommend what the user recently bought (true/false)")
+    model_retry_s: float = _setting(30.0, "an agent without a model retries loading one this often (seconds)")
     # -- archive -----------------------------------------------------------------------------
     archive_flush_records: int = _setting(20000, "the archive writes a Parquet file after this many records (count)")
     archive_flush_interval_s: float = _setting(10.0, "... or after this long, whichever comes first (seconds)")

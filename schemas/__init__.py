@@ -2,9 +2,9 @@
 from schemas.base import FieldError, Record, SchemaError
 from schemas.catalogue import Product
 from schemas.events import EVENT_TYPES, Event
-from schemas.recommendations import KINDS, RecommendationReply, RecommendationRequest, RecommendedItem
+from schemas.recommendations import KINDS, CandidateSet, RecommendationReply, RecommendationRequest, RecommendedItem
 
 __all__ = [
-    "EVENT_TYPES", "KINDS", "Event", "FieldError", "Product", "RecommendationReply",
+    "EVENT_TYPES", "KINDS", "CandidateSet", "Event", "FieldError", "Product", "RecommendationReply",
     "RecommendationRequest", "RecommendedItem", "Record", "SchemaError",
 ]

@@ -1,19 +1,25 @@
-"""Recommendation request and reply: the messages between the API and the serving agents."""
+"""Recommendation messages: request (API -> retrieval), candidate set (retrieval -> ranking) and
+reply (ranking -> the asking API process's reply topic)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
-from schemas.base import Choice, Flag, Invalid, ListOf, Nested, Number, NumMap, Record, StrMap, Text, Timestamp, check
+from schemas.base import (Choice, Flag, Invalid, ListOf, Nested, Number, NumMap, Record, StrMap, Text, Timestamp,
+                          check)
 
 KINDS = ("homepage", "similar", "cart", "also_viewed")
 MAX_COUNT = 100
+MAX_CANDIDATES = 2000
+QUERY_SOURCES = ("user", "session", "product", "cart", "none")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecommendationRequest(Record):
     SCHEMA = "recommendation request"
 
-    request_id: str = check(Text(max_len=64), doc="unique id; the reply carries it and events cite it")
+    request_id: str = check(Text(max_len=64), doc="unique id; the reply carries it and events cite it (impression id)")
     kind: str = check(Choice(KINDS), doc="homepage, similar, cart or also_viewed")
     created_at: float = check(Timestamp(), doc="when the caller sent it, Unix seconds")
     user_id: str | None = check(Text(), default=None, doc="shopper id; absent for anonymous homepage")
@@ -21,8 +27,11 @@ class RecommendationRequest(Record):
     product_id: str | None = check(Text(), default=None, doc="the product on screen (similar, also_viewed)")
     cart_items: tuple[str, ...] = check(ListOf(Text(), max_items=100), default=(), doc="product ids in the cart (cart)")
     count: int = check(Number(lo=1, hi=MAX_COUNT, integer=True), default=8, doc=f"items wanted, 1-{MAX_COUNT}")
-    context: dict[str, str] | None = check(StrMap(), default=None, doc="device, page and other request context")
+    context: dict[str, str] | None = check(StrMap(), default=None, doc="device, page, category and other request context")
     deadline_ms: int = check(Number(lo=1, hi=10_000, integer=True), default=50, doc="answer within this budget (milliseconds)")
+    reply_to: str | None = check(Text(), default=None, doc="topic the ranking agent sends the reply to (one per API process)")
+    variant: str = check(Text(max_len=64), default="control", doc="A/B variant the request was assigned to")
+    debug: bool = check(Flag(), default=False, doc="reply with per-stage timings and the session the ranker saw")
 
     def validate(self) -> None:
         if self.kind in ("similar", "also_viewed") and not self.product_id:
@@ -34,6 +43,83 @@ class RecommendationRequest(Record):
     def key(self) -> bytes:
         return (self.user_id or self.product_id or self.request_id).encode()
 
+    def ctx(self, name: str, default: str = "unknown") -> str:
+        return (self.context or {}).get(name) or default
+
+    def expired(self, now: float) -> bool:
+        return now > self.created_at + self.deadline_ms / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class FloatColumn:
+    """A list of numbers or nulls, one per candidate, checked in one pass (a Number() per cell cost ms)."""
+    max_items: int = MAX_CANDIDATES
+
+    def __call__(self, v: Any, now: float) -> tuple[float, ...]:
+        if not isinstance(v, list) or len(v) > self.max_items:
+            raise Invalid(f"expected a list of at most {self.max_items} numbers")
+        out = tuple(math.nan if x is None else x for x in v)
+        for i, x in enumerate(out):
+            if type(x) is not float and (type(x) is not int):
+                raise Invalid(f"item {i}: expected a number or null, got {type(x).__name__}")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """{name: column}: per-candidate values of each retrieval source."""
+    column: Any
+    max_keys: int = 16
+
+    def __call__(self, v: Any, now: float) -> dict[str, tuple]:
+        if not isinstance(v, dict) or len(v) > self.max_keys:
+            raise Invalid(f"expected an object of at most {self.max_keys} columns")
+        out = {}
+        for k, col in v.items():
+            try:
+                out[Text()(k, now)] = self.column(col, now)
+            except Invalid as exc:
+                raise Invalid(f"{k}: {exc}") from None
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TextColumn:
+    max_items: int = MAX_CANDIDATES
+
+    def __call__(self, v: Any, now: float) -> tuple[str | None, ...]:
+        if not isinstance(v, list) or len(v) > self.max_items:
+            raise Invalid(f"expected a list of at most {self.max_items} strings")
+        for i, x in enumerate(v):
+            if x is not None and type(x) is not str:
+                raise Invalid(f"item {i}: expected a string or null, got {type(x).__name__}")
+        return tuple(v)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandidateSet(Record):
+    """Retrieval's answer, column-wise: candidate i is product_ids[i]; scores[source][i] is that source's
+    score for it (null: the source did not propose it) and anchors[source][i] the item or category it
+    came through (the "X" of "bought together with X")."""
+    SCHEMA = "candidate set"
+
+    request: RecommendationRequest = check(Nested(RecommendationRequest), doc="the request being answered")
+    model_version: str = check(Text(max_len=64), doc="model version whose embeddings retrieved them ('none': rules only)")
+    query_source: str = check(Choice(QUERY_SOURCES), doc="what the ranker's query vector is: the user's ALS vector, "
+                                                         "the session's mean, the product's, the cart's mean, or none")
+    query: tuple[float, ...] = check(FloatColumn(max_items=4096), default=(), doc="the query vector (empty: none)")
+    product_ids: tuple[str, ...] = check(TextColumn(), doc="candidates, in retrieval order")
+    scores: dict[str, tuple[float, ...]] = check(Columns(FloatColumn()), doc="source -> score per candidate (null: not proposed)")
+    anchors: dict[str, tuple[str | None, ...]] = check(Columns(TextColumn()), doc="source -> anchor per candidate")
+    timings_ms: dict[str, float] | None = check(NumMap(), default=None, doc="time per stage so far (milliseconds)")
+
+    def validate(self) -> None:
+        n = len(self.product_ids)
+        for name, cols in (("scores", self.scores), ("anchors", self.anchors)):
+            for k, col in cols.items():
+                if len(col) != n:
+                    raise Invalid(f"{name}: column {k} has {len(col)} values for {n} candidates")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecommendedItem(Record):
@@ -41,18 +127,22 @@ class RecommendedItem(Record):
 
     product_id: str = check(Text(), doc="recommended product")
     score: float = check(Number(), doc="ranker score (higher is better)")
-    reason: str = check(Text(max_len=64), doc="why: the retrieval source or rule that proposed it")
+    reason: str = check(Text(max_len=200), doc="why, for a person: 'bought together with X in 12 orders'")
+    source: str = check(Text(max_len=32), default="popular", doc="the retrieval source behind the reason")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecommendationReply(Record):
     SCHEMA = "recommendation reply"
 
-    request_id: str = check(Text(max_len=64), doc="the request answered")
+    request_id: str = check(Text(max_len=64), doc="the request answered: the impression id events cite")
     kind: str = check(Choice(KINDS), doc="kind of the request")
     items: tuple[RecommendedItem, ...] = check(ListOf(Nested(RecommendedItem), max_items=MAX_COUNT), doc="best first")
     model_version: str = check(Text(max_len=64), default="none", doc="registered model version that ranked them")
     variant: str = check(Text(max_len=64), default="control", doc="A/B variant that served the request")
     fallback: bool = check(Flag(), default=False, doc="true when served by the popularity fallback")
-    timings_ms: dict[str, float] | None = check(NumMap(), default=None, doc="time per stage (milliseconds)")
+    cached: bool = check(Flag(), default=False, doc="true when served from the homepage cache")
+    timings_ms: dict[str, float] | None = check(NumMap(), default=None, doc="time per stage (milliseconds), with debug")
+    session_recent: tuple[str, ...] | None = check(ListOf(Text(), max_items=100), default=None,
+                                                   doc="the session's recent products the ranker saw, with debug")
     error: str | None = check(Text(max_len=512), default=None, doc="why the primary path failed, if it did")

@@ -1,4 +1,5 @@
-"""The HTTP API (Starlette): POST /api/v1/events into the clickstream topic, and GET /healthz.
+"""The HTTP API (Starlette): GET /api/v1/recommendations/{homepage,similar,cart,also-viewed}
+(serving/recommend.py), POST /api/v1/events into the clickstream topic, GET /openapi.json, GET /healthz.
 
 Delivery: 202 {"accepted": n} is answered only after Kafka acknowledged every event of the
 request (acks=all, idempotent producer). Validation is all-or-nothing: one bad event and nothing
@@ -27,7 +28,8 @@ from starlette.routing import Route
 
 from recstream.settings import Settings
 from schemas import Event
-from serving import ingest
+from serving import ingest, params
+from serving.recommend import Recommender, reply_body
 from streams.producer import create_producer
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,11 @@ async def _kafka_unavailable(request: Request, exc: Exception) -> Response:
                           headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+async def _param_error(request: Request, exc: Exception) -> Response:
+    error = cast(params.ParamError, exc)
+    return OrjsonResponse(error.to_dict(), status_code=error.status)
+
+
 async def _http_exception(request: Request, exc: Exception) -> Response:
     error = cast(HTTPException, exc)
     return OrjsonResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
@@ -144,15 +151,26 @@ async def _client_disconnect(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     ingest.IngestError: _ingest_error,
+    params.ParamError: _param_error,
     KafkaUnavailable: _kafka_unavailable,
     HTTPException: _http_exception,
     ClientDisconnect: _client_disconnect,
 }
 
 
-def create_app(s: Settings, producer: AIOKafkaProducer | None = None) -> Starlette:
-    """The API app; its lifespan starts and stops `producer` (default: create_producer(s))."""
+def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommender: Recommender | None = None) -> Starlette:
+    """The API app; its lifespan starts and stops `producer` (default: create_producer(s)) and the
+    recommender (its reply topic, reply reader and fallback)."""
     sink = EventSink(s, producer)
+    rec = recommender or Recommender(s)
+
+    async def recommendations(request: Request) -> Response:
+        req = params.parse(request.path_params["kind"], request.query_params)
+        req = await rec.check_products(req)
+        return Response(reply_body(await rec.recommend(req)), media_type="application/json")
+
+    async def openapi(request: Request) -> Response:
+        return OrjsonResponse(params.openapi())
 
     async def post_events(request: Request) -> Response:
         """Validate the whole request, send it, answer 202 after every ack (see module docstring)."""
@@ -172,16 +190,24 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None) -> Starlet
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await sink.start()
         try:
+            await rec.start()
+        except Exception as exc:  # recommendations still answer, from the fallback
+            log.error("recommendation request/reply not started (%r): serving the fallback", exc)
+        try:
             yield
         finally:
+            await rec.stop()
             await sink.stop()
 
     app = Starlette(
-        routes=[Route("/api/v1/events", post_events, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])],
+        routes=[Route("/api/v1/recommendations/{kind}", recommendations, methods=["GET"]),
+                Route("/api/v1/events", post_events, methods=["POST"]), Route("/openapi.json", openapi, methods=["GET"]),
+                Route("/healthz", healthz, methods=["GET"])],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.sink = sink
+    app.state.recommender = rec
     return app
 
 

@@ -11,11 +11,16 @@ Key layout (all written by the feature and catalogue agents; each behind the set
   covis:{product}            zset product -> co-views in a session ("customers also viewed"), bounded
   cobuy:{product}            zset product -> co-purchases in a session ("frequently bought together"), bounded
   applied:{group}:{topic}:{partition}  highest clickstream offset whose increments are applied
+  oos                        set of products out of stock (one SMISMEMBER answers a whole candidate list)
+  brand:{brand}              zset product -> rating: "more from this brand"
+  homecache:{user}:{variant}:{count}:{device}:{page}  a homepage reply, valid while the user's event count is unchanged
+Written by the trainer (batch/publish.py): model:current, emb:user|item:{version}:{id}, uoff:, ioff:.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
@@ -53,6 +58,38 @@ return {'ok'}
 """
 
 
+# Serving reads for a whole candidate list in one call, answered as one JSON string: parsing a
+# pipeline's thousands of replies in Python cost ~5 ms per request, this ~0.1 ms.
+CANDIDATE_STATS = """
+local ids = cjson.decode(ARGV[1])
+local reads = cjson.decode(ARGV[2])
+local out = {{}, {}, {}}
+for i = 1, #ids do out[1][i] = 0; out[2][i] = 0; out[3][i] = 0 end
+for _, r in ipairs(reads) do
+  local s = redis.call('ZMSCORE', r[1], unpack(ids))
+  local col, w = out[r[2]], r[3]
+  for i = 1, #ids do
+    if s[i] then col[i] = col[i] + tonumber(s[i]) * w end
+  end
+end
+return cjson.encode(out)
+"""
+
+ITEM_ROWS = """
+local ids = cjson.decode(ARGV[1])
+local fields = cjson.decode(ARGV[2])
+local prefix = ARGV[3]
+local out = {}
+for i, id in ipairs(ids) do
+  local v = redis.call('HMGET', prefix .. id, unpack(fields))
+  local row = {}
+  for j = 1, #fields do row[j] = v[j] or cjson.null end
+  out[i] = row
+end
+return cjson.encode(out)
+"""
+
+
 class OffsetConflict(Exception):
     """Redis already holds increments at or past this batch's offsets (another worker, or a stale cache)."""
 
@@ -73,6 +110,8 @@ class OnlineStore:
         self.ns = namespace
         self.offsets_prefix = f"{namespace}applied:{group}:{topic}:"
         self._apply = client.register_script(APPLY_BATCH)
+        self._stats = client.register_script(CANDIDATE_STATS)
+        self._item_rows = client.register_script(ITEM_ROWS)
 
     # -- writes ----------------------------------------------------------------------------------
     async def apply(self, ops: RedisOps) -> None:
@@ -109,6 +148,11 @@ class OnlineStore:
         n = 0
         for p in products:
             pipe.hset(f"{self.ns}item_features:{p.product_id}", mapping=item_fields(p))
+            if p.in_stock:
+                pipe.srem(f"{self.ns}oos", p.product_id)
+            else:
+                pipe.sadd(f"{self.ns}oos", p.product_id)
+            pipe.zadd(f"{self.ns}brand:{p.brand}", {p.product_id: p.rating or 0.0})
             n += 1
         await pipe.execute()
         return n
@@ -161,3 +205,74 @@ class OnlineStore:
                                                   withscores=True):
                 scores[m.decode()] = scores.get(m.decode(), 0.0) + s * w
         return sorted(scores.items(), key=lambda x: -x[1])[:n]
+
+    # -- serving reads -----------------------------------------------------------------------------
+    async def in_stock(self, product_ids: Sequence[str]) -> list[bool]:
+        if not product_ids:
+            return []
+        return [not x for x in await self.redis.smismember(f"{self.ns}oos", list(product_ids))]
+
+    async def candidate_stats(self, product_ids: list[str], now: float, window_days: int,
+                              half_life_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per candidate, as the ranker was trained on them: views + clicks and purchases over the
+        popularity window, and the trending weight decayed to `now`. One round trip."""
+        if not product_ids:
+            return np.zeros(0), np.zeros(0), np.zeros(0)
+        reads = []
+        for kind, col in (("view", 1), ("click", 1), ("purchase", 2)):
+            reads += [[self.ns + popularity.count_key(kind, d), col, 1.0] for d in popularity.window_days(now, window_days)]
+        reads += [[self.ns + popularity.trend_key(lm), 3, w]
+                  for lm, w in popularity.trend_read_weights(now, half_life_s).items()]
+        out = orjson.loads(await self._stats(args=[orjson.dumps(product_ids), orjson.dumps(reads)]))
+        pop, bought, trend = (np.asarray(c if isinstance(c, list) else [], np.float64) for c in out)
+        return pop, bought, trend
+
+    async def item_rows(self, product_ids: list[str], fields: Sequence[str]) -> list[list[str | None]]:
+        """HMGET of `fields` for each product's item_features, in one round trip."""
+        if not product_ids:
+            return []
+        rows = orjson.loads(await self._item_rows(args=[orjson.dumps(product_ids), orjson.dumps(list(fields)),
+                                                        f"{self.ns}item_features:"]))
+        return [r if isinstance(r, list) else [None] * len(fields) for r in rows]
+
+    async def brand(self, brand: str, n: int = 10) -> list[tuple[str, float]]:
+        rows = await self.redis.zrevrange(f"{self.ns}brand:{brand}", 0, n - 1, withscores=True)
+        return [(m.decode(), s) for m, s in rows]
+
+    async def model_pointer(self) -> dict | None:
+        raw = await self.redis.get(f"{self.ns}model:current")
+        return orjson.loads(raw) if raw else None
+
+    async def embeddings(self, kind: str, version: str, ids: Sequence[str]) -> list[np.ndarray | None]:
+        """kind 'user' or 'item': the published vectors of `version` (None where there is none)."""
+        if not ids:
+            return []
+        raw = await self.redis.mget([f"{self.ns}emb:{kind}:{version}:{x}" for x in ids])
+        return [np.frombuffer(r, dtype=np.float32) if r else None for r in raw]
+
+    async def user_offline(self, version: str, user_id: str) -> tuple[dict[str, float], float | None]:
+        """(category affinity, median purchase price) of the published version."""
+        raw = await self.redis.hgetall(f"{self.ns}uoff:{version}:{user_id}")
+        d = {k.decode(): v.decode() for k, v in raw.items()}
+        median = d.get("median_price")
+        return orjson.loads(d.get("category_affinity", "{}")), float(median) if median else None
+
+    def homepage_key(self, user_id: str, variant: str, count: int, device: str, page: str) -> str:
+        return f"{self.ns}homecache:{user_id}:{variant}:{count}:{device}:{page}"
+
+    async def homepage_cached(self, key: str, user_id: str) -> tuple[bytes | None, str]:
+        """(the cached reply if still valid, the user's event count now). A reply is valid while
+        the count it was computed at is the count now: any new event of the user invalidates it."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.hget(self.ns + features_key(user_id), "events")
+        cached, events = await pipe.execute()
+        tag = events.decode() if events else "0"
+        if cached:
+            stored_tag, _, reply = cached.partition(b"|")
+            if stored_tag.decode() == tag:
+                return reply, tag
+        return None, tag
+
+    async def cache_homepage(self, key: str, tag: str, reply: bytes, ttl_s: int) -> None:
+        await self.redis.set(key, tag.encode() + b"|" + reply, ex=ttl_s)

@@ -31,9 +31,9 @@ def specs(s: Settings) -> list[TopicSpec]:
                   "catalogue upserts; compacted, the latest record per product wins",
                   {"cleanup.policy": "compact"}),
         TopicSpec(s.topic("rec.requests"), s.request_partitions, "user_id or product_id", "schemas.RecommendationRequest",
-                  "recommendation requests to the serving agents", {"retention.ms": str(3600 * 1000)}),
-        TopicSpec(s.topic("rec.replies"), s.request_partitions, "request_id", "schemas.RecommendationReply",
-                  "replies to recommendation requests", {"retention.ms": str(3600 * 1000)}),
+                  "recommendation requests, API -> retrieval agents", {"retention.ms": str(3600 * 1000)}),
+        TopicSpec(s.topic("rec.candidates"), s.request_partitions, "user_id or product_id", "schemas.CandidateSet",
+                  "retrieved candidates, retrieval -> ranking agents", {"retention.ms": str(3600 * 1000)}),
         TopicSpec(s.topic("model.updates"), 1, "model name", "model version announcement",
                   "new model versions for the serving agents to load; compacted",
                   {"cleanup.policy": "compact"}),
@@ -41,6 +41,21 @@ def specs(s: Settings) -> list[TopicSpec]:
                   "records that failed to decode or validate, kept with the reason",
                   {"retention.ms": str(30 * 24 * 3600 * 1000)}),
     ]
+
+
+def reply_spec(s: Settings, instance: str) -> TopicSpec:
+    """The reply topic of one API process (ranking -> that process): made when it starts, deleted when it stops."""
+    return TopicSpec(s.topic(f"rec.replies.{instance}"), 1, "request_id", "schemas.RecommendationReply",
+                     "replies for one API process", {"retention.ms": str(600 * 1000)})
+
+
+async def delete_topics(s: Settings, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        await admin.delete_topics(names, timeout_ms=15000)
+    finally:
+        await admin.close()
 
 
 def spec(s: Settings, short_name: str) -> TopicSpec:

@@ -109,3 +109,55 @@ def _stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
+                      ready: asyncio.Event | None = None) -> int:
+    """Run the retrieval or ranking agent until `stop`, publishing its metrics for on-call."""
+    from agents.models import ModelHolder
+    from agents.runner import RequestAgent
+    from schemas import CandidateSet, RecommendationRequest
+    from streams.online_store import OnlineStore
+
+    import faiss
+
+    faiss.omp_set_num_threads(s.serving_threads)
+    stop = stop or _stop_on_signals()
+    await ensure_topics(s)
+    client = aioredis.from_url(s.redis_url)
+    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    models = ModelHolder(s, role)
+    if role == "retrieval":
+        from agents.retrieval import Retrieval
+
+        handler = Retrieval(s, store, models)
+        agent = RequestAgent(s, role, s.topic("rec.requests"), RecommendationRequest, handler.handle,
+                             lambda r: r.expired(time.time()), window_ms=s.retrieval_batch_window_ms)
+    else:
+        from agents.ranking import Ranking
+
+        handler = Ranking(s, store, models)
+        agent = RequestAgent(s, role, s.topic("rec.candidates"), CandidateSet, handler.handle,
+                             lambda c: c.request.expired(time.time()))
+    key = metrics_key(s, role)
+    await models.start(store.model_pointer)
+    task = asyncio.create_task(agent.run(stop, ready), name=f"{role}-agent")
+    try:
+        while not stop.is_set() and not task.done():
+            st = agent.stats
+            snap = {"agent": role, "ts": time.time(), "model_version": models.current.version if models.current else None,
+                    "swaps": models.swaps, "received": st.received, "handled": st.handled, "expired": st.expired,
+                    "dead_letters": st.dead_letters, "errors": st.errors, "batches": st.batches,
+                    "handle_latency_ms": st.handle_latency.percentiles_ms(),
+                    "handle_latency_counts": st.handle_latency.counts.tolist()}
+            try:
+                await client.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)
+            except Exception as exc:  # metrics must never stop the worker
+                log.warning("metrics not published: %r", exc)
+            await asyncio.wait([task], timeout=METRICS_EVERY_S)
+        stop.set()
+        await task
+        return 0
+    finally:
+        await models.stop()
+        await client.aclose()

@@ -25,7 +25,8 @@ NOW = 1_764_000_000.0
     (NumMap(), pa.map_(pa.string(), pa.float64())),
     (Nested(RecommendedItem), pa.struct([pa.field("product_id", pa.string(), nullable=False),
                                          pa.field("score", pa.float64(), nullable=False),
-                                         pa.field("reason", pa.string(), nullable=False)])),
+                                         pa.field("reason", pa.string(), nullable=False),
+                                         pa.field("source", pa.string(), nullable=False)])),
 ])
 def test_each_check_maps_to_its_arrow_type(rule, expected):
     assert arrow_type(rule) == expected

@@ -1,0 +1,162 @@
+"""The serving agents' model: loaded from the MLflow registry, swapped whole when a new version is announced.
+
+A `ServingModel` is immutable. Each batch of requests takes the current one once, at its start, and
+finishes on it; a new version is downloaded and loaded in a thread while the old one keeps
+serving, then one assignment makes it current (blue-green within the process). The version before
+stays loaded, so candidates retrieved on it are ranked on it too (publish keeps its Redis keys).
+
+Start-up: the version `model:current` in Redis names (what the trainer last published). Then
+every message on the model-updates topic. Until a model loads (none trained yet, MLflow down), the
+agents serve with rules only and retry every `model_retry_s`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import numpy as np
+import orjson
+import xgboost as xgb
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from batch import ranker
+from batch.content import ContentModel
+from batch.index import RetrievalIndex
+from recstream.ranking import FEATURE_NAMES
+from recstream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    version: str
+    index: RetrievalIndex | None = None        # retrieval: FAISS over item vectors (ALS + content cold start)
+    content: ContentModel | None = None        # retrieval: embeddings of products newer than the model
+    booster: xgb.Booster | None = None         # ranking
+    item_row: dict[str, int] | None = None     # ranking: ALS item id -> row of item_vectors
+    item_vectors: np.ndarray | None = None     # ranking: ALS item vectors, what the ranker trained on
+
+    def item_embeddings(self, ids: list[str]) -> np.ndarray | None:
+        """(len(ids), rank) float32 with NaN rows for items without an ALS vector."""
+        if self.item_vectors is None or self.item_row is None:
+            return None
+        out = np.full((len(ids), self.item_vectors.shape[1]), np.nan, np.float32)
+        rows = [(i, self.item_row[x]) for i, x in enumerate(ids) if x in self.item_row]
+        if rows:
+            at, src = zip(*rows)
+            out[list(at)] = self.item_vectors[list(src)]
+        return out
+
+
+def load_bundle(folder: Path, version: str, role: str, threads: int) -> ServingModel:
+    """role 'retrieval' loads the index and content model; 'ranking' the booster and ALS item vectors."""
+    if role == "retrieval":
+        content = folder / "content.npz"
+        return ServingModel(version, index=RetrievalIndex.from_bytes((folder / "index.faiss").read_bytes()),
+                            content=ContentModel.from_bytes(content.read_bytes()) if content.exists() else None)
+    names = json.loads((folder / "features.json").read_text())
+    if names != list(FEATURE_NAMES):
+        raise ValueError(f"version {version} was trained on other features than this code builds "
+                         f"({len(names)} vs {len(FEATURE_NAMES)}); deploy the code it was trained with")
+    ids = json.loads((folder / "batch" / "items.ids.json").read_text())
+    return ServingModel(version, booster=ranker.load((folder / "ranker.ubj").read_bytes(), threads),
+                        item_row={x: i for i, x in enumerate(ids)},
+                        item_vectors=np.load(folder / "batch" / "items.npy"))
+
+
+class ModelHolder:
+    """The current and previous model of one agent, kept up to date from the registry."""
+
+    def __init__(self, s: Settings, role: str, on_swap: Callable[[ServingModel], None] | None = None):
+        self.s, self.role, self.on_swap = s, role, on_swap
+        self.current: ServingModel | None = None
+        self.previous: ServingModel | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._loading: str | None = None
+        self.swaps = 0
+
+    def get(self, version: str | None) -> ServingModel | None:
+        """The loaded model of `version` (current or previous), else None."""
+        for m in (self.current, self.previous):
+            if m is not None and m.version == version:
+                return m
+        return None
+
+    async def start(self, read_pointer: Callable[[], Awaitable[dict | None]]) -> None:
+        """Follow the model-updates topic from its end, then load the published version: in this
+        order, so a version announced while we start is not missed."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.s.kafka_bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        tp = TopicPartition(self.s.topic("model.updates"), 0)   # one partition (streams/topics.py)
+        consumer.assign([tp])
+        await consumer.seek_to_end(tp)
+        await consumer.position(tp)
+        self._tasks = [asyncio.create_task(self._follow_updates(consumer), name=f"{self.role}-model-updates"),
+                       asyncio.create_task(self._retry(read_pointer), name=f"{self.role}-model-retry")]
+        await self._load_pointer(await read_pointer())
+
+    async def _load_pointer(self, pointer: dict | None) -> None:
+        if pointer and pointer.get("name") == self.s.model_name and "version" in pointer:
+            await self.load(str(pointer["version"]))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    async def load(self, version: str) -> bool:
+        if self.current is not None and self.current.version == version or self._loading == version:
+            return False
+        self._loading = version
+        try:
+            model = await asyncio.to_thread(self._download_and_load, version)
+        except Exception as exc:  # a bad version must not take the serving agent down
+            log.error("%s: could not load model version %s: %r; keeping %s", self.role, version, exc,
+                      self.current.version if self.current else "none")
+            return False
+        finally:
+            self._loading = None
+        self.previous, self.current = self.current, model   # the swap: one assignment
+        self.swaps += 1
+        log.info("%s: now serving model version %s", self.role, version)
+        if self.on_swap:
+            self.on_swap(model)
+        return True
+
+    def _download_and_load(self, version: str) -> ServingModel:
+        from batch.registry import Registry   # mlflow is slow to import: only when a model is loaded
+
+        with tempfile.TemporaryDirectory(prefix=f"recstream-{self.role}-") as tmp:
+            folder = Registry(self.s.mlflow_tracking_uri, self.s.model_name).download(version, Path(tmp))
+            return load_bundle(folder, version, self.role, self.s.serving_threads)
+
+    async def _follow_updates(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            async for msg in consumer:
+                try:
+                    pointer = orjson.loads(msg.value)
+                except orjson.JSONDecodeError:
+                    log.warning("model-updates: not JSON at offset %d, ignored", msg.offset)
+                    continue
+                await self._load_pointer(pointer)
+        finally:
+            await consumer.stop()
+
+    async def _retry(self, read_pointer: Callable[[], Awaitable[dict | None]]) -> None:
+        """Without a model (MLflow was down, nothing trained yet), look again now and then."""
+        while True:
+            await asyncio.sleep(self.s.model_retry_s)
+            if self.current is None:
+                try:
+                    await self._load_pointer(await read_pointer())
+                except Exception as exc:
+                    log.warning("%s: model retry failed: %r", self.role, exc)

@@ -1,0 +1,163 @@
+"""Ranking agent: candidates -> XGBoost scores -> business rules -> the reply, sent to the asking API process.
+
+Features come from recstream.ranking.matrix, the function the ranker was trained with, over the
+feature agents' Redis state (session, popularity, trending, stock) and the model's offline values
+(ALS item vectors in memory, the user's category affinity and median price in Redis). Candidate
+sets of one batch are scored in one `inplace_predict` call per model version.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from agents.models import ModelHolder, ServingModel
+from agents.runner import Outgoing
+from batch import ranker
+from recstream.ranking import Columns, Context, ItemFields, matrix
+from recstream.rules import Rules, best_source, heuristic_scores, primary, reason, select, source_matrix
+from recstream.settings import Settings
+from schemas import CandidateSet, RecommendationReply, RecommendedItem
+from streams.online_store import OnlineStore
+
+ITEM_FIELDS = ("title", "category", "brand", "price", "rating", "seller_rating", "in_stock", "created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    fields: ItemFields
+    title: str | None
+    brand: str | None
+
+
+class ItemCache:
+    """Catalogue fields by product, kept `ttl_s` in memory; stock is never cached (the oos set is read
+    per request), so a product that sells out leaves recommendations at once."""
+
+    def __init__(self, store: OnlineStore, ttl_s: float, max_items: int = 500_000):
+        self.store, self.ttl_s, self.max_items = store, ttl_s, max_items
+        self._items: dict[str, tuple[float, Item]] = {}
+
+    async def get(self, ids: list[str]) -> list[Item]:
+        now = time.monotonic()
+        missing = [x for x in dict.fromkeys(ids) if (hit := self._items.get(x)) is None or hit[0] < now]
+        if missing:
+            if len(self._items) + len(missing) > self.max_items:
+                self._items.clear()
+            for x, values in zip(missing, await self.store.item_rows(missing, ITEM_FIELDS)):
+                d = {k: v for k, v in zip(ITEM_FIELDS, values) if v is not None}
+                self._items[x] = (now + self.ttl_s, Item(ItemFields.from_redis(d), d.get("title"), d.get("brand")))
+        return [self._items[x][1] for x in ids]
+
+
+@dataclass
+class Scored:
+    cs: CandidateSet
+    model: ServingModel | None
+    ctx: Context
+    cols: Columns
+    items: list[Item]
+    in_stock: list[bool]
+    exclude: frozenset[str]
+    recent: list[str]
+    arrived: float
+    redis_ms: float
+    features_ms: float
+    X: np.ndarray
+    scores: np.ndarray | None = None
+
+
+class Ranking:
+    def __init__(self, s: Settings, store: OnlineStore, models: ModelHolder):
+        self.s, self.store, self.models = s, store, models
+        self.items = ItemCache(store, s.item_cache_ttl_s)
+
+    async def handle(self, sets: list[CandidateSet]) -> list[Outgoing]:
+        arrived = time.time()
+        work = await asyncio.gather(*(self._features(cs, arrived) for cs in sets))
+        t0 = time.perf_counter()
+        by_model: dict[int, list[Scored]] = {}
+        for w in work:
+            if w.model is not None and w.model.booster is not None and len(w.cs.product_ids):
+                by_model.setdefault(id(w.model), []).append(w)
+        for group in by_model.values():
+            X = np.concatenate([w.X for w in group])
+            y = await asyncio.to_thread(ranker.score, group[0].model.booster, X)
+            at = 0
+            for w in group:
+                w.scores, at = y[at:at + len(w.cs.product_ids)], at + len(w.cs.product_ids)
+        model_ms = (time.perf_counter() - t0) * 1000
+        return [await self._reply(w, model_ms) for w in work]
+
+    async def _features(self, cs: CandidateSet, arrived: float) -> Scored:
+        t0 = time.perf_counter()
+        r, s = cs.request, self.s
+        # ranked on the version that retrieved them; a version this agent has not loaded yet ranks on
+        # its current one without the query vector (a different embedding space)
+        model = self.models.get(cs.model_version)
+        query = np.asarray(cs.query, np.float32) if cs.query else None
+        if model is None:
+            model, query = self.models.current, None
+        ids = list(cs.product_ids)
+        reads = [self.items.get(ids), self.store.in_stock(ids),
+                 self.store.candidate_stats(ids, arrived, s.popularity_window_days, s.trending_half_life_s)]
+        if r.user_id:
+            reads += [self.store.user_features(r.user_id), self.store.user_session(r.user_id)]
+            if model is not None:
+                reads.append(self.store.user_offline(model.version, r.user_id))
+        got = await asyncio.gather(*reads)
+        items, in_stock, (pop, bought, trend) = got[:3]
+        feats, recent = (got[3], got[4]) if r.user_id else (None, [])
+        affinity, median = got[5] if len(got) > 5 else ({}, None)
+        t1 = time.perf_counter()
+        embeddings = model.item_embeddings(ids) if model is not None else None
+        f = [it.fields for it in items]
+        cols = Columns(ids=ids, categories=[x.category for x in f], embeddings=embeddings,
+                       price=np.array([x.price for x in f]), rating=np.array([x.rating for x in f]),
+                       seller_rating=np.array([x.seller_rating for x in f]),
+                       in_stock=np.array([x.in_stock for x in f]), created_at=np.array([x.created_at for x in f]),
+                       popularity_7d=pop, purchases_7d=bought, trending=trend,
+                       sources=source_matrix(len(ids), cs.scores))
+        ctx = Context(now_s=arrived, user_embedding=query, session=feats, recent=recent, category_affinity=affinity,
+                      median_price=median, device=r.ctx("device"), page=r.ctx("page"),
+                      session_idle_timeout_s=s.session_idle_timeout_s)
+        exclude = {*r.cart_items, *([r.product_id] if r.product_id else [])}
+        if s.exclude_purchased and feats:
+            exclude |= set(feats.get("purchases") or ())
+        X = matrix(ctx, cols)
+        return Scored(cs, model, ctx, cols, items, in_stock, frozenset(exclude), recent, arrived,
+                      (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, X)
+
+    async def _reply(self, w: Scored, model_ms: float) -> Outgoing:
+        t0 = time.perf_counter()
+        cs, r = w.cs, w.cs.request
+        scores = w.scores if w.scores is not None else heuristic_scores(w.cols.sources, w.cols.trending)
+        rows = select(w.cols.ids, scores, w.cols.categories, w.in_stock,
+                      Rules(r.count, self.s.max_per_category, w.exclude),
+                      primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")))
+        sources = [best_source(i, cs.scores) for i in rows]
+        anchor_ids = [cs.anchors.get(src, ())[i] if src in ("cobuy", "covis", "als", "session") and src in cs.anchors
+                      else None for i, src in zip(rows, sources)]
+        wanted = [a for a in anchor_ids if a]
+        titles = {a: it.title for a, it in zip(wanted, await self.items.get(wanted))} if wanted else {}
+        items = []
+        for i, src, anchor in zip(rows, sources, anchor_ids):
+            it = w.items[i]
+            cat = cs.anchors.get(src, ())[i] if src in ("popular", "same_category") and src in cs.anchors else None
+            text = reason(src, kind=r.kind, anchor_title=titles.get(anchor) if anchor else None,
+                          score=cs.scores[src][i] if src else float("nan"), category=cat or it.fields.category,
+                          brand=it.brand, query_source=cs.query_source)
+            items.append(RecommendedItem(product_id=w.cols.ids[i], score=float(scores[i]), reason=text,
+                                         source=src or "popular"))
+        timings = None
+        if r.debug:
+            timings = {**(cs.timings_ms or {}), "ranking_in": (w.arrived - r.created_at) * 1000,
+                       "ranking_redis": w.redis_ms, "ranking_features": w.features_ms, "ranking_model": model_ms,
+                       "rules": (time.perf_counter() - t0) * 1000, "ranking_out": (time.time() - r.created_at) * 1000}
+        reply = RecommendationReply(
+            request_id=r.request_id, kind=r.kind, items=tuple(items),
+            model_version=w.model.version if w.model is not None and w.scores is not None else "none",
+            variant=r.variant, timings_ms=timings, session_recent=tuple(w.recent[:100]) if r.debug else None)
+        return Outgoing(r.reply_to or self.s.topic("rec.replies"), r.request_id.encode(), reply.to_json())

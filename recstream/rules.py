@@ -1,0 +1,169 @@
+"""Serving's pure core: merging retrieval proposals, business rules, and reasons a person can read.
+
+No Kafka, no Redis, no model: the retrieval agent feeds `Proposals`, the ranking agent calls
+`select` on the ranker's scores and `reason` for each chosen item, and the API's fallback calls
+`select` on trending items. Tests drive these directly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from recstream.ranking import SOURCES
+
+# When several sources proposed an item, its reason comes from the most specific one.
+REASON_ORDER = ("cobuy", "covis", "session", "als", "same_brand", "same_category", "popular")
+# Ranking without a model (none trained yet): a fixed preference by source, then the source's score.
+HEURISTIC_WEIGHT = {"cobuy": 6.0, "covis": 5.0, "session": 4.0, "als": 3.0, "same_brand": 2.0,
+                    "same_category": 1.5, "popular": 1.0}
+
+
+@dataclass
+class Proposals:
+    """Candidates in proposal order; each source keeps its best score per item and the anchor behind it."""
+    exclude: set[str] = field(default_factory=set)
+    ids: list[str] = field(default_factory=list)
+    _row: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, dict[int, float]] = field(default_factory=dict)
+    anchors: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    def add(self, product_id: str | None, source: str, score: float, anchor: str | None = None) -> None:
+        if not product_id or product_id in self.exclude or source not in SOURCES:
+            return
+        row = self._row.get(product_id)
+        if row is None:
+            row = self._row[product_id] = len(self.ids)
+            self.ids.append(product_id)
+        col = self.scores.setdefault(source, {})
+        if row not in col or score > col[row]:
+            col[row] = float(score)
+            if anchor is not None:
+                self.anchors.setdefault(source, {})[row] = anchor
+
+    def add_all(self, rows: Sequence[tuple[str, float]], source: str, anchor: str | None = None) -> None:
+        for pid, score in rows:
+            self.add(pid, source, score, anchor)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def columns(self) -> tuple[list[str], dict[str, list[float | None]], dict[str, list[str | None]]]:
+        """What CandidateSet carries: ids, and per source one score (None: not proposed) and anchor per id."""
+        n = len(self.ids)
+        scores = {s: [col.get(i) for i in range(n)] for s, col in self.scores.items()}
+        anchors = {s: [col.get(i) for i in range(n)] for s, col in self.anchors.items()}
+        return self.ids, scores, anchors
+
+
+def source_matrix(n: int, scores: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """(n, len(SOURCES)) with NaN where a source did not propose the candidate: ranking.Columns.sources."""
+    out = np.full((n, len(SOURCES)), np.nan)
+    for j, s in enumerate(SOURCES):
+        if s in scores:
+            out[:, j] = np.asarray(scores[s], np.float64)
+    return out
+
+
+def heuristic_scores(sources: np.ndarray, trending: np.ndarray) -> np.ndarray:
+    """Scores when no ranker is loaded: the best source's weight, then its squashed score, then trending."""
+    out = np.zeros(sources.shape[0])
+    for j, s in enumerate(SOURCES):
+        col = sources[:, j]
+        has = ~np.isnan(col)
+        squashed = np.where(has, 0.5 + np.arctan(np.nan_to_num(col)) / math.pi, 0.0)  # in (0, 1)
+        out = np.maximum(out, np.where(has, HEURISTIC_WEIGHT[s] + squashed, 0.0))
+    return out + 0.01 * np.log1p(np.nan_to_num(trending))
+
+
+@dataclass(frozen=True)
+class Rules:
+    count: int
+    max_per_category: int = 3          # 0: no cap
+    exclude: frozenset[str] = frozenset()   # the product on screen, the cart, recent purchases
+
+
+def primary(kind: str, scores: Mapping[str, Sequence[float]], categories: Sequence[str | None],
+            category: str | None) -> np.ndarray | None:
+    """Rows that carry the widget's promise and go before all others: "customers also viewed" shows
+    co-viewed items, "frequently bought together" co-purchased ones, "similar" stays in the product's
+    category; the rest only fill up. None: no tier (homepage)."""
+    n = len(categories)
+    if kind in ("also_viewed", "cart"):
+        col = scores.get("covis" if kind == "also_viewed" else "cobuy")
+        return ~np.isnan(np.asarray(col, np.float64)) if col is not None else np.zeros(n, bool)
+    if kind == "similar" and category:
+        return np.array([c == category for c in categories], bool)
+    return None
+
+
+def select(ids: Sequence[str], scores: np.ndarray, categories: Sequence[str | None], in_stock: Sequence[bool],
+           rules: Rules, first: np.ndarray | None = None) -> list[int]:
+    """Rows to return, best first (rows in `first` before the others): out-of-stock, excluded and
+    repeated ids dropped; at most `max_per_category` per category while others are left (when too
+    few are, the cap gives way rather than return fewer than `count`)."""
+    key = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
+    order = np.argsort(-key, kind="stable")
+    if first is not None:
+        order = order[np.argsort(~np.asarray(first, bool)[order], kind="stable")]
+    seen: set[str] = set()
+    eligible = []
+    for i in order:
+        pid = ids[i]
+        if pid in seen or pid in rules.exclude or not in_stock[i]:
+            continue
+        seen.add(pid)
+        eligible.append(int(i))
+    if not rules.max_per_category or first is not None:   # a widget about one product: no category cap
+        return eligible[: rules.count]
+    chosen, held, per_cat = [], [], {}
+    for i in eligible:
+        c = categories[i]
+        if c is not None and per_cat.get(c, 0) >= rules.max_per_category:
+            held.append(i)
+            continue
+        per_cat[c] = per_cat.get(c, 0) + 1
+        chosen.append(i)
+        if len(chosen) == rules.count:
+            return chosen
+    return chosen + held[: rules.count - len(chosen)]   # diversity gives way to filling the list
+
+
+def best_source(row: int, scores: Mapping[str, Sequence[float]]) -> str | None:
+    for s in REASON_ORDER:
+        col = scores.get(s)
+        if col is not None and not math.isnan(col[row]):
+            return s
+    return None
+
+
+def _plural(n: float, word: str) -> str:
+    k = max(1, int(round(n)))
+    return f"{k} {word}{'' if k == 1 else 's'}"
+
+
+def reason(source: str | None, *, kind: str, anchor_title: str | None = None, score: float = math.nan,
+           category: str | None = None, brand: str | None = None, query_source: str = "none") -> str:
+    """A sentence for the shopper: which signal proposed the item, and through what."""
+    x = f"“{anchor_title}”" if anchor_title else "an item you viewed"
+    if source == "cobuy":
+        return f"bought together with {x} in {_plural(score, 'order')}" if score >= 1 else f"often bought with {x}"
+    if source == "covis":
+        return f"customers who viewed {x} also viewed this" + (f" ({_plural(score, 'time')})" if score >= 1 else "")
+    if source == "session":
+        return f"similar to {x} you viewed"
+    if source == "als":
+        if kind in ("similar", "also_viewed"):
+            return f"similar to {x}"
+        if kind == "cart":
+            return f"goes with {x} in your cart"
+        if query_source == "session":
+            return f"similar to {x} you viewed"
+        return "picked for you from your shopping history"
+    if source == "same_brand" and brand:
+        return f"more from {brand}"
+    if source == "same_category" and category:
+        return f"popular in {category}"
+    return f"trending in {category}" if category else "trending now"

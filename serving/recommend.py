@@ -1,0 +1,243 @@
+"""What the recommendation endpoints call: homepage cache -> Kafka request/reply -> popularity fallback.
+
+Each API process has a reply topic of its own (made at start, deleted at stop) and a table of
+pending requests by request_id. A request is produced to the requests topic and awaited within
+`serving_deadline_ms`; on a deadline miss, a failed agent, or Kafka or Redis trouble the answer
+comes from an in-memory list of trending items, refreshed from Redis in the background, so the
+fallback needs neither Redis nor Kafka at request time. A reply that arrives after its deadline
+is dropped.
+
+Homepage replies are cached in Redis per user (and variant, count, device, page) for
+`homepage_cache_ttl_s`, tagged with the user's event count; any new event of that user changes the
+count, so the next request recomputes and real-time adaptation is kept.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import time
+import uuid
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from agents.runner import serving_producer
+from recstream.rules import Rules, select
+from recstream.settings import Settings
+from schemas import RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError
+from schemas.base import FieldError
+from serving.params import ParamError
+from streams.online_store import OnlineStore
+from streams.topics import delete_topics, ensure_topics, reply_spec
+
+log = logging.getLogger(__name__)
+
+FALLBACK_ITEMS = 100         # trending items kept in memory, overall and per category
+FALLBACK_CATEGORIES = 500    # categories kept in memory at most
+
+
+class Fallback:
+    """Trending items in memory: overall, and per category for the categories requests named."""
+
+    def __init__(self, s: Settings, store: OnlineStore):
+        self.s, self.store = s, store
+        self.overall: list[tuple[str, float, str | None]] = []          # (product, weight, category)
+        self.by_category: dict[str, list[tuple[str, float, str | None]]] = {}
+        self.wanted: set[str] = set()
+        self.refreshed_at = 0.0
+
+    async def refresh(self) -> None:
+        now = time.time()
+        half_life = self.s.trending_half_life_s
+        overall = await self.store.trending(now, half_life, FALLBACK_ITEMS)
+        per_cat = {c: await self.store.trending(now, half_life, FALLBACK_ITEMS // 2, category=c)
+                   for c in list(self.wanted)[:FALLBACK_CATEGORIES]}
+        ids = list(dict.fromkeys([p for p, _ in overall] + [p for rows in per_cat.values() for p, _ in rows]))
+        stock = dict(zip(ids, await self.store.in_stock(ids)))
+        cats = await self.store.categories(ids)
+
+        def keep(rows):
+            return [(p, w, cats.get(p)) for p, w in rows if stock.get(p, True)]
+
+        self.overall = keep(overall)
+        self.by_category = {c: keep(rows) for c, rows in per_cat.items()}
+        self.refreshed_at = now
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep serving the last list
+                log.warning("fallback refresh failed (serving the list from %.0f s ago): %r",
+                            time.time() - self.refreshed_at, exc)
+            await asyncio.sleep(self.s.fallback_refresh_s)
+
+    def reply(self, req: RecommendationRequest, error: str) -> RecommendationReply:
+        category = req.ctx("category", "")
+        rows = self.by_category.get(category) if category else None
+        if category and rows is None and len(self.wanted) < FALLBACK_CATEGORIES:
+            self.wanted.add(category)   # loaded on the next refresh
+        if not rows:
+            rows, category = self.overall, ""
+        exclude = frozenset({*req.cart_items, *([req.product_id] if req.product_id else [])})
+        ids = [p for p, _, _ in rows]
+        chosen = select(ids, [w for _, w, _ in rows], [c for _, _, c in rows], [True] * len(rows),
+                        Rules(req.count, self.s.max_per_category, exclude))
+        items = tuple(RecommendedItem(product_id=rows[i][0], score=float(rows[i][1]),
+                                      reason=f"trending in {category or rows[i][2]}" if (category or rows[i][2])
+                                      else "trending now", source="popular") for i in chosen)
+        return RecommendationReply(request_id=req.request_id, kind=req.kind, items=items, variant=req.variant,
+                                   fallback=True, error=error[:512])
+
+
+class Recommender:
+    def __init__(self, s: Settings, client: aioredis.Redis | None = None):
+        self.s = s
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".lower()
+        self.reply_topic = reply_spec(s, self.instance).name
+        self.client = client or aioredis.from_url(s.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.store = OnlineStore(self.client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+        self.fallback = Fallback(s, self.store)
+        self.pending: dict[str, asyncio.Future] = {}
+        self.producer = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.connected = False
+        self._tasks: list[asyncio.Task] = []
+        self.late_replies = 0
+
+    async def start(self) -> None:
+        await ensure_topics(self.s, [reply_spec(self.s, self.instance)])
+        self.producer = serving_producer(self.s)
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.s.kafka_bootstrap, enable_auto_commit=False,
+                                         fetch_max_wait_ms=100)
+        await self.consumer.start()
+        tp = TopicPartition(self.reply_topic, 0)
+        self.consumer.assign([tp])
+        await self.consumer.seek_to_end(tp)
+        await self.consumer.position(tp)
+        with contextlib.suppress(Exception):
+            await self.fallback.refresh()
+        self._tasks = [asyncio.create_task(self._read_replies(), name="reply-reader"),
+                       asyncio.create_task(self.fallback.run(), name="fallback-refresh")]
+        self.connected = True
+
+    async def stop(self) -> None:
+        self.connected = False
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for closer in (self.consumer, self.producer):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer.stop()
+        with contextlib.suppress(Exception):
+            await delete_topics(self.s, [self.reply_topic])
+        await self.client.aclose()
+
+    async def _read_replies(self) -> None:
+        assert self.consumer is not None
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for r in records:
+                    fut = self.pending.get(r.key.decode()) if r.key else None
+                    if fut is None or fut.done():
+                        self.late_replies += 1
+                        continue
+                    try:
+                        fut.set_result(RecommendationReply.from_json(r.value))
+                    except SchemaError as exc:
+                        fut.set_exception(exc)
+
+    async def check_products(self, req: RecommendationRequest) -> RecommendationRequest:
+        """404 for products the catalogue does not know; the product's category goes into the context
+        (the fallback's trending list comes from it). Redis trouble: proceed (the fallback will serve)."""
+        ids = [req.product_id] if req.product_id else list(req.cart_items)
+        if not ids:
+            return req
+        try:
+            async with asyncio.timeout(self.s.serving_deadline_ms / 1000):
+                categories = await self.store.categories(ids)
+                exists = await self._exist(ids) if len(categories) < len(ids) else set(ids)
+        except Exception:
+            return req
+        unknown = [x for x in ids if x not in exists]
+        field = "product_id" if req.product_id else "cart_items"
+        if req.product_id and unknown or len(unknown) == len(ids):
+            raise ParamError([FieldError(field, f"unknown product {', '.join(map(repr, unknown[:5]))}")], status=404,
+                             title="unknown product")
+        context = dict(req.context or {})
+        if "category" not in context and ids[0] in categories:
+            context["category"] = categories[ids[0]]
+        known = tuple(x for x in req.cart_items if x in exists)
+        return dataclasses.replace(req, context=context, cart_items=known)
+
+    async def _exist(self, ids: list[str]) -> set[str]:
+        pipe = self.client.pipeline(transaction=False)
+        for x in ids:
+            pipe.exists(f"{self.s.redis_namespace}item_features:{x}")
+        return {x for x, n in zip(ids, await pipe.execute()) if n}
+
+    async def recommend(self, req: RecommendationRequest) -> RecommendationReply:
+        t0 = time.perf_counter()
+        req = dataclasses.replace(req, reply_to=self.reply_topic, deadline_ms=self.s.serving_deadline_ms)
+        cache_key = tag = None
+        try:
+            async with asyncio.timeout(self.s.serving_deadline_ms / 1000):
+                if req.kind == "homepage" and req.user_id:
+                    cache_key = self.store.homepage_key(req.user_id, req.variant, req.count, req.ctx("device"),
+                                                        req.ctx("page"))
+                    cached, tag = await self.store.homepage_cached(cache_key, req.user_id)
+                    if cached is not None:
+                        reply = RecommendationReply.from_json(cached)
+                        return dataclasses.replace(reply, request_id=req.request_id, cached=True,
+                                                   timings_ms=_total(t0) if req.debug else None)
+                reply = await self._ask(req)
+        except (TimeoutError, asyncio.TimeoutError):
+            return self._fallback(req, f"no reply within {self.s.serving_deadline_ms} ms", t0)
+        except Exception as exc:  # Kafka, Redis, a bad reply: the shopper still gets items
+            return self._fallback(req, f"{type(exc).__name__}: {exc}", t0)
+        if cache_key and tag is not None and not reply.fallback:
+            asyncio.create_task(self._cache(cache_key, tag, reply))
+        if req.debug:
+            reply = dataclasses.replace(reply, timings_ms={**(reply.timings_ms or {}), **_total(t0)})
+        return reply
+
+    async def _ask(self, req: RecommendationRequest) -> RecommendationReply:
+        if not self.connected or self.producer is None:
+            raise ConnectionError("not connected to Kafka")
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[req.request_id] = fut
+        try:
+            await self.producer.send(self.s.topic("rec.requests"), req.to_json(), key=req.key)
+            return await fut
+        finally:
+            self.pending.pop(req.request_id, None)
+
+    async def _cache(self, key: str, tag: str, reply: RecommendationReply) -> None:
+        try:
+            body = dataclasses.replace(reply, timings_ms=None, session_recent=None).to_json()
+            await self.store.cache_homepage(key, tag, body, self.s.homepage_cache_ttl_s)
+        except Exception as exc:
+            log.info("homepage cache write failed: %r", exc)
+
+    def _fallback(self, req: RecommendationRequest, error: str, t0: float) -> RecommendationReply:
+        reply = self.fallback.reply(req, error)
+        return dataclasses.replace(reply, timings_ms=_total(t0)) if req.debug else reply
+
+
+def _total(t0: float) -> dict[str, float]:
+    return {"total": (time.perf_counter() - t0) * 1000}
+
+
+def reply_body(reply: RecommendationReply) -> bytes:
+    d = reply.to_dict()
+    d.pop("version", None)
+    return orjson.dumps(d)
