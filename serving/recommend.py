@@ -108,6 +108,7 @@ class Recommender:
         self.consumer: AIOKafkaConsumer | None = None
         self.connected = False
         self._tasks: list[asyncio.Task] = []
+        self._writes: set[asyncio.Task] = set()   # homepage cache writes in flight
         self.late_replies = 0
 
     async def start(self) -> None:
@@ -144,7 +145,12 @@ class Recommender:
     async def _read_replies(self) -> None:
         assert self.consumer is not None
         while True:
-            batches = await self.consumer.getmany(timeout_ms=1000)
+            try:
+                batches = await self.consumer.getmany(timeout_ms=1000)
+            except Exception as exc:  # Kafka trouble: requests fall back meanwhile; keep reading
+                log.warning("reading replies failed: %r; retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
             for records in batches.values():
                 for r in records:
                     fut = self.pending.get(r.key.decode()) if r.key else None
@@ -205,7 +211,9 @@ class Recommender:
         except Exception as exc:  # Kafka, Redis, a bad reply: the shopper still gets items
             return self._fallback(req, f"{type(exc).__name__}: {exc}", t0)
         if cache_key and tag is not None and not reply.fallback:
-            asyncio.create_task(self._cache(cache_key, tag, reply))
+            task = asyncio.create_task(self._cache(cache_key, tag, reply))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
         if req.debug:
             reply = dataclasses.replace(reply, timings_ms={**(reply.timings_ms or {}), **_total(t0)})
         return reply
