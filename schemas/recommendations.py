@@ -86,13 +86,19 @@ class Columns:
 @dataclass(frozen=True, slots=True)
 class TextColumn:
     max_items: int = MAX_CANDIDATES
+    nullable: bool = True          # False: every item a non-empty string (product ids)
 
     def __call__(self, v: Any, now: float) -> tuple[str | None, ...]:
         if not isinstance(v, list) or len(v) > self.max_items:
             raise Invalid(f"expected a list of at most {self.max_items} strings")
         for i, x in enumerate(v):
-            if x is not None and type(x) is not str:
-                raise Invalid(f"item {i}: expected a string or null, got {type(x).__name__}")
+            if self.nullable and x is None:
+                continue
+            if type(x) is not str:
+                what = "a string or null" if self.nullable else "a string"
+                raise Invalid(f"item {i}: expected {what}, got {type(x).__name__}")
+            if not self.nullable and not x:
+                raise Invalid(f"item {i}: must not be empty")
         return tuple(v)
 
 
@@ -108,7 +114,7 @@ class CandidateSet(Record):
     query_source: str = check(Choice(QUERY_SOURCES), doc="what the ranker's query vector is: the user's ALS vector, "
                                                          "the session's mean, the product's, the cart's mean, or none")
     query: tuple[float, ...] = check(FloatColumn(max_items=4096), default=(), doc="the query vector (empty: none)")
-    product_ids: tuple[str, ...] = check(TextColumn(), doc="candidates, in retrieval order")
+    product_ids: tuple[str, ...] = check(TextColumn(nullable=False), doc="candidates, in retrieval order")
     scores: dict[str, tuple[float, ...]] = check(Columns(FloatColumn()), doc="source -> score per candidate (null: not proposed)")
     anchors: dict[str, tuple[str | None, ...]] = check(Columns(TextColumn()), doc="source -> anchor per candidate")
     timings_ms: dict[str, float] | None = check(NumMap(), default=None, doc="time per stage so far (milliseconds)")
