@@ -6,12 +6,18 @@ cold-start proxy), else the product on screen or the cart's mean; co-view ("covi
 ("cobuy") neighbours of the session's, product's or cart's items; trending in the session's main
 category ("popular", as the ranker was trained) or in the product's category ("same_category");
 the product's brand ("same_brand"). A product newer than the model gets its vector from the
-content model. Requests of one batch are searched in one FAISS call.
+content model.
+
+FAISS searches run in one thread of their own, with dynamic batching: queries that arrive while a
+search runs wait and go together into the next one. Idle, a query waits for nothing; under load
+batches grow by themselves, and a batch of queries costs little more than one (a flat index is
+one matrix product, memory-bound on the item vectors; an IVF scans shared lists).
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,10 +52,64 @@ class Plan:
     rank_query_source: str = "none"
 
 
+class SearchBatcher:
+    """One FAISS search at a time, in its own thread; what queues meanwhile is searched together next."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[ServingModel, np.ndarray, int, asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="faiss")
+        self._task: asyncio.Task | None = None
+        self.searches = 0
+        self.queries = 0
+
+    async def search(self, model: ServingModel, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((model, query, k, fut))
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="faiss-batcher")
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pending, self._pending = self._pending, []
+            groups: dict[tuple[int, int], list] = {}
+            for item in pending:
+                groups.setdefault((id(item[0]), item[2]), []).append(item)
+            for (_, k), group in groups.items():
+                index = group[0][0].index
+                try:
+                    ids, scores = await loop.run_in_executor(self._thread, index.search,
+                                                             np.stack([q for _, q, _, _ in group]), k)
+                except Exception as exc:
+                    for *_, fut in group:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                self.searches += 1
+                self.queries += len(group)
+                for i, (*_, fut) in enumerate(group):
+                    if not fut.done():
+                        fut.set_result((ids[i], scores[i]))
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
 class Retrieval:
     def __init__(self, s: Settings, store: OnlineStore, models: ModelHolder):
         self.s, self.store, self.models = s, store, models
         self.ns = s.redis_namespace
+        self.batcher = SearchBatcher()
+
+    def close(self) -> None:
+        self.batcher.close()
 
     async def handle(self, requests: list[RecommendationRequest]) -> list[Outgoing]:
         t0 = time.perf_counter()
@@ -60,11 +120,10 @@ class Retrieval:
         searched = [p for p in plans if p.query is not None]
         if searched and model is not None and model.index is not None:
             k = min(self.s.retrieval_candidates + 1, len(model.index))
-            ids, scores = await asyncio.to_thread(model.index.search, np.stack([p.query for p in searched]), k)
-            for p, row_ids, row_scores in zip(searched, ids, scores):
-                source = "als"
+            found = await asyncio.gather(*(self.batcher.search(model, p.query, k) for p in searched))
+            for p, (row_ids, row_scores) in zip(searched, found):
                 for pid, sc in zip(row_ids, row_scores):
-                    p.proposals.add(pid, source, float(sc), p.anchor)
+                    p.proposals.add(pid, "als", float(sc), p.anchor)
         t2 = time.perf_counter()
         out = []
         version = model.version if model else "none"

@@ -9,7 +9,8 @@ is dropped.
 
 Homepage replies are cached in Redis per user (and variant, count, device, page) for
 `homepage_cache_ttl_s`, tagged with the user's event count; any new event of that user changes the
-count, so the next request recomputes and real-time adaptation is kept.
+count, so the next request recomputes and real-time adaptation is kept. A cached reply naming a
+product now out of stock is recomputed too (one SMISMEMBER per hit).
 """
 from __future__ import annotations
 
@@ -203,6 +204,8 @@ class Recommender:
                     cached, tag = await self.store.homepage_cached(cache_key, req.user_id)
                     if cached is not None:
                         reply = RecommendationReply.from_json(cached)
+                    # a product that sold out since leaves at once: recompute rather than serve it
+                    if cached is not None and all(await self.store.in_stock([i.product_id for i in reply.items])):
                         return dataclasses.replace(reply, request_id=req.request_id, cached=True,
                                                    timings_ms=_total(t0) if req.debug else None)
                 reply = await self._ask(req)

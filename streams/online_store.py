@@ -18,6 +18,7 @@ Written by the trainer (batch/publish.py): model:current, emb:user|item:{version
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -88,6 +89,19 @@ for i, id in ipairs(ids) do
 end
 return cjson.encode(out)
 """
+
+
+@dataclass
+class RankingReads:
+    item_rows: list[list[str | None]]     # for the item-cache misses, in their order
+    in_stock: list[bool]                  # for every candidate
+    popularity_7d: np.ndarray             # for the stats-cache misses, in their order
+    purchases_7d: np.ndarray
+    trending: np.ndarray
+    features: dict | None = None
+    recent: list[str] = field(default_factory=list)
+    affinity: dict[str, float] = field(default_factory=dict)
+    median_price: float | None = None
 
 
 class OffsetConflict(Exception):
@@ -212,28 +226,69 @@ class OnlineStore:
             return []
         return [not x for x in await self.redis.smismember(f"{self.ns}oos", list(product_ids))]
 
+    def _stats_args(self, product_ids: list[str], now: float, window_days: int, half_life_s: float) -> list[bytes]:
+        reads = []
+        for kind, col in (("view", 1), ("click", 1), ("purchase", 2)):
+            reads += [[self.ns + popularity.count_key(kind, d), col, 1.0] for d in popularity.window_days(now, window_days)]
+        reads += [[self.ns + popularity.trend_key(lm), 3, w]
+                  for lm, w in popularity.trend_read_weights(now, half_life_s).items()]
+        return [orjson.dumps(product_ids), orjson.dumps(reads)]
+
+    @staticmethod
+    def _stats_result(raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pop, bought, trend = (np.asarray(c if isinstance(c, list) else [], np.float64) for c in orjson.loads(raw))
+        return pop, bought, trend
+
     async def candidate_stats(self, product_ids: list[str], now: float, window_days: int,
                               half_life_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per candidate, as the ranker was trained on them: views + clicks and purchases over the
         popularity window, and the trending weight decayed to `now`. One round trip."""
         if not product_ids:
             return np.zeros(0), np.zeros(0), np.zeros(0)
-        reads = []
-        for kind, col in (("view", 1), ("click", 1), ("purchase", 2)):
-            reads += [[self.ns + popularity.count_key(kind, d), col, 1.0] for d in popularity.window_days(now, window_days)]
-        reads += [[self.ns + popularity.trend_key(lm), 3, w]
-                  for lm, w in popularity.trend_read_weights(now, half_life_s).items()]
-        out = orjson.loads(await self._stats(args=[orjson.dumps(product_ids), orjson.dumps(reads)]))
-        pop, bought, trend = (np.asarray(c if isinstance(c, list) else [], np.float64) for c in out)
-        return pop, bought, trend
+        return self._stats_result(await self._stats(args=self._stats_args(product_ids, now, window_days, half_life_s)))
+
+    def _item_args(self, product_ids: list[str], fields: Sequence[str]) -> list:
+        return [orjson.dumps(product_ids), orjson.dumps(list(fields)), f"{self.ns}item_features:"]
+
+    @staticmethod
+    def _item_result(raw: bytes, n_fields: int) -> list[list[str | None]]:
+        return [r if isinstance(r, list) else [None] * n_fields for r in orjson.loads(raw)]
 
     async def item_rows(self, product_ids: list[str], fields: Sequence[str]) -> list[list[str | None]]:
         """HMGET of `fields` for each product's item_features, in one round trip."""
         if not product_ids:
             return []
-        rows = orjson.loads(await self._item_rows(args=[orjson.dumps(product_ids), orjson.dumps(list(fields)),
-                                                        f"{self.ns}item_features:"]))
-        return [r if isinstance(r, list) else [None] * len(fields) for r in rows]
+        return self._item_result(await self._item_rows(args=self._item_args(product_ids, fields)), len(fields))
+
+    async def ranking_reads(self, product_ids: list[str], item_misses: list[str], fields: Sequence[str],
+                            stat_misses: list[str], user_id: str | None, version: str | None, now: float,
+                            window_days: int, half_life_s: float) -> "RankingReads":
+        """Everything the ranking agent reads for one candidate set, in one round trip: stock of every
+        candidate; catalogue fields and popularity counts of those its caches miss; the user's state."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.scripts.update((self._item_rows, self._stats))   # loaded first if Redis lost them (restart)
+        if item_misses:
+            pipe.evalsha(self._item_rows.sha, 0, *self._item_args(item_misses, fields))
+        pipe.smismember(f"{self.ns}oos", product_ids)
+        if stat_misses:
+            pipe.evalsha(self._stats.sha, 0, *self._stats_args(stat_misses, now, window_days, half_life_s))
+        if user_id:
+            pipe.hgetall(self.ns + features_key(user_id))
+            pipe.get(self.ns + session_key(user_id))
+            pipe.hgetall(f"{self.ns}uoff:{version}:{user_id}")
+        res = await pipe.execute()
+        rows = self._item_result(res.pop(0), len(fields)) if item_misses else []
+        in_stock = [not x for x in res.pop(0)]
+        pop, bought, trend = self._stats_result(res.pop(0)) if stat_misses else (np.zeros(0),) * 3
+        out = RankingReads(rows, in_stock, pop, bought, trend)
+        if user_id:
+            feats, session, offline = res[:3]
+            out.features = decode_features(feats) if feats else None
+            out.recent = orjson.loads(session) if session else []
+            d = {k.decode(): v.decode() for k, v in offline.items()}
+            out.affinity = orjson.loads(d.get("category_affinity", "{}"))
+            out.median_price = float(d["median_price"]) if d.get("median_price") else None
+        return out
 
     async def brand(self, brand: str, n: int = 10) -> list[tuple[str, float]]:
         rows = await self.redis.zrevrange(f"{self.ns}brand:{brand}", 0, n - 1, withscores=True)

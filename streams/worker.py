@@ -159,5 +159,6 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
         await task
         return 0
     finally:
+        handler.close()
         await models.stop()
         await client.aclose()
