@@ -29,7 +29,7 @@ def data():
 @pytest.fixture(scope="module")
 def indexes(data):
     emb, _ = data
-    return {kind: build(emb, kind, use_gpu=False) for kind in ("flat", "ivf", "hnsw")}
+    return {kind: build(emb, kind, use_gpu=False) for kind in ("flat", "flat16", "ivf", "hnsw")}
 
 
 @pytest.mark.parametrize("n", [0, 1, 38, 39, 77, 78, 1_000, 20_000, 55_233, 1_000_000, 100_000_000])
@@ -76,7 +76,13 @@ def test_flat_is_exact(data, indexes):
     assert recall_at_k(indexes["flat"], emb, queries, K) == 1.0
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_flat16_is_exact_up_to_float16_rounding(data, indexes):
+    emb, queries = data
+    assert recall_at_k(indexes["flat16"], emb, queries, K) >= 0.999
+    assert indexes["flat16"].index.sa_code_size() == 2 * emb.rank   # two bytes a dimension
+
+
+@pytest.mark.parametrize("kind", ["flat", "flat16", "ivf", "hnsw"])
 def test_search_returns_ids_best_first(data, indexes, kind):
     emb, queries = data
     ids, scores = indexes[kind].search(queries[:5], 10)
@@ -85,12 +91,13 @@ def test_search_returns_ids_best_first(data, indexes, kind):
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
     # the scores are the inner products of the returned items
     row = emb.index()
-    np.testing.assert_allclose(scores[0], [emb.vectors[row[i]] @ queries[0] for i in ids[0]], rtol=1e-4)
+    rtol = 5e-3 if kind == "flat16" else 1e-4   # float16 keeps ~3 significant digits per dimension
+    np.testing.assert_allclose(scores[0], [emb.vectors[row[i]] @ queries[0] for i in ids[0]], rtol=rtol)
     one_ids, _ = indexes[kind].search(queries[0], 10)  # a single query as a 1-D vector
     assert one_ids.shape == (1, 10) and list(one_ids[0]) == list(ids[0])
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "flat16", "ivf", "hnsw"])
 def test_serialisation_round_trip(data, indexes, kind):
     _, queries = data
     idx = indexes[kind]
@@ -165,7 +172,7 @@ def test_without_a_gpu_the_cpu_path_runs_and_forcing_a_gpu_fails(data):
         build(small, "flat", use_gpu=True)
 
 
-@pytest.mark.parametrize("kind,on_gpu", [("flat", True), ("ivf", True), ("hnsw", False)])
+@pytest.mark.parametrize("kind,on_gpu", [("flat", True), ("ivf", True), ("hnsw", False), ("flat16", False)])
 def test_gpu_path_copies_to_the_gpu_and_back_for_serialisation(data, monkeypatch, kind, on_gpu):
     emb, queries = data
     fake = FakeGpu()
@@ -178,7 +185,7 @@ def test_gpu_path_copies_to_the_gpu_and_back_for_serialisation(data, monkeypatch
     before = idx.search(queries, K)
     fake.calls.clear()
     back = RetrievalIndex.from_bytes(idx.to_bytes())
-    want = {"flat": ["to_cpu", "to_gpu"], "ivf": ["to_cpu", "to_gpu", "nprobe=16"], "hnsw": []}[kind]
+    want = {"flat": ["to_cpu", "to_gpu"], "ivf": ["to_cpu", "to_gpu", "nprobe=16"], "hnsw": [], "flat16": []}[kind]
     assert fake.calls == want and back.on_gpu is on_gpu
     for got, was in zip(back.search(queries, K), before):
         np.testing.assert_array_equal(got, was)
