@@ -25,7 +25,7 @@ from batch.artifacts import BatchOutputs, Embeddings
 from recstream.settings import Settings
 from streams.producer import create_producer
 
-CHUNK = 5000  # commands per pipeline round trip
+CHUNK = 1000  # commands per pipeline round trip: small enough not to stall Redis for serving reads
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,6 @@ class Recommender:
         return {x for x, n in zip(ids, await pipe.execute()) if n}
 
     async def recommend(self, req: RecommendationRequest) -> RecommendationReply:
-        t0 = time.perf_counter()
         req = dataclasses.replace(req, reply_to=self.reply_topic, deadline_ms=self.s.serving_deadline_ms)
         cache_key = tag = None
         try:
@@ -207,18 +206,18 @@ class Recommender:
                     # a product that sold out since leaves at once: recompute rather than serve it
                     if cached is not None and all(await self.store.in_stock([i.product_id for i in reply.items])):
                         return dataclasses.replace(reply, request_id=req.request_id, cached=True,
-                                                   timings_ms=_total(t0) if req.debug else None)
+                                                   timings_ms=_total(req) if req.debug else None)
                 reply = await self._ask(req)
         except (TimeoutError, asyncio.TimeoutError):
-            return self._fallback(req, f"no reply within {self.s.serving_deadline_ms} ms", t0)
+            return self._fallback(req, f"no reply within {self.s.serving_deadline_ms} ms")
         except Exception as exc:  # Kafka, Redis, a bad reply: the shopper still gets items
-            return self._fallback(req, f"{type(exc).__name__}: {exc}", t0)
+            return self._fallback(req, f"{type(exc).__name__}: {exc}")
         if cache_key and tag is not None and not reply.fallback:
             task = asyncio.create_task(self._cache(cache_key, tag, reply))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
         if req.debug:
-            reply = dataclasses.replace(reply, timings_ms={**(reply.timings_ms or {}), **_total(t0)})
+            reply = dataclasses.replace(reply, timings_ms={**(reply.timings_ms or {}), **_total(req)})
         return reply
 
     async def _ask(self, req: RecommendationRequest) -> RecommendationReply:
@@ -239,13 +238,14 @@ class Recommender:
         except Exception as exc:
             log.info("homepage cache write failed: %r", exc)
 
-    def _fallback(self, req: RecommendationRequest, error: str, t0: float) -> RecommendationReply:
+    def _fallback(self, req: RecommendationRequest, error: str) -> RecommendationReply:
         reply = self.fallback.reply(req, error)
-        return dataclasses.replace(reply, timings_ms=_total(t0)) if req.debug else reply
+        return dataclasses.replace(reply, timings_ms=_total(req)) if req.debug else reply
 
 
-def _total(t0: float) -> dict[str, float]:
-    return {"total": (time.perf_counter() - t0) * 1000}
+def _total(req: RecommendationRequest) -> dict[str, float]:
+    """Milliseconds since the request was parsed: the clock every other stage offset starts from."""
+    return {"total": (time.time() - req.created_at) * 1000}
 
 
 def reply_body(reply: RecommendationReply) -> bytes:
