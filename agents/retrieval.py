@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import orjson
 
@@ -55,10 +56,13 @@ class Plan:
 class SearchBatcher:
     """One FAISS search at a time, in its own thread; what queues meanwhile is searched together next."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 1) -> None:
         self._pending: list[tuple[ServingModel, np.ndarray, int, asyncio.Future]] = []
         self._wake = asyncio.Event()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="faiss")
+        # OpenMP's thread count is per calling thread: set it in the search thread itself, or faiss
+        # uses every core there (and its idle threads spin, stealing CPU from the rest of the box)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="faiss", initializer=faiss.omp_set_num_threads,
+                                          initargs=(threads,))
         self._task: asyncio.Task | None = None
         self.searches = 0
         self.queries = 0
@@ -106,7 +110,7 @@ class Retrieval:
     def __init__(self, s: Settings, store: OnlineStore, models: ModelHolder):
         self.s, self.store, self.models = s, store, models
         self.ns = s.redis_namespace
-        self.batcher = SearchBatcher()
+        self.batcher = SearchBatcher(s.serving_threads)
 
     def close(self) -> None:
         self.batcher.close()

@@ -60,6 +60,11 @@ def _demo(args: argparse.Namespace, s: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, s: Settings) -> int:
+    import os
+
+    # FAISS and XGBoost use OpenMP; idle OpenMP threads spin by default, taking CPU from Kafka, Redis
+    # and the other agents on a small machine. Read when OpenMP starts: before faiss or xgboost load.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvloop
 
     logging.getLogger().setLevel(args.log_level.upper())

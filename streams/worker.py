@@ -119,9 +119,6 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
     from schemas import CandidateSet, RecommendationRequest
     from streams.online_store import OnlineStore
 
-    import faiss
-
-    faiss.omp_set_num_threads(s.serving_threads)
     stop = stop or _stop_on_signals()
     await ensure_topics(s)
     client = aioredis.from_url(s.redis_url)
