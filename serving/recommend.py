@@ -249,6 +249,9 @@ def _total(req: RecommendationRequest) -> dict[str, float]:
 
 
 def reply_body(reply: RecommendationReply) -> bytes:
+    """The HTTP body: the reply without the wire format's schema version fields."""
     d = reply.to_dict()
     d.pop("version", None)
+    for item in d["items"]:
+        item.pop("version", None)
     return orjson.dumps(d)
