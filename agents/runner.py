@@ -6,8 +6,12 @@ Faust's per-message stream machinery measured at half the throughput of a bare a
 and moves them off a dead one.
 
 Delivery: at most once, by design. A recommendation request is worth something only within its
-deadline, so offsets are auto-committed, a restarted agent starts at the log's end, and a request
-already past its deadline is dropped unanswered (the API has answered it from the fallback by then).
+deadline, so offsets are auto-committed, an agent given a partition (at start, or when a rebalance
+moves one to it) starts at the log's end rather than decode a backlog nobody waits for, and a
+request already past its deadline is dropped unanswered (the API has answered it from the fallback
+by then). The cost: the few requests in flight on a partition that moves are answered by the fallback.
+Deadlines compare the API host's clock with the agent's: keep hosts' clocks in sync (NTP), well
+inside the deadline.
 A record that does not decode goes to the dead-letter topic and the loop goes on.
 """
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord
 
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
@@ -50,6 +54,18 @@ class AgentStats:
     handle_latency: LatencyHistogram = field(default_factory=LatencyHistogram)   # batch in -> replies queued
 
 
+class _StartAtEnd(ConsumerRebalanceListener):
+    def __init__(self, consumer: AIOKafkaConsumer):
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        if assigned:
+            await self.consumer.seek_to_end(*assigned)
+
+
 def serving_producer(s: Settings) -> AIOKafkaProducer:
     """Leader ack, no linger: a reply waits for nothing. A lost reply costs one fallback answer."""
     return AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks=1, linger_ms=0,
@@ -69,16 +85,19 @@ class RequestAgent(Generic[T]):
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         s = self.s
-        consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
                                     auto_offset_reset="latest", enable_auto_commit=True, auto_commit_interval_ms=1000,
                                     session_timeout_ms=10_000, heartbeat_interval_ms=3_000, fetch_max_wait_ms=100,
                                     max_poll_records=s.serving_batch_max)
+        consumer.subscribe([self.topic], listener=_StartAtEnd(consumer))
         producer = serving_producer(s)
         await producer.start()
         await consumer.start()
         try:
             while not consumer.assignment() and not stop.is_set():   # joined the group: requests reach us
                 await asyncio.sleep(0.05)
+            for tp in consumer.assignment():   # resolve the start positions now: later requests are ours
+                await consumer.position(tp)
             if ready:
                 ready.set()
             window = self.window_s   # after the first record, wait this long for more to share the batch
