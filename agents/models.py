@@ -47,11 +47,10 @@ class ServingModel:
         """(len(ids), rank) float32 with NaN rows for items without an ALS vector."""
         if self.item_vectors is None or self.item_row is None:
             return None
-        out = np.full((len(ids), self.item_vectors.shape[1]), np.nan, np.float32)
-        rows = [(i, self.item_row[x]) for i, x in enumerate(ids) if x in self.item_row]
-        if rows:
-            at, src = zip(*rows)
-            out[list(at)] = self.item_vectors[list(src)]
+        get = self.item_row.get
+        rows = np.fromiter((get(x, -1) for x in ids), np.int64, len(ids))
+        out = self.item_vectors[np.maximum(rows, 0)]          # a copy (fancy indexing)
+        out[rows < 0] = np.nan
         return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,19 +40,28 @@ class TTLCache:
         self.ttl_s, self.max_items = ttl_s, max_items
         self._values: dict[str, tuple[float, object]] = {}
 
-    def misses(self, ids: list[str]) -> list[str]:
-        now = time.monotonic()
-        return [x for x in dict.fromkeys(ids) if (hit := self._values.get(x)) is None or hit[0] < now]
+    def lookup(self, ids: list[str]) -> tuple[list, list[str]]:
+        """(value per id, None where missing or expired; the missing ids, once each)."""
+        now, values = time.monotonic(), self._values
+        out, missing = [], {}
+        for x in ids:
+            hit = values.get(x)
+            if hit is None or hit[0] < now:
+                out.append(None)
+                missing[x] = None
+            else:
+                out.append(hit[1])
+        return out, list(missing)
 
-    def put(self, ids: list[str], values: list) -> None:
-        if len(self._values) + len(ids) > self.max_items:
+    def fill(self, ids: list[str], out: list, missing: list[str], values: list) -> list:
+        """Store the values of `missing` and complete `out` (from lookup) with them."""
+        if len(self._values) + len(missing) > self.max_items:
             self._values.clear()
         expires = time.monotonic() + self.ttl_s
-        for x, v in zip(ids, values):
+        got = dict(zip(missing, values))
+        for x, v in got.items():
             self._values[x] = (expires, v)
-
-    def get(self, ids: list[str]) -> list:
-        return [self._values[x][1] for x in ids]
+        return [got[x] if v is None else v for x, v in zip(ids, out)] if got else out
 
 
 def _item(values: list[str | None]) -> Item:
@@ -84,9 +94,10 @@ class Ranking:
         # request. Stock is never cached: the oos set is read for every request.
         self.items = TTLCache(s.item_cache_ttl_s)
         self.stats = TTLCache(s.item_stats_ttl_s)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="xgboost")   # one predict at a time
 
     def close(self) -> None:
-        pass
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, sets: list[CandidateSet]) -> list[Outgoing]:
         arrived = time.time()
@@ -98,7 +109,7 @@ class Ranking:
                 by_model.setdefault(id(w.model), []).append(w)
         for group in by_model.values():
             X = np.concatenate([w.X for w in group])
-            y = await asyncio.to_thread(ranker.score, group[0].model.booster, X)
+            y = await asyncio.get_running_loop().run_in_executor(self._thread, ranker.score, group[0].model.booster, X)
             at = 0
             for w in group:
                 w.scores, at = y[at:at + len(w.cs.product_ids)], at + len(w.cs.product_ids)
@@ -115,16 +126,14 @@ class Ranking:
         if model is None:
             model, query = self.models.current, None
         ids = list(cs.product_ids)
-        item_misses, stat_misses = self.items.misses(ids), self.stats.misses(ids)
+        (items, item_misses), (stats, stat_misses) = self.items.lookup(ids), self.stats.lookup(ids)
         got = await self.store.ranking_reads(ids, item_misses, ITEM_FIELDS, stat_misses, r.user_id,
                                              model.version if model else None, arrived, s.popularity_window_days,
                                              s.trending_half_life_s)
-        self.items.put(item_misses, [_item(row) for row in got.item_rows])
-        self.stats.put(stat_misses, list(zip(got.popularity_7d, got.purchases_7d, got.trending)))
-        items, in_stock, feats, recent = self.items.get(ids), got.in_stock, got.features, got.recent
-        pop, bought, trend = (np.array(c, np.float64).reshape(-1) for c in zip(*self.stats.get(ids))) if ids else \
-            (np.zeros(0),) * 3
-        affinity, median = got.affinity, got.median_price
+        items = self.items.fill(ids, items, item_misses, [_item(row) for row in got.item_rows])
+        stats = self.stats.fill(ids, stats, stat_misses, list(zip(got.popularity_7d, got.purchases_7d, got.trending)))
+        pop, bought, trend = np.array(stats, np.float64).reshape(len(ids), 3).T
+        in_stock, feats, recent, affinity, median = got.in_stock, got.features, got.recent, got.affinity, got.median_price
         t1 = time.perf_counter()
         embeddings = model.item_embeddings(ids) if model is not None else None
         f = [it.fields for it in items]
@@ -155,10 +164,11 @@ class Ranking:
         anchor_ids = [cs.anchors.get(src, ())[i] if src in ("cobuy", "covis", "als", "session") and src in cs.anchors
                       else None for i, src in zip(rows, sources)]
         wanted = list(dict.fromkeys(a for a in anchor_ids if a))
-        missing = self.items.misses(wanted)
+        anchors, missing = self.items.lookup(wanted)
         if missing:
-            self.items.put(missing, [_item(row) for row in await self.store.item_rows(missing, ITEM_FIELDS)])
-        titles = {a: it.title for a, it in zip(wanted, self.items.get(wanted))}
+            rows = await self.store.item_rows(missing, ITEM_FIELDS)
+            anchors = self.items.fill(wanted, anchors, missing, [_item(row) for row in rows])
+        titles = {a: it.title for a, it in zip(wanted, anchors)}
         items = []
         for i, src, anchor in zip(rows, sources, anchor_ids):
             it = w.items[i]
