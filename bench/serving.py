@@ -346,6 +346,9 @@ async def serving_pointer(s: Settings, client: aioredis.Redis) -> str | None:
 
 # -- the load generator --------------------------------------------------------------------------------
 
+REQUEST_TIMEOUT_S = 10.0   # a request without a reply by then is an error (its connection is closed)
+
+
 class Http:
     """A raw HTTP/1.1 keep-alive client: one connection per request in flight, reused afterwards."""
 
@@ -384,7 +387,7 @@ class Http:
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
             data = await reader.readexactly(length) if length else b""
-        except Exception:
+        except BaseException:   # also a cancelled (timed-out) request: its connection is not reused
             writer.close()
             raise
         self.idle.append(conn)
@@ -478,8 +481,8 @@ async def run_load(port: int, traffic: Traffic, rate: float, seconds: float, cpu
 
     async def one(sched: float, kind: str, path: str) -> None:
         try:
-            status, body = await http.request("GET", path)
-        except Exception as exc:
+            status, body = await asyncio.wait_for(http.request("GET", path), REQUEST_TIMEOUT_S)
+        except Exception as exc:   # TimeoutError: no reply within REQUEST_TIMEOUT_S (connection dropped)
             res.errors[type(exc).__name__] += 1
             res.statuses["transport"] += 1
             res.latencies_ms.append((time.perf_counter() - sched) * 1000)

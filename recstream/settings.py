@@ -82,7 +82,7 @@ class Settings:
     homepage_cache_ttl_s: int = _setting(300, "homepage replies are reused for a user this long unless their session moves (seconds)")
     fallback_refresh_s: float = _setting(5.0, "the API refreshes its in-memory trending fallback this often (seconds)")
     item_cache_ttl_s: float = _setting(60.0, "the ranking agent keeps item fields (not stock) in memory this long (seconds)")
-    item_stats_ttl_s: float = _setting(10.0, "... and items' popularity and trending counts this long (seconds)")
+    item_stats_ttl_s: float = _setting(60.0, "... and items' popularity and trending counts this long (seconds)")
     max_per_category: int = _setting(3, "diversity: at most this many items of one category in a reply (count; 0 = no cap)")
     exclude_purchased: bool = _setting(True, "never recommend what the user recently bought (true/false)")
     model_retry_s: float = _setting(30.0, "an agent without a model retries loading one this often (seconds)")
