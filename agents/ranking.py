@@ -166,8 +166,8 @@ class Ranking:
         wanted = list(dict.fromkeys(a for a in anchor_ids if a))
         anchors, missing = self.items.lookup(wanted)
         if missing:
-            rows = await self.store.item_rows(missing, ITEM_FIELDS)
-            anchors = self.items.fill(wanted, anchors, missing, [_item(row) for row in rows])
+            fetched = await self.store.item_rows(missing, ITEM_FIELDS)
+            anchors = self.items.fill(wanted, anchors, missing, [_item(row) for row in fetched])
         titles = {a: it.title for a, it in zip(wanted, anchors)}
         items = []
         for i, src, anchor in zip(rows, sources, anchor_ids):

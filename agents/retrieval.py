@@ -9,9 +9,9 @@ the product's brand ("same_brand"). A product newer than the model gets its vect
 content model.
 
 FAISS searches run in one thread of their own, with dynamic batching: queries that arrive while a
-search runs wait and go together into the next one. Idle, a query waits for nothing; under load
-batches grow by themselves, and a batch of queries costs little more than one (a flat index is
-one matrix product, memory-bound on the item vectors; an IVF scans shared lists).
+search runs wait and go together into the next call. Idle, a query waits for nothing; under load
+the searches never pile up on the cores, and a call's fixed cost (and, for IVF, the scan of lists
+that several queries share) is paid once per batch.
 """
 from __future__ import annotations
 
@@ -64,8 +64,6 @@ class SearchBatcher:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="faiss", initializer=faiss.omp_set_num_threads,
                                           initargs=(threads,))
         self._task: asyncio.Task | None = None
-        self.searches = 0
-        self.queries = 0
 
     async def search(self, model: ServingModel, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         fut = asyncio.get_running_loop().create_future()
@@ -94,8 +92,6 @@ class SearchBatcher:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
-                self.searches += 1
-                self.queries += len(group)
                 for i, (*_, fut) in enumerate(group):
                     if not fut.done():
                         fut.set_result((ids[i], scores[i]))
