@@ -170,7 +170,7 @@ class Recommender:
         if not ids:
             return req
         try:
-            async with asyncio.timeout(self.s.serving_deadline_ms / 1000):
+            async with asyncio.timeout(self._remaining_s(req)):
                 categories = await self.store.categories(ids)
                 exists = await self._exist(ids) if len(categories) < len(ids) else set(ids)
         except Exception:
@@ -186,6 +186,10 @@ class Recommender:
         known = tuple(x for x in req.cart_items if x in exists)
         return dataclasses.replace(req, context=context, cart_items=known)
 
+    def _remaining_s(self, req: RecommendationRequest) -> float:
+        """What is left of the deadline, which runs from the request's creation (parameter parsing)."""
+        return max(0.0, req.created_at + self.s.serving_deadline_ms / 1000 - time.time())
+
     async def _exist(self, ids: list[str]) -> set[str]:
         pipe = self.client.pipeline(transaction=False)
         for x in ids:
@@ -196,7 +200,7 @@ class Recommender:
         req = dataclasses.replace(req, reply_to=self.reply_topic, deadline_ms=self.s.serving_deadline_ms)
         cache_key = tag = None
         try:
-            async with asyncio.timeout(self.s.serving_deadline_ms / 1000):
+            async with asyncio.timeout(self._remaining_s(req)):
                 if req.kind == "homepage" and req.user_id:
                     cache_key = self.store.homepage_key(req.user_id, req.variant, req.count, req.ctx("device"),
                                                         req.ctx("page"))
