@@ -9,7 +9,8 @@ Delivery: at most once, by design. A recommendation request is worth something o
 deadline, so offsets are auto-committed, an agent given a partition (at start, or when a rebalance
 moves one to it) starts at the log's end rather than decode a backlog nobody waits for, and a
 request already past its deadline is dropped unanswered (the API has answered it from the fallback
-by then). The cost: the few requests in flight on a partition that moves are answered by the fallback.
+by then), as is one with too little time left to make it (`serving_reserve_ms`): under overload
+the agents then spend their time on requests that can still be answered. The cost: the few requests in flight on a partition that moves are answered by the fallback.
 Deadlines compare the API host's clock with the agent's: keep hosts' clocks in sync (NTP), well
 inside the deadline.
 A record that does not decode goes to the dead-letter topic and the loop goes on.

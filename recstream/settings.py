@@ -77,6 +77,9 @@ class Settings:
     # -- online serving ----------------------------------------------------------------------
     serving_deadline_ms: int = _setting(40, "the API answers from the agents within this, else with the fallback (milliseconds)")
     retrieval_batch_window_ms: float = _setting(2.0, "requests arriving within this window are searched as one FAISS batch (milliseconds)")
+    serving_reserve_ms: float = _setting(5.0, "the ranking agent drops a request with less than this left of its deadline, "
+                                              "retrieval with less than twice this: it could not be answered in time, "
+                                              "and under overload the time goes to requests that can (milliseconds)")
     serving_batch_max: int = _setting(64, "most requests a serving agent takes per batch (count)")
     serving_threads: int = _setting(1, "threads FAISS and XGBoost use per serving agent (count)")
     homepage_cache_ttl_s: int = _setting(300, "homepage replies are reused for a user this long unless their session moves (seconds)")

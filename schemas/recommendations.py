@@ -46,8 +46,9 @@ class RecommendationRequest(Record):
     def ctx(self, name: str, default: str = "unknown") -> str:
         return (self.context or {}).get(name) or default
 
-    def expired(self, now: float) -> bool:
-        return now > self.created_at + self.deadline_ms / 1000
+    def expired(self, now: float, reserve_ms: float = 0.0) -> bool:
+        """Past its deadline, or with less than `reserve_ms` of it left."""
+        return now > self.created_at + (self.deadline_ms - reserve_ms) / 1000
 
 
 @dataclass(frozen=True, slots=True)

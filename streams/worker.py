@@ -130,13 +130,14 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
 
         handler = Retrieval(s, store, models)
         agent = RequestAgent(s, role, s.topic("rec.requests"), RecommendationRequest, handler.handle,
-                             lambda r: r.expired(time.time()), window_ms=s.retrieval_batch_window_ms)
+                             lambda r: r.expired(time.time(), 2 * s.serving_reserve_ms),
+                             window_ms=s.retrieval_batch_window_ms)
     else:
         from agents.ranking import Ranking
 
         handler = Ranking(s, store, models)
         agent = RequestAgent(s, role, s.topic("rec.candidates"), CandidateSet, handler.handle,
-                             lambda c: c.request.expired(time.time()))
+                             lambda c: c.request.expired(time.time(), s.serving_reserve_ms))
     key = metrics_key(s, role)
     await models.start(store.model_pointer)
     # The model and caches are long-lived objects: move what exists to the permanent generation and
