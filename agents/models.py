@@ -15,7 +15,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -70,6 +73,12 @@ def load_bundle(folder: Path, version: str, role: str, threads: int) -> ServingM
                         item_vectors=np.load(folder / "batch" / "items.npy"))
 
 
+def _lowest_priority() -> None:
+    """Nice 19 for the calling thread (Linux schedules threads individually)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class ModelHolder:
     """The current and previous model of one agent, kept up to date from the registry."""
 
@@ -79,6 +88,8 @@ class ModelHolder:
         self.previous: ServingModel | None = None
         self._tasks: list[asyncio.Task] = []
         self._loading: str | None = None
+        # loads run in a thread of their own at the lowest CPU priority, so serving keeps the cores
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-model-loader", initializer=_lowest_priority)
         self.swaps = 0
 
     def get(self, version: str | None) -> ServingModel | None:
@@ -111,13 +122,14 @@ class ModelHolder:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     async def load(self, version: str) -> bool:
         if self.current is not None and self.current.version == version or self._loading == version:
             return False
         self._loading = version
         try:
-            model = await asyncio.to_thread(self._download_and_load, version)
+            model = await asyncio.get_running_loop().run_in_executor(self._loader, self._download_and_load, version)
         except Exception as exc:  # a bad version must not take the serving agent down
             log.error("%s: could not load model version %s: %r; keeping %s", self.role, version, exc,
                       self.current.version if self.current else "none")
