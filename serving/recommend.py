@@ -225,13 +225,22 @@ class Recommender:
         return reply
 
     async def _ask(self, req: RecommendationRequest) -> RecommendationReply:
+        """Send the request and wait for its reply, never past the deadline. The deadline is also
+        checked here, not only by the enclosing asyncio.timeout: a library that swallows the
+        timeout's cancellation (seen under load: a request then waited forever for a reply the
+        agents had rightly dropped) must not leave the caller waiting."""
         if not self.connected or self.producer is None:
             raise ConnectionError("not connected to Kafka")
+        if self._remaining_s(req) <= 0:
+            raise TimeoutError("deadline passed before the request was sent")
         fut = asyncio.get_running_loop().create_future()
         self.pending[req.request_id] = fut
         try:
             await self.producer.send(self.s.topic("rec.requests"), req.to_json(), key=req.key)
-            return await fut
+            done, _ = await asyncio.wait([fut], timeout=self._remaining_s(req))
+            if not done:
+                raise TimeoutError("no reply within the deadline")
+            return fut.result()
         finally:
             self.pending.pop(req.request_id, None)
 
