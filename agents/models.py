@@ -170,4 +170,6 @@ class ModelHolder:
                 try:
                     await self._load_pointer(await read_pointer())
                 except Exception as exc:
+                    if asyncio.current_task().cancelling():   # stopping: a library may have wrapped the cancel
+                        raise
                     log.warning("%s: model retry failed: %r", self.role, exc)

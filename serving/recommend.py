@@ -74,6 +74,8 @@ class Fallback:
             try:
                 await self.refresh()
             except Exception as exc:  # keep serving the last list
+                if _stopping():
+                    raise
                 log.warning("fallback refresh failed (serving the list from %.0f s ago): %r",
                             time.time() - self.refreshed_at, exc)
             await asyncio.sleep(self.s.fallback_refresh_s)
@@ -133,8 +135,8 @@ class Recommender:
         self.connected = False
         for t in self._tasks:
             t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         for closer in (self.consumer, self.producer):
             if closer is not None:
                 with contextlib.suppress(Exception):
@@ -149,6 +151,8 @@ class Recommender:
             try:
                 batches = await self.consumer.getmany(timeout_ms=1000)
             except Exception as exc:  # Kafka trouble: requests fall back meanwhile; keep reading
+                if _stopping():
+                    raise
                 log.warning("reading replies failed: %r; retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -254,6 +258,13 @@ class Recommender:
     def _fallback(self, req: RecommendationRequest, error: str) -> RecommendationReply:
         reply = self.fallback.reply(req, error)
         return dataclasses.replace(reply, timings_ms=_total(req)) if req.debug else reply
+
+
+def _stopping() -> bool:
+    """True when the current task is being cancelled: a library may turn the cancellation into
+    another exception (seen with aiokafka under pytest), and a retry loop must still end."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _total(req: RecommendationRequest) -> dict[str, float]:
