@@ -160,7 +160,7 @@ class Ranking:
         rows = select(w.cols.ids, scores, w.cols.categories, w.in_stock,
                       Rules(r.count, self.s.max_per_category, w.exclude),
                       primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")))
-        sources = [best_source(i, cs.scores) for i in rows]
+        sources = [best_source(i, cs.scores, r.kind) for i in rows]
         anchor_ids = [cs.anchors.get(src, ())[i] if src in ("cobuy", "covis", "als", "session") and src in cs.anchors
                       else None for i, src in zip(rows, sources)]
         wanted = list(dict.fromkeys(a for a in anchor_ids if a))

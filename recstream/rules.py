@@ -131,8 +131,13 @@ def select(ids: Sequence[str], scores: np.ndarray, categories: Sequence[str | No
     return chosen + held[: rules.count - len(chosen)]   # diversity gives way to filling the list
 
 
-def best_source(row: int, scores: Mapping[str, Sequence[float]]) -> str | None:
-    for s in REASON_ORDER:
+PROMISE = {"also_viewed": "covis", "cart": "cobuy"}   # the source a widget is named after
+
+
+def best_source(row: int, scores: Mapping[str, Sequence[float]], kind: str | None = None) -> str | None:
+    """The source the item's reason cites: the widget's own when it proposed the item, else the most specific."""
+    order = (PROMISE[kind], *REASON_ORDER) if kind in PROMISE else REASON_ORDER
+    for s in order:
         col = scores.get(s)
         if col is not None and not math.isnan(col[row]):
             return s

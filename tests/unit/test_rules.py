@@ -183,6 +183,8 @@ def test_best_source_follows_the_reason_priority():
     scores = {"popular": [1.0, 1.0, 1.0, NAN], "als": [0.5, 0.5, NAN, NAN], "covis": [NAN, 2.0, NAN, NAN],
               "cobuy": [3.0, 3.0, NAN, NAN], "session": [NAN, 1.0, NAN, NAN]}
     assert best_source(0, scores) == "cobuy"
+    assert best_source(1, scores, "also_viewed") == "covis"   # the widget's own source when it proposed the item
+    assert best_source(0, scores, "also_viewed") == "cobuy"   # ... else the most specific
     assert best_source(1, scores) == "cobuy"
     assert best_source(2, scores) == "popular"
     assert best_source(3, scores) is None
