@@ -239,14 +239,6 @@ class OnlineStore:
         pop, bought, trend = (np.asarray(c if isinstance(c, list) else [], np.float64) for c in orjson.loads(raw))
         return pop, bought, trend
 
-    async def candidate_stats(self, product_ids: list[str], now: float, window_days: int,
-                              half_life_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per candidate, as the ranker was trained on them: views + clicks and purchases over the
-        popularity window, and the trending weight decayed to `now`. One round trip."""
-        if not product_ids:
-            return np.zeros(0), np.zeros(0), np.zeros(0)
-        return self._stats_result(await self._stats(args=self._stats_args(product_ids, now, window_days, half_life_s)))
-
     def _item_args(self, product_ids: list[str], fields: Sequence[str]) -> list:
         return [orjson.dumps(product_ids), orjson.dumps(list(fields)), f"{self.ns}item_features:"]
 
@@ -290,10 +282,6 @@ class OnlineStore:
             out.median_price = float(d["median_price"]) if d.get("median_price") else None
         return out
 
-    async def brand(self, brand: str, n: int = 10) -> list[tuple[str, float]]:
-        rows = await self.redis.zrevrange(f"{self.ns}brand:{brand}", 0, n - 1, withscores=True)
-        return [(m.decode(), s) for m, s in rows]
-
     async def model_pointer(self) -> dict | None:
         raw = await self.redis.get(f"{self.ns}model:current")
         return orjson.loads(raw) if raw else None
@@ -304,13 +292,6 @@ class OnlineStore:
             return []
         raw = await self.redis.mget([f"{self.ns}emb:{kind}:{version}:{x}" for x in ids])
         return [np.frombuffer(r, dtype=np.float32) if r else None for r in raw]
-
-    async def user_offline(self, version: str, user_id: str) -> tuple[dict[str, float], float | None]:
-        """(category affinity, median purchase price) of the published version."""
-        raw = await self.redis.hgetall(f"{self.ns}uoff:{version}:{user_id}")
-        d = {k.decode(): v.decode() for k, v in raw.items()}
-        median = d.get("median_price")
-        return orjson.loads(d.get("category_affinity", "{}")), float(median) if median else None
 
     def homepage_key(self, user_id: str, variant: str, count: int, device: str, page: str) -> str:
         return f"{self.ns}homecache:{user_id}:{variant}:{count}:{device}:{page}"
