@@ -61,17 +61,29 @@ async def report(s: Settings) -> int:
     import redis.asyncio as aioredis
 
     topic = s.topic("clickstream")
-    for group in (s.app_id, f"{s.app_id}-archive"):
-        lags = await group_lag(s, group, topic)
+    groups = [(s.app_id, topic), (f"{s.app_id}-archive", topic),
+              (f"{s.app_id}-retrieval", s.topic("rec.requests")), (f"{s.app_id}-ranking", s.topic("rec.candidates"))]
+    for group, source in groups:
+        lags = await group_lag(s, group, source)
         parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
-        print(f"{group:28} {topic}  total {total(lags):>8}   per partition {parts}")
+        print(f"{group:28} {source}  total {total(lags):>8}   per partition {parts}")
     client = aioredis.from_url(s.redis_url)
     try:
         async for key in client.scan_iter(f"{s.redis_namespace}metrics:*"):
             m = orjson.loads(await client.get(key) or b"{}")
-            if m:
-                print(f"{key.decode():40} lag {m['lag_total']:>7}  event->feature p50 {m['event_latency_ms']['p50']:.1f} ms "
-                      f"p99 {m['event_latency_ms']['p99']:.1f} ms  processed {sum(m['processed'].values())}")
+            if "lag_total" in m:   # a feature worker
+                lat = m["event_latency_ms"]
+                print(f"{key.decode():40} lag {m['lag_total']:>7}  event->feature p50 {_ms(lat['p50'])} "
+                      f"p99 {_ms(lat['p99'])}  processed {sum(m['processed'].values())}")
+            elif "handled" in m:   # a serving agent
+                lat = m["handle_latency_ms"]
+                print(f"{key.decode():40} model {m['model_version']}  handled {m['handled']}  expired {m['expired']}  "
+                      f"errors {m['errors']}  batch p50 {_ms(lat['p50'])} p99 {_ms(lat['p99'])}")
     finally:
         await client.aclose()
     return 0
+
+
+def _ms(value: float | None) -> str:
+    """A percentile as published (JSON null when nothing was measured yet)."""
+    return "-" if value is None else f"{value:.1f} ms"
