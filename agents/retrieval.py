@@ -26,6 +26,7 @@ import orjson
 
 from agents.models import ModelHolder, ServingModel
 from agents.runner import Outgoing
+from batch.publish import decode_embedding
 from recstream.features import popularity
 from recstream.features.session import decode_features, features_key, session_key
 from recstream.ranking import main_category
@@ -158,10 +159,10 @@ class Retrieval:
         if r.user_id:
             raw_user, raw_session, raw_feats = res[:3]
             res = res[3:]
-            user_vec = _vector(raw_user)
+            user_vec = decode_embedding(raw_user)
             session = _json_list(raw_session)
             feats = decode_features(raw_feats) if raw_feats else None
-        anchor_vecs = [_vector(x) for x in res[0::2]]
+        anchor_vecs = [decode_embedding(x) for x in res[0::2]]
         anchor_items = [{k.decode(): val.decode() for k, val in h.items()} for h in res[1::2]]
         if model is not None and model.content is not None:   # products newer than the model: content vectors
             for i, (vec, item) in enumerate(zip(anchor_vecs, anchor_items)):
@@ -230,10 +231,6 @@ class Retrieval:
         else:
             plan.rank_query, plan.rank_query_source = plan.query, plan.query_source
         return plan
-
-
-def _vector(raw: bytes | None) -> np.ndarray | None:
-    return np.frombuffer(raw, dtype=np.float32) if raw else None
 
 
 def _json_list(raw: bytes | None) -> list[str]:

@@ -67,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.http_ingest import free_port, machine, process_cpu_s  # noqa: E402
+from bench.ingest import machine_jiffies, service_pids  # noqa: E402
 from recstream.data import ShopConfig, generate  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 
@@ -156,21 +157,6 @@ class Procs:
 
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in self.procs.items()}
-
-
-def service_pids(base: Settings) -> dict[str, int]:
-    pids = {}
-    for name in ("kafka", "redis"):
-        try:
-            pids[name] = int((base.home_dir / "run" / f"{name}.pid").read_text())
-        except (OSError, ValueError):
-            pass
-    return pids
-
-
-def machine_jiffies() -> tuple[int, int]:
-    cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(cpu) - cpu[3] - cpu[4], sum(cpu)
 
 
 class Cpu:
