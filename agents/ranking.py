@@ -95,12 +95,13 @@ class Ranking:
         self.items = TTLCache(s.item_cache_ttl_s)
         self.stats = TTLCache(s.item_stats_ttl_s)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="xgboost")   # one predict at a time
+        self.clock = time.time     # "now" for popularity windows and recency; offline evaluation sets its query's
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, sets: list[CandidateSet]) -> list[Outgoing]:
-        arrived = time.time()
+        arrived = self.clock()
         work = await asyncio.gather(*(self._features(cs, arrived) for cs in sets))
         t0 = time.perf_counter()
         by_model: dict[int, list[Scored]] = {}

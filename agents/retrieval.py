@@ -1,10 +1,11 @@
 """Retrieval agent: a request -> up to a few hundred candidates, each with the sources that proposed it.
 
-Sources (recstream.ranking.SOURCES): FAISS over the model's item vectors ("als"), queried with the
+Sources (recstream.ranking.SOURCES): the session's recent items themselves on the homepage
+("session"; repeat views are most of what shoppers do next); FAISS over the model's item vectors ("als"), queried with the
 user's ALS vector, else the mean vector of the session's last 5 viewed products (the design's
 cold-start proxy), else the product on screen or the cart's mean; co-view ("covis") and co-purchase
 ("cobuy") neighbours of the session's, product's or cart's items; trending in the session's main
-category ("popular", as the ranker was trained) or in the product's category ("same_category");
+category ("popular", as the ranker was trained; for homepage and cart) or in the product's category ("same_category");
 the product's brand ("same_brand"). A product newer than the model gets its vector from the
 content model.
 
@@ -37,6 +38,7 @@ from streams.online_store import OnlineStore
 
 SESSION_PROXY_ITEMS = 5     # the design: a user without an embedding is the mean of their last 5 viewed
 ANCHORS = 5                 # session or cart items whose neighbours are proposed
+SESSION_ITEMS = 20          # the session's recent items proposed again on the homepage (score 1 / position)
 NEIGHBOURS = 10             # per anchor for homepage and cart (as the ranker was trained); more for a product page
 POPULAR = 20                # trending items proposed
 BRAND = 10
@@ -108,6 +110,7 @@ class Retrieval:
         self.s, self.store, self.models = s, store, models
         self.ns = s.redis_namespace
         self.batcher = SearchBatcher(s.serving_threads)
+        self.clock = time.time     # "now" for trending reads; offline evaluation sets the moment of its query
 
     def close(self) -> None:
         self.batcher.close()
@@ -115,7 +118,7 @@ class Retrieval:
     async def handle(self, requests: list[RecommendationRequest]) -> list[Outgoing]:
         t0 = time.perf_counter()
         model = self.models.current
-        now = time.time()
+        now = self.clock()
         plans = await asyncio.gather(*(self._read(r, model, now) for r in requests))
         t1 = time.perf_counter()
         searched = [p for p in plans if p.query is not None]
@@ -181,7 +184,9 @@ class Retrieval:
                 zrev(popularity.trend_key(lm, category), 2 * n, source, category, w)
 
         recent = (session or [])[:ANCHORS]
-        if r.kind == "homepage":
+        if r.kind == "homepage":   # the session's own items: shoppers come back to what they looked at
+            plan.proposals.add_all([(pid, 1.0 / (i + 1)) for i, pid in enumerate((session or [])[:SESSION_ITEMS])],
+                                   "session")
             cart = list((feats or {}).get("cart_items") or [])[:ANCHORS]
             for a in recent:
                 zrev(f"covis:{a}", NEIGHBOURS, "covis", a)
@@ -197,6 +202,9 @@ class Retrieval:
             categories = [it["category"] for it in anchor_items if it.get("category")]
             for c in dict.fromkeys(categories[:2]):
                 trending(c, POPULAR // 2 if r.kind == "cart" else POPULAR, "same_category")
+            if r.kind == "cart":   # staples: what the ranker learned to weigh against the basket's neighbours
+                main = main_category((feats or {}).get("session_categories") or {}) if recent else None
+                trending(main, POPULAR, "popular")
             brand = next((it["brand"] for it in anchor_items if it.get("brand") not in (None, "", "unknown")), None)
             if brand and r.kind == "similar":
                 zrev(f"brand:{brand}", BRAND, "same_brand", brand)

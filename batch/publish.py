@@ -42,7 +42,8 @@ def _embedding_writes(prefix: str, emb: Embeddings):
 
 
 async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_embeddings: Embeddings | None = None,
-                  progress: Callable[[str], None] = print) -> Published:
+                  progress: Callable[[str], None] = print, announce: bool = True) -> Published:
+    """announce=False: Redis only, no model-updates message (offline evaluation, whose agents are in-process)."""
     t0 = time.perf_counter()
     ns = s.redis_namespace
     client = aioredis.from_url(s.redis_url)
@@ -85,7 +86,8 @@ async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_
         removed = await _remove_old_versions(client, ns, keep={version, _version_of(previous)})
     finally:
         await client.aclose()
-    await _announce(s, pointer)
+    if announce:
+        await _announce(s, pointer)
     return Published(version, n, time.perf_counter() - t0, removed)
 
 

@@ -4,10 +4,18 @@ Each user's events are folded in time order with recstream.features.session.appl
 online feature agents run, and popularity and trending are counted with the same keys and decay as
 recstream.features.popularity; so the state behind every example is what Redis held just before the
 target event. Features come from recstream.ranking.matrix, the function the ranking agent calls.
+
+Candidates are proposed as retrieval proposes them at serving: "covis" and "cobuy" are the feature
+agents' co-occurrence counters (the pairs `apply` emits, counted up to the target, best by count, as
+ZREVRANGE reads covis:/cobuy:), and "popular" is trending in the session's main category (overall
+when the session has none), as the trend keys give it. Training on the Spark job's cosine
+neighbours instead put the ranker's score_covis/score_cobuy features on another scale than
+serving's counts (found by `recstream evaluate`: the full pipeline fell below popularity on Groceries).
 """
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -36,6 +44,7 @@ class RankerConfig:
     seed: int = 0
     als_candidates: int = 50          # top-K by dot product with the user's ALS vector
     session_items: int = 5            # recent (and cart) items whose neighbours are candidates
+    session_candidates: int = 20      # recent items proposed themselves (agents/retrieval.py SESSION_ITEMS)
     neighbours_per_item: int = 10     # covis / cobuy neighbours taken per session item
     popular_candidates: int = 20      # popular items in the session's main category
     train_fraction: float = 0.8       # earliest share of targets, by time, to train on
@@ -80,6 +89,7 @@ class ItemTable:
             if c is not None:
                 by_cat.setdefault(c, []).append(i)
         self.category_rows = {c: np.array(r, np.int64) for c, r in by_cat.items()}
+        self.all_rows = np.arange(len(ids), dtype=np.int64)
 
     def columns(self, rows: np.ndarray, sources: np.ndarray, pop: np.ndarray, bought: np.ndarray,
                 trend: np.ndarray) -> Columns:
@@ -162,6 +172,7 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
     user_vectors = outputs.user_embeddings.vectors
     idle = cfg.features.session_idle_timeout_s
     states: dict[str, UserState] = {}
+    cooccurrence: dict[str, dict[str, Counter]] = {"covis": {}, "cobuy": {}}   # what covis:/cobuy: hold so far
     last_request: dict[str, tuple[str, str]] = {}       # user -> (device, page) of the previous event
     groups: list[Group] = []
     blocks: list[np.ndarray] = []
@@ -181,7 +192,7 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
                           category_affinity=outputs.category_affinity.get(e.user_id, {}),
                           median_price=outputs.user_median_price.get(e.user_id), device=device, page=page,
                           session_idle_timeout_s=idle)
-            group = _group(ctx, state, e, row, table, pop, outputs, cfg)
+            group = _group(ctx, state, e, row, table, pop, cooccurrence, cfg)
             if group is not None:
                 groups.append(group)
                 blocks.append(matrix(ctx, table.columns(group.rows, group.sources, group.popularity_7d,
@@ -191,6 +202,10 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
             continue
         states[e.user_id] = update.state
         last_request[e.user_id] = (e.device, e.page)
+        for source, pairs in (("covis", update.covisits), ("cobuy", update.copurchases)):
+            for a, b in pairs:
+                for x, y in ((a, b), (b, a)):
+                    cooccurrence[source].setdefault(x, Counter())[y] += 1
         if row is not None:
             pop.add(row, e.event_type, e.timestamp)
     sizes = np.array([len(g.rows) for g in groups], np.int64)
@@ -211,7 +226,7 @@ def _sampled(event_id: str, share: float) -> bool:
 
 
 def _group(ctx: Context, state: UserState, e: Event, target_row: int, table: ItemTable, pop: Popularity,
-           outputs: BatchOutputs, cfg: RankerConfig) -> Group | None:
+           cooccurrence: dict[str, dict[str, Counter]], cfg: RankerConfig) -> Group | None:
     """Candidates as retrieval would propose them at this moment; None when the target is not among them."""
     position: dict[int, int] = {}
     found: list[tuple[int, int, float]] = []   # (candidate position, source, score)
@@ -226,21 +241,29 @@ def _group(ctx: Context, state: UserState, e: Event, target_row: int, table: Ite
         top = np.argpartition(-scores, k - 1)[:k]
         for i in top[np.argsort(-scores[top], kind="stable")]:
             propose(int(table.als_rows[i]), "als", float(scores[i]))
-    recent = state.recent[: cfg.session_items]
-    for source, anchors in (("covis", recent), ("cobuy", (*recent, *state.cart[: cfg.session_items]))):
-        neighbours = getattr(outputs, source)
-        for anchor in anchors:
-            for pid, score in neighbours.get(anchor, ())[: cfg.neighbours_per_item]:
-                row = table.index.get(pid)
-                if row is not None:
-                    propose(row, source, float(score))
-    main = main_category(state.categories)
-    if main in table.category_rows:
-        rows = table.category_rows[main]
-        weighted = pop.window_counts(ctx.now_s, rows)[2]
-        best = np.argsort(-weighted, kind="stable")[: cfg.popular_candidates]
-        for i in best[weighted[best] > 0]:
-            propose(int(rows[i]), "popular", float(weighted[i]))
+    for i, pid in enumerate(state.recent[: cfg.session_candidates]):   # retrieval's "session" source
+        row = table.index.get(pid)
+        if row is not None:
+            propose(row, "session", 1.0 / (i + 1))
+    n = cfg.session_items
+    # cobuy anchors: the session's views, the cart, and what this session bought already (the basket
+    # that a cart widget shows)
+    for source, anchors in (("covis", state.recent[:n]),
+                            ("cobuy", (*state.recent[:n], *state.cart[:n], *state.session_purchases[:n]))):
+        counts = cooccurrence[source]
+        for anchor in dict.fromkeys(anchors):
+            if anchor in counts:
+                for pid, score in counts[anchor].most_common(cfg.neighbours_per_item):
+                    row = table.index.get(pid)
+                    if row is not None:
+                        propose(row, source, float(score))
+    main = main_category(state.categories) if state.recent else None
+    rows = table.category_rows.get(main) if main is not None else table.all_rows
+    if rows is not None:
+        trend = pop.trending(ctx.now_s, rows)
+        best = np.argsort(-trend, kind="stable")[: cfg.popular_candidates]
+        for i in best[trend[best] > 0]:
+            propose(int(rows[i]), "popular", float(trend[i]))
     if target_row not in position:
         return None
     rows = np.fromiter(position, np.int64, len(position))

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 
@@ -108,28 +108,9 @@ def train_once(s: Settings, source: Source, progress: Callable[[str], None] = pr
                 events, products = load_source(s, source)
                 if not events:
                     raise job.TrainingDataError(f"{source.describe()} holds no events")
-            with stage("spark"):
-                from batch.spark import session
-
-                spark = session(s)
-                try:
-                    df = job.load_events(spark, job.events_to_parquet(events, work / "events.parquet"))
-                    out = job.build(spark, df, s, progress=progress)
-                finally:
-                    spark.stop()
-            window_events = _window(events, out)
-            with stage("content"):
-                items, content, cold = _items_with_cold_start(out, products, progress)
-            with stage("index"):
-                idx, recall = _index(items, out.user_embeddings, progress)
-            with stage("ranker"):
-                result = ranker.train(window_events, out, products, ranker.ranker_config(s, nthread=2, progress=False,
-                                                                                 target_sample=s.ranker_target_sample))
-            metrics = {**{f"batch_{k}": v for k, v in out.metrics.items()},
-                       **{k.replace("@", "_at_"): v for k, v in result.metrics.items()},
-                       "faiss_recall_at_200": recall, "items_cold_start": float(cold),
-                       "events": float(out.window.events), "users": float(out.window.users),
-                       "items": float(out.window.items)}
+            fitted = fit(s, events, products, work, progress, stage)
+            out, idx, content, result, metrics, items = (fitted.out, fitted.index, fitted.content, fitted.ranker,
+                                                         fitted.metrics, fitted.items)
             with stage("register"):
                 bundle = _bundle(work / "bundle", out, idx, content, result, metrics, source, s)
                 reg = registry.register(bundle, metrics, _params(s, idx, source), PROMOTION_METRIC, s.promotion_margin)
@@ -142,6 +123,50 @@ def train_once(s: Settings, source: Source, progress: Callable[[str], None] = pr
                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, out.warnings, published)
     except Exception as exc:  # every stage: report which, keep serving as it is
         raise TrainingFailed(current, f"{type(exc).__name__}: {exc}", serving) from exc
+
+
+@dataclass
+class Fitted:
+    """What one run trains, before the registry: Spark's outputs, the index, the content model, the ranker."""
+    out: BatchOutputs
+    items: Embeddings               # ALS item vectors, plus content-model vectors for untouched catalogue items
+    index: faiss_index.RetrievalIndex
+    content: ContentModel | None
+    ranker: ranker.RankerResult
+    metrics: dict[str, float]
+
+
+@contextmanager
+def _quiet_stage(name: str) -> Iterator[None]:
+    yield
+
+
+def fit(s: Settings, events: list[Event], products: list[Product], work: Path, progress: Callable[[str], None] = print,
+        stage: Callable[[str], ContextManager[None]] = _quiet_stage) -> Fitted:
+    """Train every model of a version on `events` (time-ordered): `recstream train` and `recstream evaluate`."""
+    with stage("spark"):
+        from batch.spark import session
+
+        spark = session(s)
+        try:
+            df = job.load_events(spark, job.events_to_parquet(events, work / "events.parquet"))
+            out = job.build(spark, df, s, progress=progress)
+        finally:
+            spark.stop()
+    window_events = _window(events, out)
+    with stage("content"):
+        items, content, cold = _items_with_cold_start(out, products, progress)
+    with stage("index"):
+        idx, recall = _index(items, out.user_embeddings, progress)
+    with stage("ranker"):
+        result = ranker.train(window_events, out, products, ranker.ranker_config(s, nthread=2, progress=False,
+                                                                         target_sample=s.ranker_target_sample))
+    metrics = {**{f"batch_{k}": v for k, v in out.metrics.items()},
+               **{k.replace("@", "_at_"): v for k, v in result.metrics.items()},
+               "faiss_recall_at_200": recall, "items_cold_start": float(cold),
+               "events": float(out.window.events), "users": float(out.window.users),
+               "items": float(out.window.items)}
+    return Fitted(out, items, idx, content, result, metrics)
 
 
 def _window(events: list[Event], out: BatchOutputs) -> list[Event]:

@@ -118,6 +118,37 @@ def _train(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace, s: Settings) -> int:
+    from batch.evaluate import RedisUnavailable, run
+    from recstream.evaluation.protocols import PROTOCOLS, make_split, summary
+    from recstream.evaluation.report import table, write
+
+    protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    for name in protocols:
+        path = args.dataset or Path(args.data) / PROTOCOLS[name].path
+        try:
+            split = make_split(name, path, args.format, validation=args.validation, seed=args.seed,
+                               max_queries=args.max_queries)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"recstream evaluate: {exc}", file=sys.stderr)
+            return 2
+        info = summary(split)
+        print(f"== {name}{' (validation split)' if args.validation else ''}: {path}; seed {split.seed}; "
+              f"{info['train_events']:,} training events, {info['queries']:,} queries, primary {split.primary}")
+        for note in split.notes:
+            print(f"   {note}")
+        try:
+            ev = run(s, split)
+        except RedisUnavailable as exc:
+            print(f"recstream evaluate: {exc}", file=sys.stderr)
+            return 2
+        print(table(ev))
+        command = "recstream evaluate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "recstream evaluate"
+        json_path, png_path = write(ev, args.out, command, name + ("-validation" if args.validation else ""))
+        print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def _trainer(args: argparse.Namespace, s: Settings) -> int:
     import signal
 
@@ -192,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--every-hours", type=float, default=None)
             sp.set_defaults(run=_trainer)
+
+    sp = sub.add_parser("evaluate", help="offline evaluation: a protocol's leak-free split, baselines and ours side by side")
+    sp.add_argument("--protocol", required=True, help="homepage, session, fbt, movielens, new_items, or all")
+    sp.add_argument("--dataset", type=Path, default=None, help="file or folder (default: the protocol's dataset "
+                                                               "under --data)")
+    sp.add_argument("--format", default=None, help="csv, taobao, yoochoose, groceries, movielens "
+                                                   "(default: the protocol's)")
+    sp.add_argument("--data", default="../shared/data", help="folder of the public datasets (default ../shared/data)")
+    sp.add_argument("--validation", action="store_true", help="the validation split (tuning), not the test split")
+    sp.add_argument("--seed", type=int, default=20261125, help="seed of every random choice (printed)")
+    sp.add_argument("--max-queries", type=int, default=None, help="sample whole users/sessions down to about this many")
+    sp.add_argument("--out", type=Path, default=Path(".local/evaluation"), help="folder for the JSON and PNG")
+    sp.set_defaults(run=_evaluate)
 
     sp = sub.add_parser("serve", help="run the HTTP API (POST /api/v1/events, GET /healthz) under uvicorn")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -158,7 +158,7 @@ def reason(source: str | None, *, kind: str, anchor_title: str | None = None, sc
     if source == "covis":
         return f"customers who viewed {x} also viewed this" + (f" ({_plural(score, 'time')})" if score >= 1 else "")
     if source == "session":
-        return f"similar to {x} you viewed"
+        return "you viewed this recently"
     if source == "als":
         if kind in ("similar", "also_viewed"):
             return f"similar to {x}"

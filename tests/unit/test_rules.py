@@ -205,7 +205,7 @@ def test_best_source_follows_the_reason_priority():
     ("covis", dict(anchor_title="X", score=1), "customers who viewed “X” also viewed this (1 time)"),
     ("covis", dict(anchor_title="X", score=0.2), "customers who viewed “X” also viewed this"),
     ("covis", dict(), "customers who viewed an item you viewed also viewed this"),
-    ("session", dict(anchor_title="X"), "similar to “X” you viewed"),
+    ("session", dict(anchor_title="X"), "you viewed this recently"),
     ("same_brand", dict(brand="Nova"), "more from Nova"),
     ("same_brand", dict(category="Phones"), "trending in Phones"),
     ("same_category", dict(category="Phones"), "popular in Phones"),

@@ -1,0 +1,90 @@
+"""An evaluation's outputs: the printed table, the JSON record and the PNG plot (metric against K)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recstream.evaluation.protocols import summary
+
+if TYPE_CHECKING:
+    from batch.evaluate import Evaluation
+
+
+def columns(ev: "Evaluation") -> list[str]:
+    """The primary metric first, then the protocol's other metrics at its Ks."""
+    family = {"homepage": ("recall", "ndcg", "recall_new", "ndcg_new", "coverage"), "session": ("hitrate", "mrr"),
+              "fbt": ("hitrate", "mrr"), "movielens": ("recall", "ndcg", "coverage"),
+              "new_items": ("recall", "ndcg")}.get(ev.split.protocol, ("recall", "ndcg", "hitrate", "mrr"))
+    names = [ev.split.primary]
+    for f in family:
+        for k in ev.split.ks:
+            name = f"{f}@{k}"
+            if name not in names and any(name in r.metrics for r in ev.results):
+                names.append(name)
+    return names
+
+
+def table(ev: "Evaluation") -> str:
+    cols = columns(ev)
+    primary = ev.split.primary
+    head = f"{'method':<16}" + "".join(f"{c:>15}" for c in cols) + f"{'seconds':>9}"
+    lines = [head, "-" * len(head)]
+    for r in ev.results:
+        cells = []
+        for c in cols:
+            v = r.metrics.get(c)
+            text = "-" if v is None else f"{v:.4f}"
+            if c == primary and v is not None:
+                text += f"±{r.metrics.get(c + '_ci95', 0.0):.3f}"
+            cells.append(f"{text:>15}")
+        lines.append(f"{r.name:<16}" + "".join(cells) + f"{r.seconds:>9.1f}")
+    best, full = ev.best_baseline, ev.full_pipeline
+    lines.append(f"{full.name} {primary} {full.metrics[primary]:.4f} vs best baseline {best.name} "
+                 f"{best.metrics[primary]:.4f}: {ev.lift:+.1%} (bar: +10%) -> {'PASS' if ev.lift >= 0.10 else 'BELOW BAR'}")
+    return "\n".join(lines)
+
+
+def record(ev: "Evaluation", command: str = "") -> dict:
+    best, full = ev.best_baseline, ev.full_pipeline
+    p = ev.split.primary
+    return {"protocol": ev.split.protocol, "command": command, "seed": ev.split.seed, "primary": p,
+            "split": summary(ev.split), "notes": ev.split.notes,
+            "best_baseline": {"name": best.name, p: best.metrics[p]},
+            "full_pipeline": {"name": full.name, p: full.metrics[p]}, "lift": ev.lift,
+            "methods": {r.name: {"ours": r.ours, "seconds": r.seconds, "metrics": r.metrics,
+                                 "curve": {"k": list(range(1, len(r.curve) + 1)), p.split("@")[0]: r.curve}}
+                        for r in ev.results},
+            "training": ev.training}
+
+
+def plot(ev: "Evaluation", path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    family = ev.split.primary.split("@")[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in ev.results:
+        ks = range(1, len(r.curve) + 1)
+        ax.plot(ks, r.curve, label=r.name, linewidth=2.4 if r.ours else 1.2, linestyle="-" if r.ours else "--")
+    ax.set_xlabel("K")
+    ax.set_ylabel(f"{family}@K")
+    ax.set_title(f"{ev.split.protocol}: {summary(ev.split)['dataset']} ({ev.split.primary} {ev.lift:+.1%} vs best baseline)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write(ev: "Evaluation", out_dir: Path, command: str = "", name: str | None = None) -> tuple[Path, Path]:
+    """{out_dir}/{name}.json and .png; name defaults to the protocol's."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or ev.split.protocol
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps(record(ev, command), indent=2, default=float))
+    return json_path, plot(ev, out_dir / f"{name}.png")

@@ -1,0 +1,74 @@
+"""The evaluation runner's pure parts: query shifting, the ALS-only candidate set, the shared filter, the report."""
+import json
+import math
+
+import pytest
+
+from batch.evaluate import Evaluation, MethodResult, _als_only, _filtered, _shift
+from recstream.evaluation.core import Query, Split
+from recstream.evaluation.report import record, table, write
+from schemas import CandidateSet, Event, RecommendationRequest
+
+DAY = 86_400.0
+
+
+def test_queries_within_a_day_of_training_stay_put_and_later_ones_move_back_whole_days():
+    end = 1_000 * DAY
+    assert _shift(end + 3600, end) == 0.0
+    assert _shift(end - 5 * DAY, end) == 0.0          # before the end (per-user splits): never moved
+    moved = _shift(end + 40 * DAY + 7200, end)
+    assert moved == 40 * DAY and 0 <= end + 40 * DAY + 7200 - moved - end < DAY
+
+
+def _candidates(scores: dict, anchors: dict | None = None) -> CandidateSet:
+    r = RecommendationRequest(request_id="r1", kind="homepage", created_at=1_700_000_000.0, user_id="u")
+    n = len(next(iter(scores.values())))
+    return CandidateSet(request=r, model_version="v", query_source="user", query=(0.1, 0.2),
+                        product_ids=tuple(f"p{i}" for i in range(n)), scores=scores, anchors=anchors or {})
+
+
+def test_als_only_keeps_the_faiss_candidates_in_als_order_and_nothing_else():
+    cs = _candidates({"als": (0.2, None, 0.9, 0.5), "covis": (None, 3.0, 1.0, None)},
+                     {"als": ("a0", None, "a2", "a3")})
+    only = _als_only(cs)
+    assert only.product_ids == ("p2", "p3", "p0")
+    assert set(only.scores) == {"als"} and list(only.scores["als"]) == [0.9, 0.5, 0.2]
+    assert list(only.anchors["als"]) == ["a2", "a3", "a0"]
+
+
+def test_our_lists_pass_the_filter_every_method_shares():
+    q = Query(0, "homepage", "u", 0.0, (), frozenset({"b"}), exclude=frozenset({"a"}))
+    assert _filtered(q, ["a", "b", "b", "x", "c", "d"], {"a", "b", "c", "d"}, 2) == ["b", "c"]
+    new = Query(1, "homepage", "u", 0.0, (), frozenset({"n1"}), universe=frozenset({"n1", "n2"}))
+    assert _filtered(new, ["b", "n2", "n1"], {"b"}, 5) == ["n2", "n1"]
+
+
+def _evaluation(full: float, best: float) -> Evaluation:
+    e = Event(event_id="e", user_id="u", session_id="s", product_id="a", event_type="view", timestamp=1e9)
+    split = Split("session", "tiny", [e], [], [Query(0, "homepage", "u", 1e9 + 1, ("a",), frozenset({"b"}))],
+                  (20,), "hitrate@20", 7, notes=["a note"])
+    res = [MethodResult("pop", False, {"hitrate@20": best / 2, "mrr@20": 0.1}, [best / 2] * 20, 0.1),
+           MethodResult("vsknn", False, {"hitrate@20": best, "hitrate@20_ci95": 0.01, "mrr@20": 0.2}, [best] * 20, 0.2),
+           MethodResult("ours_full", True, {"hitrate@20": full, "mrr@20": 0.3}, [full] * 20, 1.0)]
+    return Evaluation(split, res)
+
+
+@pytest.mark.parametrize("full, best, verdict", [(0.66, 0.6, "PASS"), (0.65, 0.6, "BELOW BAR")])
+def test_the_bar_is_ten_percent_over_the_best_baseline(full, best, verdict):
+    ev = _evaluation(full, best)
+    assert ev.best_baseline.name == "vsknn"
+    assert math.isclose(ev.lift, full / best - 1)
+    text = table(ev)
+    assert text.splitlines()[0].split()[:3] == ["method", "hitrate@20", "mrr@20"]
+    assert text.rstrip().endswith(verdict)
+
+
+def test_the_record_and_plot_are_written_next_to_each_other(tmp_path):
+    ev = _evaluation(0.7, 0.6)
+    rec = record(ev, "recstream evaluate --protocol session")
+    assert rec["best_baseline"] == {"name": "vsknn", "hitrate@20": 0.6}
+    assert rec["full_pipeline"] == {"name": "ours_full", "hitrate@20": 0.7} and rec["seed"] == 7
+    assert rec["methods"]["pop"]["curve"]["k"] == list(range(1, 21))
+    json_path, png_path = write(ev, tmp_path)
+    assert json.loads(json_path.read_text())["protocol"] == "session"
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
