@@ -98,13 +98,14 @@ def eval_settings(s: Settings, split: Split) -> Settings:
     """The training window spans the whole split; the run's own Redis namespace; no popularity cache
     (each query has its own moment); the serving filter "exclude purchased" off, since the filter
     every method shares is Query.exclude (the homepage protocol puts the user's purchases in it;
-    Groceries shoppers buy milk again, and a grocer would turn the setting off)."""
+    Groceries shoppers buy milk again, and a grocer would turn the setting off); and no diversity cap
+    per category, which no baseline has (it trades accuracy for variety: a shop's choice)."""
     first, last = split.train[0].timestamp, split.train[-1].timestamp
     days = int(math.ceil((last - first) / 86_400)) + 2
     ns = f"{s.redis_namespace}eval:{split.protocol}:{uuid.uuid4().hex[:8]}:"
     return dataclasses.replace(s, train_window_days=max(s.train_window_days, days), redis_namespace=ns,
                                item_stats_ttl_s=0.0, item_cache_ttl_s=3600.0,
-                               exclude_purchased=False)
+                               exclude_purchased=False, max_per_category=0)
 
 
 class RedisUnavailable(RuntimeError):

@@ -49,6 +49,7 @@ class RankerConfig:
     popular_candidates: int = 20      # popular items in the session's main category
     train_fraction: float = 0.8       # earliest share of targets, by time, to train on
     target_sample: float = 1.0        # share of targets kept, chosen by a hash of the event id (deterministic)
+    targets_from_s: float = float("-inf")   # only events from here on are targets (earlier ones build the state)
     k: int = 8                        # NDCG@k and recall@k
     popularity_window_days: int = 7
     trending_half_life_s: float = 6 * 3600
@@ -57,7 +58,10 @@ class RankerConfig:
 
 
 def ranker_config(s: Settings, **overrides) -> RankerConfig:
+    # as many ALS candidates as retrieval hands to ranking: trained on 50 while serving 200, the ranker
+    # met items far down the ALS list only at serving, and scored them arbitrarily (Groceries, 167 items)
     return RankerConfig(trees=s.ranker_trees, depth=s.ranker_depth, popularity_window_days=s.popularity_window_days,
+                        als_candidates=s.retrieval_candidates,
                         trending_half_life_s=s.trending_half_life_s, features=feature_config(s), **overrides)
 
 
@@ -182,13 +186,15 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
         state = states.get(e.user_id, UserState())
         row = table.index.get(e.product_id)
         # a target: an interaction that continues a live session (the state holds earlier events of it)
-        if (row is not None and state.events and state.session_id == e.session_id and e.event_id not in state.seen
+        if (row is not None and e.timestamp >= cfg.targets_from_s and state.events and state.session_id == e.session_id
                 and state.session_start_s <= e.timestamp <= state.last_s + idle
                 and _sampled(e.event_id, cfg.target_sample)):
             targets += 1
             u = users.get(e.user_id)
             device, page = last_request[e.user_id]
-            ctx = Context(now_s=e.timestamp, user_embedding=None if u is None else user_vectors[u], session=state,
+            # as retrieval does: the user's vector, else the mean of the session's last 5 items' vectors
+            query = user_vectors[u] if u is not None else _session_proxy(state, table)
+            ctx = Context(now_s=e.timestamp, user_embedding=query, session=state,
                           category_affinity=outputs.category_affinity.get(e.user_id, {}),
                           median_price=outputs.user_median_price.get(e.user_id), device=device, page=page,
                           session_idle_timeout_s=idle)
@@ -216,6 +222,13 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
     X = np.concatenate(blocks) if blocks else np.empty((0, len(FEATURE_NAMES)), np.float32)
     qid = np.repeat(np.arange(len(groups), dtype=np.uint32), sizes)
     return Examples(X, y, qid, offsets, groups, table, targets)
+
+
+def _session_proxy(state: UserState, table: ItemTable, n: int = 5) -> np.ndarray | None:
+    rows = [table.index[p] for p in state.recent[:n] if p in table.index]
+    vectors = table.embeddings[rows] if rows else table.embeddings[:0]
+    vectors = vectors[~np.isnan(vectors).any(axis=1)] if vectors.shape[1] else vectors
+    return vectors.mean(axis=0) if len(vectors) else None
 
 
 def _sampled(event_id: str, share: float) -> bool:

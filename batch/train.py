@@ -151,22 +151,38 @@ def fit(s: Settings, events: list[Event], products: list[Product], work: Path, p
         try:
             df = job.load_events(spark, job.events_to_parquet(events, work / "events.parquet"))
             out = job.build(spark, df, s, progress=progress)
+            window_events = _window(events, out)
+            cut, past = _ranker_cut(window_events, s.ranker_target_share), out
+            if cut is not None:   # the ranker's features come from vectors that never saw its targets
+                progress(f"[train] ALS for the ranker's features: events before {cut:.0f} (the latest "
+                         f"{s.ranker_target_share:.0%} are its targets)")
+                past = job.build(spark, df.filter(df.timestamp < cut), s, end_s=cut, progress=progress)
         finally:
             spark.stop()
-    window_events = _window(events, out)
     with stage("content"):
         items, content, cold = _items_with_cold_start(out, products, progress)
     with stage("index"):
         idx, recall = _index(items, out.user_embeddings, progress)
     with stage("ranker"):
-        result = ranker.train(window_events, out, products, ranker.ranker_config(s, nthread=2, progress=False,
-                                                                         target_sample=s.ranker_target_sample))
+        cfg = ranker.ranker_config(s, nthread=2, progress=False, target_sample=s.ranker_target_sample,
+                                   targets_from_s=cut if cut is not None else float("-inf"))
+        result = ranker.train(window_events, past, products, cfg)
     metrics = {**{f"batch_{k}": v for k, v in out.metrics.items()},
                **{k.replace("@", "_at_"): v for k, v in result.metrics.items()},
                "faiss_recall_at_200": recall, "items_cold_start": float(cold),
                "events": float(out.window.events), "users": float(out.window.users),
                "items": float(out.window.items)}
     return Fitted(out, items, idx, content, result, metrics)
+
+
+def _ranker_cut(events: list[Event], share: float) -> float | None:
+    """The moment from which the latest `share` of the window's events are the ranker's targets;
+    None when the share is 0 or 1, or when too few events come before it (then the ranker's
+    vectors are the serving ones, which have seen its targets)."""
+    if not 0 < share < 1 or len(events) < 100:
+        return None
+    cut = events[int(len(events) * (1 - share))].timestamp
+    return cut if sum(1 for e in events if e.timestamp < cut) >= 50 else None
 
 
 def _window(events: list[Event], out: BatchOutputs) -> list[Event]:

@@ -70,6 +70,8 @@ class Settings:
     ranker_trees: int = _setting(200, "XGBoost boosting rounds of the ranker (count)")
     ranker_depth: int = _setting(8, "XGBoost max tree depth of the ranker (count)")
     ranker_target_sample: float = _setting(1.0, "share of interactions the ranker trains on, chosen by event id (fraction)")
+    ranker_target_share: float = _setting(0.2, "the ranker learns from the window's latest events (this share), with ALS "
+                                               "vectors trained on the events before them, as serving meets the future (fraction)")
     retrieval_candidates: int = _setting(200, "candidates retrieval hands to ranking (count)")
     promotion_margin: float = _setting(0.02, "a new model becomes champion unless its offline metric is worse "
                                             "than the champion's by more than this fraction (fraction)")
