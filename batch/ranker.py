@@ -32,6 +32,7 @@ from recstream.settings import Settings
 from schemas import Event, Product
 
 GRADES = {"view": 1, "click": 1, "add_to_cart": 2, "purchase": 3}
+EARLY_STOP = 25     # boosting rounds without a better held-out NDCG before training stops
 _J = {s: j for j, s in enumerate(SOURCES)}
 
 
@@ -50,6 +51,7 @@ class RankerConfig:
     train_fraction: float = 0.8       # earliest share of targets, by time, to train on
     target_sample: float = 1.0        # share of targets kept, chosen by a hash of the event id (deterministic)
     targets_from_s: float = float("-inf")   # only events from here on are targets (earlier ones build the state)
+    label_horizon_s: float = 86_400.0  # positives: what the user engaged with within this long (0: the next event)
     k: int = 8                        # NDCG@k and recall@k
     popularity_window_days: int = 7
     trending_half_life_s: float = 6 * 3600
@@ -61,7 +63,7 @@ def ranker_config(s: Settings, **overrides) -> RankerConfig:
     # as many ALS candidates as retrieval hands to ranking: trained on 50 while serving 200, the ranker
     # met items far down the ALS list only at serving, and scored them arbitrarily (Groceries, 167 items)
     return RankerConfig(trees=s.ranker_trees, depth=s.ranker_depth, popularity_window_days=s.popularity_window_days,
-                        als_candidates=s.retrieval_candidates,
+                        als_candidates=s.retrieval_candidates, label_horizon_s=s.ranker_label_horizon_s,
                         trending_half_life_s=s.trending_half_life_s, features=feature_config(s), **overrides)
 
 
@@ -155,6 +157,7 @@ class Group:
     target: str
     grade: int
     novel: bool                 # the target was not in the session, cart or purchases already
+    later: dict[str, int] = field(default_factory=dict)   # what the user engaged with within the horizon: grade
 
 
 @dataclass(slots=True)
@@ -182,13 +185,15 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
     blocks: list[np.ndarray] = []
     targets = 0
     ordered = sorted(events, key=lambda e: e.timestamp)
+    future = _Future(ordered, cfg.label_horizon_s)
     for e in tqdm(ordered, desc="ranker examples", unit="event", mininterval=1, disable=not cfg.progress):
         state = states.get(e.user_id, UserState())
         row = table.index.get(e.product_id)
-        # a target: an interaction that continues a live session (the state holds earlier events of it)
-        if (row is not None and e.timestamp >= cfg.targets_from_s and state.events and state.session_id == e.session_id
-                and state.session_start_s <= e.timestamp <= state.last_s + idle
-                and _sampled(e.event_id, cfg.target_sample)):
+        # a target: any interaction of a user seen before, in time order: one that continues a live
+        # session (real-time adaptation), or one that opens a new visit (the homepage on arrival,
+        # the state then holding the previous session)
+        if (row is not None and e.timestamp >= cfg.targets_from_s and state.events
+                and state.session_start_s <= e.timestamp and _sampled(e.event_id, cfg.target_sample)):
             targets += 1
             u = users.get(e.user_id)
             device, page = last_request[e.user_id]
@@ -200,6 +205,7 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
                           session_idle_timeout_s=idle)
             group = _group(ctx, state, e, row, table, pop, cooccurrence, cfg)
             if group is not None:
+                group.later = future.after(e)
                 groups.append(group)
                 blocks.append(matrix(ctx, table.columns(group.rows, group.sources, group.popularity_7d,
                                                         group.purchases_7d, group.trending)))
@@ -218,10 +224,39 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     y = np.zeros(int(offsets[-1]), np.float32)
     for g, start in zip(groups, offsets[:-1]):
-        y[start + int(np.flatnonzero(g.rows == table.index[g.target])[0])] = g.grade
+        for pid, grade in g.later.items():   # everything engaged with soon is a positive, graded
+            at = np.flatnonzero(g.rows == table.index.get(pid, -1))
+            if len(at):
+                y[start + at] = np.maximum(y[start + at], grade)
     X = np.concatenate(blocks) if blocks else np.empty((0, len(FEATURE_NAMES)), np.float32)
     qid = np.repeat(np.arange(len(groups), dtype=np.uint32), sizes)
     return Examples(X, y, qid, offsets, groups, table, targets)
+
+
+class _Future:
+    """Per user, the events in time order, to label a request with what followed it within the horizon."""
+
+    def __init__(self, ordered: Sequence[Event], horizon_s: float):
+        self.horizon_s = horizon_s
+        self.by_user: dict[str, list[Event]] = {}
+        self.position: dict[str, int] = {}
+        for e in ordered:
+            self.by_user.setdefault(e.user_id, []).append(e)
+
+    def after(self, e: Event) -> dict[str, int]:
+        """Grades (best per product) of the user's events from `e` on, up to horizon_s after it."""
+        events = self.by_user[e.user_id]
+        i = self.position.get(e.user_id, 0)
+        while events[i].event_id != e.event_id:
+            i += 1
+        self.position[e.user_id] = i
+        out: dict[str, int] = {}
+        end = e.timestamp + self.horizon_s
+        for later in events[i:]:
+            if later.timestamp > end and later is not e:
+                break
+            out[later.product_id] = max(out.get(later.product_id, 0), GRADES[later.event_type])
+        return out
 
 
 def _session_proxy(state: UserState, table: ItemTable, n: int = 5) -> np.ndarray | None:
@@ -313,15 +348,21 @@ def fit(ex: Examples, cfg: RankerConfig) -> RankerResult:
     dtrain = xgb.DMatrix(ex.X[:r], label=ex.y[:r], qid=ex.qid[:r], feature_names=names, nthread=cfg.nthread)
     params = {"objective": "rank:ndcg", "eval_metric": f"ndcg@{cfg.k}", "max_depth": cfg.depth,
               "eta": cfg.learning_rate, "nthread": cfg.nthread, "tree_method": "hist", "seed": cfg.seed}
-    booster = xgb.train(params, dtrain, num_boost_round=cfg.trees, evals=[(dtrain, "train")],
-                        verbose_eval=max(1, cfg.trees // 10) if cfg.progress else False)
     test = slice(r, None)
+    dtest = xgb.DMatrix(ex.X[test], label=ex.y[test], qid=ex.qid[test], feature_names=names, nthread=cfg.nthread)
+    # at most cfg.trees rounds, fewer when the later groups stop improving (small data overfits:
+    # Groceries gives ~3k groups); the held-out figures below are then slightly optimistic
+    booster = xgb.train(params, dtrain, num_boost_round=cfg.trees, evals=[(dtrain, "train"), (dtest, "held_out")],
+                        early_stopping_rounds=EARLY_STOP, verbose_eval=max(1, cfg.trees // 10) if cfg.progress else False)
+    if booster.best_iteration + 1 < booster.num_boosted_rounds():
+        booster = booster[: booster.best_iteration + 1]
     offsets = ex.offsets[cut:] - r
     novel = np.array([g.novel for g in ex.groups[cut:]])
     ranker = score(booster, ex.X[test])
     dot = ex.X[test, FEATURE_NAMES.index("ui_dot")]
     baseline = np.where(np.isnan(dot), -np.inf, dot)   # retrieval order: by dot product
     metrics: dict[str, float] = {"train_groups": float(cut), "test_groups": float(n_groups - cut),
+                                 "ranker_trees_kept": float(booster.num_boosted_rounds()),
                                  "test_novel_groups": float(novel.sum())}
     for name, s in (("ranker", ranker), ("baseline", baseline)):
         ndcg, recall = evaluate(s, ex.y[test], offsets, cfg.k)

@@ -31,6 +31,26 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
 
 
+def markdown(result: dict) -> str:
+    """The tables for bench/RESULTS.md: per protocol, every method's figures (primary first)."""
+    lines = []
+    for protocol, fig in result["figures"].items():
+        methods = result["methods"][protocol]
+        primary = fig["primary"]
+        keys = [primary] + sorted({k for m in methods.values() for k in m
+                                   if "@" in k and not k.endswith("_ci95") and k != primary})
+        lines += [f"**{protocol}** ({primary}; best baseline {fig['best_baseline']} "
+                  f"{fig['best_baseline_value']:.4f}, full pipeline {fig['full_pipeline']:.4f}, "
+                  f"lift {fig['lift']:+.1%}, bar {'met' if fig['bar_met'] else 'not met'})", "",
+                  "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, m in methods.items():
+            cells = [f"{m[k]:.4f}" + (f" ± {m[k + '_ci95']:.4f}" if k == primary else "") if k in m else "-"
+                     for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocols", default=",".join(PROTOCOLS))
@@ -63,6 +83,7 @@ def main() -> None:
               "command": command, "figures": figures, "methods": details, "wall_s": time.perf_counter() - t0}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(figures, indent=2))
+    print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ class Settings:
     ranker_trees: int = _setting(200, "XGBoost boosting rounds of the ranker (count)")
     ranker_depth: int = _setting(8, "XGBoost max tree depth of the ranker (count)")
     ranker_target_sample: float = _setting(1.0, "share of interactions the ranker trains on, chosen by event id (fraction)")
+    ranker_label_horizon_s: float = _setting(86_400.0, "the ranker's positives: every item the shopper engaged with "
+                                                       "within this long after the request, graded (seconds; 0: the next event only)")
     ranker_target_share: float = _setting(0.2, "the ranker learns from the window's latest events (this share), with ALS "
                                                "vectors trained on the events before them, as serving meets the future (fraction)")
     retrieval_candidates: int = _setting(200, "candidates retrieval hands to ranking (count)")

@@ -95,12 +95,26 @@ def result(examples) -> RankerResult:
     return fit(examples, CFG)
 
 
-def test_examples_are_graded_groups_with_one_positive(examples):
+def test_examples_are_graded_groups_labelled_with_what_followed_within_a_day(examples, shop):
     assert examples.X.shape == (len(examples.y), len(FEATURE_NAMES))
     assert 0 < len(examples.groups) <= examples.targets
-    for g in range(len(examples.groups)):
+    by_user: dict[str, list] = defaultdict(list)
+    for e in shop.events:
+        by_user[e.user_id].append(e)
+    grades = {"view": 1, "click": 1, "add_to_cart": 2, "purchase": 3}
+    several = 0
+    for g, group in enumerate(examples.groups):
         y = examples.y[examples.offsets[g]:examples.offsets[g + 1]]
-        assert (y > 0).sum() == 1 and y.max() == examples.groups[g].grade
+        ids = [examples.table.ids[r] for r in group.rows]
+        user = next(e.user_id for e in shop.events if e.timestamp == group.ctx.now_s and e.product_id == group.target)
+        expect: dict[str, int] = {}
+        for e in by_user[user]:
+            if group.ctx.now_s <= e.timestamp <= group.ctx.now_s + CFG.label_horizon_s:
+                expect[e.product_id] = max(expect.get(e.product_id, 0), grades[e.event_type])
+        assert y[ids.index(group.target)] >= group.grade > 0
+        assert {x: int(v) for x, v in zip(ids, y) if v > 0} == {x: v for x, v in expect.items() if x in ids}
+        several += (y > 0).sum() > 1
+    assert several > 0
     assert np.all(np.diff(examples.qid.astype(np.int64)) >= 0)
     assert set(np.unique(examples.y)) <= {0.0, 1.0, 2.0, 3.0}
 
@@ -168,3 +182,17 @@ def test_offline_and_online_features_are_identical(examples, outputs, shop):
         online = _online(examples.groups[g], examples.table, outputs, shop)
         differ = ~((offline == online) | (np.isnan(offline) & np.isnan(online)))
         assert np.array_equal(offline, online, equal_nan=True), [FEATURE_NAMES[j] for j in np.flatnonzero(differ.any(0))]
+
+
+def test_targets_include_a_returning_users_first_event_of_a_new_visit(examples):
+    """The homepage on arrival: the state behind such a target is the previous session's."""
+    opens = [g for g in examples.groups if g.ctx.now_s - g.ctx.session.last_s > g.ctx.session_idle_timeout_s]
+    continues = [g for g in examples.groups if g.ctx.now_s - g.ctx.session.last_s <= g.ctx.session_idle_timeout_s]
+    assert opens and continues
+
+
+def test_training_stops_early_when_the_later_groups_stop_improving(examples):
+    noise = Examples(examples.X.copy(), np.random.default_rng(0).permutation(examples.y), examples.qid,
+                     examples.offsets, examples.groups, examples.table, examples.targets)
+    kept = fit(noise, CFG).metrics["ranker_trees_kept"]
+    assert kept < CFG.trees
