@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import os
 import tempfile
 import time
 import uuid

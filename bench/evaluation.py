@@ -1,8 +1,9 @@
 """Offline evaluation of every protocol on its public dataset, recorded: bench/results/evaluation.json and one PNG each.
 
 Runs what `recstream evaluate --protocol NAME` runs (the test split; baselines and ours side by
-side in one run, on one split) and keeps, per protocol, the primary metric of the best baseline
-(and its name) and of the full pipeline, the lift, and every method's figures.
+side in one run, on one split), writes each protocol's record and plot to bench/results/evaluation/,
+and keeps in evaluation.json, per protocol, the primary metric of the best baseline (and its
+name) and of the full pipeline, the lift, and every method's figures.
 
     .venv/bin/python bench/evaluation.py [--protocols homepage,session,fbt,movielens,new_items] [--validation]
 """
@@ -12,9 +13,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,12 +22,20 @@ sys.path.insert(0, str(ROOT))
 
 from batch.evaluate import run  # noqa: E402
 from recstream.evaluation.protocols import PROTOCOLS, make_split  # noqa: E402
-from recstream.evaluation.report import record, table, write  # noqa: E402
+from recstream.evaluation.report import table, write  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
 
 def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+
+
+def summarise(rec: dict) -> dict:
+    """One protocol's entry of evaluation.json, from its record (recstream.evaluation.report.record)."""
+    p = rec["primary"]
+    return {"primary": p, "best_baseline": rec["best_baseline"][p], "best_baseline_name": rec["best_baseline"]["name"],
+            "full_pipeline": rec["full_pipeline"][p], "full_pipeline_name": rec["full_pipeline"]["name"],
+            "lift": rec["lift"], "bar_met": rec["lift"] >= 0.10}
 
 
 def markdown(result: dict) -> str:
@@ -39,8 +46,8 @@ def markdown(result: dict) -> str:
         primary = fig["primary"]
         keys = [primary] + sorted({k for m in methods.values() for k in m
                                    if "@" in k and not k.endswith("_ci95") and k != primary})
-        lines += [f"**{protocol}** ({primary}; best baseline {fig['best_baseline']} "
-                  f"{fig['best_baseline_value']:.4f}, full pipeline {fig['full_pipeline']:.4f}, "
+        lines += [f"**{protocol}** ({primary}; best baseline {fig['best_baseline_name']} "
+                  f"{fig['best_baseline']:.4f}, full pipeline {fig['full_pipeline']:.4f}, "
                   f"lift {fig['lift']:+.1%}, bar {'met' if fig['bar_met'] else 'not met'})", "",
                   "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for name, m in methods.items():
@@ -51,38 +58,39 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def collect(folder: Path, protocols: list[str], name: str, command: str) -> dict:
+    """evaluation.json from the per-protocol records a run wrote into `folder`."""
+    records = {p: json.loads((folder / f"{p}.json").read_text()) for p in protocols if (folder / f"{p}.json").exists()}
+    return {"name": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
+            "command": command, "figures": {p: summarise(r) for p, r in records.items()},
+            "methods": {p: {m: x["metrics"] for m, x in r["methods"].items()} for p, r in records.items()},
+            "seconds": {p: sum(x["seconds"] for x in r["methods"].values()) for p, r in records.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocols", default=",".join(PROTOCOLS))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--validation", action="store_true", help="the validation splits (tuning)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--collect", action="store_true", help="only rebuild the JSON and tables from the records written")
     args = p.parse_args()
     out = Path(args.out)
-    s = load()
     name = "evaluation" + ("_validation" if args.validation else "")
-    command = "python bench/evaluation.py " + " ".join(sys.argv[1:])
-    figures, details = {}, {}
-    t0 = time.perf_counter()
-    for protocol in args.protocols.split(","):
-        split = make_split(protocol, Path(args.data) / PROTOCOLS[protocol].path, validation=args.validation)
-        print(f"== {protocol}: {len(split.train):,} training events, {len(split.queries):,} queries, seed {split.seed}",
-              flush=True)
-        ev = run(s, split)
-        print(table(ev), flush=True)
-        json_path, png_path = write(ev, out / name, command, protocol)
-        shutil.copy(png_path, out / f"{name}_{protocol}.png")
-        rec = record(ev, command)
-        primary = split.primary
-        figures[protocol] = {"primary": primary, "best_baseline": rec["best_baseline"]["name"],
-                             "best_baseline_value": rec["best_baseline"][primary],
-                             "full_pipeline": rec["full_pipeline"][primary], "lift": rec["lift"],
-                             "bar_met": rec["lift"] >= 0.10}
-        details[protocol] = {m: r["metrics"] for m, r in rec["methods"].items()}
-    result = {"name": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
-              "command": command, "figures": figures, "methods": details, "wall_s": time.perf_counter() - t0}
+    protocols = args.protocols.split(",")
+    command = "python bench/evaluation.py " + " ".join(a for a in sys.argv[1:] if a != "--collect")
+    if not args.collect:
+        s = load()
+        for protocol in protocols:
+            split = make_split(protocol, Path(args.data) / PROTOCOLS[protocol].path, validation=args.validation)
+            print(f"== {protocol}: {len(split.train):,} training events, {len(split.queries):,} queries, "
+                  f"seed {split.seed}", flush=True)
+            ev = run(s, split)
+            print(table(ev), flush=True)
+            write(ev, out / name, command, protocol)
+    result = collect(out / name, protocols, name, command)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(figures, indent=2))
+    print(json.dumps(result["figures"], indent=2))
     print(markdown(result))
 
 
