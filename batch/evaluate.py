@@ -125,7 +125,7 @@ async def _ping(url: str) -> None:
 def run(s: Settings, split: Split, baselines: Sequence[Method] | None = None, progress: Progress = print,
         workdir: Path | None = None) -> Evaluation:
     asyncio.run(_ping(s.redis_url))   # before minutes of training
-    ks = _curve_ks(split)
+    ks = list(range(1, split.max_k + 1))   # the curve: the primary metric at every K
     universe = {e.product_id for e in split.train}
     if split.protocol == "new_items":
         universe = set(split.held_out_items)
@@ -149,7 +149,7 @@ def run(s: Settings, split: Split, baselines: Sequence[Method] | None = None, pr
         if split.protocol == "new_items":
             lists = {"ours_content": _content_lists(fitted, split)}
         else:
-            bundle = training._bundle(Path(tmp) / "bundle", fitted.out, fitted.index, fitted.content, fitted.ranker,
+            bundle = training.write_bundle(Path(tmp) / "bundle", fitted.out, fitted.index, fitted.content, fitted.ranker,
                                       fitted.metrics, training.Source("evaluation"), es)
             lists = asyncio.run(_serve(es, split, fitted, bundle, progress))
         seconds = (time.perf_counter() - t0) / len(lists)
@@ -158,10 +158,6 @@ def run(s: Settings, split: Split, baselines: Sequence[Method] | None = None, pr
             results.append(_result(name, True, split, clean, ks, universe, seconds))
             progress(f"[evaluate] {name}: {split.primary} {results[-1].metrics[split.primary]:.4f}")
     return Evaluation(split, results, {"train_s": train_s, **fitted.metrics})
-
-
-def _curve_ks(split: Split) -> list[int]:
-    return list(range(1, split.max_k + 1))
 
 
 def _result(name: str, ours: bool, split: Split, lists: list[list[str]], ks: list[int], universe: set[str],

@@ -112,7 +112,7 @@ def train_once(s: Settings, source: Source, progress: Callable[[str], None] = pr
             out, idx, content, result, metrics, items = (fitted.out, fitted.index, fitted.content, fitted.ranker,
                                                          fitted.metrics, fitted.items)
             with stage("register"):
-                bundle = _bundle(work / "bundle", out, idx, content, result, metrics, source, s)
+                bundle = write_bundle(work / "bundle", out, idx, content, result, metrics, source, s)
                 reg = registry.register(bundle, metrics, _params(s, idx, source), PROMOTION_METRIC, s.promotion_margin)
                 progress(f"[train] version {reg.version} is {reg.alias}: {reg.decision.reason}")
             published = 0
@@ -231,7 +231,7 @@ def _index(items: Embeddings, users: Embeddings, progress, k: int = 200, target:
     return idx, faiss_index.recall_at_k(idx, items, q, min(k, len(items.ids)))
 
 
-def _bundle(folder: Path, out: BatchOutputs, idx, content, result, metrics, source: Source, s: Settings) -> Path:
+def write_bundle(folder: Path, out: BatchOutputs, idx, content, result, metrics, source: Source, s: Settings) -> Path:
     out.save(folder / "batch")
     (folder / "index.faiss").write_bytes(idx.to_bytes())
     if content is not None:
