@@ -1,12 +1,12 @@
 """Retrieval agent: a request -> up to a few hundred candidates, each with the sources that proposed it.
 
-Sources (recstream.ranking.SOURCES): the session's recent items themselves on the homepage
-("session"; repeat views are most of what shoppers do next); FAISS over the model's item vectors ("als"), queried with the
-user's ALS vector, else the mean vector of the session's last 5 viewed products (the design's
-cold-start proxy), else the product on screen or the cart's mean; co-view ("covis") and co-purchase
-("cobuy") neighbours of the session's, product's or cart's items; trending in the session's main
-category ("popular", as the ranker was trained; for homepage and cart) or in the product's category ("same_category");
-the product's brand ("same_brand"). A product newer than the model gets its vector from the
+Sources (recstream.ranking.SOURCES): on the homepage, the session's recent items themselves
+("session": shoppers come back to what they looked at); FAISS over the model's item vectors
+("als"), queried with the user's ALS vector, else the mean vector of the session's last 5 viewed
+products (the design's cold-start proxy), else the product on screen or the cart's mean; co-view
+("covis") and co-purchase ("cobuy") neighbours of the session's, product's or cart's items;
+trending in the session's main category ("popular", as the ranker was trained; homepage and cart)
+or in the product's category ("same_category"); the product's brand ("same_brand"). A product newer than the model gets its vector from the
 content model.
 
 FAISS searches run in one thread of their own, with dynamic batching: queries that arrive while a
