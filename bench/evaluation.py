@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from batch.evaluate import run  # noqa: E402
 from recstream.evaluation.protocols import PROTOCOLS, make_split  # noqa: E402
-from recstream.evaluation.report import table, write  # noqa: E402
+from recstream.evaluation.report import metric_names, table, write  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
 
@@ -44,8 +44,8 @@ def markdown(result: dict) -> str:
     for protocol, fig in result["figures"].items():
         methods = result["methods"][protocol]
         primary = fig["primary"]
-        keys = [primary] + sorted({k for m in methods.values() for k in m
-                                   if "@" in k and not k.endswith("_ci95") and k != primary})
+        ks = sorted({int(k.split("@")[1]) for m in methods.values() for k in m if "@" in k and "_ci95" not in k})
+        keys = metric_names(protocol, primary, ks, {k for m in methods.values() for k in m})
         lines += [f"**{protocol}** ({primary}; best baseline {fig['best_baseline_name']} "
                   f"{fig['best_baseline']:.4f}, full pipeline {fig['full_pipeline']:.4f}, "
                   f"lift {fig['lift']:+.1%}, bar {'met' if fig['bar_met'] else 'not met'})", "",

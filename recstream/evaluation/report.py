@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Collection, Sequence
 
 from recstream.evaluation.protocols import summary
 
@@ -11,18 +11,24 @@ if TYPE_CHECKING:
     from batch.evaluate import Evaluation
 
 
-def columns(ev: "Evaluation") -> list[str]:
-    """The primary metric first, then the protocol's other metrics at its Ks."""
-    family = {"homepage": ("recall", "ndcg", "recall_new", "ndcg_new", "coverage"), "session": ("hitrate", "mrr"),
-              "fbt": ("hitrate", "mrr"), "movielens": ("recall", "ndcg", "coverage"),
-              "new_items": ("recall", "ndcg")}.get(ev.split.protocol, ("recall", "ndcg", "hitrate", "mrr"))
-    names = [ev.split.primary]
-    for f in family:
-        for k in ev.split.ks:
+FAMILIES = {"homepage": ("recall", "ndcg", "recall_new", "ndcg_new", "coverage"), "session": ("hitrate", "mrr"),
+            "fbt": ("hitrate", "mrr"), "movielens": ("recall", "ndcg", "coverage"), "new_items": ("recall", "ndcg")}
+
+
+def metric_names(protocol: str, primary: str, ks: Sequence[int], present: Collection[str]) -> list[str]:
+    """The primary metric first, then the protocol's other metrics at its Ks (those present)."""
+    names = [primary]
+    for f in FAMILIES.get(protocol, ("recall", "ndcg", "hitrate", "mrr")):
+        for k in ks:
             name = f"{f}@{k}"
-            if name not in names and any(name in r.metrics for r in ev.results):
+            if name not in names and name in present:
                 names.append(name)
     return names
+
+
+def columns(ev: "Evaluation") -> list[str]:
+    present = {k for r in ev.results for k in r.metrics}
+    return metric_names(ev.split.protocol, ev.split.primary, ev.split.ks, present)
 
 
 def table(ev: "Evaluation") -> str:
