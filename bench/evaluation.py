@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from batch.evaluate import run  # noqa: E402
 from recstream.evaluation.protocols import PROTOCOLS, make_split  # noqa: E402
-from recstream.evaluation.report import metric_names, table, write  # noqa: E402
+from recstream.evaluation.report import metric_names, plot, table, write  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
 
@@ -61,6 +61,8 @@ def markdown(result: dict) -> str:
 def collect(folder: Path, protocols: list[str], name: str, command: str) -> dict:
     """evaluation.json from the per-protocol records a run wrote into `folder`."""
     records = {p: json.loads((folder / f"{p}.json").read_text()) for p in protocols if (folder / f"{p}.json").exists()}
+    for p, rec in records.items():
+        plot(rec, folder / f"{p}.png")
     return {"name": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
             "command": command, "figures": {p: summarise(r) for p, r in records.items()},
             "methods": {p: {m: x["metrics"] for m, x in r["methods"].items()} for p, r in records.items()},

@@ -64,21 +64,26 @@ def record(ev: "Evaluation", command: str = "") -> dict:
             "training": ev.training}
 
 
-def plot(ev: "Evaluation", path: Path) -> Path:
+def plot(rec: dict, path: Path) -> Path:
+    """The primary metric against K, one line per method (ours thick), from a record (see `record`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    family = ev.split.primary.split("@")[0]
+    family = rec["primary"].split("@")[0]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for r in ev.results:
-        ks = range(1, len(r.curve) + 1)
-        ax.plot(ks, r.curve, label=r.name, linewidth=2.4 if r.ours else 1.2, linestyle="-" if r.ours else "--")
+    for name, m in rec["methods"].items():
+        curve = m["curve"]
+        ax.plot(curve["k"], curve[family], label=name, linewidth=2.4 if m["ours"] else 1.2,
+                linestyle="-" if m["ours"] else "--")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("K")
     ax.set_ylabel(f"{family}@K")
-    ax.set_title(f"{ev.split.protocol}: {summary(ev.split)['dataset']} ({ev.split.primary} {ev.lift:+.1%} vs best baseline)",
-                 fontsize=9)
+    dataset = Path(rec["split"]["dataset"]).name
+    ax.set_title(f"{rec['protocol']}: {dataset} ({rec['primary']} {rec['lift']:+.1%} vs best baseline "
+                 f"{rec['best_baseline']['name']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -92,5 +97,6 @@ def write(ev: "Evaluation", out_dir: Path, command: str = "", name: str | None =
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or ev.split.protocol
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(record(ev, command), indent=2, default=float))
-    return json_path, plot(ev, out_dir / f"{name}.png")
+    rec = record(ev, command)
+    json_path.write_text(json.dumps(rec, indent=2, default=float))
+    return json_path, plot(rec, out_dir / f"{name}.png")
