@@ -61,9 +61,12 @@ def markdown(result: dict) -> str:
 def collect(folder: Path, protocols: list[str], name: str, command: str) -> dict:
     """evaluation.json from the per-protocol records a run wrote into `folder`."""
     records = {p: json.loads((folder / f"{p}.json").read_text()) for p in protocols if (folder / f"{p}.json").exists()}
+    dates = []
     for p, rec in records.items():
         plot(rec, folder / f"{p}.png")
-    return {"name": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
+        written = datetime.fromtimestamp((folder / f"{p}.json").stat().st_mtime, UTC).isoformat(timespec="seconds")
+        dates.append(rec.get("date", written))
+    return {"name": name, "date": min(dates) if dates else None, "machine": machine(),
             "command": command, "figures": {p: summarise(r) for p, r in records.items()},
             "methods": {p: {m: x["metrics"] for m, x in r["methods"].items()} for p, r in records.items()},
             "seconds": {p: sum(x["seconds"] for x in r["methods"].values()) for p, r in records.items()}}

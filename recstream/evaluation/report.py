@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Collection, Sequence
 
@@ -55,6 +56,7 @@ def record(ev: "Evaluation", command: str = "") -> dict:
     best, full = ev.best_baseline, ev.full_pipeline
     p = ev.split.primary
     return {"protocol": ev.split.protocol, "command": command, "seed": ev.split.seed, "primary": p,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "split": summary(ev.split), "notes": ev.split.notes,
             "best_baseline": {"name": best.name, p: best.metrics[p]},
             "full_pipeline": {"name": full.name, p: full.metrics[p]}, "lift": ev.lift,
