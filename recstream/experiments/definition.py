@@ -1,0 +1,315 @@
+"""A/B experiment definitions: a versioned TOML file parsed into frozen, validated dataclasses.
+
+File format (`version = 1`); times are TOML datetimes with a UTC offset, or Unix seconds:
+
+    version = 1
+
+    [[experiments]]
+    id = "ranker-challenger"              # unique; letters, digits, '_', '-', '.'
+    description = "Challenger ranker vs champion"
+    layer = "ranking"                     # one unit is in at most one experiment per layer
+    start = 2025-01-01T00:00:00Z          # inclusive
+    end = 2025-02-01T00:00:00Z            # exclusive
+    traffic = 0.5                         # share of the layer's units, in (0, 1]
+    control = "control"                   # optional, default: the first variant
+
+    [[experiments.variants]]
+    name = "control"
+    weight = 0.5                          # weights sum to 1
+
+    [[experiments.variants]]
+    name = "challenger"
+    weight = 0.5
+    changes = { ranker = "challenger", candidates = 300 }
+
+`changes` keys (all optional; absent means "as production"): sources (retrieval sources, a subset
+of recstream.ranking.SOURCES), ranker (an MLflow model version number or alias), candidates
+(1..2000), max_per_category (>= 1), exclude_purchased (bool).
+
+Layers partition traffic: the experiments of one layer get disjoint slices of the layer's hash
+space, so experiments may overlap in time as long as, at every instant, the traffic of those
+running together fits in 1. Slices are laid out once per file, first-fit in order of (start, id):
+each experiment takes the lowest free slice not used by an earlier-placed experiment it overlaps
+in time. A slice therefore never moves while its experiment runs (others starting or ending do
+not shift it); a layout that cannot fit is an error.
+
+`loads` either returns a fully valid ExperimentSet or raises one ExperimentError listing every
+problem with its location (e.g. `experiments[1].variants[0].weight: ...`): nothing half-applied.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from recstream.ranking import SOURCES
+
+SUPPORTED_VERSIONS = (1,)
+MAX_CANDIDATES = 2000
+WEIGHT_TOLERANCE = 1e-9
+_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+# MLflow versions are positive integers; aliases are letters, digits, '_' and '-'.
+_RANKER = re.compile(r"^(?:[1-9][0-9]*|[A-Za-z][A-Za-z0-9_-]*)$")
+_TOP_KEYS = {"version", "experiments"}
+_EXPERIMENT_KEYS = {"id", "description", "layer", "start", "end", "traffic", "control", "variants"}
+_VARIANT_KEYS = {"name", "weight", "changes"}
+_CHANGES_KEYS = {"sources", "ranker", "candidates", "max_per_category", "exclude_purchased"}
+
+
+class ExperimentError(ValueError):
+    """Invalid experiment definitions or lookups; `problems` holds one 'location: message' per issue."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems) if len(self.problems) == 1
+                         else f"{len(self.problems)} problems:\n  " + "\n  ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a variant changes relative to production; None means unchanged."""
+    sources: tuple[str, ...] | None = None
+    ranker: str | None = None
+    candidates: int | None = None
+    max_per_category: int | None = None
+    exclude_purchased: bool | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    weight: float
+    changes: Changes = field(default_factory=Changes)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: str
+    description: str
+    layer: str
+    start_s: float
+    end_s: float
+    traffic: float
+    variants: tuple[Variant, ...]
+    control: str = ""
+
+    def active(self, now_s: float) -> bool:
+        return self.start_s <= now_s < self.end_s
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise ExperimentError(f"experiment {self.id!r}: unknown variant {name!r}")
+
+
+@dataclass(frozen=True)
+class ExperimentSet:
+    version: int
+    experiments: tuple[Experiment, ...]
+    # id -> [lo, hi) slice of its layer's hash space; computed from the experiments, see module doc.
+    slices: Mapping[str, tuple[float, float]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        problems, slices = cross_check(list(enumerate(self.experiments)))
+        if problems:
+            raise ExperimentError(problems)
+        object.__setattr__(self, "slices", slices)
+
+    def active(self, now_s: float) -> tuple[Experiment, ...]:
+        return tuple(e for e in self.experiments if e.active(now_s))
+
+    def get(self, experiment_id: str) -> Experiment:
+        for e in self.experiments:
+            if e.id == experiment_id:
+                return e
+        raise ExperimentError(f"unknown experiment {experiment_id!r}")
+
+
+def load(path: str | Path) -> ExperimentSet:
+    return loads(Path(path).read_text(encoding="utf-8"))
+
+
+def loads(text: str) -> ExperimentSet:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ExperimentError(f"<file>: not valid TOML: {e}") from None
+    problems: list[str] = []
+    _unknown_keys(doc, _TOP_KEYS, "", problems)
+    version = doc.get("version")
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        problems.append(f"version: must be one of {SUPPORTED_VERSIONS}, got {version!r}")
+    raw = doc.get("experiments", [])
+    if not isinstance(raw, list):
+        problems.append("experiments: must be an array of tables ([[experiments]])")
+        raw = []
+    parsed = [(i, _experiment(r, f"experiments[{i}]", problems)) for i, r in enumerate(raw)]
+    good = [(i, e) for i, e in parsed if e is not None]
+    problems += cross_check(good)[0]
+    if problems:
+        raise ExperimentError(problems)
+    return ExperimentSet(version, tuple(e for _, e in good))
+
+
+def cross_check(indexed: list[tuple[int, Experiment]]) -> tuple[list[str], dict[str, tuple[float, float]]]:
+    """Problems across experiments (duplicate ids, layers that cannot fit) and the slice layout."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, e in indexed:
+        if e.id in seen:
+            problems.append(f"experiments[{i}].id: duplicate id {e.id!r} (also experiments[{seen[e.id]}])")
+        seen.setdefault(e.id, i)
+    slices: dict[str, tuple[float, float]] = {}
+    placed: list[tuple[int, Experiment]] = []
+    for i, e in sorted(indexed, key=lambda p: (p[1].start_s, p[1].id)):
+        rivals = [(j, o) for j, o in placed if o.layer == e.layer and o.start_s < e.end_s and e.start_s < o.end_s]
+        lo = _first_fit(e.traffic, sorted(slices[o.id] for _, o in rivals))
+        if lo is None:
+            names = ", ".join(f"experiments[{j}] {o.id!r}" for j, o in rivals)
+            total = e.traffic + sum(o.traffic for _, o in rivals)
+            problems.append(f"experiments[{i}].traffic: layer {e.layer!r} cannot fit {e.id!r} ({e.traffic}) "
+                            f"beside {names} running at the same time (combined traffic {total:g})")
+            continue
+        slices[e.id] = (lo, lo + e.traffic)
+        placed.append((i, e))
+    return problems, slices
+
+
+def _first_fit(width: float, taken: list[tuple[float, float]]) -> float | None:
+    """Lowest start of a free gap of `width` in [0, 1) among sorted `taken` slices, or None."""
+    lo = 0.0
+    for a, b in taken:
+        if a - lo >= width - WEIGHT_TOLERANCE:
+            break
+        lo = max(lo, b)
+    return lo if lo + width <= 1.0 + WEIGHT_TOLERANCE else None
+
+
+def _experiment(raw: Any, loc: str, problems: list[str]) -> Experiment | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{loc}: must be a table")
+        return None
+    before = len(problems)
+    _unknown_keys(raw, _EXPERIMENT_KEYS, loc, problems)
+    eid = _ident(raw.get("id"), f"{loc}.id", problems)
+    description = _typed(raw.get("description", ""), str, f"{loc}.description", "a string", problems)
+    layer = _ident(raw.get("layer"), f"{loc}.layer", problems)
+    start, end = _time(raw.get("start"), f"{loc}.start", problems), _time(raw.get("end"), f"{loc}.end", problems)
+    if start is not None and end is not None and end <= start:
+        problems.append(f"{loc}.end: must be after start ({end:g} <= {start:g})")
+    traffic = _number(raw.get("traffic"), f"{loc}.traffic", lambda x: 0 < x <= 1, "in (0, 1]", problems)
+    variants = _variants(raw.get("variants"), loc, problems)
+    control = raw.get("control", variants[0].name if variants else "")
+    if variants and control not in {v.name for v in variants}:
+        problems.append(f"{loc}.control: unknown variant {control!r}")
+    if len(problems) > before:
+        return None
+    return Experiment(eid, description, layer, start, end, traffic, variants, control)
+
+
+def _variants(raw: Any, loc: str, problems: list[str]) -> tuple[Variant, ...]:
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{loc}.variants: must be a non-empty array of tables ([[experiments.variants]])")
+        return ()
+    out, names = [], set()
+    for k, r in enumerate(raw):
+        vloc = f"{loc}.variants[{k}]"
+        if not isinstance(r, dict):
+            problems.append(f"{vloc}: must be a table")
+            continue
+        _unknown_keys(r, _VARIANT_KEYS, vloc, problems)
+        name = _ident(r.get("name"), f"{vloc}.name", problems)
+        if name is not None and name in names:
+            problems.append(f"{vloc}.name: duplicate variant name {name!r}")
+        names.add(name)
+        weight = _number(r.get("weight"), f"{vloc}.weight", lambda x: 0 < x <= 1, "in (0, 1]", problems)
+        changes = _changes(r.get("changes", {}), f"{vloc}.changes", problems)
+        if name is not None and weight is not None and changes is not None:
+            out.append(Variant(name, weight, changes))
+    if len(out) == len(raw):
+        total = math.fsum(v.weight for v in out)
+        if abs(total - 1.0) > WEIGHT_TOLERANCE:
+            problems.append(f"{loc}.variants: weights must sum to 1, got {total!r}")
+    return tuple(out)
+
+
+def _changes(raw: Any, loc: str, problems: list[str]) -> Changes | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{loc}: must be a table")
+        return None
+    before = len(problems)
+    _unknown_keys(raw, _CHANGES_KEYS, loc, problems)
+    sources = raw.get("sources")
+    if sources is not None:
+        if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+            problems.append(f"{loc}.sources: must be a non-empty array of source names")
+        else:
+            unknown = [s for s in sources if s not in SOURCES]
+            if unknown:
+                problems.append(f"{loc}.sources: unknown source(s) {unknown}; known: {list(SOURCES)}")
+            if len(set(sources)) != len(sources):
+                problems.append(f"{loc}.sources: duplicate source names")
+            sources = tuple(sources)
+    ranker = raw.get("ranker")
+    if isinstance(ranker, int) and not isinstance(ranker, bool):
+        ranker = str(ranker)     # `ranker = 3` in TOML means MLflow version "3"
+    if ranker is not None and not (isinstance(ranker, str) and _RANKER.match(ranker)):
+        problems.append(f"{loc}.ranker: must be an MLflow version number or alias, got {ranker!r}")
+    candidates = _count(raw.get("candidates"), f"{loc}.candidates", MAX_CANDIDATES, problems)
+    per_category = _count(raw.get("max_per_category"), f"{loc}.max_per_category", None, problems)
+    exclude = raw.get("exclude_purchased")
+    if exclude is not None and not isinstance(exclude, bool):
+        problems.append(f"{loc}.exclude_purchased: must be true or false, got {exclude!r}")
+    if len(problems) > before:
+        return None
+    return Changes(sources, ranker, candidates, per_category, exclude)
+
+
+def _unknown_keys(raw: dict, known: set[str], loc: str, problems: list[str]) -> None:
+    for key in sorted(set(raw) - known):
+        problems.append(f"{loc + '.' if loc else ''}{key}: unknown key; expected one of {sorted(known)}")
+
+
+def _typed(value: Any, kind: type, loc: str, what: str, problems: list[str]) -> Any:
+    if not isinstance(value, kind):
+        problems.append(f"{loc}: must be {what}, got {value!r}")
+        return None
+    return value
+
+
+def _ident(value: Any, loc: str, problems: list[str]) -> str | None:
+    if not isinstance(value, str) or not _ID.match(value):
+        problems.append(f"{loc}: required; letters, digits, '_', '-', '.' only, got {value!r}")
+        return None
+    return value
+
+
+def _number(value: Any, loc: str, ok: Callable[[float], bool], what: str, problems: list[str]) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        problems.append(f"{loc}: must be a number {what}, got {value!r}")
+        return None
+    return float(value)
+
+
+def _count(value: Any, loc: str, most: int | None, problems: list[str]) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
+        problems.append(f"{loc}: must be an integer in 1..{most if most else 'inf'}, got {value!r}")
+        return None
+    return value
+
+
+def _time(value: Any, loc: str, problems: list[str]) -> float | None:
+    """A TOML offset datetime or Unix seconds -> Unix seconds; naive times are ambiguous, so refused."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            problems.append(f"{loc}: datetime needs a UTC offset (e.g. 2025-01-01T00:00:00Z)")
+            return None
+        return value.timestamp()
+    return _number(value, loc, lambda x: True, "(Unix seconds) or an offset datetime", problems)
