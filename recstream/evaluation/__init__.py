@@ -1,0 +1,1 @@
+"""Offline evaluation (pure core): protocols and splits, metrics, baseline recommenders, the report."""
