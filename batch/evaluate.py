@@ -45,7 +45,7 @@ from recstream.features.session import UserState
 from recstream.settings import Settings
 from schemas import CandidateSet, Event, RecommendationReply, RecommendationRequest
 from schemas.recommendations import MAX_COUNT
-from streams.online_store import OnlineStore
+from streams.online_store import OnlineStore, unlink_matching
 
 Progress = Callable[[str], None]
 OURS = ("ours_als", "ours_als_rules", "ours_full")
@@ -214,7 +214,7 @@ async def _serve(s: Settings, split: Split, fitted: training.Fitted, bundle: Pat
             for agent in (retrieval, full, rules):
                 agent.close()
     finally:
-        await _drop_namespace(client, s.redis_namespace)
+        await unlink_matching(client, s.redis_namespace + "*")
         await client.aclose()
 
 
@@ -297,13 +297,3 @@ def _als_only(cs: CandidateSet) -> CandidateSet:
     return dataclasses.replace(cs, product_ids=pick(cs.product_ids), scores={"als": pick(als)},
                                anchors={"als": pick(cs.anchors["als"])} if "als" in cs.anchors else {})
 
-
-async def _drop_namespace(client: aioredis.Redis, ns: str) -> None:
-    batch = []
-    async for key in client.scan_iter(f"{ns}*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            await client.unlink(*batch)
-            batch = []
-    if batch:
-        await client.unlink(*batch)

@@ -259,6 +259,16 @@ class _Future:
         return out
 
 
+def _top_stable(values: np.ndarray, k: int) -> np.ndarray:
+    """np.argsort(-values, kind="stable")[:k] without sorting every value: a target's trending runs over
+    the whole catalogue when the session has no category (48k items on Taobao, for every target)."""
+    if k >= len(values):
+        return np.argsort(-values, kind="stable")
+    kth = np.partition(values, len(values) - k)[len(values) - k]   # the k-th largest
+    rows = np.flatnonzero(values >= kth)                            # it and all ties, in index order
+    return rows[np.argsort(-values[rows], kind="stable")][:k]
+
+
 def _session_proxy(state: UserState, table: ItemTable, n: int = 5) -> np.ndarray | None:
     rows = [table.index[p] for p in state.recent[:n] if p in table.index]
     vectors = table.embeddings[rows] if rows else table.embeddings[:0]
@@ -309,7 +319,7 @@ def _group(ctx: Context, state: UserState, e: Event, target_row: int, table: Ite
     rows = table.category_rows.get(main) if main is not None else table.all_rows
     if rows is not None:
         trend = pop.trending(ctx.now_s, rows)
-        best = np.argsort(-trend, kind="stable")[: cfg.popular_candidates]
+        best = _top_stable(trend, cfg.popular_candidates)
         for i in best[trend[best] > 0]:
             propose(int(rows[i]), "popular", float(trend[i]))
     if target_row not in position:

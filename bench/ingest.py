@@ -57,7 +57,7 @@ from recstream.features.config import feature_config, limits  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from recstream.stats import percentiles_ms  # noqa: E402
 from schemas import Event, SchemaError  # noqa: E402
-from streams.online_store import OnlineStore  # noqa: E402
+from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
 from streams.producer import create_producer  # noqa: E402
 from streams.replay import publish  # noqa: E402
 from streams.topics import ensure_topics, spec  # noqa: E402
@@ -153,14 +153,7 @@ async def cleanup(base: Settings, prefixes: list[str], app_ids: list[str], names
     keys = 0
     try:
         for ns in namespaces:
-            chunk = []
-            async for key in client.scan_iter(match=ns + "*", count=1000):
-                chunk.append(key)
-                if len(chunk) >= 1000:
-                    keys += await client.unlink(*chunk)
-                    chunk.clear()
-            if chunk:
-                keys += await client.unlink(*chunk)
+            keys += await unlink_matching(client, ns + "*")
     finally:
         await client.aclose()
     return len(topics), keys
@@ -183,6 +176,17 @@ def machine_jiffies() -> tuple[int, int]:
     return sum(cpu) - cpu[3] - cpu[4], sum(cpu)  # busy (all but idle, iowait), total
 
 
+def cpu_mark(pids: dict[str, int]) -> dict:
+    """CPU seconds so far of each live process in `pids`, and the machine's jiffies, at one moment."""
+    cpu = {}
+    for name, pid in pids.items():
+        try:
+            cpu[name] = process_cpu_s(pid)
+        except OSError:   # the process ended
+            pass
+    return {"t": time.perf_counter(), "cpu": cpu, "machine": machine_jiffies()}
+
+
 class CpuMeter:
     """CPU over a window, in cores: the measured process, Kafka, Redis, this bench process (the poller,
     or the producer of the latency phase), the whole machine, and what is left: other tenants."""
@@ -191,13 +195,7 @@ class CpuMeter:
         self.pids = {"process": pid, **service_pids(base), "bench": os.getpid()}
 
     def mark(self) -> dict:
-        cpu = {}
-        for name, pid in self.pids.items():
-            try:
-                cpu[name] = process_cpu_s(pid)
-            except OSError:
-                pass
-        return {"t": time.perf_counter(), "cpu": cpu, "machine": machine_jiffies()}
+        return cpu_mark(self.pids)
 
     @staticmethod
     def cores(a: dict, b: dict) -> dict[str, float]:

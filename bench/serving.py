@@ -66,8 +66,9 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.http_ingest import free_port, machine, process_cpu_s  # noqa: E402
-from bench.ingest import machine_jiffies, service_pids  # noqa: E402
+from bench.http_ingest import free_port, machine  # noqa: E402
+from bench.ingest import cpu_mark, service_pids  # noqa: E402
+from streams.online_store import unlink_matching  # noqa: E402
 from recstream.data import ShopConfig, generate  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 
@@ -166,13 +167,7 @@ class Cpu:
         self.pids = pids
 
     def mark(self) -> dict:
-        cpu = {}
-        for name, pid in self.pids.items():
-            try:
-                cpu[name] = process_cpu_s(pid)
-            except OSError:
-                pass
-        return {"t": time.perf_counter(), "cpu": cpu, "machine": machine_jiffies()}
+        return cpu_mark(self.pids)
 
     @staticmethod
     def cores(a: dict, b: dict) -> dict:
@@ -283,22 +278,10 @@ async def cleanup(s: Settings, client: aioredis.Redis) -> None:
             await asyncio.sleep(2)
     finally:
         await admin.close()
-    n = await unlink(client, s.redis_namespace + "*")
+    n = await unlink_matching(client, s.redis_namespace + "*")
     log(f"cleaned: {len(topics)} topics, {n} Redis keys")
     import shutil
     shutil.rmtree(s.home_dir, ignore_errors=True)
-
-
-async def unlink(client: aioredis.Redis, pattern: str) -> int:
-    n, chunk = 0, []
-    async for key in client.scan_iter(match=pattern, count=2000):
-        chunk.append(key)
-        if len(chunk) >= 2000:
-            n += await client.unlink(*chunk)
-            chunk.clear()
-    if chunk:
-        n += await client.unlink(*chunk)
-    return n
 
 
 async def start_serving(s: Settings, procs: Procs, client: aioredis.Redis, port: int) -> None:
@@ -865,7 +848,7 @@ async def run(args: argparse.Namespace) -> dict:
         loads: dict[float, Load] = {}
         if "load" in args.phases:
             for rate in args.rates:
-                await unlink(client, f"{s.redis_namespace}homecache:*")
+                await unlink_matching(client, f"{s.redis_namespace}homecache:*")
                 procs.check()
                 log(f"load: {rate} QPS for {args.seconds} s")
                 r = await run_load(port, traffic, rate, args.seconds, cpu)
@@ -886,7 +869,7 @@ async def run(args: argparse.Namespace) -> dict:
                 nxt = float(int(nxt // 10 * 10))
                 if nxt in (lo, hi) or nxt <= 0:
                     break
-                await unlink(client, f"{s.redis_namespace}homecache:*")
+                await unlink_matching(client, f"{s.redis_namespace}homecache:*")
                 log(f"search: {nxt} QPS for {args.step_seconds} s")
                 r = await run_load(port, traffic, nxt, args.step_seconds, cpu)
                 sm = r.summary()
@@ -922,10 +905,10 @@ async def run(args: argparse.Namespace) -> dict:
                 with tempfile.TemporaryDirectory() as tmp:
                     info["version_now"] = await serving_pointer(s, client)
                     prepared = await prepare_swap(s, info, Path(tmp))
-                    await unlink(client, f"{s.redis_namespace}homecache:*")
+                    await unlink_matching(client, f"{s.redis_namespace}homecache:*")
                     log(f"swap: reference run, {rate} QPS for {args.swap_seconds} s, no swap")
                     ref = await run_load(port, traffic, rate, args.swap_seconds, cpu)
-                    await unlink(client, f"{s.redis_namespace}homecache:*")
+                    await unlink_matching(client, f"{s.redis_namespace}homecache:*")
                     log(f"swap: same load, version {prepared[0]} published after {args.swap_seconds / 4:.0f} s")
                     sw, marks = await swap_run(s, port, traffic, cpu, rate, args.swap_seconds, prepared,
                                                args.swap_seconds / 4)

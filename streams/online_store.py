@@ -312,3 +312,16 @@ class OnlineStore:
 
     async def cache_homepage(self, key: str, tag: str, reply: bytes, ttl_s: int) -> None:
         await self.redis.set(key, tag.encode() + b"|" + reply, ex=ttl_s)
+
+
+async def unlink_matching(client: aioredis.Redis, pattern: str, chunk: int = 2000) -> int:
+    """Delete every key matching `pattern` (SCAN, then UNLINK in chunks: no KEYS, no long block); the count."""
+    n, keys = 0, []
+    async for key in client.scan_iter(match=pattern, count=chunk):
+        keys.append(key)
+        if len(keys) >= chunk:
+            n += await client.unlink(*keys)
+            keys.clear()
+    if keys:
+        n += await client.unlink(*keys)
+    return n

@@ -191,11 +191,9 @@ def _first_fit(width: float, taken: list[tuple[float, float]]) -> float | None:
 
 
 def _experiment(raw: Any, loc: str, problems: list[str]) -> Experiment | None:
-    if not isinstance(raw, dict):
-        problems.append(f"{loc}: must be a table")
-        return None
     before = len(problems)
-    _unknown_keys(raw, _EXPERIMENT_KEYS, loc, problems)
+    if not _table(raw, _EXPERIMENT_KEYS, loc, problems):
+        return None
     eid = _ident(raw.get("id"), f"{loc}.id", problems)
     description = _typed(raw.get("description", ""), str, f"{loc}.description", "a string", problems)
     layer = _ident(raw.get("layer"), f"{loc}.layer", problems)
@@ -219,10 +217,8 @@ def _variants(raw: Any, loc: str, problems: list[str]) -> tuple[Variant, ...]:
     out, names = [], set()
     for k, r in enumerate(raw):
         vloc = f"{loc}.variants[{k}]"
-        if not isinstance(r, dict):
-            problems.append(f"{vloc}: must be a table")
+        if not _table(r, _VARIANT_KEYS, vloc, problems):
             continue
-        _unknown_keys(r, _VARIANT_KEYS, vloc, problems)
         name = _ident(r.get("name"), f"{vloc}.name", problems)
         if name is not None and name in names:
             problems.append(f"{vloc}.name: duplicate variant name {name!r}")
@@ -239,11 +235,9 @@ def _variants(raw: Any, loc: str, problems: list[str]) -> tuple[Variant, ...]:
 
 
 def _changes(raw: Any, loc: str, problems: list[str]) -> Changes | None:
-    if not isinstance(raw, dict):
-        problems.append(f"{loc}: must be a table")
-        return None
     before = len(problems)
-    _unknown_keys(raw, _CHANGES_KEYS, loc, problems)
+    if not _table(raw, _CHANGES_KEYS, loc, problems):
+        return None
     sources = raw.get("sources")
     if sources is not None:
         if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
@@ -268,6 +262,15 @@ def _changes(raw: Any, loc: str, problems: list[str]) -> Changes | None:
     if len(problems) > before:
         return None
     return Changes(sources, ranker, candidates, per_category, exclude)
+
+
+def _table(raw: Any, known: set[str], loc: str, problems: list[str]) -> bool:
+    """Whether `raw` is a TOML table (else a problem); a table's unknown keys are reported as problems."""
+    if not isinstance(raw, dict):
+        problems.append(f"{loc}: must be a table")
+        return False
+    _unknown_keys(raw, known, loc, problems)
+    return True
 
 
 def _unknown_keys(raw: dict, known: set[str], loc: str, problems: list[str]) -> None:

@@ -196,3 +196,12 @@ def test_training_stops_early_when_the_later_groups_stop_improving(examples):
                      examples.offsets, examples.groups, examples.table, examples.targets)
     kept = fit(noise, CFG).metrics["ranker_trees_kept"]
     assert kept < CFG.trees
+
+
+@pytest.mark.parametrize("n, k", [(3, 20), (100, 20), (5000, 20), (5000, 1)])
+def test_top_k_selection_is_the_stable_sorts_prefix(n, k):
+    from batch.ranker import _top_stable
+
+    rng = np.random.default_rng(n + k)
+    for values in (rng.random(n), rng.integers(0, 4, n).astype(float), np.zeros(n)):   # ties at the cut too
+        assert np.array_equal(_top_stable(values, k), np.argsort(-values, kind="stable")[:k])
