@@ -17,12 +17,11 @@ import numpy as np
 from recstream.features.session import UserState
 from schemas import Product
 from schemas.events import DEVICES
+from schemas.recommendations import SOURCES
 
 NAN = float("nan")
 DAY_S = 86_400.0
 WEEK_DAYS = 7
-# Retrieval sources a candidate may come from; each gets a flag and a score column.
-SOURCES = ("als", "covis", "cobuy", "same_category", "same_brand", "session", "popular")
 PAGES = ("home", "product", "category", "search", "cart", "checkout")   # anything else is "other"
 _SOURCE_INDEX = {s: j for j, s in enumerate(SOURCES)}
 

@@ -93,6 +93,15 @@ class Settings:
     max_per_category: int = _setting(3, "diversity: at most this many items of one category in a reply (count; 0 = no cap)")
     exclude_purchased: bool = _setting(True, "never recommend what the user recently bought (true/false)")
     model_retry_s: float = _setting(30.0, "an agent without a model retries loading one this often (seconds)")
+    # -- A/B experiments ---------------------------------------------------------------------
+    experiments_file: Path = _setting(Path(".local/experiments.toml"), "the experiments file (TOML, see README "
+                                      "\"A/B testing\"); absent: no experiments (path)")
+    experiments_reload_s: float = _setting(2.0, "API processes re-read the experiments file when it changed, this often (seconds)")
+    admin_token: str = _setting("", "bearer token of the admin API (/api/v1/admin/...); empty: the admin API is off (secret)")
+    attribution_window_s: int = _setting(1800, "an event without rec_request_id is attributed to the user's latest "
+                                               "exposure listing its product within this long before it (seconds)")
+    attribution_ttl_s: int = _setting(7 * 86400, "an exposure can be cited by rec_request_id for this long (seconds)")
+    exposures_retention_h: int = _setting(24 * 30, "exposures topic retention (hours)")
     # -- archive -----------------------------------------------------------------------------
     archive_flush_records: int = _setting(20000, "the archive writes a Parquet file after this many records (count)")
     archive_flush_interval_s: float = _setting(10.0, "... or after this long, whichever comes first (seconds)")

@@ -2,9 +2,10 @@
 from schemas.base import FieldError, Record, SchemaError
 from schemas.catalogue import Product
 from schemas.events import EVENT_TYPES, Event
-from schemas.recommendations import KINDS, CandidateSet, RecommendationReply, RecommendationRequest, RecommendedItem
+from schemas.experiments import Exposure
+from schemas.recommendations import KINDS, CandidateSet, Overrides, RecommendationReply, RecommendationRequest, RecommendedItem
 
 __all__ = [
-    "EVENT_TYPES", "KINDS", "CandidateSet", "Event", "FieldError", "Product", "RecommendationReply",
+    "EVENT_TYPES", "KINDS", "CandidateSet", "Event", "Exposure", "FieldError", "Overrides", "Product", "RecommendationReply",
     "RecommendationRequest", "RecommendedItem", "Record", "SchemaError",
 ]

@@ -13,6 +13,26 @@ KINDS = ("homepage", "similar", "cart", "also_viewed")
 MAX_COUNT = 100
 MAX_CANDIDATES = 2000
 QUERY_SOURCES = ("user", "session", "product", "cart", "none")
+# retrieval sources, in the order of the ranker's source features
+SOURCES = ("als", "covis", "cobuy", "same_category", "same_brand", "session", "popular")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Overrides(Record):
+    """Serving configuration a request runs with, where it differs from the agents' settings: the
+    experiments file's defaults merged with the changes of the variants the request was assigned."""
+    SCHEMA = "serving overrides"
+
+    sources: tuple[str, ...] | None = check(ListOf(Choice(SOURCES), max_items=len(SOURCES), min_items=1), default=None,
+                                            doc="retrieval sources used (absent: all)")
+    ranker: str | None = check(Text(max_len=64), default=None,
+                               doc="MLflow version number or alias whose ranker scores (absent: the serving version's)")
+    candidates: int | None = check(Number(lo=1, hi=MAX_CANDIDATES, integer=True), default=None,
+                                   doc="ANN candidates retrieval proposes (absent: retrieval_candidates)")
+    max_per_category: int | None = check(Number(lo=0, hi=1000, integer=True), default=None,
+                                         doc="diversity cap per category, 0 = none (absent: max_per_category)")
+    exclude_purchased: bool | None = check(Flag(), default=None,
+                                           doc="drop what the user recently bought (absent: exclude_purchased)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,7 +50,9 @@ class RecommendationRequest(Record):
     context: dict[str, str] | None = check(StrMap(), default=None, doc="device, page, category and other request context")
     deadline_ms: int = check(Number(lo=1, hi=10_000, integer=True), default=50, doc="answer within this budget (milliseconds)")
     reply_to: str | None = check(Text(), default=None, doc="topic the ranking agent sends the reply to (one per API process)")
-    variant: str = check(Text(max_len=64), default="control", doc="A/B variant the request was assigned to")
+    experiments: dict[str, str] | None = check(StrMap(), default=None, doc="A/B: experiment id -> assigned variant")
+    overrides: Overrides | None = check(Nested(Overrides), default=None,
+                                        doc="serving configuration of the assigned variants and the experiments file's defaults")
     debug: bool = check(Flag(), default=False, doc="reply with per-stage timings and the session the ranker saw")
 
     def validate(self) -> None:
@@ -146,7 +168,7 @@ class RecommendationReply(Record):
     kind: str = check(Choice(KINDS), doc="kind of the request")
     items: tuple[RecommendedItem, ...] = check(ListOf(Nested(RecommendedItem), max_items=MAX_COUNT), doc="best first")
     model_version: str = check(Text(max_len=64), default="none", doc="registered model version that ranked them")
-    variant: str = check(Text(max_len=64), default="control", doc="A/B variant that served the request")
+    experiments: dict[str, str] | None = check(StrMap(), default=None, doc="A/B: experiment id -> variant served")
     fallback: bool = check(Flag(), default=False, doc="true when served by the popularity fallback")
     cached: bool = check(Flag(), default=False, doc="true when served from the homepage cache")
     timings_ms: dict[str, float] | None = check(NumMap(), default=None, doc="time per stage (milliseconds), with debug")

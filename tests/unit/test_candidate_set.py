@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from recstream.rules import Proposals
-from schemas import CandidateSet, RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError
+from schemas import CandidateSet, Overrides, RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError
 
 NOW = time.time()
 
@@ -134,13 +134,25 @@ def test_candidate_set_refuses_a_bad_nested_request_and_query_source():
 
 def test_request_new_fields_defaults_and_round_trip():
     r = request()
-    assert r.reply_to is None and r.variant == "control" and r.debug is False and r.deadline_ms == 50
-    r = request(reply_to="recs.rec.replies.api-1", variant="b", debug=True)
+    assert r.reply_to is None and r.experiments is None and r.overrides is None and r.debug is False
+    assert r.deadline_ms == 50
+    r = request(reply_to="recs.rec.replies.api-1", experiments={"ranker-test": "b"}, debug=True,
+                overrides={"sources": ["als", "popular"], "ranker": "challenger", "candidates": 300,
+                           "max_per_category": 0, "exclude_purchased": False})
     back = RecommendationRequest.from_json(r.to_json())
-    assert (back.reply_to, back.variant, back.debug) == ("recs.rec.replies.api-1", "b", True)
+    assert (back.reply_to, back.experiments, back.debug) == ("recs.rec.replies.api-1", {"ranker-test": "b"}, True)
+    assert back.overrides == Overrides(sources=("als", "popular"), ranker="challenger", candidates=300,
+                                       max_per_category=0, exclude_purchased=False)
     with pytest.raises(SchemaError) as info:
         request(debug="yes")
     assert "debug" in errors(info.value)
+
+
+def test_request_overrides_name_the_bad_field():
+    with pytest.raises(SchemaError) as info:
+        request(overrides={"sources": ["als", "telepathy"], "candidates": 0})
+    reason = errors(info.value)["overrides"]
+    assert "sources" in reason and "telepathy" in reason and "candidates" in reason
 
 
 def test_request_expires_after_its_deadline():
