@@ -7,14 +7,19 @@ and into none when its point lies outside every active slice. Within the experim
 independent hash, `bucket(unit, "experiment:" + id)`, picks the variant against the cumulative
 weights. blake2b is used instead of Python's hash(), which is salted per process (PYTHONHASHSEED),
 so assignments are the same across processes, restarts and machines.
+
+`resolve` turns the assignment into what serving runs with: the file's defaults overlaid, field by
+field, by the changes of each assigned variant (definition.cross_check guarantees that experiments
+running together in different layers never change the same field, so the order does not matter).
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import itertools
 
-from recstream.experiments.definition import Experiment, ExperimentError, ExperimentSet
+from recstream.experiments.definition import Changes, Experiment, ExperimentError, ExperimentSet
 
 # Prefixes keep the id spaces apart: anonymous cookie "42" must not share a bucket with user "42".
 USER_PREFIX, COOKIE_PREFIX, SESSION_PREFIX = "u:", "c:", "s:"
@@ -47,14 +52,31 @@ def variant_of(experiment: Experiment, unit_id: str) -> str:
     return experiment.variants[min(k, len(experiment.variants) - 1)].name
 
 
-def assign(experiments: ExperimentSet, unit_id: str, now_s: float) -> dict[str, tuple[str, str]]:
-    """layer -> (experiment id, variant name) for each active experiment the unit falls in."""
+def assign(experiments: ExperimentSet, unit_id: str, now_s: float, kind: str | None = None) -> dict[str, tuple[str, str]]:
+    """layer -> (experiment id, variant name) for each active experiment the unit falls in (of those
+    covering recommendation `kind`; None: all). The slices do not depend on kinds: a unit in an
+    experiment of another widget is in none of its layer for this one."""
     out: dict[str, tuple[str, str]] = {}
     points: dict[str, float] = {}
     for e in experiments.active(now_s):
+        if not e.covers(kind):
+            continue
         if e.layer not in points:
             points[e.layer] = bucket(unit_id, "layer:" + e.layer)
         lo, hi = experiments.slices[e.id]
         if lo <= points[e.layer] < hi:
             out[e.layer] = (e.id, variant_of(e, unit_id))
     return out
+
+
+def resolve(experiments: ExperimentSet, unit_id: str, now_s: float, kind: str | None = None
+            ) -> tuple[dict[str, str], Changes]:
+    """{experiment id: variant name} for the unit now, and the Changes it runs with: the set's defaults
+    overlaid by each assigned variant's changes (their non-None fields win)."""
+    chosen = dict(assign(experiments, unit_id, now_s, kind).values())
+    merged = experiments.defaults
+    for eid, name in chosen.items():
+        changes = experiments.get(eid).variant(name).changes
+        merged = dataclasses.replace(merged, **{f.name: getattr(changes, f.name) for f in dataclasses.fields(changes)
+                                                if getattr(changes, f.name) is not None})
+    return chosen, merged

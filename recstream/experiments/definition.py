@@ -3,6 +3,10 @@
 File format (`version = 1`); times are TOML datetimes with a UTC offset, or Unix seconds:
 
     version = 1
+    revision = 7                          # optional, default 0; bumped by every write of the store
+
+    [defaults]                            # optional: the production configuration, same keys as `changes`
+    ranker = "champion"
 
     [[experiments]]
     id = "ranker-challenger"              # unique; letters, digits, '_', '-', '.'
@@ -12,6 +16,7 @@ File format (`version = 1`); times are TOML datetimes with a UTC offset, or Unix
     end = 2025-02-01T00:00:00Z            # exclusive
     traffic = 0.5                         # share of the layer's units, in (0, 1]
     control = "control"                   # optional, default: the first variant
+    kinds = ["homepage"]                  # optional: the widgets it covers (default: every kind)
 
     [[experiments.variants]]
     name = "control"
@@ -24,7 +29,11 @@ File format (`version = 1`); times are TOML datetimes with a UTC offset, or Unix
 
 `changes` keys (all optional; absent means "as production"): sources (retrieval sources, a subset
 of recstream.ranking.SOURCES), ranker (an MLflow model version number or alias), candidates
-(1..2000), max_per_category (>= 1), exclude_purchased (bool).
+(1..2000), max_per_category (0..1000, 0 = no cap), exclude_purchased (bool).
+
+Experiments of different layers are independent, so a unit can be in several at once: two that run
+at the same time must not both change the same knob (say both set `ranker`), or their changes would
+collide for the units in both; that is an error too.
 
 Layers partition traffic: the experiments of one layer get disjoint slices of the layer's hash
 space, so experiments may overlap in time as long as, at every instant, the traffic of those
@@ -35,6 +44,9 @@ not shift it); a layout that cannot fit is an error.
 
 `loads` either returns a fully valid ExperimentSet or raises one ExperimentError listing every
 problem with its location (e.g. `experiments[1].variants[0].weight: ...`): nothing half-applied.
+`dumps` writes a set back as TOML that `loads` reads equal; `experiment_from_json` / `experiment_to_json`
+and `changes_from_json` / `changes_to_json` are the JSON forms of the admin API (times: ISO-8601 with
+an offset, or Unix seconds), validated the same way.
 """
 from __future__ import annotations
 
@@ -46,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from recstream.ranking import SOURCES
+from schemas.recommendations import KINDS, SOURCES
 
 SUPPORTED_VERSIONS = (1,)
 MAX_CANDIDATES = 2000
@@ -54,10 +66,10 @@ WEIGHT_TOLERANCE = 1e-9
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 # MLflow versions are positive integers; aliases are letters, digits, '_' and '-'.
 _RANKER = re.compile(r"^(?:[1-9][0-9]*|[A-Za-z][A-Za-z0-9_-]*)$")
-_TOP_KEYS = {"version", "experiments"}
-_EXPERIMENT_KEYS = {"id", "description", "layer", "start", "end", "traffic", "control", "variants"}
+_TOP_KEYS = {"version", "revision", "defaults", "experiments"}
+_EXPERIMENT_KEYS = {"id", "description", "layer", "start", "end", "traffic", "control", "kinds", "variants"}
 _VARIANT_KEYS = {"name", "weight", "changes"}
-_CHANGES_KEYS = {"sources", "ranker", "candidates", "max_per_category", "exclude_purchased"}
+_CHANGES_KEYS = ("sources", "ranker", "candidates", "max_per_category", "exclude_purchased")
 
 
 class ExperimentError(ValueError):
@@ -67,6 +79,10 @@ class ExperimentError(ValueError):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("; ".join(self.problems) if len(self.problems) == 1
                          else f"{len(self.problems)} problems:\n  " + "\n  ".join(self.problems))
+
+
+class UnknownExperiment(ExperimentError):
+    """A lookup of an experiment id that is not in the set."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +112,13 @@ class Experiment:
     traffic: float
     variants: tuple[Variant, ...]
     control: str = ""
+    kinds: tuple[str, ...] = KINDS      # the recommendation kinds (widgets) it covers
 
     def active(self, now_s: float) -> bool:
         return self.start_s <= now_s < self.end_s
+
+    def covers(self, kind: str | None) -> bool:
+        return kind is None or kind in self.kinds
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -106,11 +126,17 @@ class Experiment:
                 return v
         raise ExperimentError(f"experiment {self.id!r}: unknown variant {name!r}")
 
+    def knobs(self) -> set[str]:
+        """The Changes fields any of its variants sets."""
+        return {k for v in self.variants for k in _CHANGES_KEYS if getattr(v.changes, k) is not None}
+
 
 @dataclass(frozen=True)
 class ExperimentSet:
     version: int
     experiments: tuple[Experiment, ...]
+    revision: int = 0                  # bumped by every write through recstream.experiments.store
+    defaults: Changes = field(default_factory=Changes)   # production configuration, under every variant
     # id -> [lo, hi) slice of its layer's hash space; computed from the experiments, see module doc.
     slices: Mapping[str, tuple[float, float]] = field(init=False, repr=False, compare=False)
 
@@ -127,7 +153,7 @@ class ExperimentSet:
         for e in self.experiments:
             if e.id == experiment_id:
                 return e
-        raise ExperimentError(f"unknown experiment {experiment_id!r}")
+        raise UnknownExperiment(f"unknown experiment {experiment_id!r}")
 
 
 def load(path: str | Path) -> ExperimentSet:
@@ -144,6 +170,10 @@ def loads(text: str) -> ExperimentSet:
     version = doc.get("version")
     if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
         problems.append(f"version: must be one of {SUPPORTED_VERSIONS}, got {version!r}")
+    revision = doc.get("revision", 0)
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        problems.append(f"revision: must be an integer >= 0, got {revision!r}")
+    defaults = _changes(doc.get("defaults", {}), "defaults", problems)
     raw = doc.get("experiments", [])
     if not isinstance(raw, list):
         problems.append("experiments: must be an array of tables ([[experiments]])")
@@ -153,11 +183,99 @@ def loads(text: str) -> ExperimentSet:
     problems += cross_check(good)[0]
     if problems:
         raise ExperimentError(problems)
-    return ExperimentSet(version, tuple(e for _, e in good))
+    return ExperimentSet(version, tuple(e for _, e in good), revision, defaults or Changes())
+
+
+def dumps(es: ExperimentSet) -> str:
+    """The set as TOML text that `loads` reads back equal (None changes omitted)."""
+    lines = [f"version = {es.version}", f"revision = {es.revision}"]
+    if es.defaults != Changes():
+        lines += ["", "[defaults]"] + [f"{k} = {_toml(v)}" for k, v in changes_to_json(es.defaults).items()]
+    for e in es.experiments:
+        lines += ["", "[[experiments]]", f"id = {_toml(e.id)}", f"description = {_toml(e.description)}",
+                  f"layer = {_toml(e.layer)}", f"start = {_toml_time(e.start_s)}", f"end = {_toml_time(e.end_s)}",
+                  f"traffic = {_toml(e.traffic)}", f"control = {_toml(e.control)}",
+                  f"kinds = [{', '.join(map(_toml, e.kinds))}]"]
+        for v in e.variants:
+            lines += ["", "[[experiments.variants]]", f"name = {_toml(v.name)}", f"weight = {_toml(v.weight)}"]
+            changes = changes_to_json(v.changes)
+            if changes:
+                lines.append("changes = { " + ", ".join(f"{k} = {_toml(x)}" for k, x in changes.items()) + " }")
+    return "\n".join(lines) + "\n"
+
+
+def experiment_from_json(obj: Any, loc: str = "body") -> Experiment:
+    """One experiment from its JSON form (the TOML table's keys; start/end as ISO-8601 with an offset or
+    Unix seconds); every problem in one ExperimentError located from `loc` (e.g. body.variants[0].weight)."""
+    problems: list[str] = []
+    e = _experiment(obj, loc, problems)
+    if e is None or problems:
+        raise ExperimentError(problems)
+    return e
+
+
+def experiment_to_json(e: Experiment) -> dict[str, Any]:
+    """The JSON form of an experiment, times as ISO-8601 strings in UTC."""
+    return {"id": e.id, "description": e.description, "layer": e.layer, "start": _iso(e.start_s),
+            "end": _iso(e.end_s), "traffic": e.traffic, "control": e.control, "kinds": list(e.kinds),
+            "variants": [{"name": v.name, "weight": v.weight, "changes": changes_to_json(v.changes)}
+                         for v in e.variants]}
+
+
+def changes_from_json(obj: Any, loc: str = "body") -> Changes:
+    problems: list[str] = []
+    c = _changes(obj, loc, problems)
+    if c is None or problems:
+        raise ExperimentError(problems)
+    return c
+
+
+def changes_to_json(c: Changes) -> dict[str, Any]:
+    """The set fields of `c` (None omitted), sources as a list."""
+    out = {k: getattr(c, k) for k in _CHANGES_KEYS if getattr(c, k) is not None}
+    if "sources" in out:
+        out["sources"] = list(out["sources"])
+    return out
+
+
+def _utc(t: float) -> dt.datetime | None:
+    """t as a UTC datetime when that represents it exactly, else None (write the number instead)."""
+    try:
+        d = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return d if d.timestamp() == t else None
+
+
+def _iso(t: float) -> str | float:
+    d = _utc(t)
+    return t if d is None else d.isoformat().replace("+00:00", "Z")
+
+
+def _toml_time(t: float) -> str:
+    d = _utc(t)
+    return repr(t) if d is None else d.isoformat().replace("+00:00", "Z")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)          # shortest text that reads back as the same float; finite by validation
+    if isinstance(value, str):
+        escaped = "".join(f"\\{c}" if c in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F
+                          else c for c in value)
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
 
 
 def cross_check(indexed: list[tuple[int, Experiment]]) -> tuple[list[str], dict[str, tuple[float, float]]]:
-    """Problems across experiments (duplicate ids, layers that cannot fit) and the slice layout."""
+    """Problems across experiments (duplicate ids, layers that cannot fit, knobs changed by two layers at
+    once) and the slice layout."""
     problems: list[str] = []
     seen: dict[str, int] = {}
     for i, e in indexed:
@@ -177,6 +295,15 @@ def cross_check(indexed: list[tuple[int, Experiment]]) -> tuple[list[str], dict[
             continue
         slices[e.id] = (lo, lo + e.traffic)
         placed.append((i, e))
+    # Same-layer experiments never share a unit; across layers a unit can be in both at once.
+    for n, (i, e) in enumerate(indexed):
+        for j, o in indexed[n + 1:]:
+            shared = e.knobs() & o.knobs()
+            if (o.layer != e.layer and shared and set(e.kinds) & set(o.kinds)
+                    and o.start_s < e.end_s and e.start_s < o.end_s):
+                problems.append(f"experiments[{j}].variants: {o.id!r} (layer {o.layer!r}) and experiments[{i}] "
+                                f"{e.id!r} (layer {e.layer!r}) both change {', '.join(sorted(shared))} while "
+                                f"running at the same time; a unit in both would get colliding changes")
     return problems, slices
 
 
@@ -205,9 +332,13 @@ def _experiment(raw: Any, loc: str, problems: list[str]) -> Experiment | None:
     control = raw.get("control", variants[0].name if variants else "")
     if variants and control not in {v.name for v in variants}:
         problems.append(f"{loc}.control: unknown variant {control!r}")
+    kinds = raw.get("kinds", list(KINDS))
+    if (not isinstance(kinds, list) or not kinds or any(k not in KINDS for k in kinds)
+            or len(set(kinds)) != len(kinds)):
+        problems.append(f"{loc}.kinds: must be a non-empty list of distinct kinds from {list(KINDS)}, got {kinds!r}")
     if len(problems) > before:
         return None
-    return Experiment(eid, description, layer, start, end, traffic, variants, control)
+    return Experiment(eid, description, layer, start, end, traffic, variants, control, tuple(kinds))
 
 
 def _variants(raw: Any, loc: str, problems: list[str]) -> tuple[Variant, ...]:
@@ -236,7 +367,7 @@ def _variants(raw: Any, loc: str, problems: list[str]) -> tuple[Variant, ...]:
 
 def _changes(raw: Any, loc: str, problems: list[str]) -> Changes | None:
     before = len(problems)
-    if not _table(raw, _CHANGES_KEYS, loc, problems):
+    if not _table(raw, set(_CHANGES_KEYS), loc, problems):
         return None
     sources = raw.get("sources")
     if sources is not None:
@@ -255,7 +386,7 @@ def _changes(raw: Any, loc: str, problems: list[str]) -> Changes | None:
     if ranker is not None and not (isinstance(ranker, str) and _RANKER.match(ranker)):
         problems.append(f"{loc}.ranker: must be an MLflow version number or alias, got {ranker!r}")
     candidates = _count(raw.get("candidates"), f"{loc}.candidates", MAX_CANDIDATES, problems)
-    per_category = _count(raw.get("max_per_category"), f"{loc}.max_per_category", None, problems)
+    per_category = _count(raw.get("max_per_category"), f"{loc}.max_per_category", 1000, problems, least=0)  # 0: no cap
     exclude = raw.get("exclude_purchased")
     if exclude is not None and not isinstance(exclude, bool):
         problems.append(f"{loc}.exclude_purchased: must be true or false, got {exclude!r}")
@@ -299,17 +430,24 @@ def _number(value: Any, loc: str, ok: Callable[[float], bool], what: str, proble
     return float(value)
 
 
-def _count(value: Any, loc: str, most: int | None, problems: list[str]) -> int | None:
+def _count(value: Any, loc: str, most: int | None, problems: list[str], least: int = 1) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
-        problems.append(f"{loc}: must be an integer in 1..{most if most else 'inf'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < least or (most is not None and value > most):
+        problems.append(f"{loc}: must be an integer in {least}..{most if most else 'inf'}, got {value!r}")
         return None
     return value
 
 
 def _time(value: Any, loc: str, problems: list[str]) -> float | None:
-    """A TOML offset datetime or Unix seconds -> Unix seconds; naive times are ambiguous, so refused."""
+    """A TOML offset datetime, an ISO-8601 string or Unix seconds -> Unix seconds; naive times are
+    ambiguous, so refused."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            problems.append(f"{loc}: not an ISO-8601 datetime (e.g. 2025-01-01T00:00:00Z), got {value!r}")
+            return None
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             problems.append(f"{loc}: datetime needs a UTC offset (e.g. 2025-01-01T00:00:00Z)")

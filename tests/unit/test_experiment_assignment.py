@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from recstream.experiments.assignment import bucket, unit_for, variant_of, assign
-from recstream.experiments.definition import ExperimentError, loads
+from recstream.experiments.assignment import assign, bucket, resolve, unit_for, variant_of
+from recstream.experiments.definition import Changes, ExperimentError, loads
 
 P_MIN = 0.001
 
@@ -120,3 +120,21 @@ def test_unit_for_prefers_user_then_cookie_then_session_with_distinct_prefixes()
     assert len({unit_for("42"), unit_for(None, cookie="42"), unit_for(None, session_id="42")}) == 3
     with pytest.raises(ExperimentError):
         unit_for(None, None, None)
+
+
+def test_resolve_overlays_defaults_with_the_assigned_variants_changes():
+    text = ('version = 1\n[defaults]\nranker = "champion"\ncandidates = 200\nexclude_purchased = true\n'
+            + experiment("ranker", "ranking", {"control": 0.5, "b": 0.5})
+            + '[experiments.variants.changes]\nranker = "challenger"\ncandidates = 400\n'
+            + experiment("div", "rules", {"off": 0.5, "cap": 0.5}, traffic=0.5)
+            + "changes = { max_per_category = 2 }\n")
+    s = loads(text)
+    seen = set()
+    for u in UNITS[:400]:
+        chosen, changes = resolve(s, u, 150)
+        assert chosen == {eid: v for eid, v in assign(s, u, 150).values()}
+        b, cap = chosen.get("ranker") == "b", chosen.get("div") == "cap"
+        assert changes == Changes(None, "challenger" if b else "champion", 400 if b else 200, 2 if cap else None, True)
+        seen.add((b, cap, "div" in chosen))
+    assert len(seen) == 6                                   # every combination happened, outside the div slice too
+    assert resolve(s, UNITS[0], 1e9) == ({}, s.defaults)    # nothing running: production defaults
