@@ -55,7 +55,7 @@ STALLED = 3  # exit status of a worker that stopped committing: restart it
 
 async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> int:
     """Run until `stop` (SIGTERM, SIGINT); 0 on a clean stop, STALLED when commits stopped moving."""
-    stop = stop or _stop_on_signals()
+    stop = stop or stop_on_signals()
     watch = StallWatch(s.worker_stall_timeout_s)
     next_watch = time.monotonic() + WATCH_EVERY_S
     await ensure_topics(s)
@@ -104,7 +104,7 @@ async def _stalled(app, s: Settings, agents: features.FeatureAgents, watch: Stal
     return bool(stalled)
 
 
-def _stop_on_signals() -> asyncio.Event:
+def stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,7 +120,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
     from schemas import CandidateSet, RecommendationRequest
     from streams.online_store import OnlineStore
 
-    stop = stop or _stop_on_signals()
+    stop = stop or stop_on_signals()
     await ensure_topics(s)
     client = aioredis.from_url(s.redis_url)
     store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))

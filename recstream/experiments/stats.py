@@ -117,6 +117,26 @@ def user_level(values_a, values_b, alpha: float = 0.05) -> Comparison:
                       float(stat), float(2 * stats.norm.sf(abs(stat))))
 
 
+Moments = tuple[float, float, float, float, float, float]  # (n, sum y, sum x, sum y^2, sum x^2, sum x*y)
+
+
+def user_level_moments(a: Moments, b: Moments, alpha: float = 0.05) -> Comparison:
+    """`user_level` from per-user moment sums instead of arrays: what a streaming aggregate keeps.
+
+    `a`, `b`: (n users, sum y, sum x, sum y^2, sum x^2, sum x*y) over the users of each variant
+    (e.g. `VariantTotals.moments("ctr")` of recstream.experiments.attribution); same delta method.
+    """
+    if min(a[0], b[0]) < 2 or min(a[2], b[2]) <= 0:
+        raise ValueError("need >= 2 users and a positive denominator sum in each variant")
+    ra, va = _delta_ratio(*(float(v) for v in a))
+    rb, vb = _delta_ratio(*(float(v) for v in b))
+    d, se = rb - ra, math.sqrt(max(va, 0.0) + max(vb, 0.0))  # sums of squares may round a hair below 0
+    z = stats.norm.ppf(1 - alpha / 2)
+    stat = d / se if se > 0 else 0.0
+    return Comparison(float(ra), float(rb), float(d), float(d - z * se), float(d + z * se),
+                      float(stat), float(2 * stats.norm.sf(abs(stat))))
+
+
 def srm(observed_counts: dict, weights: dict) -> tuple[float, bool]:
     """Sample-ratio-mismatch check: chi-squared goodness of fit of the assignment counts.
 

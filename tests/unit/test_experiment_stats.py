@@ -125,3 +125,19 @@ def test_power_with_a_known_lift_matches_the_analytic_power(impressions):
           f"analytic power={expected:.3f}")
     assert 0.3 < expected < 0.9  # a regime where the comparison is informative
     assert abs(power - expected) <= 0.08
+
+
+def test_user_level_moments_equals_user_level_on_arrays():
+    from recstream.experiments.stats import _moments, user_level_moments
+
+    rng = np.random.default_rng(11)
+    arms = []
+    for ctr in (0.10, 0.12):
+        x = (1 + rng.poisson(3, 700)).astype(float)
+        arms.append((rng.binomial(x.astype(int), ctr).astype(float), x))
+    ref = user_level(*arms)
+    got = user_level_moments(_moments(*arms[0]), _moments(*arms[1]))
+    for f in ("rate_a", "rate_b", "diff", "ci_low", "ci_high", "statistic", "p_value"):
+        assert getattr(got, f) == pytest.approx(getattr(ref, f), rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError):
+        user_level_moments((1, 1, 1, 1, 1, 1), _moments(*arms[1]))

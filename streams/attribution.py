@@ -1,0 +1,420 @@
+"""Attribution worker: exposures + clickstream -> A/B aggregates in Redis, with an exactly-once effect.
+
+One aiokafka consumer (group "<app_id>-attribution", no auto commit) reads the exposures and the
+clickstream topics; per batch it decodes (a record that fails validation goes to the dead-letter
+topic, acknowledged, and the loop goes on), loads the slice of state the batch needs from Redis
+(pipelines), folds the batch with the pure core (recstream.experiments.attribution, whose
+docstring holds the counting rules) and writes every change *and the next offset of each
+topic-partition* in one MULTI/EXEC. On partition assignment the consumer seeks to the offsets
+stored in Redis (none: the beginning), so a crash anywhere re-reads exactly the batches whose
+transaction did not run: each record changes the aggregates once. Offsets are also committed to
+Kafka after the transaction, for lag tools only; Redis is the source of truth. A dead letter may be
+sent twice (a crash between its ack and the transaction): dead letters are at least once.
+
+Exposures first: an event whose timestamp is past the exposures' watermark is held back (its
+partition is sought back to it, its offset is not stored) until the exposures topic has been read
+that far (or to its end). The watermark is the smallest, over the exposures partitions not yet read
+to their high-water mark, of the latest exposure time read from it; +inf when all are read. So a
+click is never taken before the list it came from merely because the two topics were fetched at
+different speeds. An event that really precedes its exposure (clocks) is unattributed.
+
+Single worker: run ONE attribution worker per deployment. The read-modify-write of unit totals,
+impressions and recent lists happens between a read pipeline and the transaction without WATCH: it
+is not safe across concurrent workers (a second member of the group would take partitions and two
+writers could race on a unit).
+
+Redis keys (every one prefixed with `s.redis_namespace`):
+- `abx:imp:{request_id}`  string, JSON {unit, shopper, ts, items, arms [[experiment, variant], ...],
+  flags [clicked, carted, bought]}: the impression, for rec_request_id attribution; TTL
+  attribution_ttl_s from when it was first written (kept on updates).
+- `abx:recent:{shopper}`  string, JSON [[request_id, ts, items], ...] by time: the shopper's (user_id,
+  else unit) recent exposures for window attribution; trimmed to 2 windows and RECENT_MAX entries;
+  TTL attribution_ttl_s, refreshed on write.
+- `abx:unit:{experiment}:{variant}:{unit}`  hash UnitTotals (impressions, clicked, carted, bought,
+  revenue); TTL 90 days, refreshed on write (a unit silent for 90 days starts again from zero).
+- `abx:tot:{experiment}:{variant}`  hash VariantTotals: HINCRBY / HINCRBYFLOAT (revenue, sum_revenue2,
+  sum_x_revenue); latency bucket i is the field "lat:<i>". The pseudo experiment "_all", variant
+  "all" holds every exposure. No TTL.
+- `abx:day:{experiment}:{variant}:{YYYY-MM-DD}`  hash, the same increments per UTC day (of the
+  exposure for impressions, units and guardrails; of the event for outcomes). No TTL.
+- `abx:days:{experiment}:{variant}`  set of the days that have a day hash (read side, no SCAN).
+- `abx:variants:{experiment}`  set of variants seen; `abx:experiments`  set of experiments seen.
+- `abx:offsets`  hash "{topic}:{partition}" -> next offset to read, written in the transaction.
+- `abx:seen:{event_id}`  "1", TTL 1 day: outcome events already counted (dedupe).
+- `metrics:attribution:{host}:{pid}`  JSON snapshot for on-call (counts, lag), TTL 30 s.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from recstream.experiments.attribution import (
+    FLOAT_FIELDS, SEEN_TTL_S, Changes, Impression, State, UnitTotals, VariantTotals, is_outcome,
+    needed_impressions, needed_recent, recent_from_json, recent_to_json, step)
+from recstream.settings import Settings
+from schemas import Event, Exposure, SchemaError
+from streams.deadletter import DeadLetter
+from streams.producer import create_producer
+from streams.worker import METRICS_EVERY_S, METRICS_TTL_S, stop_on_signals
+
+log = logging.getLogger(__name__)
+
+UNIT_TTL_S = 90 * 86400
+MAX_RECORDS = 5000
+RETRY_S = 1.0
+COMMIT_TIMEOUT_S = 5.0
+
+
+def group_id(s: Settings) -> str:
+    return f"{s.app_id}-attribution"
+
+
+class Keys:
+    """The key layout (module docstring), under one namespace."""
+
+    def __init__(self, ns: str):
+        self.ns = ns
+
+    def imp(self, rid: str) -> str:
+        return f"{self.ns}abx:imp:{rid}"
+
+    def recent(self, shopper: str) -> str:
+        return f"{self.ns}abx:recent:{shopper}"
+
+    def unit(self, exp: str, variant: str, unit: str) -> str:
+        return f"{self.ns}abx:unit:{exp}:{variant}:{unit}"
+
+    def tot(self, exp: str, variant: str) -> str:
+        return f"{self.ns}abx:tot:{exp}:{variant}"
+
+    def day(self, exp: str, variant: str, day: str) -> str:
+        return f"{self.ns}abx:day:{exp}:{variant}:{day}"
+
+    def days(self, exp: str, variant: str) -> str:
+        return f"{self.ns}abx:days:{exp}:{variant}"
+
+    def variants(self, exp: str) -> str:
+        return f"{self.ns}abx:variants:{exp}"
+
+    @property
+    def experiments(self) -> str:
+        return f"{self.ns}abx:experiments"
+
+    @property
+    def offsets(self) -> str:
+        return f"{self.ns}abx:offsets"
+
+    def seen(self, event_id: str) -> str:
+        return f"{self.ns}abx:seen:{event_id}"
+
+
+def offset_field(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
+async def read_offsets(client: aioredis.Redis, ns: str) -> dict[TopicPartition, int]:
+    out = {}
+    for k, v in (await client.hgetall(Keys(ns).offsets)).items():
+        topic, _, partition = _text(k).rpartition(":")
+        out[TopicPartition(topic, int(partition))] = int(v)
+    return out
+
+
+# -- read side (the report) ----------------------------------------------------------------------
+
+async def read_totals(client: aioredis.Redis, ns: str, experiment_id: str) -> dict[str, VariantTotals]:
+    """variant -> VariantTotals of one experiment ("_all" for every exposure)."""
+    k = Keys(ns)
+    variants = sorted(_text(v) for v in await client.smembers(k.variants(experiment_id)))
+    pipe = client.pipeline(transaction=False)
+    for v in variants:
+        pipe.hgetall(k.tot(experiment_id, v))
+    return {v: VariantTotals.from_fields(h) for v, h in zip(variants, await pipe.execute())}
+
+
+async def read_daily(client: aioredis.Redis, ns: str, experiment_id: str) -> dict[str, dict[str, VariantTotals]]:
+    """variant -> UTC day "YYYY-MM-DD" -> that day's increments (cumulative sums give as-of totals)."""
+    k = Keys(ns)
+    variants = sorted(_text(v) for v in await client.smembers(k.variants(experiment_id)))
+    pipe = client.pipeline(transaction=False)
+    for v in variants:
+        pipe.smembers(k.days(experiment_id, v))
+    days = {v: sorted(map(_text, d)) for v, d in zip(variants, await pipe.execute())}
+    pipe = client.pipeline(transaction=False)
+    for v in variants:
+        for d in days[v]:
+            pipe.hgetall(k.day(experiment_id, v, d))
+    hashes = iter(await pipe.execute())
+    return {v: {d: VariantTotals.from_fields(next(hashes)) for d in days[v]} for v in variants}
+
+
+# -- the worker ----------------------------------------------------------------------------------
+
+@dataclass
+class AttributionStats:
+    counts: Counter = field(default_factory=Counter)   # exposures, events, attributed, unattributed, ...
+    dead_letters: int = 0
+    batches: int = 0
+    held: int = 0          # events held back behind the exposures' watermark (re-read later)
+    failures: int = 0      # batches whose transaction did not run (retried from the stored offsets)
+
+
+class Attribution:
+    def __init__(self, s: Settings, client: aioredis.Redis):
+        self.s, self.client, self.keys = s, client, Keys(s.redis_namespace)
+        self.exposures, self.clickstream = s.topic("exposures"), s.topic("clickstream")
+        self.stats = AttributionStats()
+        self.next: dict[TopicPartition, int] = {}        # next offset per partition, as stored in Redis
+        self.last_exposure_ts: dict[TopicPartition, float] = {}
+        self.lock = asyncio.Lock()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer = None
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        s = self.s
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=group_id(s),
+                                         client_id=group_id(s), enable_auto_commit=False,
+                                         auto_offset_reset="earliest", max_poll_records=MAX_RECORDS)
+        self.consumer.subscribe([self.exposures, self.clickstream], listener=_SeekToStored(self))
+        self.producer = create_producer(s)
+        await self.producer.start()
+        next_metrics = 0.0
+        try:
+            await self.consumer.start()
+            log.info("attribution %s consuming %s and %s", group_id(s), self.exposures, self.clickstream)
+            while not stop.is_set():
+                batch = await self.consumer.getmany(timeout_ms=300, max_records=MAX_RECORDS)
+                if ready and not ready.is_set() and self.consumer.assignment():
+                    ready.set()
+                if batch:
+                    done: dict[TopicPartition, int] = {}
+                    async with self.lock:
+                        try:
+                            done = await self.process(batch)
+                        except Exception:
+                            self.stats.failures += 1
+                            log.exception("attribution batch failed; re-reading from the stored offsets")
+                            await asyncio.sleep(RETRY_S)
+                            await self._seek_stored(self.consumer.assignment())
+                    if done:  # for lag tools only (Redis holds the truth); outside the lock a rebalance takes
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(self.consumer.commit(done), COMMIT_TIMEOUT_S)
+                if time.monotonic() >= next_metrics:
+                    next_metrics = time.monotonic() + METRICS_EVERY_S
+                    await self.publish_metrics()
+            await self.publish_metrics()
+        finally:
+            await self.consumer.stop()
+            await self.producer.stop()
+
+    async def _seek_stored(self, tps) -> None:
+        stored = await read_offsets(self.client, self.s.redis_namespace)
+        for tp in tps:
+            if tp in stored:
+                self.consumer.seek(tp, stored[tp])
+                self.next[tp] = stored[tp]
+            else:
+                await self.consumer.seek_to_beginning(tp)
+                self.next[tp] = 0
+        log.info("attribution positions %s", {offset_field(tp): self.next[tp] for tp in tps})
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    async def process(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, int]:
+        """Fold one fetched batch into Redis; returns the next offsets it stored."""
+        assigned = self.consumer.assignment()
+        msgs = {tp: [m for m in ms if m.offset >= self.next.get(tp, 0)] for tp, ms in batch.items() if tp in assigned}
+        msgs = {tp: ms for tp, ms in msgs.items() if ms}
+        if not msgs:
+            return {}
+        records: list[Exposure | Event] = []
+        letters: list[tuple[ConsumerRecord, SchemaError]] = []
+        offsets: dict[TopicPartition, int] = {}
+        for tp in (tp for tp in msgs if tp.topic == self.exposures):
+            for m in msgs[tp]:
+                try:
+                    x = Exposure.from_json(m.value or b"")
+                    records.append(x)
+                    self.last_exposure_ts[tp] = max(self.last_exposure_ts.get(tp, -math.inf), x.ts)
+                except SchemaError as exc:
+                    letters.append((m, exc))
+            offsets[tp] = msgs[tp][-1].offset + 1
+        watermark = self._watermark(offsets)
+        for tp in (tp for tp in msgs if tp.topic != self.exposures):
+            offsets[tp] = msgs[tp][-1].offset + 1
+            for m in msgs[tp]:
+                try:
+                    e = Event.from_json(m.value or b"")
+                except SchemaError as exc:
+                    letters.append((m, exc))
+                    continue
+                if e.timestamp > watermark and is_outcome(e):
+                    offsets[tp] = m.offset          # hold this one and the rest of the partition
+                    self.stats.held += 1
+                    break
+                records.append(e)
+        await self._dead_letters(letters)
+        ch = step(records, await self._load(records), self.s.attribution_window_s)
+        await self._write(ch, offsets)
+        # after the transaction: positions of held partitions go back to the first record held
+        for tp, off in offsets.items():
+            self.next[tp] = off
+            if off != msgs[tp][-1].offset + 1:
+                self.consumer.seek(tp, off)
+        self.stats.counts.update(ch.counts)
+        self.stats.dead_letters += len(letters)
+        self.stats.batches += 1
+        return offsets
+
+    def _watermark(self, batch_next: Mapping[TopicPartition, int]) -> float:
+        return watermark([(batch_next.get(tp, self.next.get(tp)), self.consumer.highwater(tp),
+                           self.last_exposure_ts.get(tp)) for tp in self.consumer.assignment()
+                          if tp.topic == self.exposures])
+
+    async def _dead_letters(self, letters: list[tuple[ConsumerRecord, SchemaError]]) -> None:
+        acks = []
+        for m, exc in letters:
+            first = exc.errors[0]
+            letter = DeadLetter(m.topic, m.partition, m.offset, first.field, "; ".join(map(str, exc.errors)),
+                                m.key, m.value)
+            log.warning("dead letter from %s[%d]@%d: %s", m.topic, m.partition, m.offset, letter.reason)
+            acks.append(await self.producer.send(self.s.topic("deadletter"), letter.value or b"", key=letter.key,
+                                                 headers=letter.headers()))
+        await asyncio.gather(*acks)
+
+    async def _load(self, records: list[Exposure | Event]) -> State:
+        k, window = self.keys, self.s.attribution_window_s
+        event_ids = sorted({r.event_id for r in records if isinstance(r, Event) and is_outcome(r)})
+        shoppers = sorted(needed_recent(records))
+        pipe = self.client.pipeline(transaction=False)
+        for eid in event_ids:
+            pipe.exists(k.seen(eid))
+        for u in shoppers:
+            pipe.get(k.recent(u))
+        got = await pipe.execute()
+        seen = {eid for eid, n in zip(event_ids, got) if n}
+        recent = {u: recent_from_json(raw) for u, raw in zip(shoppers, got[len(event_ids):]) if raw}
+        rids = sorted(needed_impressions(records, recent, window))
+        pipe = self.client.pipeline(transaction=False)
+        for rid in rids:
+            pipe.get(k.imp(rid))
+        impressions = {rid: Impression.from_json(rid, raw) for rid, raw in zip(rids, await pipe.execute()) if raw}
+        units = {(e, v, imp.unit) for imp in impressions.values() for e, v in imp.arms}
+        units |= {(e, v, x.unit) for x in records if isinstance(x, Exposure) for e, v in Impression.of(x).arms}
+        units_list = sorted(units)
+        pipe = self.client.pipeline(transaction=False)
+        for key in units_list:
+            pipe.hgetall(k.unit(*key))
+        unit_totals = {key: UnitTotals.from_fields(h) for key, h in zip(units_list, await pipe.execute()) if h}
+        return State(seen=seen, impressions=impressions, recent=recent, units=unit_totals)
+
+    async def _write(self, ch: Changes, offsets: Mapping[TopicPartition, int]) -> None:
+        k, s = self.keys, self.s
+        tx = self.client.pipeline(transaction=True)   # MULTI ... EXEC: all of it, offsets included, or none
+        for rid, imp in ch.impressions.items():
+            if rid in ch.new_impressions:
+                tx.set(k.imp(rid), imp.to_json(), ex=s.attribution_ttl_s)
+            else:
+                tx.set(k.imp(rid), imp.to_json(), keepttl=True)
+        for shopper, entries in ch.recent.items():
+            tx.set(k.recent(shopper), recent_to_json(entries), ex=s.attribution_ttl_s)
+        for key, u in ch.units.items():
+            tx.hset(k.unit(*key), mapping=u.to_fields())
+            tx.expire(k.unit(*key), UNIT_TTL_S)
+        for (exp, variant), inc in ch.totals.items():
+            _increment(tx, k.tot(exp, variant), inc)
+            tx.sadd(k.variants(exp), variant)
+            tx.sadd(k.experiments, exp)
+        for (exp, variant, day), inc in ch.daily.items():
+            _increment(tx, k.day(exp, variant, day), inc)
+            tx.sadd(k.days(exp, variant), day)
+        for eid in ch.seen:
+            tx.set(k.seen(eid), 1, ex=SEEN_TTL_S)
+        if offsets:
+            tx.hset(k.offsets, mapping={offset_field(tp): off for tp, off in offsets.items()})
+        await tx.execute()
+
+    # -- on-call ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        lag = {}
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            lag[offset_field(tp)] = max(0, hw - self.next.get(tp, 0)) if hw is not None else None
+        st = self.stats
+        return {"agent": "attribution", "ts": time.time(), "processed": dict(st.counts), "dead_letters": st.dead_letters,
+                "batches": st.batches, "held": st.held, "failures": st.failures, "lag": lag,
+                "lag_total": sum(v for v in lag.values() if v is not None)}
+
+    async def publish_metrics(self) -> None:
+        key = f"{self.s.redis_namespace}metrics:attribution:{socket.gethostname()}:{os.getpid()}"
+        try:
+            await self.client.set(key, orjson.dumps(self.snapshot()), ex=METRICS_TTL_S)
+        except Exception as exc:  # metrics must never stop the worker
+            log.warning("metrics not published: %r", exc)
+
+
+def watermark(partitions: Iterable[tuple[int | None, int | None, float | None]]) -> float:
+    """Event time up to which the exposures are read: per exposures partition (next offset, high-water
+    mark, latest exposure time read), the smallest latest time of those not read to their end
+    (-inf when none read yet); +inf when every partition is read to its end. Outcome events later
+    than it wait."""
+    wm = math.inf
+    for position, highwater, last_ts in partitions:
+        if highwater is not None and position is not None and position >= highwater:
+            continue
+        wm = min(wm, -math.inf if last_ts is None else last_ts)
+    return wm
+
+
+def _increment(tx, key: str, inc: Mapping[str, float]) -> None:
+    for f, v in inc.items():
+        if not v:
+            continue
+        if f in FLOAT_FIELDS:
+            tx.hincrbyfloat(key, f, v)
+        else:
+            tx.hincrby(key, f, int(v))
+
+
+class _SeekToStored(ConsumerRebalanceListener):
+    def __init__(self, worker: Attribution):
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        async with self.worker.lock:   # wait for the batch in hand: its transaction decides
+            for tp in revoked:
+                self.worker.next.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        if assigned:
+            async with self.worker.lock:
+                await self.worker._seek_stored(assigned)
+
+
+async def run_attribution(s: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> int:
+    """Run the attribution worker until `stop` (without one: SIGTERM or SIGINT); 0 on a clean stop."""
+    stop = stop or stop_on_signals()
+    client = aioredis.from_url(s.redis_url)
+    try:
+        await Attribution(s, client).run(stop, ready)
+        return 0
+    finally:
+        await client.aclose()
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
