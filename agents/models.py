@@ -15,9 +15,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ from recstream.ranking import FEATURE_NAMES
 from recstream.settings import Settings
 
 log = logging.getLogger(__name__)
+ALIAS_TTL_S = 60.0      # an A/B variant's ranker alias is resolved again after this long (and a failed load retried)
+MAX_EXTRA_MODELS = 2    # A/B rankers kept loaded besides the current and previous version
 
 
 @dataclass(frozen=True)
@@ -91,13 +95,57 @@ class ModelHolder:
         # loads run in a thread of their own at the lowest CPU priority, so serving keeps the cores
         self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-model-loader", initializer=_lowest_priority)
         self.swaps = 0
+        self._extra: dict[str, ServingModel] = {}                 # A/B rankers, by version
+        self._aliases: dict[str, tuple[str | None, float]] = {}   # ref -> (version, resolved at, monotonic)
+        self._resolving: set[str] = set()
 
     def get(self, version: str | None) -> ServingModel | None:
-        """The loaded model of `version` (current or previous), else None."""
-        for m in (self.current, self.previous):
+        """The loaded model of `version` (current, previous or one an A/B variant asked for), else None."""
+        for m in (self.current, self.previous, *self._extra.values()):
             if m is not None and m.version == version:
                 return m
         return None
+
+    def ranker(self, ref: str) -> ServingModel | None:
+        """The model an A/B variant names by MLflow version number or alias, if loaded; else None,
+        and it is resolved and loaded in the background (the request is ranked as production).
+        Aliases are resolved again every ALIAS_TTL_S, so a moved alias is followed."""
+        version, checked_at = self._aliases.get(ref, (None, -math.inf))
+        version = ref if ref.isdigit() else version
+        model = self.get(version) if version else None
+        if (model is None or not ref.isdigit()) and time.monotonic() - checked_at > ALIAS_TTL_S:
+            self._resolve_later(ref)   # also after a failure, but not before ALIAS_TTL_S: MLflow is not hammered
+        return model
+
+    def _resolve_later(self, ref: str) -> None:
+        if ref in self._resolving:
+            return
+        self._resolving.add(ref)
+        task = asyncio.create_task(self._resolve(ref), name=f"{self.role}-resolve-{ref}")
+        self._tasks.append(task)
+        task.add_done_callback(lambda _: self._tasks.remove(task) if task in self._tasks else None)
+
+    async def _resolve(self, ref: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            version = ref if ref.isdigit() else await loop.run_in_executor(self._loader, self._alias_version, ref)
+            if self.get(version) is None:
+                model = await loop.run_in_executor(self._loader, self._download_and_load, version)
+                self._extra[version] = model
+                while len(self._extra) > MAX_EXTRA_MODELS:   # the oldest asked-for goes first
+                    self._extra.pop(next(iter(self._extra)))
+                log.info("%s: loaded version %s for A/B ranker %r", self.role, version, ref)
+            self._aliases[ref] = (version, time.monotonic())
+        except Exception as exc:   # unknown alias, MLflow down: production ranks; tried again later
+            log.warning("%s: A/B ranker %r not loaded: %r", self.role, ref, exc)
+            self._aliases[ref] = (self._aliases.get(ref, (None, 0.0))[0], time.monotonic())
+        finally:
+            self._resolving.discard(ref)
+
+    def _alias_version(self, alias: str) -> str:
+        from batch.registry import Registry
+
+        return Registry(self.s.mlflow_tracking_uri, self.s.model_name).alias_version(alias)
 
     async def start(self, read_pointer: Callable[[], Awaitable[dict | None]]) -> None:
         """Follow the model-updates topic from its end, then load the published version: in this

@@ -20,7 +20,7 @@ from batch import ranker
 from recstream.ranking import Columns, Context, ItemFields, matrix
 from recstream.rules import Rules, best_source, heuristic_scores, primary, reason, select, source_matrix
 from recstream.settings import Settings
-from schemas import CandidateSet, RecommendationReply, RecommendedItem
+from schemas import CandidateSet, Overrides, RecommendationReply, RecommendedItem
 from streams.online_store import OnlineStore
 
 ITEM_FIELDS = ("title", "category", "brand", "price", "rating", "seller_rating", "in_stock", "created_at")
@@ -72,7 +72,8 @@ def _item(values: list[str | None]) -> Item:
 @dataclass
 class Scored:
     cs: CandidateSet
-    model: ServingModel | None
+    model: ServingModel | None       # the retrieving version: item vectors for the features
+    ranker: ServingModel | None      # whose booster scores (the same, unless an A/B variant names another)
     ctx: Context
     cols: Columns
     items: list[Item]
@@ -106,11 +107,11 @@ class Ranking:
         t0 = time.perf_counter()
         by_model: dict[int, list[Scored]] = {}
         for w in work:
-            if w.model is not None and w.model.booster is not None and len(w.cs.product_ids):
-                by_model.setdefault(id(w.model), []).append(w)
+            if w.ranker is not None and w.ranker.booster is not None and len(w.cs.product_ids):
+                by_model.setdefault(id(w.ranker), []).append(w)
         for group in by_model.values():
             X = np.concatenate([w.X for w in group])
-            y = await asyncio.get_running_loop().run_in_executor(self._thread, ranker.score, group[0].model.booster, X)
+            y = await asyncio.get_running_loop().run_in_executor(self._thread, ranker.score, group[0].ranker.booster, X)
             at = 0
             for w in group:
                 w.scores, at = y[at:at + len(w.cs.product_ids)], at + len(w.cs.product_ids)
@@ -147,19 +148,24 @@ class Ranking:
         ctx = Context(now_s=arrived, user_embedding=query, session=feats, recent=recent, category_affinity=affinity,
                       median_price=median, device=r.ctx("device"), page=r.ctx("page"),
                       session_idle_timeout_s=s.session_idle_timeout_s)
+        ov = r.overrides or Overrides()
         exclude = {*r.cart_items, *([r.product_id] if r.product_id else [])}
-        if s.exclude_purchased and feats:
+        if (s.exclude_purchased if ov.exclude_purchased is None else ov.exclude_purchased) and feats:
             exclude |= set(feats.get("purchases") or ())
         X = matrix(ctx, cols)
-        return Scored(cs, model, ctx, cols, items, in_stock, frozenset(exclude), recent, arrived,
+        # an A/B variant may name another ranker: its booster scores features built on the retrieving
+        # version's vectors (until it is loaded, the retrieving version's own ranker scores)
+        scorer = (self.models.ranker(ov.ranker) if ov.ranker else None) or model
+        return Scored(cs, model, scorer, ctx, cols, items, in_stock, frozenset(exclude), recent, arrived,
                       (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, X)
 
     async def _reply(self, w: Scored, model_ms: float) -> Outgoing:
         t0 = time.perf_counter()
         cs, r = w.cs, w.cs.request
         scores = w.scores if w.scores is not None else heuristic_scores(w.cols.sources, w.cols.trending)
-        rows = select(w.cols.ids, scores, w.cols.categories, w.in_stock,
-                      Rules(r.count, self.s.max_per_category, w.exclude),
+        per_category = r.overrides.max_per_category if r.overrides and r.overrides.max_per_category is not None \
+            else self.s.max_per_category
+        rows = select(w.cols.ids, scores, w.cols.categories, w.in_stock, Rules(r.count, per_category, w.exclude),
                       primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")))
         sources = [best_source(i, cs.scores, r.kind) for i in rows]
         anchor_ids = [cs.anchors.get(src, ())[i] if src in ("cobuy", "covis", "als", "session") and src in cs.anchors
@@ -186,6 +192,6 @@ class Ranking:
                        "rules": (time.perf_counter() - t0) * 1000, "ranking_out": (time.time() - r.created_at) * 1000}
         reply = RecommendationReply(
             request_id=r.request_id, kind=r.kind, items=tuple(items),
-            model_version=w.model.version if w.model is not None and w.scores is not None else "none",
-            variant=r.variant, timings_ms=timings, session_recent=tuple(w.recent[:100]) if r.debug else None)
+            model_version=w.ranker.version if w.ranker is not None and w.scores is not None else "none",
+            experiments=r.experiments, timings_ms=timings, session_recent=tuple(w.recent[:100]) if r.debug else None)
         return Outgoing(r.reply_to or self.s.topic("rec.replies"), r.request_id.encode(), reply.to_json())

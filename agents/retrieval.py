@@ -123,8 +123,8 @@ class Retrieval:
         t1 = time.perf_counter()
         searched = [p for p in plans if p.query is not None]
         if searched and model is not None and model.index is not None:
-            k = min(self.s.retrieval_candidates + 1, len(model.index))
-            found = await asyncio.gather(*(self.batcher.search(model, p.query, k) for p in searched))
+            found = await asyncio.gather(*(self.batcher.search(model, p.query, min(self._k(p.request), len(model.index)))
+                                           for p in searched))
             for p, (row_ids, row_scores) in zip(searched, found):
                 for pid, sc in zip(row_ids, row_scores):
                     p.proposals.add(pid, "als", float(sc), p.anchor)
@@ -142,6 +142,11 @@ class Retrieval:
                               scores=scores, anchors=anchors, timings_ms=timings)
             out.append(Outgoing(self.s.topic("rec.candidates"), p.request.key, cs.to_json()))
         return out
+
+    def _k(self, r: RecommendationRequest) -> int:
+        """ANN neighbours to ask for: the candidate count (an A/B variant may change it), plus the query's own item."""
+        wanted = r.overrides.candidates if r.overrides and r.overrides.candidates else self.s.retrieval_candidates
+        return wanted + 1
 
     # -- Redis reads (two round trips per request) ---------------------------------------------------
     async def _read(self, r: RecommendationRequest, model: ServingModel | None, now: float) -> Plan:
@@ -174,8 +179,14 @@ class Retrieval:
 
         pipe = self.store.redis.pipeline(transaction=False)
         reads: list[tuple] = []   # (callback, ...) per queued command, in order
+        allowed = set(r.overrides.sources) if r.overrides and r.overrides.sources else None   # A/B: some sources only
+
+        def on(source: str) -> bool:
+            return allowed is None or source in allowed
 
         def zrev(key: str, n: int, source: str, anchor: str | None, weight: float = 1.0) -> None:
+            if not on(source):
+                return
             pipe.zrevrange(ns + key, 0, n - 1, withscores=True)
             reads.append((source, anchor, weight))
 
@@ -185,8 +196,9 @@ class Retrieval:
 
         recent = (session or [])[:ANCHORS]
         if r.kind == "homepage":   # the session's own items: shoppers come back to what they looked at
-            plan.proposals.add_all([(pid, 1.0 / (i + 1)) for i, pid in enumerate((session or [])[:SESSION_ITEMS])],
-                                   "session")
+            if on("session"):
+                plan.proposals.add_all([(pid, 1.0 / (i + 1)) for i, pid in enumerate((session or [])[:SESSION_ITEMS])],
+                                       "session")
             cart = list((feats or {}).get("cart_items") or [])[:ANCHORS]
             for a in recent:
                 zrev(f"covis:{a}", NEIGHBOURS, "covis", a)
@@ -238,6 +250,8 @@ class Retrieval:
             plan.rank_query, plan.rank_query_source = user_vec, "user"
         else:
             plan.rank_query, plan.rank_query_source = plan.query, plan.query_source
+        if not on("als"):   # A/B: no ANN candidates; the ranker still scores with the vector
+            plan.query = None
         return plan
 
 

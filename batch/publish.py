@@ -13,8 +13,11 @@ before stays readable for requests in flight; older ones are removed.
 """
 from __future__ import annotations
 
+import asyncio
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -89,6 +92,18 @@ async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_
     if announce:
         await _announce(s, pointer)
     return Published(version, n, time.perf_counter() - t0, removed)
+
+
+def publish_registered(s: Settings, version: str, progress: Callable[[str], None] = print) -> Published:
+    """Publish a version already in the registry (A/B promotion of another version's ranker): its
+    bundle's ALS vectors and offline features, then the pointer and the announcement. Products the
+    model has no vector for get content-model vectors at request time, as for any new product."""
+    from batch.registry import Registry   # mlflow is slow to import: only here
+
+    with tempfile.TemporaryDirectory(prefix="recstream-publish-") as tmp:
+        folder = Registry(s.mlflow_tracking_uri, s.model_name).download(version, Path(tmp))
+        out = BatchOutputs.load(folder / "batch")
+    return asyncio.run(publish(s, s.model_name, version, out, progress=progress))
 
 
 def _version_of(pointer: bytes | None) -> str | None:

@@ -62,9 +62,25 @@ class Registry:
 
     def champion_version(self) -> str | None:
         try:
-            return self.client.get_model_version_by_alias(self.name, CHAMPION).version
-        except MlflowException:
+            return self.alias_version(CHAMPION)
+        except LookupError:
             return None
+
+    def alias_version(self, alias_or_version: str) -> str:
+        """The version number an alias points at (a number is checked to exist); LookupError if none."""
+        try:
+            if alias_or_version.isdigit():
+                return self.client.get_model_version(self.name, alias_or_version).version
+            return self.client.get_model_version_by_alias(self.name, alias_or_version).version
+        except MlflowException as exc:
+            raise LookupError(f"model {self.name!r} has no version or alias {alias_or_version!r}") from exc
+
+    def make_champion(self, version: str, reason: str) -> str | None:
+        """Point the champion alias at `version` (A/B promotion); returns the version it pointed at before."""
+        before = self.champion_version()
+        self.client.set_registered_model_alias(self.name, CHAMPION, version)
+        self.client.set_model_version_tag(self.name, version, "promotion", reason[:500])
+        return before
 
     def register(self, bundle: Path, metrics: dict[str, float], params: dict[str, object], metric: str,
                  margin: float) -> Registered:

@@ -76,6 +76,10 @@ def _worker(args: argparse.Namespace, s: Settings) -> int:
         from streams.worker import run_serving
 
         return uvloop.run(run_serving(s, args.kind))
+    elif args.kind == "attribution":
+        from streams.attribution import run_attribution
+
+        return uvloop.run(run_attribution(s))
     else:
         from streams.archive import run as run_archive
 
@@ -164,6 +168,31 @@ def _trainer(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def _experiments(args: argparse.Namespace, s: Settings) -> int:
+    from recstream.experiments import commands
+    from recstream.experiments.definition import ExperimentError, load
+
+    try:
+        if args.action == "validate":
+            es = load(args.file or s.experiments_file)
+            print(f"{args.file or s.experiments_file}: valid, revision {es.revision}, {len(es.experiments)} experiments")
+            for e in es.experiments:
+                lo, hi = es.slices[e.id]
+                print(f"  {e.id:24} layer {e.layer:12} slice [{lo:.3f}, {hi:.3f}) "
+                      f"variants {', '.join(f'{v.name}={v.weight:g}' for v in e.variants)}")
+        elif args.action == "report":
+            text, js, png = commands.report(s, args.id, args.metric, args.out)
+            print(text)
+            print(f"wrote {js} and {png}")
+        else:
+            result = commands.promote(s, args.id, args.variant, args.metric, args.force)
+            print(f"promoted {args.id}/{args.variant}: {result.decision.reason}")
+    except (ExperimentError, commands.PromotionRefused, FileNotFoundError, ValueError) as exc:
+        print(f"recstream experiments: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _lag(args: argparse.Namespace, s: Settings) -> int:
     from streams import lag
 
@@ -204,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(run=_demo)
 
     sp = sub.add_parser("worker", help="run a worker process until SIGTERM")
-    sp.add_argument("kind", choices=["features", "archive", "retrieval", "ranking"],
+    sp.add_argument("kind", choices=["features", "archive", "retrieval", "ranking", "attribution"],
                     help="features: session table + Redis features + item features; archive: clickstream -> Parquet; "
-                         "retrieval: requests -> candidates (FAISS + rules); ranking: candidates -> XGBoost -> replies")
+                         "retrieval: requests -> candidates (FAISS + rules); ranking: candidates -> XGBoost -> replies; "
+                         "attribution: exposures + clickstream -> A/B metrics per variant in Redis")
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp.set_defaults(run=_worker)
 
@@ -241,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sp.add_argument("--port", type=int, default=8000, help="TCP port")
     sp.set_defaults(run=_serve)
+
+    sp = sub.add_parser("experiments", help="A/B experiments: validate the file, report one, promote a variant")
+    esub = sp.add_subparsers(dest="action", required=True)
+    ep = esub.add_parser("validate", help="check an experiments file (default RECSTREAM_EXPERIMENTS_FILE)")
+    ep.add_argument("file", nargs="?", type=Path)
+    for name, helptext in (("report", "per-variant metrics, tests, SRM; writes ID.json and ID.png"),
+                           ("promote", "promote VARIANT: refused unless significant, 7 days old, no SRM (or --force)")):
+        ep = esub.add_parser(name, help=helptext)
+        ep.add_argument("id", help="experiment id")
+        if name == "promote":
+            ep.add_argument("variant", help="variant to promote")
+            ep.add_argument("--force", action="store_true", help="promote despite the reasons to refuse (they are printed)")
+        else:
+            ep.add_argument("--out", type=Path, default=Path(".local/experiments"), help="folder for the JSON and PNG")
+        ep.add_argument("--metric", default="ctr", help="the metric that decides: ctr, add_to_cart_rate, "
+                                                        "conversion_rate, revenue_per_impression (default ctr)")
+    sp.set_defaults(run=_experiments)
 
     sp = sub.add_parser("lag", help="consumer lag per group and partition, and the workers' latest metrics")
     sp.set_defaults(run=_lag)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from http import HTTPStatus
 from typing import Any, AsyncIterator, cast
 
@@ -27,9 +28,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from recstream.settings import Settings
-from schemas import Event
+from schemas import Event, Exposure
 from serving import ingest, params
-from serving.recommend import Recommender, reply_body
+from serving.admin import admin_routes
+from serving.experiments import Experiments, exposure
+from serving.recommend import Recommender, reply_body, status
 from streams.producer import create_producer
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ class EventSink:
         self._producer = producer
         self._connect_task: asyncio.Task[None] | None = None
         self.topic = s.topic("clickstream")
+        self.exposures_topic = s.topic("exposures")
+        self.exposures_lost = 0
+        self._exposing: set[asyncio.Task] = set()
         self.timeout_s = s.produce_timeout_ms / 1000
         self.connected = False
 
@@ -77,6 +83,8 @@ class EventSink:
             self._connect_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connect_task
+        if self._exposing:
+            await asyncio.wait(self._exposing, timeout=self.timeout_s)
         if self._producer is not None:
             await self._producer.stop()  # flushes what is still in flight
         self.connected = False
@@ -104,6 +112,23 @@ class EventSink:
             raise KafkaUnavailable(f"Kafka did not acknowledge within {self._settings.produce_timeout_ms} ms") from None
         except KafkaError as exc:
             raise KafkaUnavailable(f"Kafka refused the events: {exc}") from None
+
+    def expose(self, exposure: Exposure) -> None:
+        """Queue one exposure record; no wait for the ack (serving/experiments.py: at most once)."""
+        if not self.connected or self._producer is None:
+            self.exposures_lost += 1
+            return
+        task = asyncio.create_task(self._expose(self._producer, exposure))
+        self._exposing.add(task)
+        task.add_done_callback(self._exposing.discard)
+
+    async def _expose(self, producer: AIOKafkaProducer, exposure: Exposure) -> None:
+        try:
+            ack = await producer.send(self.exposures_topic, exposure.to_json(), key=exposure.key)
+            await asyncio.wait_for(ack, self.timeout_s)
+        except Exception as exc:  # Kafka trouble: the answer has gone out; the impression is lost
+            self.exposures_lost += 1
+            log.warning("exposure %s not logged: %r", exposure.request_id, exc)
 
     async def _send_all(self, producer: AIOKafkaProducer, events: list[Event]) -> None:
         # send() only queues (the producer batches them); the returned futures resolve on acks
@@ -158,16 +183,21 @@ EXCEPTION_HANDLERS = {
 }
 
 
-def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommender: Recommender | None = None) -> Starlette:
-    """The API app; its lifespan starts and stops `producer` (default: create_producer(s)) and the
-    recommender (its reply topic, reply reader and fallback)."""
+def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommender: Recommender | None = None,
+               experiments: Experiments | None = None) -> Starlette:
+    """The API app; its lifespan starts and stops `producer` (default: create_producer(s)), the
+    recommender (its reply topic, reply reader and fallback) and the experiments file's follower."""
     sink = EventSink(s, producer)
     rec = recommender or Recommender(s)
+    ab = experiments or Experiments(s)
 
     async def recommendations(request: Request) -> Response:
         req = params.parse(request.path_params["kind"], request.query_params)
-        req = await rec.check_products(req)
-        return Response(reply_body(await rec.recommend(req)), media_type="application/json")
+        req = ab.assign(await rec.check_products(req))
+        reply = await rec.recommend(req)
+        body = reply_body(reply)
+        sink.expose(exposure(req, reply, status(reply), time.time()))
+        return Response(body, media_type="application/json")
 
     async def openapi(request: Request) -> Response:
         return OrjsonResponse(params.openapi())
@@ -189,6 +219,7 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await sink.start()
+        follow = asyncio.create_task(ab.run(), name="experiments-file")
         try:
             await rec.start()
         except Exception as exc:  # recommendations still answer, from the fallback
@@ -196,18 +227,20 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
         try:
             yield
         finally:
+            follow.cancel()
             await rec.stop()
             await sink.stop()
 
     app = Starlette(
         routes=[Route("/api/v1/recommendations/{kind}", recommendations, methods=["GET"]),
                 Route("/api/v1/events", post_events, methods=["POST"]), Route("/openapi.json", openapi, methods=["GET"]),
-                Route("/healthz", healthz, methods=["GET"])],
+                Route("/healthz", healthz, methods=["GET"]), *admin_routes(s, ab.store)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.sink = sink
     app.state.recommender = rec
+    app.state.experiments = ab
     return app
 
 

@@ -7,9 +7,10 @@ comes from an in-memory list of trending items, refreshed from Redis in the back
 fallback needs neither Redis nor Kafka at request time. A reply that arrives after its deadline
 is dropped.
 
-Homepage replies are cached in Redis per user (and variant, count, device, page) for
-`homepage_cache_ttl_s`, tagged with the user's event count; any new event of that user changes the
-count, so the next request recomputes and real-time adaptation is kept. A cached reply naming a
+Homepage replies are cached in Redis per user (and A/B variants, count, device, page) for
+`homepage_cache_ttl_s`, tagged with the user's event count and the published model version; any
+new event of that user changes the count, so the next request recomputes and real-time adaptation
+is kept, and a new model is served at once. A cached reply naming a
 product now out of stock is recomputed too (one SMISMEMBER per hit).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import socket
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FALLBACK_ITEMS = 100         # trending items kept in memory, overall and per category
 FALLBACK_CATEGORIES = 500    # categories kept in memory at most
+DEADLINE_MISSED = "no reply within"   # a fallback reply's error when the agents were too slow
 
 
 class Fallback:
@@ -94,7 +97,7 @@ class Fallback:
         items = tuple(RecommendedItem(product_id=rows[i][0], score=float(rows[i][1]),
                                       reason=f"trending in {category or rows[i][2]}" if (category or rows[i][2])
                                       else "trending now", source="popular") for i in chosen)
-        return RecommendationReply(request_id=req.request_id, kind=req.kind, items=items, variant=req.variant,
+        return RecommendationReply(request_id=req.request_id, kind=req.kind, items=items, experiments=req.experiments,
                                    fallback=True, error=error[:512])
 
 
@@ -206,8 +209,8 @@ class Recommender:
         try:
             async with asyncio.timeout(self._remaining_s(req)):
                 if req.kind == "homepage" and req.user_id:
-                    cache_key = self.store.homepage_key(req.user_id, req.variant, req.count, req.ctx("device"),
-                                                        req.ctx("page"))
+                    cache_key = self.store.homepage_key(req.user_id, _variant_tag(req), req.count,
+                                                        req.ctx("device"), req.ctx("page"))
                     cached, tag = await self.store.homepage_cached(cache_key, req.user_id)
                     if cached is not None:
                         reply = RecommendationReply.from_json(cached)
@@ -217,7 +220,7 @@ class Recommender:
                                                    timings_ms=_total(req) if req.debug else None)
                 reply = await self._ask(req)
         except (TimeoutError, asyncio.TimeoutError):
-            return self._fallback(req, f"no reply within {self.s.serving_deadline_ms} ms")
+            return self._fallback(req, f"{DEADLINE_MISSED} {self.s.serving_deadline_ms} ms")
         except Exception as exc:  # Kafka, Redis, a bad reply: the shopper still gets items
             return self._fallback(req, f"{type(exc).__name__}: {exc}")
         if cache_key and tag is not None and not reply.fallback:
@@ -270,6 +273,23 @@ def _stopping() -> bool:
 def _total(req: RecommendationRequest) -> dict[str, float]:
     """Milliseconds since the request was parsed: the clock every other stage offset starts from."""
     return {"total": (time.time() - req.created_at) * 1000}
+
+
+def status(reply: RecommendationReply) -> str:
+    """How a list was served (schemas.experiments.STATUSES): agents, cache, or which fallback."""
+    if reply.cached:
+        return "cached"
+    if reply.fallback:
+        return "fallback_deadline" if (reply.error or "").startswith(DEADLINE_MISSED) else "fallback_error"
+    return "ok"
+
+
+def _variant_tag(req: RecommendationRequest) -> str:
+    """The homepage cache key's part for the request's variants and overrides ("-": none)."""
+    if not req.experiments and req.overrides is None:
+        return "-"
+    raw = orjson.dumps([sorted((req.experiments or {}).items()), req.overrides.to_dict() if req.overrides else None])
+    return hashlib.blake2b(raw, digest_size=6).hexdigest()
 
 
 def reply_body(reply: RecommendationReply) -> bytes:

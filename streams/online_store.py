@@ -13,7 +13,7 @@ Key layout (all written by the feature and catalogue agents; each behind the set
   applied:{group}:{topic}:{partition}  highest clickstream offset whose increments are applied
   oos                        set of products out of stock (one SMISMEMBER answers a whole candidate list)
   brand:{brand}              zset product -> rating: "more from this brand"
-  homecache:{user}:{variant}:{count}:{device}:{page}  a homepage reply, valid while the user's event count is unchanged
+  homecache:{user}:{variants}:{count}:{device}:{page}  a homepage reply, valid while the user's event count and the model version are unchanged
 Written by the trainer (batch/publish.py): model:current, emb:user|item:{version}:{id}, uoff:, ioff:.
 """
 from __future__ import annotations
@@ -293,17 +293,20 @@ class OnlineStore:
         raw = await self.redis.mget([f"{self.ns}emb:{kind}:{version}:{x}" for x in ids])
         return [np.frombuffer(r, dtype=np.float32) if r else None for r in raw]
 
-    def homepage_key(self, user_id: str, variant: str, count: int, device: str, page: str) -> str:
-        return f"{self.ns}homecache:{user_id}:{variant}:{count}:{device}:{page}"
+    def homepage_key(self, user_id: str, variants: str, count: int, device: str, page: str) -> str:
+        return f"{self.ns}homecache:{user_id}:{variants}:{count}:{device}:{page}"
 
     async def homepage_cached(self, key: str, user_id: str) -> tuple[bytes | None, str]:
-        """(the cached reply if still valid, the user's event count now). A reply is valid while
-        the count it was computed at is the count now: any new event of the user invalidates it."""
+        """(the cached reply if still valid, its tag now: the user's event count and the published
+        model version). A reply is valid while both are what they were when it was computed: any
+        new event of the user, or a new model (a training run, an A/B promotion), invalidates it."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(key)
         pipe.hget(self.ns + features_key(user_id), "events")
-        cached, events = await pipe.execute()
-        tag = events.decode() if events else "0"
+        pipe.get(self.ns + "model:current")
+        cached, events, pointer = await pipe.execute()
+        version = orjson.loads(pointer).get("version", "") if pointer else ""
+        tag = f"{events.decode() if events else '0'}@{version}"
         if cached:
             stored_tag, _, reply = cached.partition(b"|")
             if stored_tag.decode() == tag:

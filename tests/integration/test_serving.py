@@ -28,6 +28,7 @@ from streams.deadletter import DeadLetter
 from streams.producer import create_producer
 from streams.replay import publish, publish_dataset
 from streams.topics import ensure_topics
+from tests.integration.conftest import read_topic
 from tests.integration.serving_stack import Processes, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -90,7 +91,8 @@ async def served(stack: Settings, tmp_path_factory):
         stack, topic_prefix=f"t{tag}", app_id=f"recstream-test-{tag}", clickstream_partitions=4,
         redis_namespace=f"t{tag}:", home_dir=home, model_name=f"test-serving-{tag}", als_rank=8, als_iterations=3,
         ranker_trees=20, ranker_depth=4, spark_master="local[2]", spark_driver_memory="1g",
-        serving_deadline_ms=DEADLINE_MS)
+        serving_deadline_ms=DEADLINE_MS, experiments_file=home / "experiments.toml", admin_token=ADMIN_TOKEN,
+        experiments_reload_s=0.5)
     await ensure_topics(s)
     cfg = ShopConfig(users=80, products=200, seed=4, end_s=float(int(time.time()) - 60))
     data = shop_dataset(cfg)
@@ -349,6 +351,211 @@ async def test_malformed_requests_go_to_the_dead_letter_topic_and_serving_goes_o
     for path, params, exclude in srv.cases():
         r, body, _ = await srv.ask(path, **params)
         assert r.status_code == 200 and body["fallback"] is False, body
+
+
+# -- A/B: variants change serving; exposures logged, attributed, reported; promotion -----------------------
+
+ADMIN = "/api/v1/admin"
+ADMIN_TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _experiment(eid: str, layer: str, **changes_by_variant) -> dict:
+    """A running experiment over the whole layer, control + the named variants, equal weights."""
+    names = ["control", *changes_by_variant]
+    variants = [{"name": n, "weight": 1 / len(names), **({"changes": changes_by_variant[n]} if n != "control" else {})}
+                for n in names]
+    now = time.time()
+    return {"id": eid, "description": f"test {eid}", "layer": layer, "start": now - 60, "end": now + 30 * 86400,
+            "traffic": 1.0, "variants": variants}
+
+
+async def _admin(srv: Served, method: str, path: str, body=None, **params) -> httpx.Response:
+    return await srv.http.request(method, ADMIN + path, json=body, params=params, headers=AUTH)
+
+
+async def _homepages(srv: Served, users: list[str], **params) -> dict[str, dict]:
+    out = {}
+    for u in users:
+        r, body, _ = await srv.ask("homepage", user_id=u, **params)
+        assert r.status_code == 200 and body["fallback"] is False, body
+        out[u] = body
+    return out
+
+
+async def test_ab_variants_change_serving_and_are_logged_attributed_reported_and_promoted(served: Served, tmp_path):
+    from recstream.experiments import commands
+    from streams.attribution import read_totals
+
+    srv, s = served, served.s
+    # the admin API: token required, bad input named, nothing applied
+    assert (await srv.http.get(ADMIN + "/experiments")).status_code == 401
+    bad = _experiment("ab-bad", "retrieval", trending={"sources": ["popular"]})
+    bad["variants"][0]["weight"] = 0.7
+    r = await _admin(srv, "PUT", "/experiments/ab-bad", bad)
+    assert r.status_code == 400 and any("weights must sum to 1" in p for p in r.json()["problems"]), r.text
+    r = await _admin(srv, "PUT", "/experiments/ab-sources",
+                     _experiment("ab-sources", "retrieval", trending={"sources": ["popular"]}))
+    assert r.status_code == 201, r.text
+    r = await _admin(srv, "PUT", "/experiments/ab-diversity",
+                     _experiment("ab-diversity", "rules", strict={"max_per_category": 1}))
+    assert r.status_code == 201, r.text
+    clash = _experiment("ab-clash", "retrieval", other={"candidates": 50})   # layer "retrieval" is full
+    r = await _admin(srv, "PUT", "/experiments/ab-clash", clash)
+    assert r.status_code == 409 and "cannot fit" in r.text, r.text
+    assert [e["id"] for e in (await _admin(srv, "GET", "/experiments")).json()["experiments"]] == \
+        ["ab-sources", "ab-diversity"]
+
+    users = sorted({e.user_id for e in srv.data.events})[:40]
+
+    async def assigned():   # the API processes re-read the file
+        r, body, _ = await srv.ask("homepage", user_id=users[0], count=5)
+        return set(body.get("experiments") or {}) == {"ab-sources", "ab-diversity"}
+    await wait_for(assigned, 20, "the API to read the experiments file")
+
+    first = await _homepages(srv, users)
+    again = await _homepages(srv, users[:10])
+    variants = {u: (b["experiments"]["ab-sources"], b["experiments"]["ab-diversity"]) for u, b in first.items()}
+    assert all((b["experiments"]["ab-sources"], b["experiments"]["ab-diversity"]) == variants[u]
+               for u, b in again.items()), "assignment changed between requests"
+    assert {v[0] for v in variants.values()} == {"control", "trending"}
+    assert {v[1] for v in variants.values()} == {"control", "strict"}
+    for u, body in first.items():
+        sources = {it["source"] for it in body["items"]}
+        categories = [srv.products[it["product_id"]].category for it in body["items"]]
+        if variants[u][0] == "trending":
+            assert sources == {"popular"}, body
+        if variants[u] == ("control", "strict"):   # (trending alone offers one category: the cap gives way)
+            assert len(set(categories)) == len(categories), body
+    assert any(len({it["source"] for it in b["items"]} - {"popular"}) for u, b in first.items()
+               if variants[u][0] == "control"), "control should use the other sources too"
+
+    # every served list is on the exposures topic
+    served_ids = {b["request_id"]: b for b in [*first.values(), *again.values()]}
+    logged, impressions = {}, Counter()
+    for m in await read_topic(s, s.topic("exposures"), timeout_ms=3000):
+        e = orjson.loads(m.value)
+        impressions[(e.get("experiments") or {}).get("ab-sources")] += 1   # (the waits above asked too)
+        if e["request_id"] in served_ids:
+            logged[e["request_id"]] = e
+    assert logged.keys() == served_ids.keys()
+    for rid, e in logged.items():
+        body = served_ids[rid]
+        assert e["experiments"] == body["experiments"] and e["status"] == ("cached" if body["cached"] else "ok")
+        assert e["items"] == [it["product_id"] for it in body["items"]]
+        assert e["positions"] == list(range(1, len(e["items"]) + 1)) and e["unit"] == "u:" + e["user_id"]
+
+    # shoppers act: trending users click their first item (cited by request id), two control users buy
+    now = time.time()
+    events = []
+    for i, (u, body) in enumerate(first.items()):
+        item = body["items"][0]["product_id"]
+        base = {"user_id": u, "session_id": f"ab-{u}", "product_id": item, "timestamp": now,
+                "rec_request_id": body["request_id"]}
+        if variants[u][0] == "trending":
+            events.append({**base, "event_id": f"ab-click-{i}", "event_type": "click"})
+    control = [u for u in first if variants[u][0] == "control"][:2]
+    for i, u in enumerate(control):
+        base = {"user_id": u, "session_id": f"ab-{u}", "product_id": first[u]["items"][1]["product_id"],
+                "timestamp": now, "rec_request_id": first[u]["request_id"], "price": 10.0, "quantity": 2}
+        events += [{**base, "event_id": f"ab-cart-{i}", "event_type": "add_to_cart"},
+                   {**base, "event_id": f"ab-buy-{i}", "event_type": "purchase"}]
+    r = await srv.http.post("/api/v1/events", json=events)
+    assert r.status_code == 202, r.text
+
+    srv.procs.start("attribution")
+    trending_users = sum(1 for v in variants.values() if v[0] == "trending")
+
+    want = {"control": (impressions["control"], 0, 2), "trending": (impressions["trending"], trending_users, 0)}
+    got = {}
+
+    async def attributed():
+        totals = await read_totals(srv.redis, s.redis_namespace, "ab-sources")
+        got.update({v: (t.impressions, t.clicked, t.bought) for v, t in totals.items()})
+        return got == want or None
+    try:
+        await wait_for(attributed, 60, "the attribution worker's totals", interval_s=0.5,
+                       check=lambda: srv.procs.check_alive("attribution"))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: (impressions, clicked, bought) {got} != {want}\n"
+                             f"{srv.procs.tail('attribution')}") from None
+    totals = await read_totals(srv.redis, s.redis_namespace, "ab-sources")
+    assert totals["control"].revenue == 40.0 and totals["control"].units_bought == 2
+    assert totals["trending"].units == trending_users and totals["trending"].units_clicked == trending_users
+
+    # the report, and a promotion refused (a young test), then forced
+    text, js, png = await asyncio.to_thread(commands.report, s, "ab-sources", "ctr", tmp_path)
+    record = orjson.loads(js.read_bytes())
+    assert record["units"] == {"control": len(users) - trending_users, "trending": trending_users}
+    assert png.stat().st_size > 10_000 and "chi2 on users" in text and "SRM" in text
+    with pytest.raises(commands.PromotionRefused, match="too young"):
+        await asyncio.to_thread(commands.promote, s, "ab-sources", "trending", "ctr", False, None, lambda _: None)
+    with pytest.raises(commands.ExperimentError, match="unknown variant"):
+        await asyncio.to_thread(commands.promote, s, "ab-sources", "nope", "ctr", True, None, lambda _: None)
+    done = await asyncio.to_thread(commands.promote, s, "ab-sources", "trending", "ctr", True, None, lambda _: None)
+    assert done.decision.reason.startswith("forced despite") and done.defaults.sources == ("popular",)
+    with pytest.raises(commands.ExperimentError, match="has ended"):
+        await asyncio.to_thread(commands.promote, s, "ab-sources", "trending", "ctr", True, None, lambda _: None)
+
+    async def promoted():   # every shopper now gets the promoted configuration, outside the ended experiment
+        r, body, _ = await srv.ask("homepage", user_id=users[1], count=6)
+        return ("ab-sources" not in (body.get("experiments") or {})
+                and {it["source"] for it in body["items"]} == {"popular"})
+    await wait_for(promoted, 20, "the promoted defaults")
+
+    # back to production as it was, for the tests after this one
+    assert (await _admin(srv, "PUT", "/defaults", {})).status_code == 200
+    for eid in ("ab-sources", "ab-diversity"):
+        assert (await _admin(srv, "DELETE", f"/experiments/{eid}", force=1)).status_code == 200
+
+    async def cleared():
+        r, body, _ = await srv.ask("homepage", user_id=users[1], count=6)
+        return not body.get("experiments") and len({it["source"] for it in body["items"]}) > 1
+    await wait_for(cleared, 20, "experiments cleared")
+
+
+async def test_ab_ranker_variant_ranks_with_the_named_version_and_promotion_makes_it_champion(served: Served, tmp_path):
+    from recstream.experiments import commands
+
+    srv, s = served, served.s
+    old = srv.version
+    registry = Registry(s.mlflow_tracking_uri, s.model_name)
+
+    def register_challenger() -> str:
+        bundle = registry.download(CHAMPION, tmp_path / "champion")
+        reg = registry.register(bundle, registry.champion_metrics(), {"source": "test_serving: a challenger"},
+                                PROMOTION_METRIC, s.promotion_margin)
+        registry.make_champion(old, "test: the champion stays")
+        registry.client.set_registered_model_alias(s.model_name, "challenger", reg.version)
+        return reg.version
+    new = await asyncio.to_thread(register_challenger)
+    assert new != old and await asyncio.to_thread(registry.champion_version) == old
+
+    r = await _admin(srv, "PUT", "/experiments/ab-ranker", _experiment("ab-ranker", "ranking",
+                                                                       challenger={"ranker": "challenger"}))
+    assert r.status_code == 201, r.text
+    users = sorted({e.user_id for e in srv.data.events})[:24]
+
+    polls = iter(range(10**6))   # a new `page` per poll: the homepage cache would answer the first ranking again
+
+    async def both_versions():   # the ranking agent loads the challenger in the background
+        bodies = await _homepages(srv, users, count=5, page=f"poll{next(polls)}")
+        seen = {(b["experiments"]["ab-ranker"], b["model_version"]) for b in bodies.values() if b.get("experiments")}
+        return seen == {("control", old), ("challenger", new)} or None
+    await wait_for(both_versions, 60, "control ranked by the champion, challenger by the challenger",
+                   interval_s=0.5, check=lambda: srv.procs.check_alive(*SERVING))
+
+    done = await asyncio.to_thread(commands.promote, s, "ab-ranker", "challenger", "ctr", True, None, lambda _: None)
+    assert (done.champion_before, done.champion_after) == (old, new)
+    assert await asyncio.to_thread(registry.champion_version) == new and (await current(s))["version"] == new
+
+    async def everyone_on_new():
+        bodies = await _homepages(srv, users[:8], count=4, page=f"poll{next(polls)}")
+        return all(b["model_version"] == new and not b.get("experiments") for b in bodies.values())
+    await wait_for(everyone_on_new, 60, f"every reply from version {new}", interval_s=0.5,
+                   check=lambda: srv.procs.check_alive(*SERVING))
+    srv.version = new
+    assert (await _admin(srv, "DELETE", "/experiments/ab-ranker", force=1)).status_code == 200
 
 
 # -- 2. a serving agent dies: fallback within the deadline, then recovery ------------------------------------
