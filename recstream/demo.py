@@ -18,6 +18,7 @@ from batch.train import Source, TrainingFailed, train_once
 from recstream import services
 from recstream.data import Dataset, ShopConfig, generate
 from recstream.settings import Settings
+from schemas import Event
 from streams import archive, deadletter, lag
 from streams.app import create_app
 from streams.producer import create_producer
@@ -197,11 +198,96 @@ async def _serve(s: Settings, data: Dataset, shop) -> bool:
             for item in reply.items[:4]:
                 _say(f"     {item.score:7.3f}  {titles.get(item.product_id, item.product_id)}  -- {item.reason}")
             served += bool(reply.items) and not reply.fallback
-        return served == len(asks)
+        return served == len(asks) and await _ab_test(s, rec, data, shop)
     finally:
         await rec.stop()
         stop.set()
         await asyncio.gather(*workers, return_exceptions=True)
+
+
+AB_SHOPPERS, AB_VISITS = 200, 2     # homepage visits in the demo's A/B test
+
+
+async def _ab_test(s: Settings, rec, data: Dataset, shop) -> bool:
+    """An A/B test in miniature: the full pipeline against trending only, on the homepage. Shoppers of
+    the generated shop visit, are assigned, served and logged; they click with a position-biased
+    click model driven by their tastes (the shop's ground truth), then cart and buy; the attribution
+    worker turns exposures and events into per-variant totals and the report's analysis reads them."""
+    import math
+
+    import numpy as np
+
+    from recstream.experiments import analysis
+    from recstream.experiments.definition import Changes, Experiment, Variant
+    from recstream.experiments.store import ExperimentStore
+    from serving.experiments import Experiments, exposure
+    from serving.params import parse
+    from serving.recommend import status
+    from streams.attribution import read_totals, run_attribution
+
+    now, t0 = time.time(), time.perf_counter()
+    eid = time.strftime("demo-%Y%m%d-%H%M%S", time.gmtime(now))
+    _say(f"== 10. A/B test {eid!r} on the homepage: the full pipeline (control) vs trending only, "
+         f"{AB_SHOPPERS} shoppers x {AB_VISITS} visits, clicks from a position-biased model of their tastes")
+    store = ExperimentStore(s.home_dir / "demo" / "experiments.toml")   # the demo's own file, not the shop's
+    e = Experiment(eid, "demo: personalised vs trending", "demo", now - 60, now + 14 * 86400, 1.0,
+                   (Variant("control", 0.5), Variant("trending", 0.5, Changes(sources=("popular",)))), "control",
+                   ("homepage",))
+    store.update(lambda es: dataclasses.replace(es, experiments=(e,)))
+    ab = Experiments(dataclasses.replace(s, experiments_file=store.path), store)
+    products = {p.product_id: p for p in data.products}
+    rng = np.random.default_rng(11)
+    producer = create_producer(s)
+    await producer.start()
+    stop, ready = asyncio.Event(), asyncio.Event()
+    worker = asyncio.create_task(run_attribution(s, stop, ready))
+    exposures = 0
+    try:
+        users = sorted(shop.user_taste)[:AB_SHOPPERS]
+        for visit in range(AB_VISITS):
+            events = []
+            for u in users:
+                req = ab.assign(parse("homepage", {"user_id": u, "page": "home"}))
+                reply = await rec.recommend(req)
+                ex = exposure(req, reply, status(reply), time.time())
+                await producer.send(s.topic("exposures"), ex.to_json(), key=ex.key)
+                exposures += 1
+                taste = shop.user_taste[u]
+                for k, item in enumerate(reply.items, start=1):
+                    p = products.get(item.product_id)   # (trending may hold products of earlier runs' shops)
+                    if p is None or rng.random() >= 0.4 * taste.get(p.category_path[0], 0.0) / math.log2(k + 1):
+                        continue
+                    steps = ["click"] + (["add_to_cart"] if rng.random() < 0.3 else [])
+                    steps += ["purchase"] if len(steps) == 2 and rng.random() < 0.5 else []
+                    events += [Event(event_id=f"{eid}-{visit}-{u}-{k}-{kind}", user_id=u, session_id=f"{eid}-{u}",
+                                     product_id=p.product_id, event_type=kind, timestamp=time.time(), page="home",
+                                     price=p.price, rec_request_id=reply.request_id) for kind in steps]
+            await publish(producer, s.topic("clickstream"), events, progress=False)
+        await producer.flush()
+        await asyncio.wait_for(ready.wait(), 60)
+        client = aioredis.from_url(s.redis_url)
+        try:
+            t_wait = time.perf_counter()
+            while time.perf_counter() - t_wait < 60:
+                totals = await read_totals(client, s.redis_namespace, eid)
+                if sum(x.impressions for x in totals.values()) >= exposures:
+                    break
+                await asyncio.sleep(0.3)
+        finally:
+            await client.aclose()
+    finally:
+        stop.set()
+        await asyncio.gather(worker, return_exceptions=True)
+        await producer.stop()
+    an = analysis.analyse(e, totals, time.time())
+    for line in analysis.table(an).splitlines():
+        _say("   " + line)
+    decision = analysis.decide(an, "trending")
+    _say(f"   promote trending? {'yes' if decision.allowed else 'no'}: {decision.reason}")
+    counted = sum(x.impressions for x in totals.values())
+    _say(f"   {exposures} exposures logged, {counted} counted by the attribution worker "
+         f"({time.perf_counter() - t0:.1f} s; `recstream experiments report` prints this, with a plot, for a live test)")
+    return counted == exposures
 
 
 async def _read_dead_letters(s: Settings, since_s: float) -> list[deadletter.DeadLetter]:

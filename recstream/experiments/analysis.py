@@ -164,19 +164,21 @@ def table(an: Analysis) -> str:
     """The report's text: per-variant metrics, then each comparison with its test, CI and p-value."""
     cols = ("ctr", "add_to_cart_rate", "conversion_rate", "revenue_per_impression", "p99_latency_ms",
             "fallback_rate", "error_rate")
-    head = f"{'variant':16} {'units':>8} {'impr.':>9} " + " ".join(f"{c[:12]:>12}" for c in cols)
-    lines = [head, "-" * len(head)]
+    names = ("CTR", "add-to-cart", "conversion", "revenue/impr", "p99 ms", "fallback", "errors")
+    head = f"{'variant':16} {'units':>8} {'impr.':>9} " + " ".join(f"{c:>12}" for c in names)
+    lines = ["per impression:", head, "-" * len(head)]
     for v in an.units:
         r = an.rates.get(v, {})
         cells = " ".join(f"{_fmt(r.get(c, math.nan)):>12}" for c in cols)
-        mark = " (control)" if v == an.control else ""
-        lines.append(f"{(v + mark)[:16]:16} {an.units[v]:>8} {an.impressions[v]:>9} {cells}")
-    lines.append("")
-    lines.append(f"{'metric':30} {'variant':12} {'test':26} {'diff (b - a)':>13} {'95% CI':>25} {'p':>9}")
+        lines.append(f"{(v + ('*' if v == an.control else ''))[:16]:16} {an.units[v]:>8} {an.impressions[v]:>9} {cells}")
+    lines += ["* control", "", f"{'metric':32} {'variant':12} {'test':26} {'on':22} {'diff (b - a)':>12} "
+                                f"{'95% CI':>24} {'p':>9}"]
     for t in an.tests:
         c = t.comparison
         ci = f"[{_fmt(c.ci_low)}, {_fmt(c.ci_high)}]"
-        lines.append(f"{t.metric:30} {t.variant[:12]:12} {t.test:26} {_fmt(c.diff):>13} {ci:>25} {c.p_value:>9.4g}")
+        on = "share of users" if t.interval.startswith("share") else "per impression"
+        lines.append(f"{t.metric:32} {t.variant[:12]:12} {t.test:26} {on:22} {_fmt(c.diff):>12} {ci:>24} "
+                     f"{c.p_value:>9.4g}")
     lines.append("")
     lines.append(f"SRM: p={an.srm_p:.4g}{' FLAGGED: assignment is broken, do not trust the results' if an.srm_flagged else ' (ok)'}; "
                  f"{an.days_run:.2f} days run; promotion metric {an.metric}")
