@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what a fresh machine lacks, idempotently: Debian packages (Java, Maven, Redis),
+# Installs what a fresh machine lacks, idempotently: Debian packages (Java, Maven, Redis, Chromium),
 # the Python virtual environment in .venv, and the Kafka broker's jars in .local/kafka/libs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ need=()
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v chromium >/dev/null || need+=(chromium)   # the dashboard's browser test (Playwright)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== apt-get install ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
