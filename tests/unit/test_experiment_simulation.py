@@ -8,7 +8,7 @@ user's impressions are correlated, as real users' are.
 1. The whole path, on a few runs: exposures and click events through the attribution core, the
    totals it keeps, the analysis the report prints; its p-values must equal the tests computed
    directly on the simulated per-user arrays.
-2. Many runs, vectorised (the same hash assignment, the same tests): over A/A runs the false-
+2. Many runs (recstream.experiments.simulation: the same hash assignment and tests): over A/A runs the false-
    positive rate of the tests the analysis uses is close to 5%, the naive per-impression test's
    is not; with a known lift the user-level test's power matches the analytic power.
 """
@@ -19,19 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from recstream.experiments import analysis
-from recstream.experiments.assignment import bucket, unit_for
+from recstream.experiments.assignment import unit_for
 from recstream.experiments.attribution import ALL_EXPERIMENT, State, VariantTotals, step
 from recstream.experiments.definition import loads
-from recstream.experiments.stats import _delta_ratio, analytic_power, chi2_rates, session_impressions, user_level
+from recstream.experiments.simulation import clicks as draw_clicks, in_b, replay_runs
+from recstream.experiments.stats import analytic_power, chi2_rates, session_impressions, user_level
 from schemas import Event, Exposure
 
 DATA = (Path(__file__).resolve().parents[2].parent / "shared" / "data"
         / "yoochoose-clicks-100k" / "yoochoose-clicks-100k_train_full.txt")
 T0 = 1_700_000_000.0
-BASE_CTR, LIFT, CONCENTRATION = 0.10, 0.10, 2.0
+BASE_CTR, CONCENTRATION = 0.10, 2.0
 
 
 @pytest.fixture(scope="module")
@@ -60,19 +60,6 @@ weight = 0.5
 """).get(eid)
 
 
-def in_b(eid: str, n_users: int) -> np.ndarray:
-    """The variant each user gets: the assignment's own hash (recstream.experiments.assignment)."""
-    return np.array([bucket(unit_for(f"y{i}"), "experiment:" + eid) >= 0.5 for i in range(n_users)])
-
-
-def draw(rng, imp: np.ndarray, b: np.ndarray, lift: float) -> np.ndarray:
-    """Clicks per user: Binomial(impressions, propensity), propensity ~ Beta around the variant's CTR."""
-    def beta(mean):
-        return rng.beta(mean * CONCENTRATION, (1 - mean) * CONCENTRATION, len(imp))
-    p = np.where(b, beta(BASE_CTR * (1 + lift)), beta(BASE_CTR))
-    return rng.binomial(imp, p)
-
-
 def replay(eid: str, imp: np.ndarray, b: np.ndarray, clicks: np.ndarray) -> dict[str, VariantTotals]:
     """Every impression as an Exposure, every click as an Event citing it, through the attribution core."""
     records = []
@@ -95,7 +82,7 @@ def test_the_pipeline_gives_the_tests_of_the_simulated_users(impressions, lift):
     imp = impressions[:3000]
     eid = f"sim-pipeline-{lift}"
     b = in_b(eid, len(imp))
-    clicks = draw(np.random.default_rng(5), imp, b, lift)
+    clicks = draw_clicks(np.random.default_rng(5), imp, b, BASE_CTR, lift, CONCENTRATION)
     totals = replay(eid, imp, b, clicks)
     an = analysis.analyse(experiment(eid), totals, now_s=T0)
 
@@ -114,31 +101,10 @@ def test_the_pipeline_gives_the_tests_of_the_simulated_users(impressions, lift):
         assert got.p_value < 0.05
 
 
-def simulate(imp: np.ndarray, runs: int, lift: float, seed: int) -> dict[str, np.ndarray]:
-    """p-values per run of: chi2 on users (CTR, the analysis' test), the user-level delta method
-    (CTR per impression) and the naive per-impression chi-squared."""
-    rng = np.random.default_rng(seed)
-    out = {"chi2_users": [], "user_level": [], "naive": []}
-    x = imp.astype(float)
-    for r in range(runs):
-        b = in_b(f"sim-{seed}-{r}", len(imp))
-        y = draw(rng, imp, b, lift).astype(float)
-        arms = []
-        for m in (~b, b):
-            ys, xs = y[m], x[m]
-            arms.append((len(ys), ys.sum(), xs.sum(), (ys * ys).sum(), (xs * xs).sum(), (xs * ys).sum(),
-                         int((ys > 0).sum())))
-        (ra, va), (rb, vb) = _delta_ratio(*arms[0][:6]), _delta_ratio(*arms[1][:6])
-        out["user_level"].append(2 * stats.norm.sf(abs(rb - ra) / math.sqrt(va + vb)))
-        out["chi2_users"].append(chi2_rates(arms[0][6], arms[0][0], arms[1][6], arms[1][0]).p_value)
-        out["naive"].append(chi2_rates(int(arms[0][1]), int(arms[0][2]), int(arms[1][1]), int(arms[1][2])).p_value)
-    return {k: np.array(v) for k, v in out.items()}
-
-
 def test_aa_runs_have_a_false_positive_rate_near_5_percent(impressions):
     imp = impressions[:5000]
     runs = 600
-    p = simulate(imp, runs, 0.0, seed=21)
+    p = replay_runs(imp, runs, BASE_CTR, 0.0, CONCENTRATION, seed=21)
     fpr = {k: float((v < 0.05).mean()) for k, v in p.items()}
     print(f"\nA/A, {runs} runs of {len(imp)} real users (hash assignment, Beta click model): false-positive rate "
           f"chi2 on users {fpr['chi2_users']:.3f}, user-level delta {fpr['user_level']:.3f}, "
@@ -152,7 +118,7 @@ def test_a_known_lift_is_detected_at_the_expected_power(impressions):
     imp = impressions[:5000]
     runs = 400
     lift = 0.2
-    p = simulate(imp, runs, lift, seed=22)
+    p = replay_runs(imp, runs, BASE_CTR, lift, CONCENTRATION, seed=22)
     power = float((p["user_level"] < 0.05).mean())
     expected = analytic_power(imp, BASE_CTR, lift, CONCENTRATION)
     print(f"\n+{lift:.0%} relative CTR lift, {runs} runs of {len(imp)} real users: user-level power {power:.3f} "
