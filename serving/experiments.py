@@ -12,7 +12,7 @@ Exposure log: one `schemas.Exposure` per served list (in an experiment or not; f
 answers included), produced after the HTTP answer is ready, through the events producer (acks=all,
 idempotent) without holding the answer for the ack. Delivery is therefore at most once: an
 exposure still in the producer's buffer when the process dies, or refused by Kafka past
-produce_timeout_ms, is lost (counted in `lost`, logged); attribution then misses that impression
+produce_timeout_ms, is lost (counted in `EventSink.exposures_lost`, logged); attribution then misses that impression
 and its clicks, on every variant alike. The alternative, answering only after the ack, would add
 Kafka's write latency to every recommendation.
 """
