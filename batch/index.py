@@ -1,4 +1,5 @@
-"""The retrieval index over item embeddings: FAISS flat, IVF or HNSW, inner product, on a GPU when faiss has one.
+"""The retrieval index over item embeddings: FAISS flat, IVF, IVF-PQ or HNSW, inner product, on a GPU when
+faiss has one; and a sharded index (items split across shards by a stable hash, scatter-gather top-k).
 
 ALS scores a user-item pair by the dot product of their embeddings, so every index here ranks by
 inner product (METRIC_INNER_PRODUCT); vectors are not normalised. Rows of the FAISS index are rows of
@@ -14,14 +15,28 @@ whose norms vary widely.
 
 The GPU path (faiss-gpu builds): flat and IVF indexes are copied to GPU 0 when
 `faiss.get_num_gpus() > 0` (or `use_gpu=True`), copied back to the CPU to serialise, and to the GPU
-again on load. HNSW has no FAISS GPU implementation and is the CPU fallback of the design: it stays
-on the CPU. All GPU calls go through `GPU` (a `FaissGpu`), so tests can stand a fake in for it.
+again on load (IVF-PQ likewise: only its faiss index goes to the GPU; its float16 re-ranking copy
+stays in host memory and re-ranking runs on the CPU). HNSW has no FAISS GPU implementation and is
+the CPU fallback of the design: it stays on the CPU. All GPU calls go through `GPU` (a `FaissGpu`),
+so tests can stand a fake in for it.
+
+Memory at the design's scale, 100M items x 128 dimensions (bytes per item, before the id map):
+    flat / flat16            512 / 256 B        51.2 / 25.6 GB  (51.2: over a 40/48 GB GPU, most of an 80 GB one)
+    ivf (IVF-Flat)           512 + 8 (id)       52.0 GB + centroids
+    hnsw (M=32)              512 + ~272 (links) ~78 GB (CPU only; level 0 keeps 2M = 64 4-byte links)
+    ivfpq, M=32 x 8 bits     32 + 8 (id)        4.0 GB + centroids (40,000 x 128 x 4 = 20 MB) + codebooks (128 KB)
+    ivfpq + refine (fp16)    40 + 256           4.0 GB on the GPU + 25.6 GB fp16 copy in host memory
+See "ivfpq" in build() for the choices; bench/index_scale.py measures these per item at 1M. The id map
+(row -> item id) is extra and the same for every kind. Beyond one machine, ShardedIndex / merge_topk:
+items split by shard_of, every shard searched, the global top k merged by score.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,13 +45,19 @@ import numpy as np
 
 from batch.artifacts import Embeddings
 
-Kind = Literal["auto", "flat", "flat16", "ivf", "hnsw"]
-KINDS = ("auto", "flat", "flat16", "ivf", "hnsw")
+Kind = Literal["auto", "flat", "flat16", "ivf", "ivfpq", "hnsw"]
+KINDS = ("auto", "flat", "flat16", "ivf", "ivfpq", "hnsw")
+IVF_KINDS = ("ivf", "ivfpq")
 FLAT_BELOW = 5_000          # "auto": exact search below this many items (a 5k x 128 scan is ~0.05 ms per query)
 MIN_POINTS_PER_LIST = 39    # faiss k-means warns below 39 training points per centroid (ClusteringParameters)
 TRAIN_POINTS_PER_LIST = 64  # IVF trains on at most this many sampled points per list (faiss wiki: 30 to 256)
 GPU_MAX_K = 2048            # faiss GPU k-selection limit for k and nprobe
-FORMAT = 1                  # to_bytes layout version
+GPU_PQ_LUT_BYTES = 48 << 10  # faiss GPU IVF-PQ keeps a query's M x 2^nbits lookup table in shared memory
+PQ_NBITS = 8                # bits per IVF-PQ sub-quantiser code: 256 centroids each, one byte
+PQ_TRAIN_POINTS = 64 * 2 ** PQ_NBITS   # IVF-PQ trains on at least this many points (64 per PQ centroid)
+REFINE_FACTOR = 4           # ivfpq re-ranking: the PQ search returns k * this many candidates
+FORMAT = 2                  # to_bytes layout version (2: optional float16 "refine" array for ivfpq)
+READ_FORMATS = (1, 2)       # 1 is 2 without the refine array
 
 
 def choose_nlist(n: int) -> int:
@@ -66,6 +87,21 @@ def choose_nprobe(nlist: int) -> int:
     return max(1, min(nlist, max(8, round(2 * math.sqrt(nlist)))))
 
 
+def choose_pq_m(d: int) -> int:
+    """IVF-PQ sub-quantisers for d dimensions: about 4 dimensions each (d // 4; 32 for d = 128, i.e.
+    32 bytes a vector at 8 bits), rounded down to a divisor of d, since faiss needs d % M == 0."""
+    target = max(1, d // 4)
+    return max(m for m in range(1, target + 1) if d % m == 0)
+
+
+def choose_pq_nbits(n: int) -> int:
+    """Bits per PQ code: 8 (one byte, what faiss GPU IVF-PQ supports) unless there are too few items to
+    train 256 centroids per sub-quantiser on >= 39 points each; then fewer (small test catalogues)."""
+    if n >= MIN_POINTS_PER_LIST * 2 ** PQ_NBITS:
+        return PQ_NBITS
+    return max(1, min(PQ_NBITS, int(math.log2(max(2, n // MIN_POINTS_PER_LIST)))))
+
+
 class FaissGpu:
     """The GPU half of faiss (faiss-gpu builds only): availability and CPU <-> GPU copies."""
 
@@ -78,7 +114,10 @@ class FaissGpu:
     def to_gpu(self, index: faiss.Index, params: dict[str, Any]) -> faiss.Index:
         if self._resources is None:  # one StandardGpuResources per process: it owns the temp memory
             self._resources = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+        options = faiss.GpuClonerOptions()
+        if isinstance(index, faiss.IndexIVFPQ) and index.pq.M * index.pq.ksub * 4 > GPU_PQ_LUT_BYTES:
+            options.useFloat16 = True  # IVF-PQ lookup tables in float16 when float32 ones pass shared memory
+        gpu_index = faiss.index_cpu_to_gpu(self._resources, 0, index, options)
         if "nprobe" in params:
             self.set_nprobe(gpu_index, params["nprobe"])
         return gpu_index
@@ -116,9 +155,12 @@ def _as_queries(queries: np.ndarray, d: int) -> np.ndarray:
 class RetrievalIndex:
     index: faiss.Index          # on the GPU when on_gpu
     ids: np.ndarray             # row -> item id (object array of str)
-    kind: str                   # "flat" | "flat16" | "ivf" | "hnsw" (never "auto": what was built)
-    params: dict[str, Any] = field(default_factory=dict)  # n, dim, nlist, nprobe, hnsw_m, ef_search, ef_construction
+    kind: str                   # "flat" | "flat16" | "ivf" | "ivfpq" | "hnsw" (never "auto": what was built)
+    params: dict[str, Any] = field(default_factory=dict)  # n, dim, nlist, nprobe, pq_m, pq_nbits, refine_factor,
+    #                                                       hnsw_m, ef_search, ef_construction
     on_gpu: bool = False
+    refine: faiss.Index | None = None  # ivfpq re-ranking: float16 copy of the vectors (IndexScalarQuantizer
+    #                                    QT_fp16), row-aligned, always in host memory
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -134,8 +176,23 @@ class RetrievalIndex:
         if self.on_gpu and k > GPU_MAX_K:
             raise ValueError(f"k={k} is above the faiss GPU limit of {GPU_MAX_K}")
         q = _as_queries(queries, self.dim)
-        scores, rows = self.index.search(q, k)
+        if self.refine is None or not len(self):
+            scores, rows = self.index.search(q, k)
+            return rows, scores
+        # IVF-PQ then re-ranking (faiss IndexRefine: C++, all cores): the PQ index (CPU or GPU) returns
+        # candidates(k) rows, re-scored against the float16 copy; the best k are kept
+        refine = faiss.IndexRefine(self.index, self.refine)
+        refine.k_factor = self.candidates(k) / k
+        scores, rows = refine.search(q, k)
         return rows, scores
+
+    def candidates(self, k: int) -> int:
+        """How many PQ candidates an ivfpq search with re-ranking re-scores for a top k: k * refine_factor,
+        at most the items, at most faiss's GPU k limit on a GPU, at least k."""
+        wide = min(k * int(self.params.get("refine_factor", REFINE_FACTOR)), len(self))
+        if self.on_gpu:
+            wide = min(wide, GPU_MAX_K)
+        return max(k, wide)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item ids (object array, None where fewer than k were found) and scores (-inf there)."""
@@ -147,8 +204,8 @@ class RetrievalIndex:
         return ids, scores
 
     def set_nprobe(self, nprobe: int) -> None:
-        if self.kind != "ivf":
-            raise ValueError(f"nprobe applies to ivf indexes, not {self.kind}")
+        if self.kind not in IVF_KINDS:
+            raise ValueError(f"nprobe applies to ivf and ivfpq indexes, not {self.kind}")
         self.params["nprobe"] = nprobe = max(1, min(int(nprobe), self.params["nlist"]))
         if self.on_gpu:
             GPU.set_nprobe(self.index, nprobe)
@@ -156,41 +213,70 @@ class RetrievalIndex:
             faiss.extract_index_ivf(self.index).nprobe = nprobe
 
     def to_bytes(self) -> bytes:
-        """One npz: the faiss index (serialised from a CPU copy), the ids and the parameters as JSON."""
+        """One npz: the faiss index (serialised from a CPU copy), the ids, the parameters as JSON and, for
+        ivfpq with re-ranking, the float16 vectors ("refine")."""
         cpu = GPU.to_cpu(self.index) if self.on_gpu else self.index
         meta = {"format": FORMAT, "kind": self.kind, "params": self.params}
+        arrays = {"index": faiss.serialize_index(cpu),
+                  "ids": np.frombuffer(json.dumps(self.ids.tolist()).encode(), dtype=np.uint8),
+                  "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        if self.refine is not None:
+            arrays["refine"] = faiss.serialize_index(self.refine)
         buf = io.BytesIO()
-        np.savez(buf, index=faiss.serialize_index(cpu),
-                 ids=np.frombuffer(json.dumps(self.ids.tolist()).encode(), dtype=np.uint8),
-                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        np.savez(buf, **arrays)
         return buf.getvalue()
+
+    def nbytes(self) -> int:
+        """Bytes of the vector index proper: the serialised faiss index plus the re-ranking copy, without
+        the id map (the same for every kind)."""
+        cpu = GPU.to_cpu(self.index) if self.on_gpu else self.index
+        refine = 0 if self.refine is None else int(faiss.serialize_index(self.refine).nbytes)
+        return int(faiss.serialize_index(cpu).nbytes) + refine
 
     @classmethod
     def from_bytes(cls, data: bytes, use_gpu: bool | None = None) -> "RetrievalIndex":
         """Load what to_bytes wrote; onto the GPU when one exists (use_gpu=None) or when asked."""
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
-            if meta.get("format") != FORMAT:
+            if meta.get("format") not in READ_FORMATS:
                 raise ValueError(f"unknown retrieval index format {meta.get('format')!r}")
             ids = np.array(json.loads(z["ids"].tobytes()), dtype=object)
             index = faiss.deserialize_index(z["index"])
-        out = cls(index, ids, meta["kind"], meta["params"])
+            refine = faiss.deserialize_index(z["refine"]) if "refine" in z.files else None
+        out = cls(index, ids, meta["kind"], meta["params"], refine=refine)
         _apply_params(out.index, out.kind, out.params)
         if _wants_gpu(use_gpu, out.kind):
             out.index, out.on_gpu = GPU.to_gpu(out.index, out.params), True
         return out
 
 
+def _fp16_copy(x: np.ndarray) -> faiss.Index:
+    """The ivfpq re-ranking store: the vectors as float16 (faiss IndexScalarQuantizer QT_fp16, inner product)."""
+    sq = faiss.IndexScalarQuantizer(x.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    sq.train(np.ascontiguousarray(x[:1]))   # fp16 needs no statistics
+    sq.add(x)
+    return sq
+
+
 def _apply_params(index: faiss.Index, kind: str, params: dict[str, Any]) -> None:
-    if kind == "ivf":
+    if kind in IVF_KINDS:
         faiss.extract_index_ivf(index).nprobe = params["nprobe"]
     elif kind == "hnsw":
         index.hnsw.efSearch = params["ef_search"]
 
 
+def add_refine(index: RetrievalIndex, vectors: np.ndarray, refine_factor: int = REFINE_FACTOR) -> RetrievalIndex:
+    """The same ivfpq index (sharing its faiss index) with a float16 re-ranking copy of `vectors` (its rows)."""
+    if index.kind != "ivfpq" or len(vectors) != len(index) or refine_factor < 1:
+        raise ValueError("add_refine needs an ivfpq index, its own vectors and refine_factor >= 1")
+    return RetrievalIndex(index.index, index.ids, "ivfpq", {**index.params, "refine_factor": int(refine_factor)},
+                          index.on_gpu, _fp16_copy(np.ascontiguousarray(vectors, dtype=np.float32)))
+
+
 def build(emb: Embeddings, kind: Kind = "auto", *, nprobe: int | None = None, nlist: int | None = None,
           hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 40, use_gpu: bool | None = None,
-          seed: int = 1234) -> RetrievalIndex:
+          seed: int = 1234, pq_m: int | None = None, pq_nbits: int | None = None,
+          refine_factor: int = REFINE_FACTOR) -> RetrievalIndex:
     """The index over emb's item vectors (inner product).
 
     kind: "flat" exact; "flat16" exact over float16 copies of the vectors (half the memory, 2.4x
@@ -198,6 +284,19 @@ def build(emb: Embeddings, kind: Kind = "auto", *, nprobe: int | None = None, nl
     HNSW, since a GPU scans fp32 fast enough); "ivf" IVF-Flat with nlist = choose_nlist(n) lists and nprobe =
     choose_nprobe(nlist) unless given; "hnsw" HNSW-Flat (M = hnsw_m, efSearch = ef_search), the CPU
     alternative; "auto" flat below FLAT_BELOW items (exact is cheap there), IVF above.
+    "ivfpq": IVF with product quantisation (faiss IndexIVFPQ, inner product, residuals encoded), the
+    compressed index for catalogues whose float vectors do not fit a GPU: nlist and nprobe as for
+    "ivf" (tune nprobe with tune_nprobe), pq_m sub-quantisers (choose_pq_m: d // 4, 32 for d = 128) of
+    pq_nbits bits (8: M bytes a vector; fewer only for tiny catalogues, choose_pq_nbits), so
+    M + 8 bytes an item with faiss's 8-byte list ids: 40 B at d = 128, 4.0 GB for 100M items against
+    51.2 GB flat. PQ scores are approximate (32 bytes cannot rank 200 near neighbours exactly), so by
+    default (refine_factor > 0) it re-ranks: the PQ search returns k * refine_factor candidates, re-scored
+    exactly (up to float16 rounding) against a float16 copy of the vectors kept beside the index, in
+    host memory (faiss IndexScalarQuantizer QT_fp16 through faiss IndexRefine, 2 * d bytes an item:
+    +256 B at d = 128, 25.6 GB at 100M: host RAM, not GPU memory; on a GPU only the IVF-PQ index moves).
+    Chosen over faiss IndexRefineFlat, whose float32 copy (4 * d = 512 B an item) is as large as the
+    flat index it replaces; an int8 copy (QT_8bit, d bytes) would halve it again at some recall.
+    refine_factor=0 keeps the 40 B/item index alone.
     use_gpu: None = when faiss sees a GPU; True = require one; False = CPU.
     """
     if kind not in KINDS:
@@ -225,6 +324,22 @@ def build(emb: Embeddings, kind: Kind = "auto", *, nprobe: int | None = None, nl
         rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)) if sample < n else slice(None)
         index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST  # no second subsampling inside faiss
         index.train(np.ascontiguousarray(x[rows]))
+    elif kind == "ivfpq":
+        params["nlist"] = lists = max(1, min(nlist or choose_nlist(n), n))
+        params["nprobe"] = max(1, min(nprobe or choose_nprobe(lists), lists))
+        m = pq_m or choose_pq_m(d)
+        if d % m:
+            raise ValueError(f"pq_m={m} does not divide the dimension {d}")
+        bits = pq_nbits or choose_pq_nbits(n)
+        params.update(pq_m=m, pq_nbits=bits, refine_factor=max(0, int(refine_factor)))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, lists, m, bits, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.pq.cp.seed = seed
+        sample = min(n, max(TRAIN_POINTS_PER_LIST * lists, PQ_TRAIN_POINTS))
+        rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)) if sample < n else slice(None)
+        index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+        index.pq.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST  # PQ k-means: 64 x 2^bits residuals (16k)
+        index.train(np.ascontiguousarray(x[rows]))
     else:
         params.update(hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=ef_construction)
         index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -233,6 +348,8 @@ def build(emb: Embeddings, kind: Kind = "auto", *, nprobe: int | None = None, nl
         index.add(x)
     _apply_params(index, kind, params)
     out = RetrievalIndex(index, np.array(emb.ids, dtype=object), kind, params)
+    if kind == "ivfpq" and params["refine_factor"] > 0:
+        out.refine = _fp16_copy(x)
     if _wants_gpu(use_gpu, kind):
         out.index, out.on_gpu = GPU.to_gpu(out.index, params), True
     return out
@@ -296,3 +413,104 @@ def tune_nprobe(index: RetrievalIndex, exact_vectors: np.ndarray | Embeddings, q
         if recall >= target or nprobe >= nlist:
             return index.params["nprobe"], recall
         nprobe *= 2
+
+
+# -- sharding: items split across shards by a stable hash; search scatters to every shard, gathers top-k --
+
+def shard_of(item_id: str, n_shards: int) -> int:
+    """The shard of an item: blake2b-64 of its id (UTF-8) modulo n_shards. Stable across processes,
+    machines and Python versions (unlike hash(), which is salted per process)."""
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be at least 1, got {n_shards}")
+    digest = hashlib.blake2b(str(item_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n_shards
+
+
+def split_by_shard(emb: Embeddings, n_shards: int) -> list[Embeddings]:
+    """emb's items split into n_shards Embeddings by shard_of (each keeps emb's row order; some may be empty)."""
+    which = np.fromiter((shard_of(i, n_shards) for i in emb.ids), dtype=np.int64, count=len(emb.ids))
+    ids = np.array(emb.ids, dtype=object)
+    out = []
+    for s in range(n_shards):
+        rows = np.flatnonzero(which == s)
+        out.append(Embeddings(ids[rows].tolist(), emb.vectors[rows].reshape(len(rows), emb.rank)))
+    return out
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard top lists into the global top k by score.
+
+    results: one (ids, scores) per shard, each shape (nq, k_s) with k_s any width (0 for an empty shard),
+    best first, None / -inf where a shard found fewer. Returns (ids, scores), shape (nq, k), best
+    first, None / -inf where all shards together found fewer than k. Ties keep shard order, then each
+    shard's own order (a stable sort), so the merge is deterministic for a given shard list.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    results = [(np.asarray(i, dtype=object), np.asarray(s, dtype=np.float32)) for i, s in results]
+    nqs = {s.shape[0] for _, s in results}
+    if len(nqs) > 1:
+        raise ValueError(f"shards answered different numbers of queries: {sorted(nqs)}")
+    nq = nqs.pop() if nqs else 0
+    ids_out = np.full((nq, k), None, dtype=object)
+    scores_out = np.full((nq, k), -np.inf, dtype=np.float32)
+    if not results or nq == 0:
+        return ids_out, scores_out
+    ids = np.concatenate([i.reshape(nq, -1) for i, _ in results], axis=1)
+    scores = np.concatenate([s.reshape(nq, -1) for _, s in results], axis=1)
+    take = min(k, scores.shape[1])
+    if take == 0:
+        return ids_out, scores_out
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :take]
+    ids_out[:, :take] = np.take_along_axis(ids, order, axis=1)
+    scores_out[:, :take] = np.take_along_axis(scores, order, axis=1)
+    ids_out[np.isneginf(scores_out)] = None
+    return ids_out, scores_out
+
+
+@dataclass
+class ShardedIndex:
+    """Scatter-gather over shards (RetrievalIndex each, any kind): every query goes to every shard, which
+    returns its top min(k, its size); merge_topk keeps the global top k. In one process the shards are
+    searched in threads (faiss releases the GIL); across workers the same merge applies to their answers."""
+    shards: list[RetrievalIndex]
+    parallel: bool = True
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def _shard_search(self, shard: RetrievalIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not len(shard):
+            return np.empty((len(q), 0), dtype=object), np.empty((len(q), 0), dtype=np.float32)
+        return shard.search(q, min(k, len(shard)))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item ids (None where fewer than k) and scores (-inf there), best first, over all shards."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if not self.shards:
+            raise ValueError("a sharded index needs at least one shard")
+        q = _as_queries(queries, self.shards[0].dim)
+        if self.parallel and len(self.shards) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard")
+            parts = list(self._pool.map(lambda s: self._shard_search(s, q, k), self.shards))
+        else:
+            parts = [self._shard_search(s, q, k) for s in self.shards]
+        return merge_topk(parts, k)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        for s in self.shards:
+            if len(s):
+                s.set_nprobe(nprobe)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.shards)
+
+
+def build_sharded(emb: Embeddings, n_shards: int, kind: Kind = "auto", **kwargs: Any) -> ShardedIndex:
+    """n_shards indexes over emb split by split_by_shard, each built by build(shard, kind, **kwargs) with
+    its own nlist/nprobe defaults for its size; an empty shard gets an (empty) flat index."""
+    shards = [build(part, kind if len(part.ids) else "flat", **kwargs) for part in split_by_shard(emb, n_shards)]
+    return ShardedIndex(shards)

@@ -189,3 +189,187 @@ def test_gpu_path_copies_to_the_gpu_and_back_for_serialisation(data, monkeypatch
     assert fake.calls == want and back.on_gpu is on_gpu
     for got, was in zip(back.search(queries, K), before):
         np.testing.assert_array_equal(got, was)
+
+
+# -- IVF-PQ (compressed) and the sharded index -----------------------------------------------------
+
+from batch.index import (ShardedIndex, add_refine, build_sharded, choose_pq_m, choose_pq_nbits,  # noqa: E402
+                         merge_topk, shard_of, split_by_shard)
+
+
+@pytest.fixture(scope="module")
+def ivfpq(data):
+    """One IVF-PQ build without re-ranking, and the same faiss index with a float16 copy added."""
+    emb, _ = data
+    plain = build(emb, "ivfpq", use_gpu=False, refine_factor=0)
+    assert plain.refine is None
+    return add_refine(plain, emb.vectors), plain
+
+
+@pytest.mark.parametrize("d,m", [(128, 32), (32, 8), (100, 25), (30, 6), (7, 1), (3, 1), (1, 1)])
+def test_choose_pq_m_is_a_divisor_near_four_dims_each(d, m):
+    assert choose_pq_m(d) == m and d % m == 0
+
+
+def test_choose_pq_nbits_is_one_byte_unless_too_few_items():
+    assert choose_pq_nbits(1_000_000) == choose_pq_nbits(39 * 256) == 8
+    assert 1 <= choose_pq_nbits(39 * 256 - 1) < 8 and choose_pq_nbits(10) == 1
+
+
+def test_ivfpq_is_compressed_and_recall_comes_from_reranking(data, ivfpq):
+    emb, queries = data
+    refined, plain = ivfpq
+    p = refined.params
+    assert refined.kind == "ivfpq" and p["pq_m"] == 8 and p["pq_nbits"] == 8 and p["refine_factor"] == 4
+    assert refined.index.code_size == p["pq_m"]                 # 8 x 8 bits: one byte per sub-quantiser
+    assert refined.refine.sa_code_size() == 2 * emb.rank and refined.refine.ntotal == len(emb.ids)   # float16
+    flat_bytes = 4 * emb.rank
+    assert plain.nbytes() / len(emb.ids) < flat_bytes / 3        # codes + ids + centroids + codebooks
+    assert 0 <= refined.nbytes() - plain.nbytes() - 2 * emb.vectors.size < 1000   # + a header
+    r_plain, r_refined = recall_at_k(plain, emb, queries, K), recall_at_k(refined, emb, queries, K)
+    assert 0.5 < r_plain < r_refined and r_refined >= 0.95
+
+
+def test_ivfpq_tune_nprobe_and_exact_scores_after_reranking(data):
+    emb, queries = data
+    idx = build(emb, "ivfpq", use_gpu=False, nlist=128, refine_factor=2)
+    nprobe, recall = tune_nprobe(idx, emb, queries, K, target=0.95)
+    assert recall >= 0.95 and idx.params["nprobe"] == nprobe < 128
+    ids, scores = idx.search(queries[:3], 10)
+    row = emb.index()
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    np.testing.assert_allclose(scores[0], [emb.vectors[row[i]] @ queries[0] for i in ids[0]], rtol=5e-3)
+    with pytest.raises(ValueError, match="does not divide"):
+        build(emb, "ivfpq", use_gpu=False, pq_m=5)
+    with pytest.raises(ValueError, match="add_refine"):
+        add_refine(idx, emb.vectors[:10])
+
+
+def test_ivfpq_with_fewer_items_than_k_pads_with_none():
+    rng = np.random.default_rng(3)
+    emb = Embeddings([f"i{i}" for i in range(60)], rng.normal(size=(60, 8)))
+    idx = build(emb, "ivfpq", use_gpu=False, nlist=1)
+    assert idx.params["pq_m"] == 2 and idx.params["pq_nbits"] == 1
+    ids, scores = idx.search(emb.vectors[0], 100)
+    assert sorted(ids[0, :60]) == sorted(emb.ids) and (ids[0, 60:] == None).all()  # noqa: E711
+    assert np.isneginf(scores[0, 60:]).all() and ids[0, 0] == "i0"
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_ivfpq_serialisation_round_trip(data, ivfpq, which):
+    _, queries = data
+    idx = ivfpq[which]
+    back = RetrievalIndex.from_bytes(idx.to_bytes(), use_gpu=False)
+    assert (back.kind, back.params) == (idx.kind, idx.params)
+    assert (back.refine is None) == (idx.refine is None)
+    for got, want in zip(back.search(queries, K), idx.search(queries, K)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_format_1_files_still_load(data, indexes):
+    import io
+    import json
+    z = dict(np.load(io.BytesIO(indexes["flat"].to_bytes())))
+    meta = json.loads(z["meta"].tobytes())
+    z["meta"] = np.frombuffer(json.dumps({**meta, "format": 1}).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **z)
+    assert RetrievalIndex.from_bytes(buf.getvalue(), use_gpu=False).kind == "flat"
+
+
+def test_ivfpq_gpu_path_moves_the_faiss_index_and_keeps_the_fp16_copy_on_the_host(data, monkeypatch):
+    emb, queries = data
+    small = Embeddings(emb.ids[:4000], emb.vectors[:4000])
+    fake = FakeGpu()
+    monkeypatch.setattr(index_mod, "GPU", fake)
+    idx = build(small, "ivfpq", nlist=32, nprobe=8)    # 4000 items: 6-bit codes, quick to train
+    assert idx.on_gpu and fake.calls == ["to_gpu", "nprobe=8"]
+    idx.set_nprobe(16)
+    before = idx.search(queries, K)
+    fake.calls.clear()
+    back = RetrievalIndex.from_bytes(idx.to_bytes())
+    assert fake.calls == ["to_cpu", "to_gpu", "nprobe=16"] and back.on_gpu and back.refine is not None
+    for got, was in zip(back.search(queries, K), before):
+        np.testing.assert_array_equal(got, was)
+    # on a GPU the candidate list is capped at faiss's k limit
+    assert idx.candidates(100) == 400 and idx.candidates(1000) == index_mod.GPU_MAX_K
+    assert idx.candidates(2048) == 2048 and idx.params["pq_nbits"] == 6
+    idx.on_gpu = False
+    assert idx.candidates(1000) == 4000 and idx.candidates(3000) == 4000
+
+
+def test_shard_of_is_stable_and_balanced():
+    # blake2b-64 of the UTF-8 id: fixed values, the same in every process (hash() is salted)
+    assert [shard_of(x, 4) for x in ["p0", "p1", "item-42", ""]] == [1, 0, 2, 0]
+    assert shard_of("p0", 1_000_003) == 572769
+    counts = np.bincount([shard_of(f"p{i}", 8) for i in range(8000)], minlength=8)
+    assert counts.min() > 850 and counts.max() < 1150
+    with pytest.raises(ValueError):
+        shard_of("p0", 0)
+
+
+def test_split_by_shard_partitions_items(data):
+    emb, _ = data
+    parts = split_by_shard(emb, 3)
+    assert sorted(i for p in parts for i in p.ids) == sorted(emb.ids)
+    row = emb.index()
+    for s, p in enumerate(parts):
+        assert all(shard_of(i, 3) == s for i in p.ids[:50])
+        np.testing.assert_array_equal(p.vectors, emb.vectors[[row[i] for i in p.ids]])
+
+
+def _res(ids, scores):
+    return np.array(ids, dtype=object).reshape(len(ids), -1), np.array(scores, dtype=np.float32).reshape(len(ids), -1)
+
+
+def test_merge_topk_orders_by_score_and_breaks_ties_by_shard_then_rank():
+    a = _res([["a1", "a2", "a3"]], [[5.0, 3.0, 3.0]])
+    b = _res([["b1", "b2"]], [[4.0, 3.0]])
+    ids, scores = merge_topk([a, b], 4)
+    assert list(ids[0]) == ["a1", "b1", "a2", "a3"] and list(scores[0]) == [5, 4, 3, 3]
+    ids, _ = merge_topk([b, a], 4)                                # tie order follows the shard list
+    assert list(ids[0]) == ["a1", "b1", "b2", "a2"]
+
+
+def test_merge_topk_k_above_what_shards_hold_pads_and_empty_shards_are_ignored():
+    a = _res([["a1"], ["a2"]], [[1.0], [2.0]])
+    b = _res([["b1", None], ["b2", "b3"]], [[3.0, -np.inf], [0.5, 0.1]])
+    empty = (np.empty((2, 0), dtype=object), np.empty((2, 0), dtype=np.float32))
+    ids, scores = merge_topk([empty, a, b, empty], 5)
+    assert ids.shape == scores.shape == (2, 5)
+    assert list(ids[0]) == ["b1", "a1", None, None, None] and np.isneginf(scores[0, 2:]).all()
+    assert list(ids[1]) == ["a2", "b2", "b3", None, None]
+    ids, scores = merge_topk([empty, empty], 3)
+    assert ids.shape == (2, 3) and (ids == None).all() and np.isneginf(scores).all()  # noqa: E711
+    assert merge_topk([], 3)[0].shape == (0, 3)
+    with pytest.raises(ValueError, match="different numbers"):
+        merge_topk([a, _res([["c"]], [[1.0]])], 2)
+
+
+def test_sharded_flat_equals_unsharded_flat_exactly(data, indexes):
+    emb, queries = data
+    sharded = build_sharded(emb, 4, "flat", use_gpu=False)
+    assert sorted(len(s) for s in sharded.shards) != [0, 0, 0, len(emb.ids)] and len(sharded) == len(emb.ids)
+    q = queries[:10]   # < 20 queries: faiss scores each pair with the same kernel, sharded or not
+    for got, want in zip(sharded.search(q, K), indexes["flat"].search(q, K)):
+        np.testing.assert_array_equal(got, want)
+    ids, scores = sharded.search(queries, K)       # batched (BLAS): the same items, scores to rounding
+    want_ids, want_scores = indexes["flat"].search(queries, K)
+    assert np.mean(ids == want_ids) > 0.999
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+    serial = ShardedIndex(sharded.shards, parallel=False).search(q, K)
+    np.testing.assert_array_equal(serial[0], sharded.search(q, K)[0])
+
+
+def test_sharded_with_more_shards_than_items_and_ivf_shards(data):
+    emb, queries = data
+    tiny = Embeddings(["x", "y", "z"], np.eye(3, dtype=np.float32))
+    sharded = build_sharded(tiny, 8, "ivf", use_gpu=False)
+    assert sum(len(s) == 0 for s in sharded.shards) >= 5
+    ids, scores = sharded.search(np.array([1.0, 0.5, 0.0]), 5)
+    assert list(ids[0]) == ["x", "y", "z", None, None] and np.isneginf(scores[0, 3:]).all()
+    part = Embeddings(emb.ids[:8000], emb.vectors[:8000])
+    ivf = build_sharded(part, 2, "ivf", use_gpu=False, nlist=32)
+    ivf.set_nprobe(32)                                           # exhaustive: exact
+    exact = build(part, "flat", use_gpu=False).search(queries[:5], 50)[0]
+    assert np.mean(ivf.search(queries[:5], 50)[0] == exact) > 0.99
