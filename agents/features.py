@@ -2,15 +2,23 @@
 
 Thin edges around the pure core (recstream/features): decode, fetch what the core needs, call it,
 write. Batches (stream.take_events) amortise Faust's per-event cost and Redis round trips.
+
+Redis down: an agent retries its batch, backing off up to REDIS_RETRY_MAX_S, until Redis answers.
+It never lets the error escape: Faust would restart the agent in-process and go on past the batch,
+whose events would then be lost to the features (and the applied-offset guard would not bring
+them back). Meanwhile the batch's offsets are not committed, the lag grows and on-call sees it.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import faust
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from recstream.features import Incoming, UserState
 from recstream.features.config import feature_config, limits
@@ -20,6 +28,9 @@ from schemas import Event, Product, SchemaError
 from streams import deadletter
 from streams.app import raw_topic
 from streams.online_store import OnlineStore
+
+log = logging.getLogger(__name__)
+REDIS_RETRY_FIRST_S, REDIS_RETRY_MAX_S = 0.1, 5.0
 
 
 @dataclass
@@ -76,7 +87,8 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
             batch = [Incoming(e, ev.message.partition, ev.message.offset) for ev, e in good]
             last_event = {e.user_id: ev for ev, e in good}  # each user's newest event in the batch
             states = _read_states(stream, sessions, last_event)
-            result = await store.fold(batch, states, applied, cfg, lim)  # Redis first: see features/plan.py
+            result = await _until_redis_answers(lambda: store.fold(batch, states, applied, cfg, lim),
+                                                "session features")  # Redis first: see features/plan.py
             _write_states(stream, sessions, last_event, result.states)
             _account(stats, result, good)
 
@@ -84,9 +96,23 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
     async def update_item_features(stream: faust.StreamT) -> None:
         async for events in stream.take_events(500, within=s.feature_batch_within_ms / 1000):
             good = await decode(events, Product)
-            stats.items += await store.write_items(p for _, p in good)
+            products = [p for _, p in good]
+            stats.items += await _until_redis_answers(lambda: store.write_items(products), "item features")
 
     return FeatureAgents(sessions, store, stats)
+
+
+async def _until_redis_answers(call, what: str):
+    """`call()` again and again while Redis is unreachable (see the module docstring). A retried fold
+    is safe: `applied` advances only after success, and the Redis script skips offsets it holds."""
+    delay = REDIS_RETRY_FIRST_S
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            log.warning("%s: Redis unavailable (%r); the batch is retried in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REDIS_RETRY_MAX_S)
 
 
 @contextmanager

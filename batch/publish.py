@@ -14,6 +14,7 @@ before stays readable for requests in flight; older ones are removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import redis.asyncio as aioredis
 
 from batch.artifacts import BatchOutputs, Embeddings
 from recstream.settings import Settings
+from streams.online_store import unlink_matching
 from streams.producer import create_producer
 
 CHUNK = 1000  # commands per pipeline round trip: small enough not to stall Redis for serving reads
@@ -53,37 +55,12 @@ async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_
     items = item_embeddings or out.item_embeddings
     try:
         previous = await client.get(f"{ns}model:current")
-        n = 0
-        pipe = client.pipeline(transaction=False)
-
-        async def flush_if_full(force: bool = False) -> None:
-            nonlocal pipe
-            if force or len(pipe) >= CHUNK:
-                await pipe.execute()
-                pipe = client.pipeline(transaction=False)
-
-        for key, value in (*_embedding_writes(f"{ns}emb:user:{version}:", out.user_embeddings),
-                           *_embedding_writes(f"{ns}emb:item:{version}:", items)):
-            pipe.set(key, value)
-            n += 1
-            await flush_if_full()
-        users = set(out.category_affinity) | set(out.user_median_price)
-        for user in users:
-            fields = {"category_affinity": orjson.dumps(out.category_affinity.get(user, {})).decode()}
-            if user in out.user_median_price:
-                fields["median_price"] = repr(out.user_median_price[user])
-            pipe.hset(f"{ns}uoff:{version}:{user}", mapping=fields)
-            n += 1
-            await flush_if_full()
-        for item in set(out.item_popularity) | set(out.item_category):
-            fields = {"popularity_7d": repr(out.item_popularity.get(item, 0.0))}
-            if item in out.item_category:
-                fields["category"] = out.item_category[item]
-            pipe.hset(f"{ns}ioff:{version}:{item}", mapping=fields)
-            n += 1
-            await flush_if_full()
-        await flush_if_full(force=True)
-        progress(f"publish: {n} keys of version {version} written; switching model:current")
+        try:
+            n = await _write_version(client, ns, version, out, items, progress)
+        except Exception:   # nothing of a half-written version is left for a later pointer to name
+            with contextlib.suppress(Exception):
+                await _remove_version(client, ns, version)
+            raise
         pointer = {"name": name, "version": version, "published_at": time.time(), "rank": items.rank}
         await client.set(f"{ns}model:current", orjson.dumps(pointer))
         removed = await _remove_old_versions(client, ns, keep={version, _version_of(previous)})
@@ -92,6 +69,43 @@ async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_
     if announce:
         await _announce(s, pointer)
     return Published(version, n, time.perf_counter() - t0, removed)
+
+
+async def _write_version(client: aioredis.Redis, ns: str, version: str, out: BatchOutputs, items: Embeddings,
+                         progress: Callable[[str], None]) -> int:
+    """Every key of `version` (not the pointer); the number written."""
+    n = 0
+    pipe = client.pipeline(transaction=False)
+
+    async def flush_if_full(force: bool = False) -> None:
+        nonlocal pipe
+        if force or len(pipe) >= CHUNK:
+            await pipe.execute()
+            pipe = client.pipeline(transaction=False)
+
+    for key, value in (*_embedding_writes(f"{ns}emb:user:{version}:", out.user_embeddings),
+                       *_embedding_writes(f"{ns}emb:item:{version}:", items)):
+        pipe.set(key, value)
+        n += 1
+        await flush_if_full()
+    users = set(out.category_affinity) | set(out.user_median_price)
+    for user in users:
+        fields = {"category_affinity": orjson.dumps(out.category_affinity.get(user, {})).decode()}
+        if user in out.user_median_price:
+            fields["median_price"] = repr(out.user_median_price[user])
+        pipe.hset(f"{ns}uoff:{version}:{user}", mapping=fields)
+        n += 1
+        await flush_if_full()
+    for item in set(out.item_popularity) | set(out.item_category):
+        fields = {"popularity_7d": repr(out.item_popularity.get(item, 0.0))}
+        if item in out.item_category:
+            fields["category"] = out.item_category[item]
+        pipe.hset(f"{ns}ioff:{version}:{item}", mapping=fields)
+        n += 1
+        await flush_if_full()
+    await flush_if_full(force=True)
+    progress(f"publish: {n} keys of version {version} written; switching model:current")
+    return n
 
 
 def publish_registered(s: Settings, version: str, progress: Callable[[str], None] = print) -> Published:
@@ -104,6 +118,11 @@ def publish_registered(s: Settings, version: str, progress: Callable[[str], None
         folder = Registry(s.mlflow_tracking_uri, s.model_name).download(version, Path(tmp))
         out = BatchOutputs.load(folder / "batch")
     return asyncio.run(publish(s, s.model_name, version, out, progress=progress))
+
+
+async def _remove_version(client: aioredis.Redis, ns: str, version: str) -> None:
+    for pattern in (f"emb:user:{version}:*", f"emb:item:{version}:*", f"uoff:{version}:*", f"ioff:{version}:*"):
+        await unlink_matching(client, ns + pattern)
 
 
 def _version_of(pointer: bytes | None) -> str | None:

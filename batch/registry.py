@@ -75,6 +75,16 @@ class Registry:
         except MlflowException as exc:
             raise LookupError(f"model {self.name!r} has no version or alias {alias_or_version!r}") from exc
 
+    def restore_champion(self, previous: str | None, failed: str) -> None:
+        """After `failed` was made champion but could not be published: the champion alias goes back
+        to `previous` (removed if there was none) and `failed` becomes the challenger."""
+        if previous is None:
+            self.client.delete_registered_model_alias(self.name, CHAMPION)
+        else:
+            self.client.set_registered_model_alias(self.name, CHAMPION, previous)
+        self.client.set_registered_model_alias(self.name, CHALLENGER, failed)
+        self.client.set_model_version_tag(self.name, failed, "promotion", "publishing failed; not served")
+
     def make_champion(self, version: str, reason: str) -> str | None:
         """Point the champion alias at `version` (A/B promotion); returns the version it pointed at before."""
         before = self.champion_version()

@@ -118,7 +118,11 @@ def train_once(s: Settings, source: Source, progress: Callable[[str], None] = pr
             published = 0
             if publish_to_serving and reg.alias == CHAMPION:
                 with stage("publish"):
-                    published = asyncio.run(publish(s, s.model_name, reg.version, out, items, progress)).keys
+                    try:
+                        published = asyncio.run(publish(s, s.model_name, reg.version, out, items, progress)).keys
+                    except Exception:   # the registry's champion stays what serving serves
+                        registry.restore_champion(serving, reg.version)
+                        raise
             return TrainReport(reg.version, reg.alias, reg.decision.reason, metrics, out.window.__dict__, stages,
                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, out.warnings, published)
     except Exception as exc:  # every stage: report which, keep serving as it is

@@ -261,7 +261,8 @@ class OnlineStore:
         pipe.scripts.update((self._item_rows, self._stats))   # loaded first if Redis lost them (restart)
         if item_misses:
             pipe.evalsha(self._item_rows.sha, 0, *self._item_args(item_misses, fields))
-        pipe.smismember(f"{self.ns}oos", product_ids)
+        if product_ids:   # (SMISMEMBER needs at least one member: an empty candidate set reads no stock)
+            pipe.smismember(f"{self.ns}oos", product_ids)
         if stat_misses:
             pipe.evalsha(self._stats.sha, 0, *self._stats_args(stat_misses, now, window_days, half_life_s))
         if user_id:
@@ -270,7 +271,7 @@ class OnlineStore:
             pipe.hgetall(f"{self.ns}uoff:{version}:{user_id}")
         res = await pipe.execute()
         rows = self._item_result(res.pop(0), len(fields)) if item_misses else []
-        in_stock = [not x for x in res.pop(0)]
+        in_stock = [not x for x in res.pop(0)] if product_ids else []
         pop, bought, trend = self._stats_result(res.pop(0)) if stat_misses else (np.zeros(0),) * 3
         out = RankingReads(rows, in_stock, pop, bought, trend)
         if user_id:
