@@ -10,8 +10,9 @@ from typing import Any, Mapping
 PREFIX = "RECSTREAM_"
 
 
-def _setting(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+def _setting(default: Any, doc: str, secret: bool = False) -> Any:
+    """A field; a secret one is left out of the object's repr (tracebacks, test failures, logs)."""
+    return field(default=default, metadata={"doc": doc, "secret": secret}, repr=not secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +98,21 @@ class Settings:
     experiments_file: Path = _setting(Path(".local/experiments.toml"), "the experiments file (TOML, see README "
                                       "\"A/B testing\"); absent: no experiments (path)")
     experiments_reload_s: float = _setting(2.0, "API processes re-read the experiments file when it changed, this often (seconds)")
-    admin_token: str = _setting("", "bearer token of the admin API (/api/v1/admin/...); empty: the admin API is off (secret)")
+    admin_token: str = _setting("", "bearer token of the admin API (/api/v1/admin/...); empty: the admin API is off (secret)",
+                                secret=True)
     attribution_window_s: int = _setting(1800, "an event without rec_request_id is attributed to the user's latest "
                                                "exposure listing its product within this long before it (seconds)")
     attribution_ttl_s: int = _setting(7 * 86400, "an exposure can be cited by rec_request_id for this long (seconds)")
     exposures_retention_h: int = _setting(24 * 30, "exposures topic retention (hours)")
+    # -- operations: metrics, on-call dashboard, alerts --------------------------------------
+    metrics_port: int = _setting(0, "workers serve Prometheus /metrics on this port (TCP port; 0 = off; "
+                                    "the API serves /metrics on its own port)")
+    ops_sample_s: float = _setting(2.0, "the API samples its latency, fallbacks and the workers' metrics "
+                                        "for the dashboard this often (seconds)")
+    lag_sample_s: float = _setting(5.0, "the API samples consumer lag (records and seconds) this often (seconds)")
+    ops_history_s: int = _setting(900, "history the dashboard's charts keep in the API process (seconds)")
+    alert_lag_s: float = _setting(10.0, "alert when the real-time feature consumer is this far behind (seconds)")
+    alert_p99_ms: float = _setting(50.0, "alert when serving p99 over the last minute passes this (milliseconds)")
     # -- archive -----------------------------------------------------------------------------
     archive_flush_records: int = _setting(20000, "the archive writes a Parquet file after this many records (count)")
     archive_flush_interval_s: float = _setting(10.0, "... or after this long, whichever comes first (seconds)")

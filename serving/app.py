@@ -7,7 +7,12 @@ of the request is sent. Sending is not: when Kafka cannot acknowledge within pro
 (timeout, KafkaError, producer not connected) the answer is 503 with `Retry-After: 1`, and some
 events of that request may already be written. A client that retries after a 503 may therefore
 duplicate events; that is the at-least-once contract of the clickstream, and consumers drop
-repeats by `event_id` (idempotent consumers, see README "Delivery guarantees").
+repeats by `event_id` (idempotent consumers, see README "Delivery guarantees"). After a failed send
+the producer is replaced by a new one (EventSink._renew): an idempotent producer whose batches
+expired during a broker outage would otherwise be refused for good (out-of-order sequence).
+
+Also mounted: the admin API (serving/admin.py), GET /metrics (Prometheus) and the on-call
+dashboard, GET /dashboard and GET /api/v1/ops/summary (serving/ops.py).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -32,6 +38,7 @@ from schemas import Event, Exposure
 from serving import ingest, params
 from serving.admin import admin_routes
 from serving.experiments import Experiments, exposure
+from serving.ops import OpsMonitor, ops_routes
 from serving.recommend import Recommender, reply_body, status
 from streams.producer import create_producer
 
@@ -65,6 +72,7 @@ class EventSink:
         self.topic = s.topic("clickstream")
         self.exposures_topic = s.topic("exposures")
         self.exposures_lost = 0
+        self.exposures_logged = 0
         self._exposing: set[asyncio.Task] = set()
         self.timeout_s = s.produce_timeout_ms / 1000
         self.connected = False
@@ -109,9 +117,27 @@ class EventSink:
         try:
             await asyncio.wait_for(self._send_all(self._producer, events), self.timeout_s)
         except TimeoutError:
+            self._renew()
             raise KafkaUnavailable(f"Kafka did not acknowledge within {self._settings.produce_timeout_ms} ms") from None
         except KafkaError as exc:
+            self._renew()
             raise KafkaUnavailable(f"Kafka refused the events: {exc}") from None
+
+    def _renew(self) -> None:
+        """A send failed: replace the producer. An idempotent producer whose batches expired during an
+        outage keeps a gap in its sequence numbers, and the broker refuses everything it sends after
+        (OutOfOrderSequenceNumber; aiokafka #1017) until the process restarts; a new producer gets a
+        new producer id. Until it has connected, POST answers 503 at once."""
+        if not self.connected or self._producer is None:
+            return   # renewing already
+        self.connected = False
+        old, self._producer = self._producer, create_producer(self._settings)
+        self._connect_task = asyncio.create_task(self._replace(old, self._producer), name="kafka-producer-renew")
+
+    async def _replace(self, old: AIOKafkaProducer, new: AIOKafkaProducer) -> None:
+        with contextlib.suppress(Exception):   # its unsent records fail: their requests answer 503
+            await asyncio.wait_for(old.stop(), self.timeout_s)
+        await self._connect(new)
 
     def expose(self, exposure: Exposure) -> None:
         """Queue one exposure record; no wait for the ack (serving/experiments.py: at most once)."""
@@ -126,6 +152,7 @@ class EventSink:
         try:
             ack = await producer.send(self.exposures_topic, exposure.to_json(), key=exposure.key)
             await asyncio.wait_for(ack, self.timeout_s)
+            self.exposures_logged += 1
         except Exception as exc:  # Kafka trouble: the answer has gone out; the impression is lost
             self.exposures_lost += 1
             log.warning("exposure %s not logged: %r", exposure.request_id, exc)
@@ -182,6 +209,44 @@ EXCEPTION_HANDLERS = {
     ClientDisconnect: _client_disconnect,
 }
 
+RECOMMENDATION_PREFIX = "/api/v1/recommendations/"
+ENDPOINTS = {"homepage", "similar", "cart", "also_viewed"}
+
+
+def endpoint_of(path: str) -> str | None:
+    """The metrics label of a path: the recommendation kind, "events", "other" for an unknown
+    kind; None for paths not measured (health, metrics, dashboard, admin)."""
+    if path.startswith(RECOMMENDATION_PREFIX):
+        kind = path[len(RECOMMENDATION_PREFIX):].replace("-", "_")
+        return kind if kind in ENDPOINTS else "other"
+    return "events" if path == "/api/v1/events" else None
+
+
+class RequestMetrics:
+    """ASGI middleware: count and time the API's requests by endpoint and status (serving/ops.py)."""
+
+    def __init__(self, app, ops: OpsMonitor):
+        self.app, self.ops = app, ops
+
+    async def __call__(self, scope, receive, send) -> None:
+        endpoint = endpoint_of(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        code = 500
+
+        async def send_status(message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.ops.observe_request(endpoint, code, time.perf_counter() - t0)
+
 
 def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommender: Recommender | None = None,
                experiments: Experiments | None = None) -> Starlette:
@@ -190,14 +255,29 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
     sink = EventSink(s, producer)
     rec = recommender or Recommender(s)
     ab = experiments or Experiments(s)
+    ops = OpsMonitor(s, client=rec.client,
+                     running=lambda: {e.id for e in ab.store.current.experiments if e.active(time.time())})
+    ops.metrics.late_replies = lambda: rec.late_replies
+    ops.metrics.exposures_lost = lambda: sink.exposures_lost
+    ops.metrics.exposures_logged = lambda: sink.exposures_logged
 
     async def recommendations(request: Request) -> Response:
+        t0 = time.perf_counter()
         req = params.parse(request.path_params["kind"], request.query_params)
         req = ab.assign(await rec.check_products(req))
         reply = await rec.recommend(req)
         body = reply_body(reply)
-        sink.expose(exposure(req, reply, status(reply), time.time()))
+        served = status(reply)
+        sink.expose(exposure(req, reply, served, time.time()))
+        ops.observe_reply(req.kind, served, reply, time.perf_counter() - t0)
+        if req.kind == "homepage" and req.user_id:
+            ops.metrics.observe_cache(reply.cached)
         return Response(body, media_type="application/json")
+
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(ops.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Request) -> Response:
         return OrjsonResponse(params.openapi())
@@ -224,23 +304,28 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
             await rec.start()
         except Exception as exc:  # recommendations still answer, from the fallback
             log.error("recommendation request/reply not started (%r): serving the fallback", exc)
+        await ops.start()
         try:
             yield
         finally:
             follow.cancel()
+            await ops.stop()
             await rec.stop()
             await sink.stop()
 
     app = Starlette(
         routes=[Route("/api/v1/recommendations/{kind}", recommendations, methods=["GET"]),
                 Route("/api/v1/events", post_events, methods=["POST"]), Route("/openapi.json", openapi, methods=["GET"]),
-                Route("/healthz", healthz, methods=["GET"]), *admin_routes(s, ab.store)],
+                Route("/healthz", healthz, methods=["GET"]), *admin_routes(s, ab.store),
+                Route("/metrics", metrics, methods=["GET"]), *ops_routes(ops)],
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(RequestMetrics, ops=ops)],
         lifespan=lifespan,
     )
     app.state.sink = sink
     app.state.recommender = rec
     app.state.experiments = ab
+    app.state.ops = ops
     return app
 
 

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 
+from recstream.metrics import serve_metrics, worker_registry
 from recstream.settings import Settings
 from schemas import Event, SchemaError
 from schemas.arrow import arrow_schema, to_table
@@ -196,6 +197,12 @@ class Archive:
             await self._consumer.stop()
             await self._producer.stop()
 
+    def metrics_snapshot(self) -> dict:
+        """Counters for Prometheus (recstream/metrics.py), read at scrape time."""
+        st = self.stats
+        return {"agent": "archive", "archived": st.archived, "dead_letters": st.dead_letters, "files": st.files,
+                "batches": st.flushes, "commit_failures": st.commit_failures, "buffered": st.buffered}
+
     def _room(self) -> int:
         return max(1, min(MAX_POLL_RECORDS, self.s.archive_flush_records - self.stats.buffered))
 
@@ -301,7 +308,9 @@ async def run(s: Settings, stop: asyncio.Event | None = None) -> None:
                 loop.add_signal_handler(sig, stop.set)
                 handled.append(sig)
     try:
-        await Archive(s).run(stop)
+        archive = Archive(s)
+        serve_metrics(s.metrics_port, worker_registry("archive", archive.metrics_snapshot))
+        await archive.run(stop)
     finally:
         for sig in handled:
             asyncio.get_running_loop().remove_signal_handler(sig)

@@ -64,6 +64,7 @@ from aiokafka.structs import ConsumerRecord
 from recstream.experiments.attribution import (
     FLOAT_FIELDS, SEEN_TTL_S, Changes, Impression, State, UnitTotals, VariantTotals, is_outcome,
     needed_impressions, needed_recent, recent_from_json, recent_to_json, step)
+from recstream.metrics import SnapshotHolder, serve_metrics, worker_registry
 from recstream.settings import Settings
 from schemas import Event, Exposure, SchemaError
 from streams.deadletter import DeadLetter
@@ -182,6 +183,7 @@ class Attribution:
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer = None
+        self.metrics_holder = SnapshotHolder()   # the latest snapshot, for Prometheus (recstream/metrics.py)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         s = self.s
@@ -362,7 +364,8 @@ class Attribution:
     async def publish_metrics(self) -> None:
         key = f"{self.s.redis_namespace}metrics:attribution:{socket.gethostname()}:{os.getpid()}"
         try:
-            await self.client.set(key, orjson.dumps(self.snapshot()), ex=METRICS_TTL_S)
+            self.metrics_holder.snapshot = snap = self.snapshot()
+            await self.client.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)
         except Exception as exc:  # metrics must never stop the worker
             log.warning("metrics not published: %r", exc)
 
@@ -410,7 +413,9 @@ async def run_attribution(s: Settings, stop: asyncio.Event | None = None, ready:
     stop = stop or stop_on_signals()
     client = aioredis.from_url(s.redis_url)
     try:
-        await Attribution(s, client).run(stop, ready)
+        worker = Attribution(s, client)
+        serve_metrics(s.metrics_port, worker_registry("attribution", worker.metrics_holder))
+        await worker.run(stop, ready)
         return 0
     finally:
         await client.aclose()

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from faust.contrib.asgi import faust_app_running
 
 from agents import features
+from recstream.metrics import start_worker_metrics
 from recstream.settings import Settings
 from recstream.stats import StallWatch
 from streams import lag
@@ -28,6 +29,12 @@ METRICS_TTL_S = 30
 
 def metrics_key(s: Settings, agent: str) -> str:
     return f"{s.redis_namespace}metrics:{agent}:{socket.gethostname()}:{os.getpid()}"
+
+
+def metrics_index(s: Settings, agent: str) -> str:
+    """Sorted set of an agent's live snapshot keys (score: last publish time), so the API's dashboard
+    finds them without scanning the keyspace (serving/ops.py)."""
+    return f"{s.redis_namespace}metrics-index:{agent}"
 
 
 def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
@@ -63,6 +70,7 @@ async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: as
     app = create_app(s)
     agents = features.register(app, s, client)
     key = metrics_key(s, "features")
+    prom = start_worker_metrics(s.metrics_port, "features")   # Prometheus /metrics (metrics_port 0: off)
     try:
         async with faust_app_running(app):
             log.info("feature worker %s running", s.app_id)
@@ -70,7 +78,13 @@ async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: as
                 ready.set()
             while not stop.is_set():
                 try:
-                    await client.set(key, orjson.dumps(snapshot(app, s, agents)), ex=METRICS_TTL_S)
+                    prom.snapshot = snap = snapshot(app, s, agents)
+                    index = metrics_index(s, "features")
+                    pipe = client.pipeline(transaction=False)
+                    pipe.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)
+                    pipe.zadd(index, {key: time.time()})
+                    pipe.expire(index, METRICS_TTL_S)
+                    await pipe.execute()
                 except Exception as exc:  # metrics must never stop the worker
                     log.warning("metrics not published: %r", exc)
                 if time.monotonic() >= next_watch:
@@ -139,6 +153,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
         agent = RequestAgent(s, role, s.topic("rec.candidates"), CandidateSet, handler.handle,
                              lambda c: c.request.expired(time.time(), s.serving_reserve_ms))
     key = metrics_key(s, role)
+    prom = start_worker_metrics(s.metrics_port, role)   # Prometheus /metrics (metrics_port 0: off)
     await models.start(store.model_pointer)
     # The model and caches are long-lived objects: move what exists to the permanent generation and
     # collect young objects less often, so full collections do not walk 100k-item tables per request.
@@ -153,6 +168,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
                     "dead_letters": st.dead_letters, "errors": st.errors, "batches": st.batches,
                     "handle_latency_ms": st.handle_latency.percentiles_ms(),
                     "handle_latency_counts": st.handle_latency.counts.tolist()}
+            prom.snapshot = snap
             try:
                 await client.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)
             except Exception as exc:  # metrics must never stop the worker
