@@ -200,8 +200,20 @@ def _lag(args: argparse.Namespace, s: Settings) -> int:
 
 
 def _settings(args: argparse.Namespace, s: Settings) -> int:
+    """Every setting with its default and, where the environment changed it, the value in effect.
+    Secrets never show: settings documented as (secret) print as *** when set, and the password
+    (and user) of any URL (redis://:pw@host, http://user:pw@host) print as ***."""
+    import re
+
+    def shown(var: str, value: str, doc: str) -> str:
+        if doc.rstrip().endswith("(secret)") or any(w in var for w in ("TOKEN", "PASSWORD", "SECRET")):
+            return "***" if value else ""
+        return re.sub(r"(?<=://)[^/@\s]*@", "***@", value)
+
     for var, default, doc in settings_mod.describe():
-        print(f"{var:36} {default:28} {doc}")
+        current = str(getattr(s, var[len(settings_mod.PREFIX):].lower()))
+        now = f" (set: {shown(var, current, doc)})" if current != default else ""
+        print(f"{var:36} {shown(var, default, doc):28} {doc}{now}")
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Self
@@ -12,6 +13,16 @@ import orjson
 MAX_TEXT = 256           # characters in any id or short string
 MAX_FUTURE_SKEW_S = 300  # a timestamp may run this far ahead of the receiver's clock (seconds)
 MIN_TIMESTAMP_S = 631_152_000.0  # 1990-01-01: older timestamps are unit mistakes, not shop history
+
+# Ids become Redis keys (user_session:{user}, covis:{product}, homecache:{user}:...) and Kafka keys, and
+# cart_items travel comma-separated in a query string. So an id has no whitespace or control characters
+# (NUL, newlines: log and key injection), no ':' (the key layout's separator), no '*' '?' '[' ']' '\\'
+# (Redis SCAN/KEYS glob syntax) and no ','. Everything else, non-ASCII letters included, is allowed.
+# The same pattern is the id fields' OpenAPI `pattern` (ECMA-262 and Python read it alike).
+ID_FORBIDDEN = (r"\x00-\x20\x7f-\xa0\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff"
+                r"\ud800-\udfff\ufff0-\uffff:*?\[\]\\,")
+ID_PATTERN = f"^[^{ID_FORBIDDEN}]+$"
+_ID_RE = re.compile(f"[^{ID_FORBIDDEN}]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +67,25 @@ class Text:
             raise Invalid(f"longer than {self.max_len} characters ({len(v)})")
         return v
 
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "minLength": self.min_len, "maxLength": self.max_len}
+
+
+@dataclass(frozen=True, slots=True)
+class Id(Text):
+    """An identifier (user, product, session, event, request): Text plus ID_PATTERN's characters
+    (a Text, so whatever maps Text, such as the Arrow schema, takes it as a string)."""
+
+    def __call__(self, v: Any, now: float) -> str:
+        v = Text.__call__(self, v, now)
+        if not _ID_RE.fullmatch(v):
+            bad = next(c for c in v if not _ID_RE.fullmatch(c))
+            raise Invalid(f"character {bad!r} not allowed in an id (no whitespace, control characters or :*?[]\\,)")
+        return v
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "minLength": max(self.min_len, 1), "maxLength": self.max_len, "pattern": ID_PATTERN}
+
 
 @dataclass(frozen=True, slots=True)
 class Number:
@@ -76,6 +106,14 @@ class Number:
             raise Invalid(f"must be at most {self.hi:g}, got {v:g}")
         return int(v) if self.integer else float(v)
 
+    def json_schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "integer" if self.integer else "number"}
+        if self.lo is not None:
+            out["minimum"] = int(self.lo) if self.integer else self.lo
+        if self.hi is not None:
+            out["maximum"] = int(self.hi) if self.integer else self.hi
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class Choice:
@@ -86,6 +124,9 @@ class Choice:
             raise Invalid(f"{str(v)[:40]!r} is not one of {', '.join(self.options)}")
         return v
 
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "enum": list(self.options)}
+
 
 @dataclass(frozen=True, slots=True)
 class Flag:
@@ -93,6 +134,9 @@ class Flag:
         if not isinstance(v, bool):
             raise Invalid(f"expected true or false, got {type(v).__name__}")
         return v
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "boolean"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +150,11 @@ class Timestamp:
         if t > now + MAX_FUTURE_SKEW_S:
             raise Invalid(f"{t:.0f} is {t - now:.0f} s in the future (at most {MAX_FUTURE_SKEW_S} s allowed)")
         return t
+
+    def json_schema(self, now: float | None = None) -> dict[str, Any]:
+        """The upper bound moves with the clock: the schema's is as of `now` (default: when generated)."""
+        now = time.time() if now is None else now
+        return {"type": "number", "minimum": MIN_TIMESTAMP_S, "maximum": math.floor(now) + MAX_FUTURE_SKEW_S}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +178,9 @@ class ListOf:
                 raise Invalid(f"item {i}: {exc}") from None
         return tuple(out)
 
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "array", "items": json_schema(self.item), "minItems": self.min_items, "maxItems": self.max_items}
+
 
 @dataclass(frozen=True, slots=True)
 class Nested:
@@ -139,6 +191,9 @@ class Nested:
             return self.record.from_dict(v, now=now)
         except SchemaError as exc:
             raise Invalid("; ".join(map(str, exc.errors))) from None
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.record.json_schema()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +207,9 @@ class StrMap:
             raise Invalid(f"more than {self.max_items} keys ({len(v)})")
         return {Text()(k, now): Text(min_len=0)(x, now) for k, x in v.items()}
 
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "object", "maxProperties": self.max_items, "additionalProperties": Text(min_len=0).json_schema()}
+
 
 @dataclass(frozen=True, slots=True)
 class NumMap:
@@ -163,6 +221,15 @@ class NumMap:
         if len(v) > self.max_items:
             raise Invalid(f"more than {self.max_items} keys ({len(v)})")
         return {Text()(k, now): Number()(x, now) for k, x in v.items()}
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "object", "maxProperties": self.max_items, "additionalProperties": {"type": "number"}}
+
+
+def json_schema(rule: Any) -> dict[str, Any]:
+    """The JSON Schema (OpenAPI 3.0 dialect) of a check; a check without `json_schema` is described as any value."""
+    describe = getattr(rule, "json_schema", None)
+    return describe() if describe is not None else {}
 
 
 _REQUIRED = object()
@@ -243,6 +310,29 @@ class Record:
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def json_schema(cls, *, strict: bool = True) -> dict[str, Any]:
+        """The record's JSON Schema, derived from the field checks (the checks stay the one source of
+        truth). strict: unknown fields refused, as from_dict does (request bodies); not strict: a
+        reader's view that tolerates additions (response bodies). Absent and null are the same."""
+        props: dict[str, Any] = {"version": {"type": "integer", "enum": [cls.VERSION]}}
+        required = []
+        for f in dataclasses.fields(cls):
+            schema = {**json_schema(f.metadata["check"])}
+            if f.metadata["doc"]:
+                schema["description"] = f.metadata["doc"]
+            if f.default is dataclasses.MISSING:
+                required.append(f.name)
+            else:
+                schema["nullable"] = True
+                if f.default is not None and not isinstance(f.default, tuple):
+                    schema["default"] = f.default
+            props[f.name] = schema
+        out: dict[str, Any] = {"type": "object", "title": cls.SCHEMA, "properties": props, "required": required}
+        if strict:
+            out["additionalProperties"] = False
+        return out
 
     @classmethod
     def describe(cls) -> Iterable[tuple[str, bool, str]]:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.base import Flag, ListOf, Number, Record, Text, Timestamp, check
+from schemas.base import Flag, Id, ListOf, Number, Record, Text, Timestamp, check
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Product(Record):
     SCHEMA = "product"
 
-    product_id: str = check(Text(), doc="catalogue product id")
+    product_id: str = check(Id(), doc="catalogue product id")
     title: str = check(Text(max_len=512), doc="display title")
     category_path: tuple[str, ...] = check(ListOf(Text(), min_items=1, max_items=16), doc="root-to-leaf category names (or a list of genres)")
     brand: str = check(Text(), default="unknown", doc="brand name")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.base import Choice, Invalid, ListOf, Number, Record, StrMap, Text, Timestamp, check
+from schemas.base import Choice, Id, Invalid, ListOf, Number, Record, StrMap, Text, Timestamp, check
 
 # how the list was served: by the agents, from the homepage cache, or by the trending fallback
 # because the agents missed the deadline or because something failed (Kafka, Redis, an agent)
@@ -19,8 +19,8 @@ class Exposure(Record):
     ts: float = check(Timestamp(), doc="when the list was served, Unix seconds")
     kind: str = check(Text(max_len=32), doc="homepage, similar, cart or also_viewed")
     unit: str = check(Text(), doc="assignment unit: u:<user_id>, c:<cookie> or s:<session_id>")
-    user_id: str | None = check(Text(), default=None, doc="shopper id, when known")
-    session_id: str | None = check(Text(), default=None, doc="session id, when known")
+    user_id: str | None = check(Id(), default=None, doc="shopper id, when known")
+    session_id: str | None = check(Id(), default=None, doc="session id, when known")
     experiments: dict[str, str] | None = check(StrMap(), default=None, doc="experiment id -> variant served")
     items: tuple[str, ...] = check(ListOf(Text(), max_items=100), doc="product ids shown, best first")
     positions: tuple[int, ...] = check(ListOf(Number(lo=1, hi=100, integer=True), max_items=100),

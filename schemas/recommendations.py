@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.base import (Choice, Flag, Invalid, ListOf, Nested, Number, NumMap, Record, StrMap, Text, Timestamp,
-                          check)
+from schemas.base import (Choice, Flag, Id, Invalid, ListOf, Nested, Number, NumMap, Record, StrMap, Text,
+                          Timestamp, check)
 
 KINDS = ("homepage", "similar", "cart", "also_viewed")
 MAX_COUNT = 100
@@ -42,10 +42,10 @@ class RecommendationRequest(Record):
     request_id: str = check(Text(max_len=64), doc="unique id; the reply carries it and events cite it (impression id)")
     kind: str = check(Choice(KINDS), doc="homepage, similar, cart or also_viewed")
     created_at: float = check(Timestamp(), doc="when the caller sent it, Unix seconds")
-    user_id: str | None = check(Text(), default=None, doc="shopper id; absent for anonymous homepage")
-    session_id: str | None = check(Text(), default=None, doc="current session id")
-    product_id: str | None = check(Text(), default=None, doc="the product on screen (similar, also_viewed)")
-    cart_items: tuple[str, ...] = check(ListOf(Text(), max_items=100), default=(), doc="product ids in the cart (cart)")
+    user_id: str | None = check(Id(), default=None, doc="shopper id; absent for anonymous homepage")
+    session_id: str | None = check(Id(), default=None, doc="current session id")
+    product_id: str | None = check(Id(), default=None, doc="the product on screen (similar, also_viewed)")
+    cart_items: tuple[str, ...] = check(ListOf(Id(), max_items=100), default=(), doc="product ids in the cart (cart)")
     count: int = check(Number(lo=1, hi=MAX_COUNT, integer=True), default=8, doc=f"items wanted, 1-{MAX_COUNT}")
     context: dict[str, str] | None = check(StrMap(), default=None, doc="device, page, category and other request context")
     deadline_ms: int = check(Number(lo=1, hi=10_000, integer=True), default=50, doc="answer within this budget (milliseconds)")

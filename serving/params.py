@@ -7,8 +7,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from schemas import RecommendationReply, RecommendationRequest, SchemaError
-from schemas.base import FieldError
+from schemas import Event, RecommendationReply, RecommendationRequest, SchemaError
+from schemas.base import ID_PATTERN, Choice, FieldError, Flag, Id, Invalid, Number, Text, json_schema
 from schemas.events import DEVICES
 from schemas.recommendations import MAX_COUNT
 
@@ -16,26 +16,36 @@ from schemas.recommendations import MAX_COUNT
 PATHS = {"homepage": "homepage", "similar": "similar", "cart": "cart", "also-viewed": "also_viewed"}
 DEFAULT_COUNT = {"homepage": 8, "similar": 8, "cart": 4, "also_viewed": 8}
 MAX_CART = 100
+MAX_CART_CHARS = 2048           # the cart_items parameter's length: query strings stay well inside the HTTP server's limits
+ID = Id()                       # user, product and session ids: checked here before they become Redis or Kafka keys
+_ITEM = ID_PATTERN[1:-1]        # one id, unanchored
+# comma-separated ids: the cart's pattern, derived from the id rule
+CART_PATTERN = f"^{_ITEM}(,{_ITEM}){{0,{MAX_CART - 1}}}$"
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    type: str                      # OpenAPI type
+    rule: Any                      # the check (schemas.base) that describes it in OpenAPI; None: `schema` below
     doc: str
     required_for: tuple[str, ...] = ()
+    schema: dict[str, Any] | None = None
+
+    def json_schema(self) -> dict[str, Any]:
+        return dict(self.schema) if self.schema is not None else json_schema(self.rule)
 
 
 PARAMS = (
-    Param("user_id", "string", "shopper id; absent or unknown: trending items (homepage) and no personal signal"),
-    Param("product_id", "string", "the product on screen", required_for=("similar", "also_viewed")),
-    Param("cart_items", "string", f"comma-separated product ids in the cart (1-{MAX_CART})", required_for=("cart",)),
-    Param("count", "integer", f"items wanted, 1-{MAX_COUNT} (default 8; cart 4)"),
-    Param("session_id", "string", "current session id"),
-    Param("page", "string", "page the widget is on: home, product, category, search, cart, checkout"),
-    Param("device", "string", "one of " + ", ".join(DEVICES)),
-    Param("category", "string", "category in view; the fallback's trending items come from it"),
-    Param("debug", "boolean", "1: per-stage timings and the session the ranker saw"),
+    Param("user_id", ID, "shopper id; absent or unknown: trending items (homepage) and no personal signal"),
+    Param("product_id", ID, "the product on screen", required_for=("similar", "also_viewed")),
+    Param("cart_items", None, f"comma-separated product ids in the cart (1-{MAX_CART})", required_for=("cart",),
+          schema={"type": "string", "pattern": CART_PATTERN, "maxLength": MAX_CART_CHARS}),
+    Param("count", Number(lo=1, hi=MAX_COUNT, integer=True), f"items wanted, 1-{MAX_COUNT} (default 8; cart 4)"),
+    Param("session_id", ID, "current session id"),
+    Param("page", Text(min_len=0), "page the widget is on: home, product, category, search, cart, checkout"),
+    Param("device", Choice(DEVICES), "one of " + ", ".join(DEVICES)),
+    Param("category", Text(min_len=0), "category in view; the fallback's trending items come from it"),
+    Param("debug", Flag(), "1: per-stage timings and the session the ranker saw"),
 )
 _NAMES = {p.name for p in PARAMS}
 CONTEXT = ("page", "device", "category")
@@ -65,13 +75,27 @@ def parse(path_kind: str, query: Mapping[str, str], now: float | None = None) ->
             d[name] = query[name]
             if not query[name].strip():
                 errors.append(FieldError(name, "must not be empty"))
+                continue
+            try:
+                ID(query[name], 0.0)
+            except Invalid as exc:
+                errors.append(FieldError(name, str(exc)))
     if "cart_items" in query:
         raw = query["cart_items"]
         items = [x.strip() for x in raw.split(",")]
-        if not raw.strip() or any(not x for x in items):
+        if len(raw) > MAX_CART_CHARS:
+            errors.append(FieldError("cart_items", f"longer than {MAX_CART_CHARS} characters ({len(raw)})"))
+        elif not raw.strip() or any(not x for x in items):
             errors.append(FieldError("cart_items", "expected comma-separated product ids, without empty ones"))
         elif len(items) > MAX_CART:
             errors.append(FieldError("cart_items", f"more than {MAX_CART} items ({len(items)})"))
+        else:
+            for i, item in enumerate(items):
+                try:
+                    ID(item, 0.0)
+                except Invalid as exc:
+                    errors.append(FieldError("cart_items", f"item {i}: {exc}"))
+                    break
         d["cart_items"] = list(dict.fromkeys(items))
     d["count"] = DEFAULT_COUNT[kind]
     if "count" in query:
@@ -99,25 +123,120 @@ def parse(path_kind: str, query: Mapping[str, str], now: float | None = None) ->
         raise ParamError(exc.errors) from None
 
 
-def openapi(version: str = "1") -> dict[str, Any]:
-    """The OpenAPI 3 description of the recommendation endpoints, from PARAMS and the reply schema."""
-    reply_props = {name: {"description": doc} for name, _, doc in RecommendationReply.describe()}
-    paths = {}
+# -- the OpenAPI description: generated from PARAMS and the schemas' checks, never by hand per field --
+
+ADMIN_PREFIX = "/api/v1/admin"
+EXPERIMENT_ID = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$", "maxLength": 64}  # recstream.experiments.definition
+_FIELD_ERRORS = {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"},
+                                                                             "reason": {"type": "string"}}}}
+_ERROR = {"type": "object", "required": ["error"],
+          "properties": {"error": {"type": "string"}, "fields": _FIELD_ERRORS}}
+_ADMIN_ERROR = {"type": "object", "required": ["error"],
+                "properties": {"error": {"type": "string"}, "problems": {"type": "array", "items": {"type": "string"}}}}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+
+
+def _json(description: str, schema: dict[str, Any], headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _reply_schema() -> dict[str, Any]:
+    """The 200 body: RecommendationReply without the wire format's version fields (serving.recommend.reply_body)."""
+    schema = RecommendationReply.json_schema(strict=False)
+    schema["properties"].pop("version", None)
+    return schema
+
+
+def _events_body(max_events: int, now: float) -> dict[str, Any]:
+    event = Event.json_schema()
+    event["properties"]["timestamp"] = {**event["properties"]["timestamp"],
+                                        **Event.__dataclass_fields__["timestamp"].metadata["check"].json_schema(now)}
+    batch = {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "minItems": 1, "maxItems": max_events,
+             "description": "a batch, all-or-nothing; event_ids unique within it"}
+    return {"event": event, "body": {"anyOf": [
+        {"$ref": "#/components/schemas/Event"}, batch,
+        {"type": "object", "properties": {"events": batch}, "required": ["events"], "additionalProperties": False}]}}
+
+
+def _admin_paths() -> dict[str, Any]:
+    secured = [{"bearer": []}]
+    id_param = [{"name": "id", "in": "path", "required": True, "description": "experiment id", "schema": EXPERIMENT_ID}]
+    force = [{"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"},
+              "description": "1: allow changing or deleting a running experiment"}]
+    refusals = {
+        "401": _json("missing or wrong token (Authorization: Bearer <token>)", _ADMIN_ERROR,
+                     {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+        "403": _json("admin API disabled: no admin token configured", _ADMIN_ERROR),
+    }
+    body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+    bad = {"400": _json("invalid body or not JSON; `problems` locates each", _ADMIN_ERROR),
+           "409": _json("conflicts with the stored experiments (running, overlapping layer, ...)", _ADMIN_ERROR),
+           "413": _json("body too large", _ADMIN_ERROR)}
+    obj = {"type": "object"}
+    return {
+        f"{ADMIN_PREFIX}/experiments": {"get": {
+            "summary": "the experiments file: revision, defaults, experiments", "security": secured,
+            "responses": {"200": _json("the experiments", obj), **refusals}}},
+        f"{ADMIN_PREFIX}/experiments/{{id}}": {
+            "get": {"summary": "one experiment", "security": secured, "parameters": id_param,
+                    "responses": {"200": _json("the experiment", obj), **refusals,
+                                  "404": _json("no such experiment", _ADMIN_ERROR)}},
+            "put": {"summary": "create or replace an experiment", "security": secured, "parameters": id_param + force,
+                    "requestBody": body,
+                    "responses": {"200": _json("replaced", obj), "201": _json("created", obj), **refusals, **bad}},
+            "delete": {"summary": "delete an experiment", "security": secured, "parameters": id_param + force,
+                       "responses": {"200": _json("deleted", obj), **refusals,
+                                     "404": _json("no such experiment", _ADMIN_ERROR),
+                                     "409": bad["409"]}}},
+        f"{ADMIN_PREFIX}/defaults": {"put": {
+            "summary": "set the serving defaults every request runs with", "security": secured, "requestBody": body,
+            "responses": {"200": _json("the new defaults and revision", obj), **refusals, **bad}}},
+    }
+
+
+def openapi(version: str = "1", *, max_events: int = 500, max_body_bytes: int = 1024 * 1024,
+            now: float | None = None) -> dict[str, Any]:
+    """The OpenAPI 3 description of every route, from PARAMS and the schemas' checks (schemas.base
+    json_schema): types, enums, bounds and id patterns are the validators' own. max_events and
+    max_body_bytes: the Settings' http_max_batch_events and http_max_body_bytes (defaults: theirs).
+    Timestamps' upper bound is as of `now` (default: when generated)."""
+    now = time.time() if now is None else now
+    error = {"400": _json("a parameter is missing or invalid; `fields` names it", _ERROR)}
+    paths: dict[str, Any] = {}
     for path, kind in PATHS.items():
         params = [{"name": p.name, "in": "query", "required": kind in p.required_for, "description": p.doc,
-                   "schema": {"type": p.type}} for p in PARAMS]
+                   "schema": p.json_schema()} for p in PARAMS]
         paths[f"/api/v1/recommendations/{path}"] = {"get": {
             "summary": f"{path} recommendations",
             "parameters": params,
             "responses": {
-                "200": {"description": "recommendations, best first (fallback: true when served by trending)",
-                        "content": {"application/json": {"schema": {"type": "object", "properties": reply_props}}}},
-                "400": {"description": "a parameter is missing or invalid; the body names it"},
-                "404": {"description": "unknown product (or kind); the body names it"},
+                "200": _json("recommendations, best first (fallback: true when served by trending)", _reply_schema()),
+                **error,
+                "404": _json("unknown product (or kind); `fields` names it", _ERROR),
             }}}
-    paths["/api/v1/events"] = {"post": {"summary": "log interaction events (JSON object or array, see schemas.Event)",
-                                        "responses": {"202": {"description": "acknowledged by Kafka"},
-                                                      "400": {"description": "invalid event; the body names the field"},
-                                                      "413": {"description": "too many events or bytes"},
-                                                      "503": {"description": "Kafka unavailable; retry"}}}}
-    return {"openapi": "3.0.3", "info": {"title": "recstream", "version": version}, "paths": paths}
+    events = _events_body(max_events, now)
+    paths["/api/v1/events"] = {"post": {
+        "summary": "log interaction events (JSON object, array, or {\"events\": [...]}; see schemas.Event)",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": events["body"]}}},
+        "responses": {
+            "202": _json("acknowledged by Kafka (every event)", {"type": "object", "required": ["accepted"],
+                                                                  "properties": {"accepted": {"type": "integer"}}}),
+            **error,
+            "413": _json(f"more than {max_events} events or {max_body_bytes} bytes", _ERROR),
+            "415": _json("Content-Type is not application/json", _ERROR),
+            "422": _json("an event is invalid; nothing of the request was sent; `fields` names each", _ERROR),
+            "503": _json("Kafka unavailable; retry", _ERROR, _RETRY_AFTER)}}}
+    paths["/healthz"] = {"get": {"summary": "liveness: 200 once the Kafka producer is connected", "responses": {
+        "200": _json("ok", {"type": "object", "properties": {"status": {"type": "string"}}}),
+        "503": _json("Kafka not connected yet", {"type": "object", "properties": {"status": {"type": "string"}}},
+                     _RETRY_AFTER)}}}
+    paths["/openapi.json"] = {"get": {"summary": "this description", "responses": {
+        "200": _json("OpenAPI 3.0 document", {"type": "object"})}}}
+    paths.update(_admin_paths())
+    return {"openapi": "3.0.3", "info": {"title": "recstream", "version": version}, "paths": paths,
+            "components": {"schemas": {"Event": events["event"]},
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                          "description": "RECSTREAM_ADMIN_TOKEN"}}}}

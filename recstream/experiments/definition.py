@@ -63,7 +63,7 @@ from schemas.recommendations import KINDS, SOURCES
 SUPPORTED_VERSIONS = (1,)
 MAX_CANDIDATES = 2000
 WEIGHT_TOLERANCE = 1e-9
-_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")   # fullmatch: ids go into Redis keys and file names
 # MLflow versions are positive integers; aliases are letters, digits, '_' and '-'.
 _RANKER = re.compile(r"^(?:[1-9][0-9]*|[A-Za-z][A-Za-z0-9_-]*)$")
 _TOP_KEYS = {"version", "revision", "defaults", "experiments"}
@@ -417,8 +417,8 @@ def _typed(value: Any, kind: type, loc: str, what: str, problems: list[str]) -> 
 
 
 def _ident(value: Any, loc: str, problems: list[str]) -> str | None:
-    if not isinstance(value, str) or not _ID.match(value):
-        problems.append(f"{loc}: required; letters, digits, '_', '-', '.' only, got {value!r}")
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        problems.append(f"{loc}: required; 1-64 letters, digits, '_', '-', '.', got {value!r}")
         return None
     return value
 

@@ -1,0 +1,401 @@
+"""Soak: the whole stack under steady load for a long time; errors, latency, feature lag and memory.
+
+    flock /tmp/recstream-heavy.lock .venv/bin/python bench/soak.py                 # 600 s, the record
+    flock /tmp/recstream-heavy.lock .venv/bin/python bench/soak.py --seconds 60    # a quick check
+
+Starts the feature worker, archive, retrieval, ranking, attribution and the HTTP API as `recstream`
+subprocesses (tests/integration/serving_stack.Processes) in a namespace of their own (topics, consumer
+groups, Redis keys, home folder), on the local Kafka and Redis. Loads the generated shop's catalogue
+and a warm-up of its events; publishes the MLflow champion, when there is one, into the namespace
+(else retrieval and ranking serve by their rules). Then, for --seconds, drives
+  * --qps recommendation requests per second (homepage for a shopper, anonymous homepage, similar,
+    also viewed, cart: a fixed mix) on an open-loop schedule, and
+  * --events events per second as POST /api/v1/events batches of --batch,
+and measures: errors (any status other than 200/202, timeouts, refused connections), fallbacks
+(200 answers served by the popularity fallback, counted apart), request latency p50/p99, events
+acknowledged, feature lag in seconds (every --probe-s a marker event is posted and the time until
+its session is in Redis is measured; the feature worker's own lag in records is sampled too), and
+the RSS of every process at start (after the warm-up) and end, with the peak. Prints a table and
+writes bench/results/soak.json. The reference side by side: the rates achieved against the targets
+(a load generator that falls behind says so, rather than passing on less load).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from recstream.data import ShopConfig, shop_dataset  # noqa: E402
+from recstream.settings import load  # noqa: E402
+from streams.online_store import unlink_matching  # noqa: E402
+from streams.replay import publish_dataset  # noqa: E402
+from tests.integration.serving_stack import Processes  # noqa: E402
+
+WORKERS = ("features", "archive", "attribution", "retrieval", "ranking", "api")
+OUT = REPO / "bench" / "results" / "soak.json"
+MIX = ("homepage_user", "homepage_anon", "similar", "also_viewed", "cart")
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"hostname": platform.node(), "nproc": len(os.sched_getaffinity(0)), "cpu_model": model,
+            "python": platform.python_version()}
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process in MiB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Tally:
+    def __init__(self):
+        self.requests = self.errors = self.fallbacks = self.events = self.event_errors = self.behind = 0
+        self.latency: list[float] = []
+        self.errors_by: dict[str, int] = {}
+
+    def error(self, what: str) -> None:
+        self.errors_by[what] = self.errors_by.get(what, 0) + 1
+
+
+async def recommend(http: httpx.AsyncClient, rng: random.Random, users: list[str], products: list[str],
+                    t: Tally) -> None:
+    kind = MIX[rng.randrange(len(MIX))]
+    if kind == "homepage_user":
+        path, q = "homepage", {"user_id": rng.choice(users)}
+    elif kind == "homepage_anon":
+        path, q = "homepage", {}
+    elif kind == "cart":
+        path, q = "cart", {"cart_items": ",".join(rng.sample(products, 2))}
+    else:
+        path, q = kind.replace("_", "-"), {"product_id": rng.choice(products)}
+    t0 = time.perf_counter()
+    try:
+        r = await http.get(f"/api/v1/recommendations/{path}", params=q)
+    except httpx.HTTPError as exc:
+        t.requests += 1
+        t.errors += 1
+        t.error(type(exc).__name__)
+        return
+    t.requests += 1
+    t.latency.append(time.perf_counter() - t0)
+    if r.status_code != 200:
+        t.errors += 1
+        t.error(f"HTTP {r.status_code}")
+    elif orjson.loads(r.content).get("fallback"):
+        t.fallbacks += 1
+
+
+def make_events(rng: random.Random, users: list[str], products: list[str], n: int, run: str, seq: int) -> list[dict]:
+    now = time.time()
+    out = []
+    for i in range(n):
+        user = rng.choice(users)
+        out.append({"event_id": f"{run}-{seq}-{i}", "user_id": user, "session_id": f"{user}-soak",
+                    "product_id": rng.choice(products),
+                    "event_type": rng.choices(("view", "click", "add_to_cart", "purchase"), (80, 12, 6, 2))[0],
+                    "timestamp": now, "device": "mobile", "page": "product"})
+    return out
+
+
+async def post_events(http: httpx.AsyncClient, events: list[dict], t: Tally) -> None:
+    try:
+        r = await http.post("/api/v1/events", content=orjson.dumps(events),
+                            headers={"Content-Type": "application/json"})
+    except httpx.HTTPError as exc:
+        t.event_errors += 1
+        t.error("events " + type(exc).__name__)
+        return
+    if r.status_code == 202:
+        t.events += len(events)
+    else:
+        t.event_errors += 1
+        t.error(f"events HTTP {r.status_code}")
+
+
+async def paced(rate: float, duration: float, max_inflight: int, make, t: Tally) -> None:
+    """Call make() (a coroutine) at `rate` per second on a fixed schedule for `duration` seconds; a
+    tick that finds max_inflight calls still running is counted as `behind` and skipped."""
+    tasks: set[asyncio.Task] = set()
+    start = time.perf_counter()
+    i = 0
+    while True:
+        at = start + i / rate
+        if at - start >= duration:
+            break
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        i += 1
+        if len(tasks) >= max_inflight:
+            t.behind += 1
+            continue
+        task = asyncio.create_task(make())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+
+
+async def probe_lag(http: httpx.AsyncClient, client: aioredis.Redis, ns: str, run: str, every_s: float,
+                    duration: float, samples: list[float], t: Tally) -> None:
+    """Every `every_s`: post one marker event, then time until its user's session is in Redis."""
+    end = time.perf_counter() + duration
+    i = 0
+    while time.perf_counter() < end:
+        user = f"probe-{run}-{i}"
+        ev = [{"event_id": f"probe-{run}-{i}", "user_id": user, "session_id": user, "product_id": "p00000",
+               "event_type": "view", "timestamp": time.time()}]
+        t0 = time.perf_counter()
+        await post_events(http, ev, t)
+        while time.perf_counter() - t0 < 120:
+            if await client.exists(f"{ns}user_session:{user}"):
+                break
+            await asyncio.sleep(0.02)
+        samples.append(time.perf_counter() - t0)
+        i += 1
+        await asyncio.sleep(max(0.0, every_s - (time.perf_counter() - t0)))
+
+
+async def worker_lag_records(client: aioredis.Redis, ns: str) -> int:
+    worst = 0
+    async for key in client.scan_iter(f"{ns}metrics:*"):
+        raw = await client.get(key)
+        if raw:
+            m = orjson.loads(raw)
+            if "lag_total" in m:
+                worst = max(worst, int(m["lag_total"]))
+    return worst
+
+
+async def sample_rss(procs: Processes, every_s: float, duration: float, peak: dict[str, float],
+                     lag_records: list[int], client: aioredis.Redis, ns: str) -> None:
+    end = time.perf_counter() + duration
+    while time.perf_counter() < end:
+        for name, p in procs.procs.items():
+            peak[name] = max(peak.get(name, 0.0), rss_mb(p.pid))
+        peak["driver"] = max(peak.get("driver", 0.0), rss_mb(os.getpid()))
+        lag_records.append(await worker_lag_records(client, ns))
+        await asyncio.sleep(every_s)
+
+
+def publish_champion(s) -> str | None:
+    """Publish the MLflow champion into this namespace; None when there is none (rules only)."""
+    try:
+        from batch.publish import publish_registered
+        from batch.registry import CHAMPION, Registry
+
+        version = Registry(s.mlflow_tracking_uri, s.model_name).alias_version(CHAMPION)
+        publish_registered(s, version, progress=lambda _: None)
+        return version
+    except Exception as exc:  # no registry, no champion: the agents serve by their rules
+        print(f"soak: no model published ({type(exc).__name__}: {str(exc)[:120]}); rules only")
+        return None
+
+
+async def warm_up(procs: Processes, http: httpx.AsyncClient, timeout_s: float, want_model: bool) -> bool:
+    """Wait until the API is healthy and (with a model) answers a homepage from the agents."""
+    deadline = time.monotonic() + timeout_s
+    served = False
+    while time.monotonic() < deadline:
+        procs.check_alive()
+        try:
+            if (await http.get("/healthz")).status_code == 200:
+                r = await http.get("/api/v1/recommendations/homepage", params={"user_id": "u00001"})
+                if r.status_code == 200 and (not orjson.loads(r.content).get("fallback") or not want_model):
+                    served = not orjson.loads(r.content).get("fallback")
+                    if served or not want_model:
+                        return served
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(1)
+    return served
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 2) if values else None
+
+
+async def soak(args: argparse.Namespace) -> dict:
+    tag = uuid.uuid4().hex[:8]
+    home = Path(tempfile.mkdtemp(prefix="recstream-soak-"))
+    base = load()
+    s = dataclasses.replace(base, topic_prefix=f"soak{tag}", app_id=f"recstream-soak-{tag}",
+                            redis_namespace=f"soak{tag}:", clickstream_partitions=4, home_dir=home,
+                            experiments_file=home / "experiments.toml",
+                            **({"serving_deadline_ms": args.deadline_ms} if args.deadline_ms else {}))
+    data = shop_dataset(ShopConfig(seed=7))
+    users = sorted({e.user_id for e in data.events})
+    products = [p.product_id for p in data.products]
+    print(f"soak: namespace {s.redis_namespace} home {home}; shop {len(products)} products, {len(users)} users, "
+          f"{len(data.events)} warm-up events")
+    await publish_dataset(s, data, progress=False)
+    version = await asyncio.to_thread(publish_champion, s) if args.model else None
+    procs = Processes(s, home)
+    client = aioredis.from_url(s.redis_url)
+    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
+    t, rng = Tally(), random.Random(7)
+    samples: list[float] = []
+    peak: dict[str, float] = {}
+    lag_records: list[int] = []
+    try:
+        for name in WORKERS:
+            procs.start(name)
+        async with httpx.AsyncClient(base_url=procs.base_url, timeout=10, limits=limits) as http:
+            served = await warm_up(procs, http, 180, version is not None)
+            await asyncio.sleep(5)    # let the warm-up events drain
+            rss_start = {name: round(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
+            rss_start["driver"] = round(rss_mb(os.getpid()), 1)
+            pids = {**{name: p.pid for name, p in procs.procs.items()}, "driver": os.getpid()}
+            cpu_start = {name: cpu_s(pid) for name, pid in pids.items()}
+            print(f"soak: stack up (agents serving: {served}); {args.seconds:.0f} s at {args.qps:g} req/s "
+                  f"+ {args.events:g} events/s")
+            seq = iter(range(10 ** 9))
+            started = time.perf_counter()
+            await asyncio.gather(
+                paced(args.qps, args.seconds, args.connections, lambda: recommend(http, rng, users, products, t), t),
+                paced(args.events / args.batch, args.seconds, max(2, args.connections // 4),
+                      lambda: post_events(http, make_events(rng, users, products, args.batch, tag, next(seq)), t), t),
+                probe_lag(http, client, s.redis_namespace, tag, args.probe_s, args.seconds, samples, t),
+                sample_rss(procs, 5.0, args.seconds, peak, lag_records, client, s.redis_namespace))
+            elapsed = time.perf_counter() - started
+            procs.check_alive()
+            healthy = (await http.get("/healthz")).status_code == 200
+        rss_end = {name: round(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
+        rss_end["driver"] = round(rss_mb(os.getpid()), 1)
+        cpu_share = {name: round((cpu_s(pid) - cpu_start[name]) / elapsed, 2) for name, pid in pids.items()}
+        for name, mb in rss_end.items():
+            peak[name] = max(peak.get(name, 0.0), mb)
+        alive = {name: procs.alive(name) for name in WORKERS}
+    finally:
+        procs.stop_all()
+        await unlink_matching(client, s.redis_namespace + "*")
+        await client.aclose()
+        await delete_topics(s)
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+    processes = {name: {"rss_start_mb": rss_start.get(name), "rss_end_mb": rss_end.get(name),
+                        "rss_peak_mb": round(peak.get(name, 0.0), 1),
+                        "growth_mb": round(rss_end.get(name, 0) - rss_start.get(name, 0), 1),
+                        "cpu_cores": cpu_share.get(name)} for name in rss_start}
+    return {
+        "name": "soak",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "machine": machine(),
+        "command": " ".join([".venv/bin/python", "bench/soak.py", *sys.argv[1:]]),
+        "parameters": {"seconds": args.seconds, "target_qps": args.qps, "target_events_per_s": args.events,
+                       "batch": args.batch, "connections": args.connections, "probe_every_s": args.probe_s,
+                       "serving_deadline_ms": s.serving_deadline_ms, "model_version": version,
+                       "agents_serving_at_start": served, "mix": list(MIX)},
+        "figures": {
+            "errors": t.errors + t.event_errors, "request_errors": t.errors, "event_errors": t.event_errors,
+            "errors_by": t.errors_by, "requests": t.requests, "fallbacks": t.fallbacks,
+            "fallback_share": round(t.fallbacks / t.requests, 4) if t.requests else None,
+            "events": t.events, "latency_p50_ms": pct(t.latency, 50), "latency_p99_ms": pct(t.latency, 99),
+            "lag_max_s": round(max(samples), 3) if samples else None,
+            "lag_p50_s": round(float(np.median(samples)), 3) if samples else None, "lag_samples": len(samples),
+            "worker_lag_records_max": max(lag_records) if lag_records else None,
+            "processes": processes, "alive_at_end": alive, "healthz_at_end": healthy,
+            # the reference, side by side: what the load generator achieved against the targets
+            "requests_per_s": round(t.requests / elapsed, 1), "target_requests_per_s": args.qps,
+            "events_per_s": round(t.events / elapsed, 1), "target_events_per_s": args.events,
+            "ticks_skipped_behind": t.behind, "elapsed_s": round(elapsed, 1),
+        },
+    }
+
+
+async def delete_topics(s) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(s.topic_prefix + ".")]
+        if names:
+            await admin.delete_topics(names)
+    except Exception as exc:  # leftovers only cost disk; say so
+        print(f"soak: topics {s.topic_prefix}.* not deleted: {exc!r}")
+    finally:
+        await admin.close()
+
+
+def table(r: dict) -> str:
+    f = r["figures"]
+    rows = [("requests", f["requests"], f"{f['requests_per_s']}/s of {f['target_requests_per_s']}/s"),
+            ("events acked", f["events"], f"{f['events_per_s']}/s of {f['target_events_per_s']}/s"),
+            ("errors", f["errors"], json.dumps(f["errors_by"])),
+            ("fallbacks", f["fallbacks"], f"share {f['fallback_share']}"),
+            ("latency p50 / p99 ms", f"{f['latency_p50_ms']} / {f['latency_p99_ms']}", ""),
+            ("feature lag max s", f["lag_max_s"], f"p50 {f['lag_p50_s']} s over {f['lag_samples']} probes; "
+                                                  f"worker lag max {f['worker_lag_records_max']} records"),
+            ("ticks skipped (behind)", f["ticks_skipped_behind"], "")]
+    out = [f"{a:24} {b!s:>16}  {c}" for a, b, c in rows]
+    out.append(f"{'process':24} {'rss start':>10} {'rss end':>10} {'peak':>10} {'growth':>8}  (MiB)  cores used")
+    for name, p in f["processes"].items():
+        out.append(f"{name:24} {p['rss_start_mb']:>10} {p['rss_end_mb']:>10} {p['rss_peak_mb']:>10} {p['growth_mb']:>8}"
+                   f"        {p['cpu_cores']}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=600.0, help="measured duration (default 600)")
+    p.add_argument("--qps", type=float, default=200.0, help="recommendation requests per second")
+    p.add_argument("--events", type=float, default=2000.0, help="events per second")
+    p.add_argument("--batch", type=int, default=100, help="events per POST")
+    p.add_argument("--connections", type=int, default=64, help="HTTP connections (requests in flight at most)")
+    p.add_argument("--probe-s", type=float, default=3.0, help="feature-lag probe interval (seconds)")
+    p.add_argument("--deadline-ms", type=int, default=0, help="serving deadline (default: the setting's)")
+    p.add_argument("--no-model", dest="model", action="store_false", help="do not publish the MLflow champion")
+    p.add_argument("--keep", action="store_true", help="keep the home folder (logs) after the run")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    r = asyncio.run(soak(args))
+    print(table(r))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"soak: written {args.out}")
+    f = r["figures"]
+    return 0 if f["errors"] == 0 and all(f["alive_at_end"].values()) and f["healthz_at_end"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
