@@ -62,7 +62,10 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
     dead_letters = raw_topic(app, s.topic("deadletter"))
     # Keyed by user like the clickstream; a row lives on the partition of its user's events (see _as_current).
     sessions = app.Table("user-sessions", default=None, key_type=str, partitions=s.clickstream_partitions,
-                         help="per-user session state (recstream.features.session.UserState)")
+                         help="per-user session state (recstream.features.session.UserState)",
+                         options={"write_buffer_size": s.table_write_buffer_mb << 20, "max_write_buffer_number": 2,
+                                  "block_cache_size": s.table_block_cache_mb << 20,
+                                  "block_cache_compressed_size": s.table_block_cache_mb << 20})
     store = OnlineStore(store_client, s.redis_namespace, s.app_id, clickstream.get_topic_name())
     stats = FeatureStats()
     cfg, lim = feature_config(s), limits(s)

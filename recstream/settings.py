@@ -39,6 +39,9 @@ class Settings:
     # -- app ---------------------------------------------------------------------------------
     app_id: str = _setting("recstream", "Faust application id: consumer group and changelog prefix (name)")
     table_store: str = _setting("rocksdb://", "Faust table store URL: rocksdb:// (durable) or memory:// (name)")
+    table_write_buffer_mb: int = _setting(8, "RocksDB memtable size of each session-table partition; 2 per partition "
+                                             "at most (MiB; Faust's default, 64 x 3, let a worker grow by GBs)")
+    table_block_cache_mb: int = _setting(32, "RocksDB block cache of each session-table partition (MiB; Faust's default: 2048)")
     session_idle_timeout_s: int = _setting(30 * 60, "a session ends after this much inactivity (seconds)")
     # -- HTTP ingest -------------------------------------------------------------------------
     http_max_batch_events: int = _setting(500, "most events in one POST /api/v1/events; more is answered 413 (count)")
