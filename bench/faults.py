@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,19 +20,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.soak import machine  # noqa: E402  (one description of the machine for the benches)
+
 OUT = REPO / "bench" / "results" / "faults.json"
 TESTS = "tests/integration/test_faults.py"
 LINE = re.compile(r"FAULT-FIGURES (\S+) (\{.*\})\s*$")
 OUTCOME = re.compile(r"^(PASSED|FAILED|XFAIL|XPASS|ERROR|SKIPPED) (tests/\S+)")
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"hostname": os.uname().nodename, "nproc": len(os.sched_getaffinity(0)), "cpu_model": model}
 
 
 def main(argv: list[str]) -> int:
