@@ -48,6 +48,7 @@ from recstream.settings import load  # noqa: E402
 from streams.online_store import unlink_matching  # noqa: E402
 from streams.replay import publish_dataset  # noqa: E402
 from tests.integration.serving_stack import Processes  # noqa: E402
+from bench.serving import down  # noqa: E402  (figures truncated, never rounded up)
 
 WORKERS = ("features", "archive", "attribution", "retrieval", "ranking", "api")
 OUT = REPO / "bench" / "results" / "soak.json"
@@ -91,9 +92,13 @@ class Tally:
         self.requests = self.errors = self.fallbacks = self.events = self.event_errors = self.behind = 0
         self.latency: list[float] = []
         self.errors_by: dict[str, int] = {}
+        self.error_samples: list[str] = []   # the first few, with when and what, for the logs' side
+        self.t0 = time.time()
 
-    def error(self, what: str) -> None:
+    def error(self, what: str, detail: str = "") -> None:
         self.errors_by[what] = self.errors_by.get(what, 0) + 1
+        if len(self.error_samples) < 10:
+            self.error_samples.append(f"{time.time() - self.t0:.1f} s: {what} {detail}".strip())
 
 
 async def recommend(http: httpx.AsyncClient, rng: random.Random, users: list[str], products: list[str],
@@ -113,7 +118,7 @@ async def recommend(http: httpx.AsyncClient, rng: random.Random, users: list[str
     except httpx.HTTPError as exc:
         t.requests += 1
         t.errors += 1
-        t.error(type(exc).__name__)
+        t.error(type(exc).__name__, f"GET {path} {exc!r}")
         return
     t.requests += 1
     t.latency.append(time.perf_counter() - t0)
@@ -142,7 +147,7 @@ async def post_events(http: httpx.AsyncClient, events: list[dict], t: Tally) -> 
                             headers={"Content-Type": "application/json"})
     except httpx.HTTPError as exc:
         t.event_errors += 1
-        t.error("events " + type(exc).__name__)
+        t.error("events " + type(exc).__name__, repr(exc))
         return
     if r.status_code == 202:
         t.events += len(events)
@@ -251,7 +256,7 @@ async def warm_up(procs: Processes, http: httpx.AsyncClient, timeout_s: float, w
 
 
 def pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)) * 1000, 2) if values else None
+    return down(float(np.percentile(values, q)) * 1000, 2) if values else None
 
 
 async def soak(args: argparse.Namespace) -> dict:
@@ -282,8 +287,8 @@ async def soak(args: argparse.Namespace) -> dict:
         async with httpx.AsyncClient(base_url=procs.base_url, timeout=10, limits=limits) as http:
             served = await warm_up(procs, http, 180, version is not None)
             await asyncio.sleep(5)    # let the warm-up events drain
-            rss_start = {name: round(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
-            rss_start["driver"] = round(rss_mb(os.getpid()), 1)
+            rss_start = {name: down(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
+            rss_start["driver"] = down(rss_mb(os.getpid()), 1)
             pids = {**{name: p.pid for name, p in procs.procs.items()}, "driver": os.getpid()}
             cpu_start = {name: cpu_s(pid) for name, pid in pids.items()}
             print(f"soak: stack up (agents serving: {served}); {args.seconds:.0f} s at {args.qps:g} req/s "
@@ -299,9 +304,9 @@ async def soak(args: argparse.Namespace) -> dict:
             elapsed = time.perf_counter() - started
             procs.check_alive()
             healthy = (await http.get("/healthz")).status_code == 200
-        rss_end = {name: round(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
-        rss_end["driver"] = round(rss_mb(os.getpid()), 1)
-        cpu_share = {name: round((cpu_s(pid) - cpu_start[name]) / elapsed, 2) for name, pid in pids.items()}
+        rss_end = {name: down(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
+        rss_end["driver"] = down(rss_mb(os.getpid()), 1)
+        cpu_share = {name: down((cpu_s(pid) - cpu_start[name]) / elapsed, 2) for name, pid in pids.items()}
         for name, mb in rss_end.items():
             peak[name] = max(peak.get(name, 0.0), mb)
         alive = {name: procs.alive(name) for name in WORKERS}
@@ -313,8 +318,8 @@ async def soak(args: argparse.Namespace) -> dict:
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
     processes = {name: {"rss_start_mb": rss_start.get(name), "rss_end_mb": rss_end.get(name),
-                        "rss_peak_mb": round(peak.get(name, 0.0), 1),
-                        "growth_mb": round(rss_end.get(name, 0) - rss_start.get(name, 0), 1),
+                        "rss_peak_mb": down(peak.get(name, 0.0), 1),
+                        "growth_mb": down(rss_end.get(name, 0) - rss_start.get(name, 0), 1),
                         "cpu_cores": cpu_share.get(name)} for name in rss_start}
     return {
         "name": "soak",
@@ -327,17 +332,17 @@ async def soak(args: argparse.Namespace) -> dict:
                        "agents_serving_at_start": served, "mix": list(MIX)},
         "figures": {
             "errors": t.errors + t.event_errors, "request_errors": t.errors, "event_errors": t.event_errors,
-            "errors_by": t.errors_by, "requests": t.requests, "fallbacks": t.fallbacks,
-            "fallback_share": round(t.fallbacks / t.requests, 4) if t.requests else None,
+            "errors_by": t.errors_by, "error_samples": t.error_samples, "requests": t.requests, "fallbacks": t.fallbacks,
+            "fallback_share": down(t.fallbacks / t.requests, 4) if t.requests else None,
             "events": t.events, "latency_p50_ms": pct(t.latency, 50), "latency_p99_ms": pct(t.latency, 99),
-            "lag_max_s": round(max(samples), 3) if samples else None,
-            "lag_p50_s": round(float(np.median(samples)), 3) if samples else None, "lag_samples": len(samples),
+            "lag_max_s": down(max(samples), 3) if samples else None,
+            "lag_p50_s": down(float(np.median(samples)), 3) if samples else None, "lag_samples": len(samples),
             "worker_lag_records_max": max(lag_records) if lag_records else None,
             "processes": processes, "alive_at_end": alive, "healthz_at_end": healthy,
             # the reference, side by side: what the load generator achieved against the targets
-            "requests_per_s": round(t.requests / elapsed, 1), "target_requests_per_s": args.qps,
-            "events_per_s": round(t.events / elapsed, 1), "target_events_per_s": args.events,
-            "ticks_skipped_behind": t.behind, "elapsed_s": round(elapsed, 1),
+            "requests_per_s": down(t.requests / elapsed, 1), "target_requests_per_s": args.qps,
+            "events_per_s": down(t.events / elapsed, 1), "target_events_per_s": args.events,
+            "ticks_skipped_behind": t.behind, "elapsed_s": down(elapsed, 1),
         },
     }
 

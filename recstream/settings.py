@@ -25,7 +25,11 @@ class Settings:
     kafka_controller_port: int = _setting(9093, "KRaft controller listener of the local broker (TCP port)")
     kafka_heap_mb: int = _setting(768, "JVM heap of the local Kafka broker (MiB)")
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis URL for online features (redis://host:port/db)")
-    redis_namespace: str = _setting("", "prefix of every Redis key, so deployments can share one Redis (text)")
+    redis_namespace: str = _setting("", "prefix of every Redis key, so deployments can share one Redis (text; no '{' or '}')")
+    redis_cluster: bool = _setting(False, "redis_url names a node of a Redis Cluster: the feature store writes and "
+                                          "reads slot by slot (true/false; see README \"Redis Cluster\")")
+    redis_cluster_ports: str = _setting("7001,7002,7003", "loopback ports of the local Redis Cluster's masters that "
+                                                          "`recstream services cluster-up` starts (TCP ports, comma-separated)")
     mlflow_tracking_uri: str = _setting("http://127.0.0.1:5000", "MLflow tracking/registry server (URL)")
     # -- topics ------------------------------------------------------------------------------
     topic_prefix: str = _setting("recs", "prefix of every recstream topic name (dotted lowercase)")
@@ -46,6 +50,9 @@ class Settings:
     # -- HTTP ingest -------------------------------------------------------------------------
     http_max_batch_events: int = _setting(500, "most events in one POST /api/v1/events; more is answered 413 (count)")
     http_max_body_bytes: int = _setting(1024 * 1024, "largest POST body accepted; more is answered 413 (bytes)")
+    http_keepalive_s: int = _setting(75, "the API closes an idle keep-alive connection after this long; longer than the "
+                                         "idle timeout of clients and load balancers (httpx 5, ALB 60), so a request "
+                                         "never races the server closing its connection (seconds; uvicorn's default: 5)")
     # -- real-time features ------------------------------------------------------------------
     weight_view: float = _setting(1.0, "implicit-feedback weight of a view (weight)")
     weight_click: float = _setting(2.0, "weight of a click: more intent than a view, less than a cart (weight)")
@@ -64,6 +71,11 @@ class Settings:
     # -- batch layer -------------------------------------------------------------------------
     spark_master: str = _setting("local[*]", "Spark master URL: local[*] here, spark://host:7077 or yarn on a cluster (URL)")
     spark_driver_memory: str = _setting("4g", "Spark driver memory (JVM size, e.g. 4g)")
+    spark_master_port: int = _setting(7077, "`recstream spark up`: the standalone master's port on loopback (TCP port)")
+    spark_master_webui_port: int = _setting(8080, "... its web UI, whose /json/ lists workers and applications (TCP port)")
+    spark_worker_webui_port: int = _setting(8081, "... the worker's web UI (TCP port)")
+    spark_worker_cores: int = _setting(2, "... cores the worker offers its executors (count)")
+    spark_worker_memory: str = _setting("2g", "... memory the worker offers; one executor takes it all (JVM size, e.g. 2g)")
     train_window_days: int = _setting(30, "history a training run reads, back from its newest event (days)")
     trainer_every_hours: float = _setting(4.0, "`recstream trainer` retrains this often (hours)")
     als_rank: int = _setting(128, "dimension of the ALS user and item embeddings (count)")
@@ -138,6 +150,10 @@ class Settings:
         return int(self.redis_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
     @property
+    def redis_cluster_port_list(self) -> list[int]:
+        return [int(p) for p in self.redis_cluster_ports.split(",") if p.strip()]
+
+    @property
     def mlflow_port(self) -> int:
         return int(self.mlflow_tracking_uri.rstrip("/").rsplit(":", 1)[1])
 
@@ -179,6 +195,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     for name in ("clickstream_partitions", "request_partitions", "replication_factor", "produce_timeout_ms"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
+    if "{" in settings.redis_namespace or "}" in settings.redis_namespace:   # it would move the keys' hash tags
+        raise SettingsError(f"{PREFIX}REDIS_NAMESPACE must not contain '{{' or '}}'")
     return settings
 
 
