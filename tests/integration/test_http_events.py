@@ -190,3 +190,40 @@ async def test_a_producer_that_died_after_start_is_503_within_the_timeout(fresh)
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"].endswith("retry later")
     assert await end_offsets(s) == 0
+
+
+async def test_an_idle_keep_alive_connection_outlives_the_clients_own_idle_expiry(fresh, tmp_path):
+    """uvicorn's default keep-alive (5 s) equals httpx's idle expiry, so a client could reuse a connection
+    just as the server closed it (a ReadError in the soak). The real server keeps it open
+    RECSTREAM_HTTP_KEEPALIVE_S: the same connection still answers after 6 s of silence."""
+    from tests.integration.serving_stack import Processes, wait_for
+
+    s = fresh(http_keepalive_s=30)
+    await ensure_topics(s)
+    procs = Processes(s, tmp_path)
+    procs.start("api")
+    try:
+        async def up() -> bool:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", procs.port)
+                w.close()
+                return True
+            except OSError:
+                return False
+        await wait_for(up, 60, "the API to listen", check=lambda: procs.check_alive("api"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", procs.port)
+
+        async def healthz() -> bytes:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            return head.split(b"\r\n")[0] + b" " + await reader.readexactly(length)
+
+        first = await healthz()
+        assert first == b'HTTP/1.1 200 OK {"status":"ok"}'
+        await asyncio.sleep(6.0)   # with uvicorn's default the server has closed the connection by now
+        assert await healthz() == first
+        writer.close()
+    finally:
+        procs.stop_all()
