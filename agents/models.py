@@ -5,7 +5,7 @@ finishes on it; a new version is downloaded and loaded in a thread while the old
 serving, then one assignment makes it current (blue-green within the process). The version before
 stays loaded, so candidates retrieved on it are ranked on it too (publish keeps its Redis keys).
 
-Start-up: the version `model:current` in Redis names (what the trainer last published). Then
+Start-up: the version the model pointer in Redis (`model:{g}:current`) names (what the trainer last published). Then
 every message on the model-updates topic. Until a model loads (none trained yet, MLflow down), the
 agents serve with rules only and retry every `model_retry_s`.
 """

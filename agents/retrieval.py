@@ -28,7 +28,7 @@ import orjson
 from agents.models import ModelHolder, ServingModel
 from agents.runner import Outgoing
 from batch.publish import decode_embedding
-from recstream.features import popularity
+from recstream.features import keys, popularity
 from recstream.features.session import decode_features, features_key, session_key
 from recstream.ranking import main_category
 from recstream.rules import Proposals
@@ -156,12 +156,12 @@ class Retrieval:
         anchors = [r.product_id] if r.product_id else list(r.cart_items[:ANCHORS])
         pipe = self.store.redis.pipeline(transaction=False)
         if r.user_id:
-            pipe.get(f"{ns}emb:user:{v}:{r.user_id}")
+            pipe.get(ns + keys.embedding("user", str(v), r.user_id))
             pipe.get(ns + session_key(r.user_id))
             pipe.hgetall(ns + features_key(r.user_id))
         for a in anchors:
-            pipe.get(f"{ns}emb:item:{v}:{a}")
-            pipe.hgetall(f"{ns}item_features:{a}")
+            pipe.get(ns + keys.embedding("item", str(v), a))
+            pipe.hgetall(ns + keys.item_features(a))
         res = await pipe.execute()
         user_vec = session = feats = None
         if r.user_id:
@@ -201,16 +201,16 @@ class Retrieval:
                                        "session")
             cart = list((feats or {}).get("cart_items") or [])[:ANCHORS]
             for a in recent:
-                zrev(f"covis:{a}", NEIGHBOURS, "covis", a)
+                zrev(keys.neighbours("covis", a), NEIGHBOURS, "covis", a)
             for a in (*recent, *cart):
-                zrev(f"cobuy:{a}", NEIGHBOURS, "cobuy", a)
+                zrev(keys.neighbours("cobuy", a), NEIGHBOURS, "cobuy", a)
             main = main_category((feats or {}).get("session_categories") or {}) if recent else None
             trending(main, POPULAR, "popular")
         else:
             cobuy, covis = {"cart": (50, 20), "also_viewed": (NEIGHBOURS, 100), "similar": (NEIGHBOURS, NEIGHBOURS)}[r.kind]
             for a in anchors:
-                zrev(f"cobuy:{a}", cobuy, "cobuy", a)
-                zrev(f"covis:{a}", covis, "covis", a)
+                zrev(keys.neighbours("cobuy", a), cobuy, "cobuy", a)
+                zrev(keys.neighbours("covis", a), covis, "covis", a)
             categories = [it["category"] for it in anchor_items if it.get("category")]
             for c in dict.fromkeys(categories[:2]):
                 trending(c, POPULAR // 2 if r.kind == "cart" else POPULAR, "same_category")
@@ -219,7 +219,7 @@ class Retrieval:
                 trending(main, POPULAR, "popular")
             brand = next((it["brand"] for it in anchor_items if it.get("brand") not in (None, "", "unknown")), None)
             if brand and r.kind == "similar":
-                zrev(f"brand:{brand}", BRAND, "same_brand", brand)
+                zrev(keys.brand(brand), BRAND, "same_brand", brand)
         merged: dict[tuple[str, str | None], dict[str, float]] = {}
         for (source, anchor, weight), rows in zip(reads, await pipe.execute()):
             if source in ("popular", "same_category"):   # trending: two landmarks' scores add up

@@ -42,6 +42,7 @@ from recstream.evaluation.protocols import catalogue_from_events
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import Incoming, plan
 from recstream.features.session import UserState
+from recstream.redisconn import connect
 from recstream.settings import Settings
 from schemas import CandidateSet, Event, RecommendationReply, RecommendationRequest
 from schemas.recommendations import MAX_COUNT
@@ -196,7 +197,7 @@ def _content_lists(fitted: training.Fitted, split: Split) -> list[list[str]]:
 
 async def _serve(s: Settings, split: Split, fitted: training.Fitted, bundle: Path,
                  progress: Progress) -> dict[str, list[list[str]]]:
-    client = aioredis.from_url(s.redis_url)
+    client = connect(s)
     store = OnlineStore(client, s.redis_namespace, f"{s.app_id}-evaluate", s.topic("clickstream"))
     version = "eval"
     try:

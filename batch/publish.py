@@ -1,15 +1,17 @@
 """Publish a trained version to serving: Redis under versioned keys, then one pointer swap, then a
 message on the model-updates topic.
 
-Readers read `model:current` first and then only keys of that version, so a half-finished publish
+Readers read `model:{g}:current` first and then only keys of that version, so a half-finished publish
 is never read: the pointer moves only after every key of the new version is written. The version
 before stays readable for requests in flight; older ones are removed.
 
-  model:current                    JSON {name, version, published_at, rank}
-  emb:user:{version}:{user}        float32 bytes of the ALS user embedding
-  emb:item:{version}:{item}        float32 bytes of the item embedding (ALS, or content model for new items)
-  uoff:{version}:{user}            hash: category_affinity (JSON), median_price
-  ioff:{version}:{item}            hash: popularity_7d, category
+  model:{g}:current                JSON {name, version, published_at, rank}
+  emb:user:{version}:{u1}          float32 bytes of the ALS user embedding
+  emb:item:{version}:{p9}          float32 bytes of the item embedding (ALS, or content model for new items)
+  uoff:{version}:{u1}              hash: category_affinity (JSON), median_price
+  ioff:{version}:{p9}              hash: popularity_7d, category
+(recstream/features/keys.py builds them: braces are Redis Cluster hash tags, so a user's or item's
+vectors live in the slot of its features.)
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from typing import Callable
 
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
 
 from batch.artifacts import BatchOutputs, Embeddings
+from recstream.features import keys
+from recstream.redisconn import AnyRedis, connect
 from recstream.settings import Settings
-from streams.online_store import unlink_matching
+from streams.online_store import unlink_keys, unlink_matching
 from streams.producer import create_producer
 
 CHUNK = 1000  # commands per pipeline round trip: small enough not to stall Redis for serving reads
@@ -41,9 +44,10 @@ class Published:
     removed_versions: list[str]
 
 
-def _embedding_writes(prefix: str, emb: Embeddings):
+def _embedding_writes(key: Callable[[str], str], emb: Embeddings):
+    """(key(id), float32 bytes) for every vector of `emb`."""
     for i, x in enumerate(emb.ids):
-        yield f"{prefix}{x}", emb.vectors[i].tobytes()
+        yield key(x), emb.vectors[i].tobytes()
 
 
 async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_embeddings: Embeddings | None = None,
@@ -51,10 +55,10 @@ async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_
     """announce=False: Redis only, no model-updates message (offline evaluation, whose agents are in-process)."""
     t0 = time.perf_counter()
     ns = s.redis_namespace
-    client = aioredis.from_url(s.redis_url)
+    client = connect(s)
     items = item_embeddings or out.item_embeddings
     try:
-        previous = await client.get(f"{ns}model:current")
+        previous = await client.get(ns + keys.MODEL_CURRENT)
         try:
             n = await _write_version(client, ns, version, out, items, progress)
         except Exception:   # nothing of a half-written version is left for a later pointer to name
@@ -62,7 +66,7 @@ async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_
                 await _remove_version(client, ns, version)
             raise
         pointer = {"name": name, "version": version, "published_at": time.time(), "rank": items.rank}
-        await client.set(f"{ns}model:current", orjson.dumps(pointer))
+        await client.set(ns + keys.MODEL_CURRENT, orjson.dumps(pointer))
         removed = await _remove_old_versions(client, ns, keep={version, _version_of(previous)})
     finally:
         await client.aclose()
@@ -71,7 +75,7 @@ async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_
     return Published(version, n, time.perf_counter() - t0, removed)
 
 
-async def _write_version(client: aioredis.Redis, ns: str, version: str, out: BatchOutputs, items: Embeddings,
+async def _write_version(client: AnyRedis, ns: str, version: str, out: BatchOutputs, items: Embeddings,
                          progress: Callable[[str], None]) -> int:
     """Every key of `version` (not the pointer); the number written."""
     n = 0
@@ -83,8 +87,8 @@ async def _write_version(client: aioredis.Redis, ns: str, version: str, out: Bat
             await pipe.execute()
             pipe = client.pipeline(transaction=False)
 
-    for key, value in (*_embedding_writes(f"{ns}emb:user:{version}:", out.user_embeddings),
-                       *_embedding_writes(f"{ns}emb:item:{version}:", items)):
+    for key, value in (*_embedding_writes(lambda u: ns + keys.embedding("user", version, u), out.user_embeddings),
+                       *_embedding_writes(lambda p: ns + keys.embedding("item", version, p), items)):
         pipe.set(key, value)
         n += 1
         await flush_if_full()
@@ -93,18 +97,18 @@ async def _write_version(client: aioredis.Redis, ns: str, version: str, out: Bat
         fields = {"category_affinity": orjson.dumps(out.category_affinity.get(user, {})).decode()}
         if user in out.user_median_price:
             fields["median_price"] = repr(out.user_median_price[user])
-        pipe.hset(f"{ns}uoff:{version}:{user}", mapping=fields)
+        pipe.hset(ns + keys.user_offline(version, user), mapping=fields)
         n += 1
         await flush_if_full()
     for item in set(out.item_popularity) | set(out.item_category):
         fields = {"popularity_7d": repr(out.item_popularity.get(item, 0.0))}
         if item in out.item_category:
             fields["category"] = out.item_category[item]
-        pipe.hset(f"{ns}ioff:{version}:{item}", mapping=fields)
+        pipe.hset(ns + keys.item_offline(version, item), mapping=fields)
         n += 1
         await flush_if_full()
     await flush_if_full(force=True)
-    progress(f"publish: {n} keys of version {version} written; switching model:current")
+    progress(f"publish: {n} keys of version {version} written; switching the model pointer")
     return n
 
 
@@ -120,7 +124,7 @@ def publish_registered(s: Settings, version: str, progress: Callable[[str], None
     return asyncio.run(publish(s, s.model_name, version, out, progress=progress))
 
 
-async def _remove_version(client: aioredis.Redis, ns: str, version: str) -> None:
+async def _remove_version(client: AnyRedis, ns: str, version: str) -> None:
     for pattern in (f"emb:user:{version}:*", f"emb:item:{version}:*", f"uoff:{version}:*", f"ioff:{version}:*"):
         await unlink_matching(client, ns + pattern)
 
@@ -129,7 +133,7 @@ def _version_of(pointer: bytes | None) -> str | None:
     return orjson.loads(pointer)["version"] if pointer else None
 
 
-async def _remove_old_versions(client: aioredis.Redis, ns: str, keep: set[str | None]) -> list[str]:
+async def _remove_old_versions(client: AnyRedis, ns: str, keep: set[str | None]) -> list[str]:
     removed: set[str] = set()
     for pattern in ("emb:user:*", "emb:item:*", "uoff:*", "ioff:*"):
         batch = []
@@ -140,10 +144,9 @@ async def _remove_old_versions(client: aioredis.Redis, ns: str, keep: set[str | 
                 batch.append(key)
                 removed.add(version)
             if len(batch) >= CHUNK:
-                await client.unlink(*batch)
+                await unlink_keys(client, batch)
                 batch = []
-        if batch:
-            await client.unlink(*batch)
+        await unlink_keys(client, batch)
     return sorted(removed)
 
 
@@ -157,9 +160,9 @@ async def _announce(s: Settings, pointer: dict) -> None:
 
 
 async def current(s: Settings) -> dict | None:
-    client = aioredis.from_url(s.redis_url)
+    client = connect(s)
     try:
-        return orjson.loads(raw) if (raw := await client.get(f"{s.redis_namespace}model:current")) else None
+        return orjson.loads(raw) if (raw := await client.get(s.redis_namespace + keys.MODEL_CURRENT)) else None
     finally:
         await client.aclose()
 

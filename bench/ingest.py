@@ -8,7 +8,7 @@ Run from the repository root, with Kafka and Redis up (`recstream services up`):
 
 1. Throughput: N shop events (many users) go to a fresh 8-partition clickstream topic *before* the
    worker starts; then one `recstream worker features` subprocess drains them. The clock runs from
-   the first applied offset seen in Redis to the last (`{ns}applied:{group}:{topic}:{p}`, polled
+   the first applied offset seen in Redis to the last (`{ns}applied:{g}:{group}:{topic}:{p}`, polled
    every 0.2 s): events/s = events applied in that window / its length.
 2. The reference: `bench/ingest.py --bare-loop`, a subprocess too, drains the same topic with a plain
    AIOKafkaConsumer (own group, getmany batches of feature_batch_max) and the same pure plan +
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.http_ingest import machine, process_cpu_s  # noqa: E402
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
-from recstream.features import Incoming, UserState  # noqa: E402
+from recstream.features import Incoming, UserState, keys  # noqa: E402
 from recstream.features.config import feature_config, limits  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from recstream.stats import percentiles_ms  # noqa: E402
@@ -210,7 +210,7 @@ class CpuMeter:
 # -- phase 1 and 2: throughput on a preloaded topic ---------------------------------------------
 
 async def applied_total(client: aioredis.Redis, s: Settings, group: str) -> int:
-    prefix = f"{s.redis_namespace}applied:{group}:{s.topic('clickstream')}:"
+    prefix = s.redis_namespace + keys.applied_prefix(group, s.topic("clickstream"))
     values = await client.mget([prefix + str(p) for p in range(s.clickstream_partitions)])
     return sum(int(v) + 1 for v in values if v is not None)
 

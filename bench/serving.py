@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.http_ingest import free_port, machine  # noqa: E402
 from bench.ingest import cpu_mark, service_pids  # noqa: E402
+from recstream.features import keys  # noqa: E402
 from streams.online_store import unlink_matching  # noqa: E402
 from recstream.data import ShopConfig, generate  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
@@ -192,7 +193,7 @@ async def setup(s: Settings, args: argparse.Namespace, procs: Procs, client: aio
 
     marker = setup_marker(args)
     raw = await client.get(f"{s.redis_namespace}bench:setup")
-    if raw and orjson.loads(raw).get("marker") == marker and await client.get(f"{s.redis_namespace}model:current"):
+    if raw and orjson.loads(raw).get("marker") == marker and await client.get(s.redis_namespace + keys.MODEL_CURRENT):
         info = orjson.loads(raw)
         log(f"set-up cached from {info['done_at']}: {info['events']} events, {info['products']} products, "
             f"model version {info['version']}")
@@ -309,7 +310,7 @@ async def start_serving(s: Settings, procs: Procs, client: aioredis.Redis, port:
 
 
 async def serving_pointer(s: Settings, client: aioredis.Redis) -> str | None:
-    raw = await client.get(f"{s.redis_namespace}model:current")
+    raw = await client.get(s.redis_namespace + keys.MODEL_CURRENT)
     return str(orjson.loads(raw)["version"]) if raw else None
 
 

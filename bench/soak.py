@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
+from recstream.features import keys  # noqa: E402
 from recstream.settings import load  # noqa: E402
 from streams.online_store import unlink_matching  # noqa: E402
 from streams.replay import publish_dataset  # noqa: E402
@@ -94,6 +95,8 @@ class Tally:
         self.errors_by: dict[str, int] = {}
         self.error_samples: list[str] = []   # the first few, with when and what, for the logs' side
         self.t0 = time.time()
+        self.lag_series: list[tuple[float, float]] = []        # (seconds since start, lag s) per probe
+        self.rss_series: list[tuple[float, dict]] = []         # (seconds since start, {process: MiB})
 
     def error(self, what: str, detail: str = "") -> None:
         self.errors_by[what] = self.errors_by.get(what, 0) + 1
@@ -192,10 +195,11 @@ async def probe_lag(http: httpx.AsyncClient, client: aioredis.Redis, ns: str, ru
         t0 = time.perf_counter()
         await post_events(http, ev, t)
         while time.perf_counter() - t0 < 120:
-            if await client.exists(f"{ns}user_session:{user}"):
+            if await client.exists(ns + keys.user_session(user)):
                 break
             await asyncio.sleep(0.02)
         samples.append(time.perf_counter() - t0)
+        t.lag_series.append((time.time() - t.t0, samples[-1]))
         i += 1
         await asyncio.sleep(max(0.0, every_s - (time.perf_counter() - t0)))
 
@@ -212,12 +216,14 @@ async def worker_lag_records(client: aioredis.Redis, ns: str) -> int:
 
 
 async def sample_rss(procs: Processes, every_s: float, duration: float, peak: dict[str, float],
-                     lag_records: list[int], client: aioredis.Redis, ns: str) -> None:
+                     lag_records: list[int], client: aioredis.Redis, ns: str, t: Tally) -> None:
     end = time.perf_counter() + duration
     while time.perf_counter() < end:
-        for name, p in procs.procs.items():
-            peak[name] = max(peak.get(name, 0.0), rss_mb(p.pid))
-        peak["driver"] = max(peak.get("driver", 0.0), rss_mb(os.getpid()))
+        now = {name: rss_mb(p.pid) for name, p in procs.procs.items()}
+        now["driver"] = rss_mb(os.getpid())
+        for name, mb in now.items():
+            peak[name] = max(peak.get(name, 0.0), mb)
+        t.rss_series.append((time.time() - t.t0, {k: down(v, 1) for k, v in now.items()}))
         lag_records.append(await worker_lag_records(client, ns))
         await asyncio.sleep(every_s)
 
@@ -295,12 +301,13 @@ async def soak(args: argparse.Namespace) -> dict:
                   f"+ {args.events:g} events/s")
             seq = iter(range(10 ** 9))
             started = time.perf_counter()
+            t.t0 = time.time()   # the series count from here
             await asyncio.gather(
                 paced(args.qps, args.seconds, args.connections, lambda: recommend(http, rng, users, products, t), t),
                 paced(args.events / args.batch, args.seconds, max(2, args.connections // 4),
                       lambda: post_events(http, make_events(rng, users, products, args.batch, tag, next(seq)), t), t),
                 probe_lag(http, client, s.redis_namespace, tag, args.probe_s, args.seconds, samples, t),
-                sample_rss(procs, 5.0, args.seconds, peak, lag_records, client, s.redis_namespace))
+                sample_rss(procs, 5.0, args.seconds, peak, lag_records, client, s.redis_namespace, t))
             elapsed = time.perf_counter() - started
             procs.check_alive()
             healthy = (await http.get("/healthz")).status_code == 200
@@ -344,7 +351,34 @@ async def soak(args: argparse.Namespace) -> dict:
             "events_per_s": down(t.events / elapsed, 1), "target_events_per_s": args.events,
             "ticks_skipped_behind": t.behind, "elapsed_s": down(elapsed, 1),
         },
+        "series": {"lag_s": [[down(a, 1), down(b, 3)] for a, b in t.lag_series],
+                   "rss_mb": [[down(a, 1), m] for a, m in t.rss_series]},
     }
+
+
+def plot(r: dict, path: Path) -> None:
+    """Feature lag and each process's RSS over the run: flat lines are the goal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lag, rss) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    xs = [a for a, _ in r["series"]["lag_s"]]
+    lag.plot(xs, [b for _, b in r["series"]["lag_s"]], lw=0.8, color="tab:red")
+    lag.set_ylabel("feature lag (s)")
+    lag.set_title(f"soak: {r['parameters']['target_qps']:g} req/s + {r['parameters']['target_events_per_s']:g} "
+                  f"events/s, {r['figures']['errors']} errors")
+    lag.grid(alpha=0.3)
+    times = [a for a, _ in r["series"]["rss_mb"]]
+    for name in (r["series"]["rss_mb"][0][1] if r["series"]["rss_mb"] else {}):
+        rss.plot(times, [m.get(name, float("nan")) for _, m in r["series"]["rss_mb"]], label=name, lw=1)
+    rss.set_ylabel("RSS (MiB)")
+    rss.set_xlabel("seconds into the run")
+    rss.legend(ncol=4, fontsize=8)
+    rss.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 async def delete_topics(s) -> None:
@@ -397,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(r))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=2) + "\n")
-    print(f"soak: written {args.out}")
+    plot(r, args.out.with_suffix(".png"))
+    print(f"soak: written {args.out} and {args.out.with_suffix('.png')}")
     f = r["figures"]
     return 0 if f["errors"] == 0 and all(f["alive_at_end"].values()) and f["healthz_at_end"] else 1
 

@@ -21,9 +21,38 @@ def _services(args: argparse.Namespace, s: Settings) -> int:
         services.up(s, with_mlflow=not args.no_mlflow)
     elif args.action == "down":
         services.down(s)
+    elif args.action.startswith("cluster-"):
+        from recstream import redis_cluster
+
+        if args.action == "cluster-up":
+            services.install(s)
+            redis_cluster.cluster_up(s)
+        elif args.action == "cluster-down":
+            redis_cluster.cluster_down(s)
+        else:
+            for name, state in redis_cluster.cluster_status(s).items():
+                print(f"{name:20} {state}")
     else:
         for name, state in services.status(s).items():
             print(f"{name:8} {state}")
+    return 0
+
+
+def _spark(args: argparse.Namespace, s: Settings) -> int:
+    import shlex
+
+    from recstream import spark_cluster
+
+    if args.action == "up":
+        spark_cluster.up(s)
+        print("submit the training job to it with:\n  " + shlex.join(
+            ["SPARK_LOCAL_IP=127.0.0.1", f"PYSPARK_PYTHON={sys.executable}",
+             *spark_cluster.submit_command(s, ["train", "--dataset", "shop"])]))
+    elif args.action == "down":
+        spark_cluster.down(s)
+    else:
+        for name, state in spark_cluster.status(s).items():
+            print(f"{name:13} {state}")
     return 0
 
 
@@ -99,6 +128,15 @@ def _serve(args: argparse.Namespace, s: Settings) -> int:
 def _source(args: argparse.Namespace):
     from batch.train import Source
 
+    sizes = {k: getattr(args, f"shop_{k}", None) for k in ("users", "products", "seed")}
+    if args.dataset == "shop" and any(v is not None for v in sizes.values()):
+        import time
+
+        from recstream.data import ShopConfig
+
+        # As `--dataset shop` alone (recstream.data.shop_dataset): the last event a minute before now.
+        return Source(dataset="shop", shop=ShopConfig(end_s=float(int(time.time()) // 60 * 60 - 60),
+                                                      **{k: v for k, v in sizes.items() if v is not None}))
     return Source(dataset=args.dataset, path=args.path)
 
 
@@ -222,9 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("services", help="install, start, stop or show the local Kafka, Redis and MLflow")
-    sp.add_argument("action", choices=["install", "up", "down", "status"])
+    sp.add_argument("action", choices=["install", "up", "down", "status", "cluster-up", "cluster-down", "cluster-status"],
+                    help="cluster-*: the local three-master Redis Cluster (RECSTREAM_REDIS_CLUSTER_PORTS)")
     sp.add_argument("--no-mlflow", action="store_true", help="start Kafka and Redis only")
     sp.set_defaults(run=_services)
+
+    sp = sub.add_parser("spark", help="start, stop or show a standalone Spark master and worker on loopback")
+    sp.add_argument("action", choices=["up", "down", "status"])
+    sp.set_defaults(run=_spark)
 
     sp = sub.add_parser("topics", help="create (idempotently) or list the project's topics")
     sp.add_argument("action", choices=["create", "list"])
@@ -261,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--path", type=Path, help="file or folder of the dataset")
         if name == "train":
             sp.add_argument("--no-publish", action="store_true", help="register only; do not publish to serving")
+            for k, default in (("users", 400), ("products", 1500), ("seed", 7)):
+                sp.add_argument(f"--shop-{k}", type=int, default=None,
+                                help=f"with --dataset shop: the generated shop's {k} (default {default})")
             sp.set_defaults(run=_train)
         else:
             sp.add_argument("--every-hours", type=float, default=None)

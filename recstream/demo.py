@@ -17,6 +17,7 @@ from agents import features
 from batch.train import Source, TrainingFailed, train_once
 from recstream import services
 from recstream.data import Dataset, ShopConfig, generate
+from recstream.features import keys
 from recstream.settings import Settings
 from schemas import Event
 from streams import archive, deadletter, lag
@@ -119,11 +120,11 @@ async def _show_features(s: Settings, store, shop, data: Dataset) -> None:
     taste = sorted(shop.user_taste[user].items(), key=lambda x: -x[1])[:2]
     _say("   lasting taste (ground truth): " + ", ".join(f"{t} {w:.0%}" for t, w in taste))
     session = await store.user_session(user)
-    _say(f"   user_session:{user} (this session, newest first):")
+    _say(f"   {keys.user_session(user)} (this session, newest first):")
     for pid in session[:5]:
         _say(f"     {titles.get(pid, pid)}")
     f = await store.user_features(user) or {}
-    _say(f"   user_features:{user}: session categories {f.get('session_categories')}, cart {f.get('cart_items')}")
+    _say(f"   {keys.user_features(user)}: session categories {f.get('session_categories')}, cart {f.get('cart_items')}")
     trending = await store.trending(time.time(), s.trending_half_life_s, n=5)
     _say("   trending now: " + "; ".join(f"{titles.get(p, p)}" for p, _ in trending))
     top = trending[0][0] if trending else last.product_id

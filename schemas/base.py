@@ -14,13 +14,14 @@ MAX_TEXT = 256           # characters in any id or short string
 MAX_FUTURE_SKEW_S = 300  # a timestamp may run this far ahead of the receiver's clock (seconds)
 MIN_TIMESTAMP_S = 631_152_000.0  # 1990-01-01: older timestamps are unit mistakes, not shop history
 
-# Ids become Redis keys (user_session:{user}, covis:{product}, homecache:{user}:...) and Kafka keys, and
+# Ids become Redis keys (user_session:{u1}, covis:{p9}, homecache:{u1}:...) and Kafka keys, and
 # cart_items travel comma-separated in a query string. So an id has no whitespace or control characters
 # (NUL, newlines: log and key injection), no ':' (the key layout's separator), no '*' '?' '[' ']' '\\'
-# (Redis SCAN/KEYS glob syntax) and no ','. Everything else, non-ASCII letters included, is allowed.
+# (Redis SCAN/KEYS glob syntax), no '{' '}' (they would move a key's Redis Cluster hash tag:
+# recstream/features/keys.py) and no ','. Everything else, non-ASCII letters included, is allowed.
 # The same pattern is the id fields' OpenAPI `pattern` (ECMA-262 and Python read it alike).
 ID_FORBIDDEN = (r"\x00-\x20\x7f-\xa0\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff"
-                r"\ud800-\udfff\ufff0-\uffff:*?\[\]\\,")
+                r"\ud800-\udfff\ufff0-\uffff:*?\[\]\\,{}")
 ID_PATTERN = f"^[^{ID_FORBIDDEN}]+$"
 _ID_RE = re.compile(f"[^{ID_FORBIDDEN}]+")
 

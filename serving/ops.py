@@ -27,7 +27,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from recstream.features.keys import MODEL_CURRENT
 from recstream.metrics import ApiMetrics, LagSample, LagSampler, cancelling, sample_forever
+from recstream.redisconn import is_cluster
 from recstream.settings import Settings
 from recstream.stats import BUCKETS, LatencyHistogram, percentiles_ms
 
@@ -227,7 +229,8 @@ class OpsMonitor:
         index = f"{ns}metrics-index:features"   # streams/worker.py metrics_index: no keyspace scan
         await self.client.zremrangebyscore(index, "-inf", time.time() - SNAPSHOT_TTL_S)
         keys = await self.client.zrange(index, 0, -1)
-        for raw in (await self.client.mget(keys) if keys else []):
+        mget = self.client.mget_nonatomic if is_cluster(self.client) else self.client.mget   # snapshots: many slots
+        for raw in (await mget(keys) if keys else []):
             if not raw:
                 continue
             snap = orjson.loads(raw)
@@ -238,7 +241,7 @@ class OpsMonitor:
         self.feature_workers = workers
         if workers:
             self.feature_ring.append(time.time(), counts)
-        raw = await self.client.get(f"{ns}model:current")
+        raw = await self.client.get(ns + MODEL_CURRENT)
         self.model = orjson.loads(raw) if raw else None
         self.metrics.model = self.model
         self.ctr = self.metrics.ctr = await self._read_ctr()

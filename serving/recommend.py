@@ -26,10 +26,11 @@ import time
 import uuid
 
 import orjson
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.runner import serving_producer
+from recstream.features import keys
+from recstream.redisconn import AnyRedis, connect
 from recstream.rules import Rules, select
 from recstream.settings import Settings
 from schemas import RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError
@@ -102,11 +103,11 @@ class Fallback:
 
 
 class Recommender:
-    def __init__(self, s: Settings, client: aioredis.Redis | None = None):
+    def __init__(self, s: Settings, client: AnyRedis | None = None):
         self.s = s
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".lower()
         self.reply_topic = reply_spec(s, self.instance).name
-        self.client = client or aioredis.from_url(s.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.client = client or connect(s, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.store = OnlineStore(self.client, s.redis_namespace, s.app_id, s.topic("clickstream"))
         self.fallback = Fallback(s, self.store)
         self.pending: dict[str, asyncio.Future] = {}
@@ -200,7 +201,7 @@ class Recommender:
     async def _exist(self, ids: list[str]) -> set[str]:
         pipe = self.client.pipeline(transaction=False)
         for x in ids:
-            pipe.exists(f"{self.s.redis_namespace}item_features:{x}")
+            pipe.exists(self.s.redis_namespace + keys.item_features(x))
         return {x for x, n in zip(ids, await pipe.execute()) if n}
 
     async def recommend(self, req: RecommendationRequest) -> RecommendationReply:

@@ -1,46 +1,53 @@
 """The online feature store in Redis: atomic, offset-guarded batch writes and the reads serving needs.
 
-Key layout (all written by the feature and catalogue agents; each behind the settings' namespace):
-  user_session:{user}        string, JSON list of the session's last products, newest first; TTL = session idle
-  user_features:{user}       hash (session_id, last_viewed, session_categories, cart_items, purchases, ...)
-  item_features:{product}    hash (title, category, category_path, brand, price, in_stock, rating, ...)
-  pop:{event_type}:{day}     zset product -> events that UTC day; expires when out of every window
-  popcat:{category}:{day}    zset product -> weighted events that day within the category
-  trend:{landmark}           zset product -> forward-decayed weight (see features/popularity.py)
-  trend:cat:{cat}:{landmark} the same per category
-  covis:{product}            zset product -> co-views in a session ("customers also viewed"), bounded
-  cobuy:{product}            zset product -> co-purchases in a session ("frequently bought together"), bounded
-  applied:{group}:{topic}:{partition}  highest clickstream offset whose increments are applied
-  oos                        set of products out of stock (one SMISMEMBER answers a whole candidate list)
-  brand:{brand}              zset product -> rating: "more from this brand"
-  homecache:{user}:{variants}:{count}:{device}:{page}  a homepage reply, valid while the user's event count and the model version are unchanged
-Written by the trainer (batch/publish.py): model:current, emb:user|item:{version}:{id}, uoff:, ioff:.
+Key layout (built by recstream/features/keys.py, the single source; each behind the settings'
+namespace). Braces are literal: they are Redis Cluster hash tags, so one user's keys share a slot,
+one item's keys share a slot, and the global keys share the slot of {g}. One layout, single Redis or cluster.
+  user_session:{u1}          string, JSON list of the session's last products, newest first; TTL = session idle
+  user_features:{u1}         hash (session_id, last_viewed, session_categories, cart_items, purchases, ...)
+  homecache:{u1}:{variants}:{count}:{device}:{page}  a homepage reply, valid while the user's event count and the model version are unchanged
+  item_features:{p9}         hash (title, category, category_path, brand, price, in_stock, rating, ...)
+  covis:{p9}                 zset product -> co-views in a session ("customers also viewed"), bounded
+  cobuy:{p9}                 zset product -> co-purchases in a session ("frequently bought together"), bounded
+  pop:{g}:{event_type}:{day} zset product -> events that UTC day; expires when out of every window
+  popcat:{g}:{category}:{day}  zset product -> weighted events that day within the category
+  trend:{g}:{landmark}       zset product -> forward-decayed weight (see features/popularity.py)
+  trend:{g}:cat:{cat}:{landmark}  the same per category
+  oos:{g}                    set of products out of stock (one SMISMEMBER answers a whole candidate list)
+  brand:{g}:{brand}          zset product -> rating: "more from this brand"
+  applied:{g}:{group}:{topic}:{partition}  highest clickstream offset whose increments are all applied
+  applied:{tag}              cluster only: hash group:topic:partition -> highest offset applied to that tag's keys
+Written by the trainer (batch/publish.py): model:{g}:current, emb:user|item:{version}:{id}, uoff:{version}:{u1},
+ioff:{version}:{p9} (each vector in its user's or item's slot).
+
+Writes, exactly once. Single Redis: one script per batch checks and advances the partitions'
+applied offsets with all the increments. Redis Cluster: a script may only touch one slot, so the
+batch is split by hash tag (features/plan.py split_by_tag) and each group is applied by one script
+that checks and advances its own guard, applied:{tag}, in the same slot; the groups go pipelined.
+A group whose guard is past the batch is skipped, one partly past is replanned from its guard (as
+the single-Redis path replans from the partition offsets); the partition offsets advance last.
+So a batch replayed after a crash between groups applies exactly the groups that were missing.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
-from recstream.features import popularity
-from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan
+from recstream.features import keys, popularity
+from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan, split_by_tag
 from recstream.features.session import FeatureConfig, UserState, decode_features, features_key, session_key
+from recstream.redisconn import AnyRedis, is_cluster
 from schemas import Product
 
-# One round trip per batch: the Python client tops out near 70k commands/s, Redis runs this script
-# at well over a million. Key names travel inside the payload, so this suits one Redis node (or a
-# cluster only with hash tags per batch; see the scale-out issue).
-APPLY_BATCH = """
-local p = cjson.decode(ARGV[1])
-local prefix = ARGV[2]
-local ns = ARGV[3]
-for _, o in ipairs(p.off) do
-  local cur = tonumber(redis.call('GET', prefix .. o[1]) or '-1')
-  if cur >= o[2] then return {'conflict', tostring(o[1]), tostring(cur)} end
-end
+GUARD_TTL_S = 30 * 86400   # a tag's guard outlives any redelivery by far (a replay starts at the committed offset)
+
+# The writes of a payload (RedisOps.as_payload); `p` the payload, `ns` the namespace.
+_WRITES = """
 for _, z in ipairs(p.z) do redis.call('ZINCRBY', ns .. z[1], z[3], z[2]) end
 for _, x in ipairs(p.xat) do redis.call('EXPIREAT', ns .. x[1], x[2]) end
 for _, t in ipairs(p.trim) do
@@ -54,7 +61,45 @@ for _, h in ipairs(p.hset) do
   redis.call('HSET', ns .. h[1], unpack(args))
   redis.call('EXPIRE', ns .. h[1], h[3])
 end
+"""
+
+# One round trip per batch: the Python client tops out near 70k commands/s, Redis runs this script
+# at well over a million. Key names travel inside the payload: one Redis node only.
+APPLY_BATCH = """
+local p = cjson.decode(ARGV[1])
+local prefix = ARGV[2]
+local ns = ARGV[3]
+for _, o in ipairs(p.off) do
+  local cur = tonumber(redis.call('GET', prefix .. o[1]) or '-1')
+  if cur >= o[2] then return {'conflict', tostring(o[1]), tostring(cur)} end
+end
+""" + _WRITES + """
 for _, o in ipairs(p.off) do redis.call('SET', prefix .. o[1], o[3]) end
+return {'ok'}
+"""
+
+# Redis Cluster: the writes of one hash tag, guarded by KEYS[1] = applied:{tag} in the same slot.
+# 'done': the guard is at or past the batch in every partition (applied before); 'conflict' with the
+# guard's offsets: past it in some partition but not all of it (other batch boundaries on a replay).
+APPLY_GROUP = """
+local p = cjson.decode(ARGV[1])
+local field = ARGV[2]
+local ns = ARGV[3]
+local guard = KEYS[1]
+local done, todo, cur = 0, 0, {}
+for i, o in ipairs(p.off) do
+  cur[i] = tonumber(redis.call('HGET', guard, field .. o[1]) or '-1')
+  if cur[i] >= o[3] then done = done + 1 elseif cur[i] < o[2] then todo = todo + 1 end
+end
+if done + todo < #p.off or (done > 0 and todo > 0) then
+  local at = {}
+  for i, o in ipairs(p.off) do at[#at + 1] = tostring(o[1]); at[#at + 1] = tostring(cur[i]) end
+  return {'conflict', unpack(at)}
+end
+if done > 0 then return {'done'} end
+""" + _WRITES + """
+for _, o in ipairs(p.off) do redis.call('HSET', guard, field .. o[1], o[3]) end
+redis.call('EXPIRE', guard, ARGV[4])
 return {'ok'}
 """
 
@@ -79,10 +124,10 @@ return cjson.encode(out)
 ITEM_ROWS = """
 local ids = cjson.decode(ARGV[1])
 local fields = cjson.decode(ARGV[2])
-local prefix = ARGV[3]
+local prefix, suffix = ARGV[3], ARGV[4]
 local out = {}
 for i, id in ipairs(ids) do
-  local v = redis.call('HMGET', prefix .. id, unpack(fields))
+  local v = redis.call('HMGET', prefix .. id .. suffix, unpack(fields))
   local row = {}
   for j = 1, #fields do row[j] = v[j] or cjson.null end
   out[i] = row
@@ -119,19 +164,39 @@ def item_fields(p: Product) -> dict[str, str]:
 
 
 class OnlineStore:
-    def __init__(self, client: aioredis.Redis, namespace: str, group: str, topic: str):
+    def __init__(self, client: AnyRedis, namespace: str, group: str, topic: str):
         self.redis = client
         self.ns = namespace
-        self.offsets_prefix = f"{namespace}applied:{group}:{topic}:"
+        self.cluster = is_cluster(client)
+        self.offsets_prefix = namespace + keys.applied_prefix(group, topic)
+        self.guard_field = keys.guard_field(group, topic, 0)[:-1]   # + partition
+        self.oos = namespace + keys.OOS   # also the routing key of the global-slot scripts
         self._apply = client.register_script(APPLY_BATCH)
+        self._apply_group = client.register_script(APPLY_GROUP)
         self._stats = client.register_script(CANDIDATE_STATS)
         self._item_rows = client.register_script(ITEM_ROWS)
 
     # -- writes ----------------------------------------------------------------------------------
     async def apply(self, ops: RedisOps) -> None:
+        """A batch's writes, atomically with its offsets: single Redis, one script; a cluster, one per tag."""
+        if self.cluster:
+            conflicts = await self.apply_groups(split_by_tag(ops))
+            if conflicts:
+                tag, at = next(iter(conflicts.items()))
+                raise OffsetConflict(f"{len(conflicts)} hash tags already applied in part, e.g. {tag!r} up to {at}")
+            await self._advance(ops.offsets)
+            return
         result = await self._apply(args=[orjson.dumps(ops.as_payload()), self.offsets_prefix, self.ns])
         if result[0] == b"conflict":
             raise OffsetConflict(f"partition {result[1].decode()} already applied up to {result[2].decode()}")
+
+    async def _advance(self, offsets: Mapping[int, tuple[int, int]]) -> None:
+        """Cluster: the partition offsets, once every group is in (all in the {g} slot)."""
+        if offsets:
+            pipe = self.redis.pipeline(transaction=False)
+            for p, (_, hi) in offsets.items():
+                pipe.set(self.offsets_prefix + str(p), hi)
+            await pipe.execute()
 
     async def fold(self, batch: list[Incoming], states: Mapping[str, UserState], applied: dict[int, int],
                    cfg: FeatureConfig, limits: Limits) -> BatchPlan:
@@ -139,18 +204,68 @@ class OnlineStore:
         increments Redis holds) is filled in as needed, reloaded on a conflict, and advanced."""
         applied.update(await self.applied_offsets({i.partition for i in batch if i.partition not in applied}))
         categories = await self.categories(i.event.product_id for i in batch if not i.event.category)
-        for _ in range(3):
-            result = plan(batch, states, applied, categories, cfg, limits)
-            try:
-                await self.apply(result.ops)
-                break
-            except OffsetConflict:
-                applied.update(await self.applied_offsets({i.partition for i in batch}))
+        if self.cluster:
+            result = await self._fold_by_tag(batch, states, applied, categories, cfg, limits)
         else:
-            raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
+            for _ in range(3):
+                result = plan(batch, states, applied, categories, cfg, limits)
+                try:
+                    await self.apply(result.ops)
+                    break
+                except OffsetConflict:
+                    applied.update(await self.applied_offsets({i.partition for i in batch}))
+            else:
+                raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
         for p, (_, hi) in result.ops.offsets.items():
             applied[p] = hi
         return result
+
+    async def _fold_by_tag(self, batch: list[Incoming], states: Mapping[str, UserState], applied: dict[int, int],
+                           categories: Mapping[str, str], cfg: FeatureConfig, limits: Limits) -> BatchPlan:
+        """Redis Cluster: every hash tag's group under its own guard, then the partition offsets."""
+        result = plan(batch, states, applied, categories, cfg, limits)
+        pending = split_by_tag(result.ops)
+        for _ in range(3):
+            conflicts = await self.apply_groups(pending)
+            if not conflicts:
+                break
+            pending = {}
+            by_guard: dict[tuple, list[str]] = {}   # one replan per distinct guard position, not per tag
+            for tag, at in conflicts.items():
+                by_guard.setdefault(tuple(sorted(at.items())), []).append(tag)
+            for at, tags in by_guard.items():
+                start = {**applied, **{p: max(o, applied.get(p, -1)) for p, o in at}}
+                groups = split_by_tag(plan(batch, states, start, categories, cfg, limits).ops)
+                pending.update({tag: groups[tag] for tag in tags if tag in groups})
+        else:
+            raise OffsetConflict("could not apply a batch's groups after 3 replans from their guards")
+        await self._advance(result.ops.offsets)
+        return result
+
+    async def apply_groups(self, groups: Mapping[str, RedisOps]) -> dict[str, dict[int, int]]:
+        """Apply each tag's group by its guarded script, pipelined (split by node); the groups in
+        conflict, each with its guard (partition -> offset). Applied and skipped groups are left out."""
+        tags = list(groups)
+        if not tags:
+            return {}
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for tag in tags:
+                # (redis-py blocks ClusterPipeline.evalsha by name; the command itself routes by its key)
+                pipe.execute_command("EVALSHA", self._apply_group.sha, 1, self.ns + keys.guard(tag),
+                                     orjson.dumps(groups[tag].as_payload()), self.guard_field, self.ns, GUARD_TTL_S)
+            replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await self.redis.script_load(APPLY_GROUP)   # every master; the groups applied meanwhile answer 'done'
+                continue
+            break
+        conflicts = {}
+        for tag, r in zip(tags, replies):
+            if isinstance(r, Exception):
+                raise r
+            if r[0] == b"conflict":
+                conflicts[tag] = {int(r[i]): int(r[i + 1]) for i in range(1, len(r), 2)}
+        return conflicts
 
     async def applied_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
         parts = sorted(set(partitions))
@@ -161,12 +276,12 @@ class OnlineStore:
         pipe = self.redis.pipeline(transaction=False)
         n = 0
         for p in products:
-            pipe.hset(f"{self.ns}item_features:{p.product_id}", mapping=item_fields(p))
+            pipe.hset(self.ns + keys.item_features(p.product_id), mapping=item_fields(p))
             if p.in_stock:
-                pipe.srem(f"{self.ns}oos", p.product_id)
+                pipe.srem(self.oos, p.product_id)
             else:
-                pipe.sadd(f"{self.ns}oos", p.product_id)
-            pipe.zadd(f"{self.ns}brand:{p.brand}", {p.product_id: p.rating or 0.0})
+                pipe.sadd(self.oos, p.product_id)
+            pipe.zadd(self.ns + keys.brand(p.brand), {p.product_id: p.rating or 0.0})
             n += 1
         await pipe.execute()
         return n
@@ -178,7 +293,7 @@ class OnlineStore:
             return {}
         pipe = self.redis.pipeline(transaction=False)
         for pid in ids:
-            pipe.hget(f"{self.ns}item_features:{pid}", "category")
+            pipe.hget(self.ns + keys.item_features(pid), "category")
         return {pid: c.decode() for pid, c in zip(ids, await pipe.execute()) if c}
 
     async def user_session(self, user_id: str) -> list[str]:
@@ -190,12 +305,12 @@ class OnlineStore:
         return decode_features(raw) if raw else None
 
     async def item_features(self, product_id: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(f"{self.ns}item_features:{product_id}")
+        raw = await self.redis.hgetall(self.ns + keys.item_features(product_id))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def neighbours(self, kind: str, product_id: str, n: int = 20) -> list[tuple[str, float]]:
         """kind 'covis' (also viewed) or 'cobuy' (bought together): best first."""
-        rows = await self.redis.zrevrange(f"{self.ns}{kind}:{product_id}", 0, n - 1, withscores=True)
+        rows = await self.redis.zrevrange(self.ns + keys.neighbours(kind, product_id), 0, n - 1, withscores=True)
         return [(m.decode(), s) for m, s in rows]
 
     async def popularity(self, event_type: str, now: float, window_days: int, product_ids: list[str]) -> dict[str, float]:
@@ -224,7 +339,7 @@ class OnlineStore:
     async def in_stock(self, product_ids: Sequence[str]) -> list[bool]:
         if not product_ids:
             return []
-        return [not x for x in await self.redis.smismember(f"{self.ns}oos", list(product_ids))]
+        return [not x for x in await self.redis.smismember(self.oos, list(product_ids))]
 
     def _stats_args(self, product_ids: list[str], now: float, window_days: int, half_life_s: float) -> list[bytes]:
         reads = []
@@ -240,7 +355,8 @@ class OnlineStore:
         return pop, bought, trend
 
     def _item_args(self, product_ids: list[str], fields: Sequence[str]) -> list:
-        return [orjson.dumps(product_ids), orjson.dumps(list(fields)), f"{self.ns}item_features:"]
+        prefix, suffix = keys.item_features("\0").split("\0")
+        return [orjson.dumps(product_ids), orjson.dumps(list(fields)), self.ns + prefix, suffix]
 
     @staticmethod
     def _item_result(raw: bytes, n_fields: int) -> list[list[str | None]]:
@@ -250,6 +366,11 @@ class OnlineStore:
         """HMGET of `fields` for each product's item_features, in one round trip."""
         if not product_ids:
             return []
+        if self.cluster:   # items live in many slots: one HMGET each, pipelined by node
+            pipe = self.redis.pipeline(transaction=False)
+            for pid in product_ids:
+                pipe.hmget(self.ns + keys.item_features(pid), list(fields))
+            return [[v.decode() if v is not None else None for v in row] for row in await pipe.execute()]
         return self._item_result(await self._item_rows(args=self._item_args(product_ids, fields)), len(fields))
 
     async def ranking_reads(self, product_ids: list[str], item_misses: list[str], fields: Sequence[str],
@@ -257,45 +378,82 @@ class OnlineStore:
                             window_days: int, half_life_s: float) -> "RankingReads":
         """Everything the ranking agent reads for one candidate set, in one round trip: stock of every
         candidate; catalogue fields and popularity counts of those its caches miss; the user's state."""
+        if self.cluster:
+            return await self._ranking_reads_by_slot(product_ids, item_misses, fields, stat_misses, user_id,
+                                                     version, now, window_days, half_life_s)
         pipe = self.redis.pipeline(transaction=False)
         pipe.scripts.update((self._item_rows, self._stats))   # loaded first if Redis lost them (restart)
         if item_misses:
             pipe.evalsha(self._item_rows.sha, 0, *self._item_args(item_misses, fields))
         if product_ids:   # (SMISMEMBER needs at least one member: an empty candidate set reads no stock)
-            pipe.smismember(f"{self.ns}oos", product_ids)
+            pipe.smismember(self.oos, product_ids)
         if stat_misses:
-            pipe.evalsha(self._stats.sha, 0, *self._stats_args(stat_misses, now, window_days, half_life_s))
+            pipe.evalsha(self._stats.sha, 1, self.oos, *self._stats_args(stat_misses, now, window_days, half_life_s))
         if user_id:
-            pipe.hgetall(self.ns + features_key(user_id))
-            pipe.get(self.ns + session_key(user_id))
-            pipe.hgetall(f"{self.ns}uoff:{version}:{user_id}")
+            self._queue_user_reads(pipe, user_id, version)
         res = await pipe.execute()
         rows = self._item_result(res.pop(0), len(fields)) if item_misses else []
         in_stock = [not x for x in res.pop(0)] if product_ids else []
         pop, bought, trend = self._stats_result(res.pop(0)) if stat_misses else (np.zeros(0),) * 3
-        out = RankingReads(rows, in_stock, pop, bought, trend)
-        if user_id:
-            feats, session, offline = res[:3]
-            out.features = decode_features(feats) if feats else None
-            out.recent = orjson.loads(session) if session else []
-            d = {k.decode(): v.decode() for k, v in offline.items()}
-            out.affinity = orjson.loads(d.get("category_affinity", "{}"))
-            out.median_price = float(d["median_price"]) if d.get("median_price") else None
+        return self._with_user(RankingReads(rows, in_stock, pop, bought, trend), res if user_id else None)
+
+    async def _ranking_reads_by_slot(self, product_ids: list[str], item_misses: list[str], fields: Sequence[str],
+                                     stat_misses: list[str], user_id: str | None, version: str | None, now: float,
+                                     window_days: int, half_life_s: float) -> "RankingReads":
+        """Redis Cluster: the global-slot script and a pipeline of per-slot reads, concurrently."""
+        async def stats() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            if not stat_misses:
+                return (np.zeros(0),) * 3
+            raw = await self._stats(keys=[self.oos], args=self._stats_args(stat_misses, now, window_days, half_life_s))
+            return self._stats_result(raw)
+
+        async def per_slot() -> list:
+            pipe = self.redis.pipeline(transaction=False)
+            for pid in item_misses:
+                pipe.hmget(self.ns + keys.item_features(pid), list(fields))
+            if product_ids:
+                pipe.smismember(self.oos, product_ids)
+            if user_id:
+                self._queue_user_reads(pipe, user_id, version)
+            return await pipe.execute() if (item_misses or product_ids or user_id) else []
+
+        (pop, bought, trend), res = await asyncio.gather(stats(), per_slot())
+        rows = [[v.decode() if v is not None else None for v in res.pop(0)] for _ in item_misses]
+        in_stock = [not x for x in res.pop(0)] if product_ids else []
+        return self._with_user(RankingReads(rows, in_stock, pop, bought, trend), res if user_id else None)
+
+    def _queue_user_reads(self, pipe, user_id: str, version: str | None) -> None:
+        pipe.hgetall(self.ns + features_key(user_id))
+        pipe.get(self.ns + session_key(user_id))
+        pipe.hgetall(self.ns + keys.user_offline(str(version), user_id))
+
+    @staticmethod
+    def _with_user(out: "RankingReads", res: list | None) -> "RankingReads":
+        if res is None:
+            return out
+        feats, session, offline = res[:3]
+        out.features = decode_features(feats) if feats else None
+        out.recent = orjson.loads(session) if session else []
+        d = {k.decode(): v.decode() for k, v in offline.items()}
+        out.affinity = orjson.loads(d.get("category_affinity", "{}"))
+        out.median_price = float(d["median_price"]) if d.get("median_price") else None
         return out
 
     async def model_pointer(self) -> dict | None:
-        raw = await self.redis.get(f"{self.ns}model:current")
+        raw = await self.redis.get(self.ns + keys.MODEL_CURRENT)
         return orjson.loads(raw) if raw else None
 
     async def embeddings(self, kind: str, version: str, ids: Sequence[str]) -> list[np.ndarray | None]:
         """kind 'user' or 'item': the published vectors of `version` (None where there is none)."""
         if not ids:
             return []
-        raw = await self.redis.mget([f"{self.ns}emb:{kind}:{version}:{x}" for x in ids])
+        names = [self.ns + keys.embedding(kind, version, x) for x in ids]
+        # a cluster cannot MGET across slots: mget_nonatomic sends one MGET per slot, pipelined by node
+        raw = await (self.redis.mget_nonatomic(names) if self.cluster else self.redis.mget(names))
         return [np.frombuffer(r, dtype=np.float32) if r else None for r in raw]
 
     def homepage_key(self, user_id: str, variants: str, count: int, device: str, page: str) -> str:
-        return f"{self.ns}homecache:{user_id}:{variants}:{count}:{device}:{page}"
+        return self.ns + keys.homecache(user_id, variants, count, device, page)
 
     async def homepage_cached(self, key: str, user_id: str) -> tuple[bytes | None, str]:
         """(the cached reply if still valid, its tag now: the user's event count and the published
@@ -304,7 +462,7 @@ class OnlineStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(key)
         pipe.hget(self.ns + features_key(user_id), "events")
-        pipe.get(self.ns + "model:current")
+        pipe.get(self.ns + keys.MODEL_CURRENT)
         cached, events, pointer = await pipe.execute()
         version = orjson.loads(pointer).get("version", "") if pointer else ""
         tag = f"{events.decode() if events else '0'}@{version}"
@@ -318,14 +476,27 @@ class OnlineStore:
         await self.redis.set(key, tag.encode() + b"|" + reply, ex=ttl_s)
 
 
-async def unlink_matching(client: aioredis.Redis, pattern: str, chunk: int = 2000) -> int:
-    """Delete every key matching `pattern` (SCAN, then UNLINK in chunks: no KEYS, no long block); the count."""
-    n, keys = 0, []
+async def unlink_matching(client: AnyRedis, pattern: str, chunk: int = 2000) -> int:
+    """Delete every key matching `pattern` (SCAN, then UNLINK in chunks: no KEYS, no long block); the count.
+    On a cluster SCAN visits every master."""
+    n, found = 0, []
     async for key in client.scan_iter(match=pattern, count=chunk):
-        keys.append(key)
-        if len(keys) >= chunk:
-            n += await client.unlink(*keys)
-            keys.clear()
-    if keys:
-        n += await client.unlink(*keys)
+        found.append(key)
+        if len(found) >= chunk:
+            n += await unlink_keys(client, found)
+            found.clear()
+    if found:
+        n += await unlink_keys(client, found)
     return n
+
+
+async def unlink_keys(client: AnyRedis, names: Sequence[bytes | str]) -> int:
+    """UNLINK `names`: one command on a single Redis; on a cluster (keys in many slots) one each, pipelined."""
+    if not names:
+        return 0
+    if not is_cluster(client):
+        return await client.unlink(*names)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.execute_command("UNLINK", name)   # (ClusterPipeline.unlink is a coroutine that queues nothing)
+    return sum(await pipe.execute())

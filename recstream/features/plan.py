@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from recstream.features import popularity
+from recstream.features import keys, popularity
 from recstream.features.session import FeatureConfig, UserState, apply, features_key, features_value, session_key, session_value
 from schemas import Event
 
@@ -25,6 +25,28 @@ class Incoming:
     event: Event
     partition: int
     offset: int
+
+
+def missing_offsets(baseline: Mapping[int, int], offsets: Iterable[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """Offset ranges [start, end) a batch skipped: per partition, every offset after `baseline[p]` (the
+    highest this consumer already holds: seen or applied) up to the batch's highest that is not in
+    the batch. A clickstream written without transactions has no holes, so a range here is a record
+    the consumer never delivered (faust can skip one when it seeks during a rebalance). Offsets at or
+    below the baseline are redeliveries and miss nothing; a partition with no baseline (-1 or none)
+    is not checked (its first record may be past a retention cut)."""
+    by_partition: dict[int, list[int]] = {}
+    for p, o in offsets:
+        by_partition.setdefault(p, []).append(o)
+    out: dict[int, list[tuple[int, int]]] = {}
+    for p, offs in by_partition.items():
+        expected = baseline.get(p, -1) + 1
+        if expected <= 0:
+            continue
+        for o in sorted(set(offs)):
+            if o > expected:
+                out.setdefault(p, []).append((expected, o))
+            expected = max(expected, o + 1)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +60,8 @@ class Limits:
 
 @dataclass
 class RedisOps:
-    """Everything one batch writes, applied by one atomic script (streams/redis_sink.py)."""
+    """Everything one batch writes, applied by one atomic script (streams/online_store.py; on a Redis
+    Cluster, one script per hash tag: split_by_tag)."""
     incr: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # (zset, member) -> delta
     expire_at: dict[str, int] = field(default_factory=dict)        # zset -> Unix s
     trim: dict[str, int] = field(default_factory=dict)             # zset -> neighbours to keep
@@ -55,6 +78,31 @@ class RedisOps:
             "hset": [[k, f, t] for k, (f, t) in self.hset.items()],
             "off": [[p, lo, hi] for p, (lo, hi) in self.offsets.items()],
         }
+
+
+def split_by_tag(ops: RedisOps) -> dict[str, RedisOps]:
+    """A batch's writes grouped by Redis Cluster hash tag (keys.hash_tag): one group per slot, each
+    applied by its own script with that tag's offset guard. Every group carries the batch's offsets,
+    so its guard advances even where the group happens to hold no increment of some partition."""
+    groups: dict[str, RedisOps] = {}
+
+    def group(key: str) -> RedisOps:
+        tag = keys.hash_tag(key)
+        if tag not in groups:
+            groups[tag] = RedisOps(offsets=dict(ops.offsets))
+        return groups[tag]
+
+    for (k, m), d in ops.incr.items():
+        group(k).incr[(k, m)] += d
+    for k, t in ops.expire_at.items():
+        group(k).expire_at[k] = t
+    for k, n in ops.trim.items():
+        group(k).trim[k] = n
+    for k, v in ops.set.items():
+        group(k).set[k] = v
+    for k, h in ops.hset.items():
+        group(k).hset[k] = h
+    return groups
 
 
 @dataclass
@@ -113,8 +161,8 @@ def _count(ops: RedisOps, e: Event, category: str | None, covisits, copurchases,
         key = popularity.category_key(category, d)
         ops.incr[(key, e.product_id)] += weight
         ops.expire_at[key] = popularity.expires_at(d, limits.window_days)
-    for prefix, pairs in (("covis", covisits), ("cobuy", copurchases)):
+    for kind, pairs in (("covis", covisits), ("cobuy", copurchases)):
         for a, b in pairs:
             for x, y in ((a, b), (b, a)):
-                ops.incr[(f"{prefix}:{x}", y)] += 1
-                ops.trim[f"{prefix}:{x}"] = limits.cooccurrence_max
+                ops.incr[(keys.neighbours(kind, x), y)] += 1
+                ops.trim[keys.neighbours(kind, x)] = limits.cooccurrence_max

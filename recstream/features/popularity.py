@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from recstream.features import keys
+
 DAY_S = 86_400
 LANDMARK_PERIOD_S = 7 * DAY_S
 
@@ -20,12 +22,12 @@ def day(ts: float) -> int:
 
 def count_key(kind: str, d: int) -> str:
     """Events of one type per product on one UTC day: a sorted set, product -> count."""
-    return f"pop:{kind}:{d}"
+    return keys.popularity(kind, d)
 
 
 def category_key(category: str, d: int) -> str:
     """Weighted events per product within a category on one UTC day."""
-    return f"popcat:{category}:{d}"
+    return keys.category_popularity(category, d)
 
 
 def expires_at(d: int, window_days: int) -> int:
@@ -48,7 +50,7 @@ def landmark(ts: float) -> int:
 
 
 def trend_key(lm: int, category: str | None = None) -> str:
-    return f"trend:{lm}" if category is None else f"trend:cat:{category}:{lm}"
+    return keys.trend(lm, category)
 
 
 def trend_increment(weight: float, ts: float, half_life_s: float) -> float:

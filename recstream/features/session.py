@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from recstream.features import keys
 from schemas import Event
 
 SEEN_MAX = 64       # event fingerprints remembered per user for de-duplication (count)
@@ -109,11 +110,11 @@ def apply(state: UserState, event: Event, cfg: FeatureConfig, category: str | No
 # -- read half: what serving reads from Redis ----------------------------------------------------
 
 def session_key(user_id: str) -> str:
-    return f"user_session:{user_id}"
+    return keys.user_session(user_id)
 
 
 def features_key(user_id: str) -> str:
-    return f"user_features:{user_id}"
+    return keys.user_features(user_id)
 
 
 def session_value(state: UserState) -> bytes:

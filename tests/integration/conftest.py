@@ -40,3 +40,25 @@ async def read_topic(s: Settings, topic: str, timeout_ms: int = 5000) -> list:
         return [m for batch in (await consumer.getmany(timeout_ms=timeout_ms)).values() for m in batch]
     finally:
         await consumer.stop()
+
+
+async def read_changelog(s: Settings) -> dict:
+    """The session table's changelog, last value per key: what a restoring worker reads."""
+    import orjson
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(f"{s.app_id}-user-sessions-changelog", bootstrap_servers=s.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    rows = {}
+    try:
+        idle = 0
+        while idle < 3:
+            batch = await consumer.getmany(timeout_ms=1000)
+            idle = 0 if batch else idle + 1
+            for msgs in batch.values():
+                for m in msgs:
+                    rows[orjson.loads(m.key)] = orjson.loads(m.value)
+    finally:
+        await consumer.stop()
+    return rows

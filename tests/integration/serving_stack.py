@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,17 @@ def settings_env(s: Settings) -> dict[str, str]:
     for f in dataclasses.fields(Settings):
         env[PREFIX + f.name.upper()] = str(getattr(s, f.name))
     return env
+
+
+def small_deployment(stack: Settings, home: Path, name: str, deadline_ms: int, **extra) -> Settings:
+    """Settings of a test's own serving deployment: its topics, consumer group, Redis namespace and
+    model name, a tiny ALS and ranker on local Spark, the test's serving deadline."""
+    tag = uuid.uuid4().hex[:10]
+    return dataclasses.replace(
+        stack, topic_prefix=f"t{tag}", app_id=f"recstream-test-{tag}", clickstream_partitions=4,
+        redis_namespace=f"t{tag}:", home_dir=home, model_name=f"test-{name}-{tag}", als_rank=8, als_iterations=3,
+        ranker_trees=20, ranker_depth=4, spark_master="local[2]", spark_driver_memory="1g",
+        serving_deadline_ms=deadline_ms, experiments_file=home / "experiments.toml", **extra)
 
 
 def free_port() -> int:
@@ -53,11 +65,13 @@ class Processes:
             return [str(RECSTREAM), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         return [str(RECSTREAM), "worker", name]
 
-    def start(self, name: str) -> subprocess.Popen:
+    def start(self, name: str, role: str | None = None) -> subprocess.Popen:
+        """Start `name`, running `role` (the process kind: a worker role or "api"; by default the name
+        itself), so several processes of one kind can run side by side ("features", "features-2")."""
         assert name not in self.procs or self.procs[name].poll() is not None, f"{name} is running"
         log = open(self.logs / f"{name}.log", "ab")
         self._files.append(log)
-        proc = subprocess.Popen(self.command(name), cwd=REPO, env=settings_env(self.s), stdout=log,
+        proc = subprocess.Popen(self.command(role or name), cwd=REPO, env=settings_env(self.s), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from recstream import services
-from recstream.features import Incoming, plan
+from recstream.features import Incoming, keys, plan
 from recstream.features.config import feature_config, limits
 from recstream.features.session import features_value
 from recstream.settings import Settings
@@ -35,7 +35,7 @@ from streams import lag
 from streams.archive import dataset_dir, group_id as archive_group, read_archive
 from streams.topics import ensure_topics
 from streams.worker import STALLED
-from tests.integration.serving_stack import Processes, free_port, get_json, wait_for
+from tests.integration.serving_stack import Processes, free_port, get_json, small_deployment, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def make_events(tag: str, start: int, n: int, users: int = 40, products: int = 1
 
 
 async def applied_total(client: aioredis.Redis, s: Settings) -> int:
-    prefix = f"{s.redis_namespace}applied:{s.app_id}:{s.topic('clickstream')}:"
+    prefix = s.redis_namespace + keys.applied_prefix(s.app_id, s.topic("clickstream"))
     values = await client.mget([prefix + str(p) for p in range(s.clickstream_partitions)])
     return sum(int(v) + 1 for v in values if v is not None)
 
@@ -93,7 +93,7 @@ async def diverged_users(client: aioredis.Redis, s: Settings, records: list) -> 
     want = plan(batch, {}, {}, {}, feature_config(s), limits(s))
     bad = []
     for user, state in want.states.items():
-        got = {k.decode(): v.decode() for k, v in (await client.hgetall(f"{s.redis_namespace}user_features:{user}")).items()}
+        got = {k.decode(): v.decode() for k, v in (await client.hgetall(s.redis_namespace + keys.user_features(user))).items()}
         if got != features_value(state):
             bad.append(user)
     return bad, len(want.states)
@@ -595,13 +595,8 @@ async def trained(stack: Settings, tmp_path_factory):
     from recstream.data import ShopConfig, shop_dataset
     from streams.replay import publish_dataset
 
-    tag = uuid.uuid4().hex[:10]
     home = tmp_path_factory.mktemp("faults-serving")
-    s = dataclasses.replace(
-        stack, topic_prefix=f"t{tag}", app_id=f"recstream-test-{tag}", clickstream_partitions=4,
-        redis_namespace=f"t{tag}:", home_dir=home, model_name=f"test-faults-{tag}", als_rank=8, als_iterations=3,
-        ranker_trees=20, ranker_depth=4, spark_master="local[2]", spark_driver_memory="1g",
-        serving_deadline_ms=DEADLINE_MS, experiments_file=home / "experiments.toml")
+    s = small_deployment(stack, home, "faults", DEADLINE_MS)
     await ensure_topics(s)
     cfg = ShopConfig(users=80, products=200, seed=4, end_s=float(int(time.time()) - 60))
     data = shop_dataset(cfg)
@@ -728,8 +723,8 @@ def _fail_at_ranker(s, events, products, work, progress=print, stage=None):
 
 
 async def _serving_unchanged(tr: Trained, pointer_before: bytes) -> None:
-    """model:current is byte for byte what it was, and the agents answer from that version."""
-    assert await tr.redis.get(f"{tr.s.redis_namespace}model:current") == pointer_before
+    """The model pointer is byte for byte what it was, and the agents answer from that version."""
+    assert await tr.redis.get(tr.s.redis_namespace + keys.MODEL_CURRENT) == pointer_before
     for path, params in tr.cases:
         r, body, _ = await get_json(tr.http, f"{API}/{path}", **params)
         assert r.status_code == 200 and not body["fallback"] and body["model_version"] == tr.version, body
@@ -737,7 +732,7 @@ async def _serving_unchanged(tr: Trained, pointer_before: bytes) -> None:
 
 async def test_a_trainer_run_failing_midway_leaves_the_serving_model_unchanged(trained: Trained, tmp_path):
     """test_train.py fails a run at `load` with no version serving; here a version serves while runs fail in
-    the ranker stage and midway through publishing (after registering): model:current, the agents'
+    the ranker stage and midway through publishing (after registering): the model pointer, the agents'
     replies and no model-updates announcement; a restarted agent still loads the serving version."""
     import batch.publish as publish_mod
     import batch.train as train_mod
@@ -745,7 +740,7 @@ async def test_a_trainer_run_failing_midway_leaves_the_serving_model_unchanged(t
     from recstream.data import ShopConfig
 
     tr, s = trained, trained.s
-    pointer = await tr.redis.get(f"{s.redis_namespace}model:current")
+    pointer = await tr.redis.get(s.redis_namespace + keys.MODEL_CURRENT)
     assert orjson.loads(pointer)["version"] == tr.version
     announcements_before = len(await _read_all(s, s.topic("model.updates")))
     source = Source(dataset="shop", shop=ShopConfig(users=80, products=200, seed=4, end_s=float(int(time.time()) - 60)))
@@ -818,7 +813,7 @@ async def test_a_run_failing_in_publish_leaves_the_registry_champion_alone(train
     tr, s = trained, trained.s
     registry = Registry(s.mlflow_tracking_uri, s.model_name)
     before = await asyncio.to_thread(registry.champion_version)
-    pointer = await tr.redis.get(f"{s.redis_namespace}model:current")
+    pointer = await tr.redis.get(s.redis_namespace + keys.MODEL_CURRENT)
 
     def failing_writes(prefix, emb):
         raise ConnectionError("simulated: Redis connection lost while publishing")

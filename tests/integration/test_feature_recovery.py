@@ -10,10 +10,9 @@ from collections import defaultdict
 
 import orjson
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer
 
 from recstream.data import ShopConfig, shop_dataset
-from recstream.features import Incoming, UserState, plan
+from recstream.features import Incoming, UserState, keys, plan
 from recstream.features.config import feature_config, limits
 from recstream.features.session import features_value
 from streams import lag
@@ -21,6 +20,7 @@ from streams.producer import create_producer
 from streams.replay import publish
 from streams.worker import STALLED
 from streams.topics import ensure_topics
+from tests.integration.conftest import read_changelog
 
 
 def start_worker(s, log_path):
@@ -35,7 +35,7 @@ def start_worker(s, log_path):
 
 
 async def applied_total(client, s, partitions):
-    prefix = f"{s.redis_namespace}applied:{s.app_id}:{s.topic('clickstream')}:"
+    prefix = s.redis_namespace + keys.applied_prefix(s.app_id, s.topic("clickstream"))
     values = await client.mget([prefix + str(p) for p in range(partitions)])
     return sum(int(v) + 1 for v in values if v is not None)
 
@@ -44,25 +44,6 @@ def expected_state(s, events):
     """The same events folded by the pure core in one batch: what Redis and the table must hold."""
     batch = [Incoming(e, 0, i) for i, e in enumerate(events)]
     return plan(batch, {}, {}, {}, feature_config(s), limits(s))
-
-
-async def read_changelog(s, expected_rows):
-    topic = f"{s.app_id}-user-sessions-changelog"
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=s.kafka_bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
-    await consumer.start()
-    rows = {}
-    try:
-        idle = 0
-        while idle < 3:
-            batch = await consumer.getmany(timeout_ms=1000)
-            idle = 0 if batch else idle + 1
-            for msgs in batch.values():
-                for m in msgs:
-                    rows[orjson.loads(m.key)] = orjson.loads(m.value)
-    finally:
-        await consumer.stop()
-    return rows
 
 
 async def test_worker_killed_mid_stream_recovers_to_the_replayed_state(fresh, tmp_path):
@@ -114,8 +95,8 @@ async def test_worker_killed_mid_stream_recovers_to_the_replayed_state(fresh, tm
         ns = s.redis_namespace
         # user features: exactly the replayed state
         for user, state in want.states.items():
-            assert orjson.loads(await client.get(f"{ns}user_session:{user}")) == list(state.recent), user
-            got = {k.decode(): v.decode() for k, v in (await client.hgetall(f"{ns}user_features:{user}")).items()}
+            assert orjson.loads(await client.get(ns + keys.user_session(user))) == list(state.recent), user
+            got = {k.decode(): v.decode() for k, v in (await client.hgetall(ns + keys.user_features(user))).items()}
             assert got == features_value(state), user
         # counters: every event counted exactly once, none twice
         by_key = defaultdict(dict)
@@ -127,7 +108,7 @@ async def test_worker_killed_mid_stream_recovers_to_the_replayed_state(fresh, tm
             for member, value in members.items():
                 assert abs(got[member] - value) <= 1e-9 * max(1.0, abs(value)), (key, member, got[member], value)
         # the session table (its changelog) agrees with the replay too
-        rows = await read_changelog(s, len(want.states))
+        rows = await read_changelog(s)
         unplaced = {"partition": -1, "offset": -1}  # the reference replay has its own offsets
         assert {u: dataclasses.replace(UserState.from_dict(r), **unplaced) for u, r in rows.items()} == \
             {u: dataclasses.replace(st, **unplaced) for u, st in want.states.items()}

@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from recstream.features import keys
 from schemas import Event, Product, RecommendationRequest
 from streams.deadletter import DeadLetter
 from streams.topics import TopicSpec, ensure_topics
@@ -142,7 +143,7 @@ async def _run(procs: Processes, s, reply_to: str) -> None:
 
             async def seeded():
                 procs.check_alive()
-                return await client.exists(f"{s.redis_namespace}user_session:fuzz-u2")
+                return await client.exists(s.redis_namespace + keys.user_session("fuzz-u2"))
             await wait_for(seeded, 120, "the feature worker to apply the seed events")
 
             async def answered():
@@ -194,8 +195,8 @@ async def _run(procs: Processes, s, reply_to: str) -> None:
             procs.check_alive()
 
             async def processed():
-                got = await client.hget(f"{s.redis_namespace}item_features:{product.product_id}", "title")
-                return got and await client.exists(f"{s.redis_namespace}user_session:{event.user_id}")
+                got = await client.hget(s.redis_namespace + keys.item_features(product.product_id), "title")
+                return got and await client.exists(s.redis_namespace + keys.user_session(event.user_id))
             await wait_for(processed, 60, "the valid event and product in Redis")
 
             async def answered_after():   # anonymous homepage: the seeded product is trending

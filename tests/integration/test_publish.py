@@ -4,6 +4,7 @@ import redis.asyncio as aioredis
 
 from batch.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import current, decode_embedding, publish
+from recstream.features import keys
 from streams.topics import ensure_topics
 from tests.integration.conftest import read_topic
 
@@ -23,14 +24,14 @@ async def test_versions_switch_atomically_and_old_ones_go(fresh):
     try:
         first = await publish(s, "m", "1", outputs(1.0), progress=lambda _: None)
         assert first.keys == 2 + 3 + 1 + 1 and (await current(s))["version"] == "1"
-        assert np.array_equal(decode_embedding(await client.get(f"{ns}emb:user:1:u2")), np.arange(4, 8, dtype=np.float32))
-        assert await client.hget(f"{ns}uoff:1:u1", "median_price") == b"19.5"
+        assert np.array_equal(decode_embedding(await client.get(ns + keys.embedding("user", "1", "u2"))), np.arange(4, 8, dtype=np.float32))
+        assert await client.hget(ns + keys.user_offline("1", "u1"), "median_price") == b"19.5"
         await publish(s, "m", "2", outputs(2.0), progress=lambda _: None)
         assert (await current(s))["version"] == "2"
-        assert await client.exists(f"{ns}emb:item:1:a")  # the previous version stays for requests in flight
+        assert await client.exists(ns + keys.embedding("item", "1", "a"))  # the previous version stays for requests in flight
         third = await publish(s, "m", "3", outputs(3.0), progress=lambda _: None)
-        assert third.removed_versions == ["1"] and not await client.exists(f"{ns}emb:item:1:a")
-        assert decode_embedding(await client.get(f"{ns}emb:item:3:c"))[0] == 3.0
+        assert third.removed_versions == ["1"] and not await client.exists(ns + keys.embedding("item", "1", "a"))
+        assert decode_embedding(await client.get(ns + keys.embedding("item", "3", "c")))[0] == 3.0
     finally:
         await client.aclose()
     msgs = await read_topic(s, s.topic("model.updates"))

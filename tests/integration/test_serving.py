@@ -22,6 +22,7 @@ from batch.publish import current, publish as publish_model
 from batch.registry import CHAMPION, Registry
 from batch.train import PROMOTION_METRIC, Source, train_once
 from recstream.data import Dataset, ShopConfig, shop_dataset
+from recstream.features import keys
 from recstream.settings import Settings
 from schemas import Product, RecommendationRequest
 from streams.deadletter import DeadLetter
@@ -29,7 +30,7 @@ from streams.producer import create_producer
 from streams.replay import publish, publish_dataset
 from streams.topics import ensure_topics
 from tests.integration.conftest import read_topic
-from tests.integration.serving_stack import Processes, get_json, wait_for
+from tests.integration.serving_stack import Processes, get_json, small_deployment, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +72,7 @@ class Served:
 
 
 async def _applied_events(client: aioredis.Redis, s: Settings) -> int:
-    prefix = f"{s.redis_namespace}applied:{s.app_id}:{s.topic('clickstream')}:"
+    prefix = s.redis_namespace + keys.applied_prefix(s.app_id, s.topic("clickstream"))
     values = await client.mget([prefix + str(p) for p in range(s.clickstream_partitions)])
     return sum(int(v) + 1 for v in values if v is not None)
 
@@ -85,14 +86,8 @@ def _pick_anchors(data: Dataset) -> tuple[str, str, list[str]]:
 
 @pytest.fixture(scope="module")
 async def served(stack: Settings, tmp_path_factory):
-    tag = uuid.uuid4().hex[:10]
     home = tmp_path_factory.mktemp("serving")
-    s = dataclasses.replace(
-        stack, topic_prefix=f"t{tag}", app_id=f"recstream-test-{tag}", clickstream_partitions=4,
-        redis_namespace=f"t{tag}:", home_dir=home, model_name=f"test-serving-{tag}", als_rank=8, als_iterations=3,
-        ranker_trees=20, ranker_depth=4, spark_master="local[2]", spark_driver_memory="1g",
-        serving_deadline_ms=DEADLINE_MS, experiments_file=home / "experiments.toml", admin_token=ADMIN_TOKEN,
-        experiments_reload_s=0.5)
+    s = small_deployment(stack, home, "serving", DEADLINE_MS, admin_token=ADMIN_TOKEN, experiments_reload_s=0.5)
     await ensure_topics(s)
     cfg = ShopConfig(users=80, products=200, seed=4, end_s=float(int(time.time()) - 60))
     data = shop_dataset(cfg)
@@ -105,7 +100,7 @@ async def served(stack: Settings, tmp_path_factory):
         training = asyncio.ensure_future(asyncio.to_thread(train_once, s, Source(dataset="shop", shop=cfg),
                                                            lambda _: None))
         await publish_dataset(s, data, progress=False)
-        item_keys = [f"{s.redis_namespace}item_features:{p.product_id}" for p in data.products]
+        item_keys = [s.redis_namespace + keys.item_features(p.product_id) for p in data.products]
 
         async def features_in():
             return (await _applied_events(client, s) == len(data.events)
@@ -117,8 +112,8 @@ async def served(stack: Settings, tmp_path_factory):
         for name in SERVING:
             procs.start(name)
         user, product, cart = _pick_anchors(data)
-        assert await client.exists(f"{s.redis_namespace}emb:user:{report.version}:{user}")
-        assert await client.exists(f"{s.redis_namespace}user_session:{user}")
+        assert await client.exists(s.redis_namespace + keys.embedding("user", report.version, user))
+        assert await client.exists(s.redis_namespace + keys.user_session(user))
         async with httpx.AsyncClient(base_url=procs.base_url, timeout=10) as http:
             async def healthy():
                 try:
@@ -156,10 +151,10 @@ async def _check_reply(srv: Served, r: httpx.Response, body: dict, kind: str, co
     assert not set(ids) & exclude, f"{set(ids) & exclude} recommended although on screen / in the cart"
     assert all(isinstance(it["reason"], str) and it["reason"].strip() for it in body["items"]), body
     ns = srv.s.redis_namespace
-    assert not any(await srv.redis.smismember(f"{ns}oos", ids)), ids
+    assert not any(await srv.redis.smismember(ns + keys.OOS, ids)), ids
     pipe = srv.redis.pipeline(transaction=False)
     for x in ids:
-        pipe.hget(f"{ns}item_features:{x}", "in_stock")
+        pipe.hget(ns + keys.item_features(x), "in_stock")
     assert await pipe.execute() == [b"1"] * len(ids)
     return ids
 
@@ -223,7 +218,7 @@ async def test_each_endpoint_answers_valid_in_stock_items_and_a_sold_out_one_lea
 
 
 async def _not_oos(srv: Served, product_id: str) -> bool:
-    return not await srv.redis.sismember(f"{srv.s.redis_namespace}oos", product_id)
+    return not await srv.redis.sismember(srv.s.redis_namespace + keys.OOS, product_id)
 
 
 # -- 4. bad parameters ---------------------------------------------------------------------------------------
@@ -290,8 +285,8 @@ async def test_homepage_cache_holds_until_the_shopper_acts(served: Served):
     assert again["model_version"] == srv.version and again["fallback"] is False
 
     ns = srv.s.redis_namespace
-    session = orjson.loads(await srv.redis.get(f"{ns}user_session:{srv.user}"))
-    session_id = (await srv.redis.hget(f"{ns}user_features:{srv.user}", "session_id")).decode()
+    session = orjson.loads(await srv.redis.get(ns + keys.user_session(srv.user)))
+    session_id = (await srv.redis.hget(ns + keys.user_features(srv.user), "session_id")).decode()
     viewed = next(p.product_id for p in srv.data.products if p.product_id not in session and p.in_stock)
     event = {"event_id": uuid.uuid4().hex, "user_id": srv.user, "session_id": session_id, "product_id": viewed,
              "event_type": "view", "timestamp": time.time()}

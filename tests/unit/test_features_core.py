@@ -3,7 +3,7 @@ import math
 import pytest
 
 from recstream.features import FeatureConfig, Incoming, Limits, UserState, apply, plan
-from recstream.features import popularity
+from recstream.features import keys, popularity
 from recstream.features.session import SEEN_MAX, decode_features, features_value
 from schemas import Event
 
@@ -91,7 +91,7 @@ def test_plan_counts_once_and_skips_offsets_redis_already_holds():
     assert full.ops.incr[(popularity.count_key("view", day), "p0")] == 3
     assert skipped.ops.incr[(popularity.count_key("view", day), "p0")] == 1  # only offset 4
     assert skipped.ops.offsets == {0: (4, 5)} and skipped.states == full.states  # state still folds all
-    assert set(full.ops.set) == {"user_session:u"} and full.ops.trim["covis:p0"] == 10
+    assert set(full.ops.set) == {keys.user_session("u")} and full.ops.trim[keys.neighbours("covis", "p0")] == 10
 
 
 def test_redelivered_records_are_recognised_by_their_offset_however_old():
@@ -100,3 +100,13 @@ def test_redelivered_records_are_recognised_by_their_offset_however_old():
     again = plan(batch, first.states, {2: 10_000}, {}, CFG, LIMITS)   # all of it redelivered
     assert first.states["u"].offset == 100 + SEEN_MAX + 9 and first.states["u"].partition == 2
     assert again.duplicates == len(batch) and again.states == {} and not again.ops.incr
+
+
+def test_missing_offsets_finds_the_holes_after_the_baseline_and_ignores_redeliveries():
+    from recstream.features.plan import missing_offsets
+
+    batch = [(0, 12), (0, 10), (0, 5), (0, 15), (1, 3), (2, 7)]
+    assert missing_offsets({0: 9, 1: 2}, batch) == {0: [(11, 12), (13, 15)]}   # 5 is a redelivery
+    assert missing_offsets({0: 9}, [(0, 10), (0, 11)]) == {}                   # offsets follow on
+    assert missing_offsets({0: -1, 2: -1}, [(0, 40), (2, 7)]) == {}            # no baseline: not checked
+    assert missing_offsets({1: 0}, [(1, 4), (1, 4)]) == {1: [(1, 4)]}

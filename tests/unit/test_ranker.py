@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 from batch.artifacts import BatchOutputs, Embeddings, Window
 from batch.ranker import Examples, RankerConfig, RankerResult, build_examples, fit, load, ranker_config, score
 from recstream.data import ShopConfig, shop_dataset
+from recstream.features import keys
 from recstream.features.session import FeatureConfig, UserState, apply, decode_features, features_value, session_value
 from recstream.ranking import FEATURE_NAMES, SOURCES, Candidate, Context, ItemFields, features
 from recstream.settings import Settings
@@ -146,17 +147,17 @@ def _online(group, table, outputs, shop) -> np.ndarray:
     redis: dict[str, object] = {}
     state = group.ctx.session
     user = "u"
-    redis[f"user_features:{user}"] = {k.encode(): v.encode() for k, v in features_value(state).items()}
-    redis[f"user_session:{user}"] = session_value(state)
+    redis[keys.user_features(user)] = {k.encode(): v.encode() for k, v in features_value(state).items()}
+    redis[keys.user_session(user)] = session_value(state)
     products = {p.product_id: p for p in shop.products}
     for row in group.rows:
         pid = table.ids[row]
-        redis[f"item_features:{pid}"] = {k.encode(): v.encode() for k, v in item_fields(products[pid]).items()}
+        redis[keys.item_features(pid)] = {k.encode(): v.encode() for k, v in item_fields(products[pid]).items()}
     vectors = outputs.item_embeddings.vectors
     index = outputs.item_embeddings.index()
     ctx = Context(now_s=group.ctx.now_s, user_embedding=group.ctx.user_embedding,
-                  session=decode_features(redis[f"user_features:{user}"]),
-                  recent=orjson.loads(redis[f"user_session:{user}"]),
+                  session=decode_features(redis[keys.user_features(user)]),
+                  recent=orjson.loads(redis[keys.user_session(user)]),
                   category_affinity=group.ctx.category_affinity, median_price=group.ctx.median_price,
                   device=group.ctx.device, page=group.ctx.page,
                   session_idle_timeout_s=group.ctx.session_idle_timeout_s)
@@ -165,7 +166,7 @@ def _online(group, table, outputs, shop) -> np.ndarray:
         pid = table.ids[row]
         srcs = {s: float(v) for s, v in zip(SOURCES, group.sources[i]) if not np.isnan(v)}
         candidates.append(Candidate(product_id=pid, embedding=vectors[index[pid]].copy(),
-                                    item=ItemFields.from_redis(redis[f"item_features:{pid}"]),
+                                    item=ItemFields.from_redis(redis[keys.item_features(pid)]),
                                     popularity_7d=float(group.popularity_7d[i]),
                                     purchases_7d=float(group.purchases_7d[i]),
                                     trending=float(group.trending[i]), sources=srcs))

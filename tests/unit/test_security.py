@@ -31,7 +31,7 @@ NOW = time.time()
 GOOD = {"event_id": "e1", "user_id": "u1", "session_id": "s1", "product_id": "p1", "event_type": "view",
         "timestamp": NOW}
 BAD_IDS = ["a:b", "a b", "a\tb", "a\nb", "a\x00b", "a\x1fb", "a\x7fb", "p*", "p?", "p[1]", "a\\b", "a,b", "\u2028",
-           "a\u00a0b", "a\u200bb", "\ufeffa", ""]
+           "{u1}", "a}b", "a\u00a0b", "a\u200bb", "\ufeffa", ""]
 GOOD_IDS = ["u00001", "p00001", "123456", "s123", "whole-milk", "1001-21-07-2015", "user@example.com", "é-ü-中文",
             "a.b_c-d/e", "x" * 256, 42]
 
