@@ -190,13 +190,29 @@ def phase_taobao(args: argparse.Namespace) -> dict:
     return out
 
 
-def cleanup(s) -> dict:
-    """Delete the run's Redis keys (its namespace) and its registered model with the runs behind it."""
-    import redis
+def delete_model(s) -> dict:
+    """Delete the run's registered model and the MLflow runs behind it; what was deleted (or the error)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    try:
+        ml = MlflowClient(s.mlflow_tracking_uri)
+        runs = {mv.run_id for mv in ml.search_model_versions(f"name='{s.model_name}'")}
+        ml.delete_registered_model(s.model_name)
+        for run_id in runs:
+            ml.delete_run(run_id)
+        return {"mlflow_model_deleted": s.model_name, "mlflow_runs_deleted": len(runs)}
+    except MlflowException as exc:
+        return {"mlflow_error": str(exc)[:300]}
+
+
+def cleanup(s) -> dict:
+    """Delete the run's Redis keys (its namespace) and its registered model with the runs behind it."""
+    import redis
+
     done: dict = {}
+    if not s.redis_namespace:   # the pattern would be "*": every key of every deployment in this Redis
+        raise ValueError("cleanup needs a Redis namespace of the run's own (redis_namespace is empty)")
     client = redis.Redis.from_url(s.redis_url)
     n, batch = 0, []
     for key in client.scan_iter(f"{s.redis_namespace}*", count=5000):
@@ -209,15 +225,7 @@ def cleanup(s) -> dict:
     done["redis_keys_deleted"] = n
     done["redis_keys_left"] = sum(1 for _ in client.scan_iter(f"{s.redis_namespace}*", count=5000))
     client.close()
-    try:
-        ml = MlflowClient(s.mlflow_tracking_uri)
-        runs = {mv.run_id for mv in ml.search_model_versions(f"name='{s.model_name}'")}
-        ml.delete_registered_model(s.model_name)
-        for run_id in runs:
-            ml.delete_run(run_id)
-        done["mlflow_model_deleted"], done["mlflow_runs_deleted"] = s.model_name, len(runs)
-    except MlflowException as exc:
-        done["mlflow_error"] = str(exc)[:300]
+    done.update(delete_model(s))
     log(f"cleanup: {done}")
     return done
 
