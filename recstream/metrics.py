@@ -82,6 +82,7 @@ class SnapshotCollector(Collector):
                 ("errors", "recstream_request_errors", "serving requests whose batch failed"),
                 ("dead_letters", "recstream_dead_letters", "records sent to the dead-letter topic"),
                 ("duplicates", "recstream_duplicates", "repeated events dropped by event_id"),
+                ("refilled", "recstream_refilled_records", "records the consumer skipped, read again from Kafka"),
                 ("batches", "recstream_batches", "batches handled"),
                 ("files", "recstream_archive_files", "Parquet files written"),
                 ("commit_failures", "recstream_commit_failures", "offset commits that failed")):

@@ -37,10 +37,13 @@ class DeadLetter:
 
 
 def from_error(event: EventT, error: SchemaError) -> DeadLetter:
-    first = error.errors[0]
+    return from_record(event.message, error)
+
+
+def from_record(msg, error: SchemaError) -> DeadLetter:
+    """`msg`: a faust Message or an aiokafka ConsumerRecord (topic, partition, offset, key, value)."""
     reason = "; ".join(map(str, error.errors))
-    msg = event.message
-    return DeadLetter(msg.topic, msg.partition, msg.offset, first.field, reason, msg.key, msg.value)
+    return DeadLetter(msg.topic, msg.partition, msg.offset, error.errors[0].field, reason, msg.key, msg.value)
 
 
 async def send(topic: TopicT, letter: DeadLetter) -> None:

@@ -10,11 +10,11 @@ import socket
 import time
 
 import orjson
-import redis.asyncio as aioredis
 from faust.contrib.asgi import faust_app_running
 
 from agents import features
 from recstream.metrics import start_worker_metrics
+from recstream.redisconn import connect
 from recstream.settings import Settings
 from recstream.stats import StallWatch
 from streams import lag
@@ -48,8 +48,8 @@ def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
             lag[str(tp.partition)] = max(0, high - (st.last_offset.get(tp.partition, -1) + 1)) if high else 0
     return {
         "agent": "update_session_features", "ts": time.time(), "processed": dict(st.processed),
-        "duplicates": st.duplicates, "dead_letters": st.dead_letters, "batches": st.batches, "items": st.items,
-        "lag": lag, "lag_total": sum(lag.values()),
+        "duplicates": st.duplicates, "dead_letters": st.dead_letters, "refilled": st.refilled, "batches": st.batches,
+        "items": st.items, "lag": lag, "lag_total": sum(lag.values()),
         "event_latency_ms": st.event_latency.percentiles_ms(), "ingest_latency_ms": st.ingest_latency.percentiles_ms(),
         # cumulative histograms (recstream.stats): subtract two snapshots for a window's percentiles
         "event_latency_counts": st.event_latency.counts.tolist(),
@@ -58,15 +58,18 @@ def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
 
 
 STALLED = 3  # exit status of a worker that stopped committing: restart it
+CRASHED = 4  # exit status of a worker whose Faust app crashed (it consumes nothing after): restart it
 
 
 async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> int:
-    """Run until `stop` (SIGTERM, SIGINT); 0 on a clean stop, STALLED when commits stopped moving."""
+    """Run until `stop` (SIGTERM, SIGINT); 0 on a clean stop, STALLED when commits stopped moving,
+    CRASHED when the Faust app crashed: it has left its consumer group by then and would otherwise
+    sit idle with a running process, its partitions served by others or by no one."""
     stop = stop or stop_on_signals()
     watch = StallWatch(s.worker_stall_timeout_s)
     next_watch = time.monotonic() + WATCH_EVERY_S
     await ensure_topics(s)
-    client = aioredis.from_url(s.redis_url)
+    client = connect(s)
     app = create_app(s)
     agents = features.register(app, s, client)
     key = metrics_key(s, "features")
@@ -77,6 +80,9 @@ async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: as
             if ready:
                 ready.set()
             while not stop.is_set():
+                if app.crashed:
+                    log.error("the Faust app crashed (%r): exiting for a restart", app.crash_reason)
+                    return CRASHED
                 try:
                     prom.snapshot = snap = snapshot(app, s, agents)
                     index = metrics_index(s, "features")
@@ -136,7 +142,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
 
     stop = stop or stop_on_signals()
     await ensure_topics(s)
-    client = aioredis.from_url(s.redis_url)
+    client = connect(s)
     store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
     models = ModelHolder(s, role)
     if role == "retrieval":
