@@ -44,9 +44,10 @@ import faiss
 import numpy as np
 
 from batch.artifacts import Embeddings
+from recstream.settings import INDEX_KINDS
 
 Kind = Literal["auto", "flat", "flat16", "ivf", "ivfpq", "hnsw"]
-KINDS = ("auto", "flat", "flat16", "ivf", "ivfpq", "hnsw")
+KINDS = INDEX_KINDS   # the kinds RECSTREAM_INDEX_KIND may name
 IVF_KINDS = ("ivf", "ivfpq")
 FLAT_BELOW = 5_000          # "auto": exact search below this many items (a 5k x 128 scan is ~0.05 ms per query)
 MIN_POINTS_PER_LIST = 39    # faiss k-means warns below 39 training points per centroid (ClusteringParameters)

@@ -166,7 +166,7 @@ def fit(s: Settings, events: list[Event], products: list[Product], work: Path, p
     with stage("content"):
         items, content, cold = _items_with_cold_start(out, products, progress)
     with stage("index"):
-        idx, recall = _index(items, out.user_embeddings, progress)
+        idx, recall = _index(items, out.user_embeddings, progress, s.index_kind)
     with stage("ranker"):
         cfg = ranker.ranker_config(s, nthread=2, progress=False, target_sample=s.ranker_target_sample,
                                    targets_from_s=cut if cut is not None else float("-inf"))
@@ -216,18 +216,19 @@ def _items_with_cold_start(out: BatchOutputs, products: list[Product], progress)
                        np.vstack([out.item_embeddings.vectors, predicted.vectors])), content, len(cold))
 
 
-def _index(items: Embeddings, users: Embeddings, progress, k: int = 200, target: float = 0.95):
-    """IVF tuned for recall@200 >= target on user queries; exact search when IVF would have to scan
-    more than a quarter of its lists for that (weakly clustered embeddings), since it costs the same:
-    over float16 vectors on a CPU (2.4x faster, same recall), float32 on a GPU."""
-    idx = faiss_index.build(items, "auto")
+def _index(items: Embeddings, users: Embeddings, progress, kind: str = "auto", k: int = 200, target: float = 0.95):
+    """The `kind` of index (RECSTREAM_INDEX_KIND), its nprobe tuned for recall@200 >= target on user
+    queries. For "auto": exact search when IVF would have to scan more than a quarter of its lists for
+    that (weakly clustered embeddings), since it costs the same: over float16 vectors on a CPU (2.4x
+    faster, same recall), float32 on a GPU. An IVF-PQ index stays one (it is chosen for its memory)."""
+    idx = faiss_index.build(items, kind)
     if len(users.ids) == 0:
         return idx, float("nan")
     rng = np.random.default_rng(0)
     q = users.vectors[rng.choice(len(users.ids), size=min(500, len(users.ids)), replace=False)]
-    if idx.kind == "ivf":
+    if idx.kind in faiss_index.IVF_KINDS:
         nprobe, recall = faiss_index.tune_nprobe(idx, items, q, k, target=target)
-        if nprobe > idx.params["nlist"] // 4:
+        if kind == "auto" and nprobe > idx.params["nlist"] // 4:
             exact = "flat" if faiss_index.GPU.available() else "flat16"
             progress(f"[train] IVF needs nprobe {nprobe} of {idx.params['nlist']} lists for recall {recall:.3f}: "
                      f"exact search ({exact}) instead")

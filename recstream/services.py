@@ -209,7 +209,9 @@ def kafka_up(s: Settings, say: Callable[[str], None] = print) -> None:
     if not (data / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         say(f"kafka: formatting storage in {data} (cluster {cluster_id})")
-        subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+        # --cluster-id=ID in one argument: a base64 id may start with "-" (1 in 64), which the tool's
+        # argument parser would take for an option
+        subprocess.run(jvm + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "--config", str(props)],
                        check=True, stdout=subprocess.DEVNULL)
     pid = svc.spawn(jvm + ["kafka.Kafka", str(props)])
     say(f"kafka: started pid {pid}, waiting for the broker ...")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 PREFIX = "RECSTREAM_"
+INDEX_KINDS = ("auto", "flat", "flat16", "ivf", "ivfpq", "hnsw")   # batch/index.py KINDS
 
 
 def _setting(default: Any, doc: str, secret: bool = False) -> Any:
@@ -86,6 +87,9 @@ class Settings:
     als_iterations: int = _setting(10, "ALS sweeps (count)")
     als_reg: float = _setting(0.1, "ALS L2 regularisation, Spark's regParam (weight)")
     als_alpha: float = _setting(10.0, "implicit-feedback confidence = 1 + alpha * summed event weights (weight)")
+    index_kind: str = _setting("auto", "the trained retrieval index: auto (exact below 5k items, else IVF tuned for "
+                                       "recall@200 0.95), ivfpq (IVF-PQ codes, 42 bytes an item instead of 512 on the GPU, "
+                                       "re-ranked from a float16 copy in host memory), ivf, flat, flat16 or hnsw (name)")
     cooccurrence_top_n: int = _setting(50, "neighbours kept per item by the batch co-occurrence (count)")
     ranker_trees: int = _setting(200, "XGBoost boosting rounds of the ranker (count)")
     ranker_depth: int = _setting(8, "XGBoost max tree depth of the ranker (count)")
@@ -201,6 +205,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
     if "{" in settings.redis_namespace or "}" in settings.redis_namespace:   # it would move the keys' hash tags
         raise SettingsError(f"{PREFIX}REDIS_NAMESPACE must not contain '{{' or '}}'")
+    if settings.index_kind not in INDEX_KINDS:
+        raise SettingsError(f"{PREFIX}INDEX_KIND is {settings.index_kind!r}; one of: {', '.join(INDEX_KINDS)}")
     return settings
 
 

@@ -373,3 +373,14 @@ def test_sharded_with_more_shards_than_items_and_ivf_shards(data):
     ivf.set_nprobe(32)                                           # exhaustive: exact
     exact = build(part, "flat", use_gpu=False).search(queries[:5], 50)[0]
     assert np.mean(ivf.search(queries[:5], 50)[0] == exact) > 0.99
+
+
+@pytest.mark.parametrize("kind, built", [("ivfpq", "ivfpq"), ("auto", "ivf")])
+def test_training_builds_the_kind_the_settings_name_and_tunes_it(data, kind, built):
+    from batch.train import _index
+
+    emb, queries = data
+    users = Embeddings([f"u{i}" for i in range(len(queries))], queries)
+    idx, recall = _index(emb, users, lambda _: None, kind)
+    assert idx.kind == built
+    assert recall >= 0.95   # IVF-PQ with its float16 re-rank reaches it too

@@ -32,3 +32,13 @@ def test_every_setting_is_documented_with_a_unit():
     assert len(rows) == len(Settings.__dataclass_fields__)
     for var, _, doc in rows:
         assert var.startswith("RECSTREAM_") and "(" in doc and doc.endswith(")"), var
+
+
+def test_the_index_kind_is_checked_against_the_kinds_batch_index_builds():
+    from batch.index import KINDS
+    from recstream.settings import INDEX_KINDS, SettingsError, load
+
+    assert KINDS == INDEX_KINDS
+    assert load({"RECSTREAM_INDEX_KIND": "ivfpq"}).index_kind == "ivfpq"
+    with pytest.raises(SettingsError, match="INDEX_KIND is 'pq'"):
+        load({"RECSTREAM_INDEX_KIND": "pq"})
