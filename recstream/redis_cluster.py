@@ -11,6 +11,9 @@ from recstream.services import Service, ServiceError, port_open, wait_for
 from recstream.settings import Settings
 
 
+BUS_OFFSET = 10_000   # a cluster node also listens on its port + 10000 (the cluster bus)
+
+
 def nodes(s: Settings) -> list[Service]:
     return [Service(f"redis-cluster-{p}", p, s.home_dir) for p in s.redis_cluster_port_list]
 
@@ -47,7 +50,13 @@ def cluster_up(s: Settings, say: Callable[[str], None] = print) -> None:
         raise ServiceError("redis-server is missing: run `recstream services install` first")
     for svc in nodes(s):
         if port_open(svc.port):
+            if not cluster_info(svc.port):   # a plain Redis, another cluster's bus port, another service
+                raise ServiceError(f"port {svc.port} is taken by something that is not a Redis Cluster node: "
+                                   f"choose other RECSTREAM_REDIS_CLUSTER_PORTS")
             continue
+        if port_open(svc.port + BUS_OFFSET):
+            raise ServiceError(f"port {svc.port + BUS_OFFSET}, the cluster bus of node {svc.port}, is taken (perhaps by "
+                               f"another cluster's node {svc.port}): choose other RECSTREAM_REDIS_CLUSTER_PORTS")
         data = (s.home_dir / "redis-cluster" / str(svc.port)).resolve()
         data.mkdir(parents=True, exist_ok=True)
         # nodes.conf in the data folder remembers the node's id and slots: a restarted node rejoins.

@@ -21,3 +21,17 @@ def test_up_is_idempotent_and_status_reports(stack):
     status = subprocess.run([sys.executable, "-m", "recstream.cli", "services", "status"],
                             capture_output=True, text=True, check=True).stdout
     assert "kafka" in status and "stopped" not in status
+
+
+def test_cluster_up_refuses_a_port_that_is_not_a_cluster_node(stack, tmp_path):
+    """The plain Redis's port (or another cluster's bus port, node port + 10000) is not a node to join."""
+    import dataclasses
+
+    import pytest
+
+    from recstream import redis_cluster
+    from recstream.services import ServiceError
+
+    s = dataclasses.replace(stack, home_dir=tmp_path, redis_cluster_ports=f"{stack.redis_port},1,2")
+    with pytest.raises(ServiceError, match=f"port {stack.redis_port} is taken by something that is not a Redis Cluster node"):
+        redis_cluster.cluster_up(s, say=lambda _: None)
