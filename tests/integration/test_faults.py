@@ -477,12 +477,18 @@ async def test_kafka_restart_under_load_the_api_acknowledges_events_again(privat
         figures("kafka_restart_api", {"first_ack_after_broker_start_s": round(first_ack - t["t_start"], 2),
                                       "post_status_counts": {str(k): v for k, v in load.statuses.items()}})
     finally:
-        if load is not None and load.task is not None and not load.task.done():
-            load.stop.set()
-            await asyncio.wait([load.task], timeout=10)
-        procs.stop_all()
-        if kafka_service(s).own_pid() is None:
-            await asyncio.to_thread(services.kafka_up, s, lambda _: None)
+        await _stop_and_bring_kafka_back(s, load, procs)
+
+
+async def _stop_and_bring_kafka_back(s: Settings, load: EventLoad | None, procs: Processes) -> None:
+    """A broker test's teardown: stop its event load and processes, and start the broker again if the
+    test left it down (the next test needs it)."""
+    if load is not None and load.task is not None and not load.task.done():
+        load.stop.set()
+        await asyncio.wait([load.task], timeout=10)
+    procs.stop_all()
+    if kafka_service(s).own_pid() is None:
+        await asyncio.to_thread(services.kafka_up, s, lambda _: None)
 
 
 async def _true(value) -> bool:
@@ -562,12 +568,7 @@ async def test_kafka_restart_under_event_load_every_acked_event_archived_once(pr
             "consumers_caught_up_after_broker_start_s": round(caught_up_s, 2),
             "worker_restarts": dict(restarts), "users_checked": users})
     finally:
-        if load is not None and load.task is not None and not load.task.done():
-            load.stop.set()
-            await asyncio.wait([load.task], timeout=10)
-        procs.stop_all()
-        if kafka_service(s).own_pid() is None:
-            await asyncio.to_thread(services.kafka_up, s, lambda _: None)
+        await _stop_and_bring_kafka_back(s, load, procs)
         await client.aclose()
 
 
