@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from batch import ranker
 from batch.content import ContentModel
-from batch.index import RetrievalIndex
+from batch.index import RetrievalIndex, ShardedIndex, load_index
 from recstream.ranking import FEATURE_NAMES
 from recstream.settings import Settings
 
@@ -44,7 +44,8 @@ MAX_EXTRA_MODELS = 2    # A/B rankers kept loaded besides the current and previo
 @dataclass(frozen=True)
 class ServingModel:
     version: str
-    index: RetrievalIndex | None = None        # retrieval: FAISS over item vectors (ALS + content cold start)
+    index: RetrievalIndex | ShardedIndex | None = None   # retrieval: FAISS over item vectors (ALS + content
+    #                                                      cold start); this worker's shard, when sharded
     content: ContentModel | None = None        # retrieval: embeddings of products newer than the model
     booster: xgb.Booster | None = None         # ranking
     item_row: dict[str, int] | None = None     # ranking: ALS item id -> row of item_vectors
@@ -61,11 +62,12 @@ class ServingModel:
         return out
 
 
-def load_bundle(folder: Path, version: str, role: str, threads: int) -> ServingModel:
-    """role 'retrieval' loads the index and content model; 'ranking' the booster and ALS item vectors."""
+def load_bundle(folder: Path, version: str, role: str, threads: int, shard: int = 0, shards: int = 1) -> ServingModel:
+    """role 'retrieval' loads the index (the shard it serves of `shards`, batch.index.load_index) and the
+    content model; 'ranking' the booster and ALS item vectors."""
     if role == "retrieval":
         content = folder / "content.npz"
-        return ServingModel(version, index=RetrievalIndex.from_bytes((folder / "index.faiss").read_bytes()),
+        return ServingModel(version, index=load_index(folder, shard, shards),
                             content=ContentModel.from_bytes(content.read_bytes()) if content.exists() else None)
     names = json.loads((folder / "features.json").read_text())
     if names != list(FEATURE_NAMES):
@@ -196,7 +198,8 @@ class ModelHolder:
 
         with tempfile.TemporaryDirectory(prefix=f"recstream-{self.role}-") as tmp:
             folder = Registry(self.s.mlflow_tracking_uri, self.s.model_name).download(version, Path(tmp))
-            return load_bundle(folder, version, self.role, self.s.serving_threads)
+            return load_bundle(folder, version, self.role, self.s.serving_threads, self.s.retrieval_shard,
+                               self.s.retrieval_shards)
 
     async def _follow_updates(self, consumer: AIOKafkaConsumer) -> None:
         try:

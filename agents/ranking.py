@@ -4,6 +4,10 @@ Features come from recstream.ranking.matrix, the function the ranker was trained
 feature agents' Redis state (session, popularity, trending, stock) and the model's offline values
 (ALS item vectors in memory, the user's category affinity and median price in Redis). Candidate
 sets of one batch are scored in one `inplace_predict` call per model version.
+
+Retrieval sharded by item sends one candidate set per shard: they are gathered (recstream.gather)
+and ranked as one when all have come, or `retrieval_gather_ms` after the first (within the
+request's deadline), with what came: a shard down costs its share of ANN candidates, not the answer.
 """
 from __future__ import annotations
 
@@ -11,12 +15,14 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from agents.models import ModelHolder, ServingModel
 from agents.runner import Outgoing
 from batch import ranker
+from recstream.gather import Gather
 from recstream.ranking import Columns, Context, ItemFields, matrix
 from recstream.rules import Rules, best_source, heuristic_scores, primary, reason, select, source_matrix
 from recstream.settings import Settings
@@ -97,11 +103,37 @@ class Ranking:
         self.stats = TTLCache(s.item_stats_ttl_s)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="xgboost")   # one predict at a time
         self.clock = time.time     # "now" for popularity windows and recency; offline evaluation sets its query's
+        self.gather = Gather(s.retrieval_candidates)
+        # merged sets whose gather wait ended go back in through this (the agent's submit; set by the worker)
+        self.submit: Callable[[list[CandidateSet]], None] | None = None
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
+    def _gathered(self, sets: list[CandidateSet]) -> list[CandidateSet]:
+        """Whole sets: unsharded ones, and the merge of a request whose last shard answer this is."""
+        out = []
+        for cs in sets:
+            if cs.shards == 1:
+                out.append(cs)
+                continue
+            merged, first = self.gather.offer(cs)
+            if merged is not None:
+                out.append(merged)
+            elif first:
+                r = cs.request
+                left = r.created_at + (r.deadline_ms - self.s.serving_reserve_ms) / 1000 - time.time()
+                wait = max(0.0, min(self.s.retrieval_gather_ms / 1000, left))
+                asyncio.get_running_loop().call_later(wait, self._gather_over, r.request_id)
+        return out
+
+    def _gather_over(self, request_id: str) -> None:
+        merged = self.gather.expire(request_id)
+        if merged is not None and self.submit is not None:
+            self.submit([merged])
+
     async def handle(self, sets: list[CandidateSet]) -> list[Outgoing]:
+        sets = self._gathered(sets)
         arrived = self.clock()
         work = await asyncio.gather(*(self._features(cs, arrived) for cs in sets))
         t0 = time.perf_counter()

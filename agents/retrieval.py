@@ -9,6 +9,10 @@ trending in the session's main category ("popular", as the ranker was trained; h
 or in the product's category ("same_category"); the product's brand ("same_brand"). A product newer than the model gets its vector from the
 content model.
 
+Sharded by item (RECSTREAM_RETRIEVAL_SHARDS > 1): one consumer group per shard reads every request;
+each process loads its shard's index and answers its top k by ANN; shard 0 also proposes every other
+source (the others read Redis only for the query). Ranking merges the parts (recstream.gather).
+
 FAISS searches run in one thread of their own, with dynamic batching: queries that arrive while a
 search runs wait and go together into the next call. Idle, a query waits for nothing; under load
 the searches never pile up on the cores, and a call's fixed cost (and, for IVF, the scan of lists
@@ -30,6 +34,7 @@ from agents.runner import Outgoing
 from batch.publish import decode_embedding
 from recstream.features import keys, popularity
 from recstream.features.session import decode_features, features_key, session_key
+from recstream.gather import ann_k
 from recstream.ranking import main_category
 from recstream.rules import Proposals
 from recstream.settings import Settings
@@ -111,6 +116,7 @@ class Retrieval:
         self.ns = s.redis_namespace
         self.batcher = SearchBatcher(s.serving_threads)
         self.clock = time.time     # "now" for trending reads; offline evaluation sets the moment of its query
+        self.shard, self.shards = s.retrieval_shard, s.retrieval_shards
 
     def close(self) -> None:
         self.batcher.close()
@@ -123,11 +129,12 @@ class Retrieval:
         t1 = time.perf_counter()
         searched = [p for p in plans if p.query is not None]
         if searched and model is not None and model.index is not None:
-            found = await asyncio.gather(*(self.batcher.search(model, p.query, min(self._k(p.request), len(model.index)))
-                                           for p in searched))
+            k = [min(ann_k(p.request, self.s.retrieval_candidates), len(model.index)) for p in searched]
+            found = await asyncio.gather(*(self.batcher.search(model, p.query, n) for p, n in zip(searched, k)))
+            sharded = self.shards > 1   # the on-screen items stay in a shard's top k: ranking's merge drops them
             for p, (row_ids, row_scores) in zip(searched, found):
                 for pid, sc in zip(row_ids, row_scores):
-                    p.proposals.add(pid, "als", float(sc), p.anchor)
+                    p.proposals.add(pid, "als", float(sc), p.anchor, keep_excluded=sharded)
         t2 = time.perf_counter()
         out = []
         version = model.version if model else "none"
@@ -139,20 +146,14 @@ class Retrieval:
                        "retrieval_faiss": (t2 - t1) * 1000, "retrieval_out": (time.time() - created) * 1000}
             cs = CandidateSet(request=p.request, model_version=version, query_source=p.rank_query_source,
                               query=tuple(q.tolist()) if q is not None else (), product_ids=tuple(ids),
-                              scores=scores, anchors=anchors, timings_ms=timings)
+                              scores=scores, anchors=anchors, timings_ms=timings, shard=self.shard, shards=self.shards)
             out.append(Outgoing(self.s.topic("rec.candidates"), p.request.key, cs.to_json()))
         return out
 
-    def _k(self, r: RecommendationRequest) -> int:
-        """ANN neighbours to ask for: the candidate count (an A/B variant may change it), plus the query's own item."""
-        wanted = r.overrides.candidates if r.overrides and r.overrides.candidates else self.s.retrieval_candidates
-        return wanted + 1
-
-    # -- Redis reads (two round trips per request) ---------------------------------------------------
+        self.gather = Gather(s.retrieval_candidates)    # -- Redis reads (two round trips per request) ---------------------------------------------------
     async def _read(self, r: RecommendationRequest, model: ServingModel | None, now: float) -> Plan:
         ns, v = self.ns, model.version if model else None
-        exclude = {r.product_id} if r.product_id else set(r.cart_items)
-        plan = Plan(r, Proposals(exclude=exclude))
+        plan = Plan(r, Proposals(exclude=set(r.on_screen)))
         anchors = [r.product_id] if r.product_id else list(r.cart_items[:ANCHORS])
         pipe = self.store.redis.pipeline(transaction=False)
         if r.user_id:
@@ -182,6 +183,8 @@ class Retrieval:
         allowed = set(r.overrides.sources) if r.overrides and r.overrides.sources else None   # A/B: some sources only
 
         def on(source: str) -> bool:
+            if self.shard and source != "als":   # shards but 0 propose only their ANN candidates
+                return False
             return allowed is None or source in allowed
 
         def zrev(key: str, n: int, source: str, anchor: str | None, weight: float = 1.0) -> None:
@@ -221,7 +224,7 @@ class Retrieval:
             if brand and r.kind == "similar":
                 zrev(keys.brand(brand), BRAND, "same_brand", brand)
         merged: dict[tuple[str, str | None], dict[str, float]] = {}
-        for (source, anchor, weight), rows in zip(reads, await pipe.execute()):
+        for (source, anchor, weight), rows in zip(reads, await pipe.execute() if reads else []):
             if source in ("popular", "same_category"):   # trending: two landmarks' scores add up
                 acc = merged.setdefault((source, anchor), {})
                 for m, sc in rows:

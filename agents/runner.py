@@ -83,6 +83,7 @@ class RequestAgent(Generic[T]):
         self.group = f"{s.app_id}-{name}"
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
         self._tasks: set[asyncio.Task] = set()
+        self._producer: AIOKafkaProducer | None = None
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         s = self.s
@@ -94,6 +95,7 @@ class RequestAgent(Generic[T]):
         producer = serving_producer(s)
         await producer.start()
         await consumer.start()
+        self._producer = producer
         try:
             while not consumer.assignment() and not stop.is_set():   # joined the group: requests reach us
                 await asyncio.sleep(0.05)
@@ -110,15 +112,30 @@ class RequestAgent(Generic[T]):
                     records += _flat(more)
                 if records:
                     await self._inflight.acquire()
-                    task = asyncio.create_task(self._handle(records, producer))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._track(asyncio.create_task(self._handle(records, producer)))
         finally:
+            self._producer = None
             for task in list(self._tasks):
                 with contextlib.suppress(Exception):
                     await task
             await consumer.stop()
             await producer.stop()
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def submit(self, batch: list[T]) -> None:
+        """Handle messages that did not come from the topic as a batch of their own, like the topic's
+        (ranking: a request's shard answers merged after the gather wait). Dropped when stopped."""
+        producer = self._producer
+        if producer is None:
+            return
+
+        async def run() -> None:
+            async with self._inflight:
+                await self._process(batch, producer, time.perf_counter())
+        self._track(asyncio.create_task(run()))
 
     async def _handle(self, records: list[ConsumerRecord], producer: AIOKafkaProducer) -> None:
         t0 = time.perf_counter()
@@ -129,30 +146,31 @@ class RequestAgent(Generic[T]):
             batch = []
             for r in records:
                 try:
-                    msg = self.record.from_json(r.value, now=now)
+                    batch.append(self.record.from_json(r.value, now=now))
                 except SchemaError as exc:
                     st.dead_letters += 1
                     await self._dead_letter(producer, r, exc)
-                    continue
-                if self.expired(msg):
-                    st.expired += 1
-                else:
-                    batch.append(msg)
-            if not batch:
-                return
-            try:
-                out = await self.handle(batch)
-            except Exception:
-                st.errors += len(batch)
-                log.exception("%s: a batch of %d failed; the API answers those from the fallback", self.name, len(batch))
-                return
-            for o in out:
-                await producer.send(o.topic, o.value, key=o.key)   # queued; no wait for the ack
-            st.handled += len(batch)
-            st.batches += 1
-            st.handle_latency.add(time.perf_counter() - t0)
+            await self._process(batch, producer, t0)
         finally:
             self._inflight.release()
+
+    async def _process(self, batch: list[T], producer: AIOKafkaProducer, t0: float) -> None:
+        st = self.stats
+        live = [m for m in batch if not self.expired(m)]
+        st.expired += len(batch) - len(live)
+        if not live:
+            return
+        try:
+            out = await self.handle(live)
+        except Exception:
+            st.errors += len(live)
+            log.exception("%s: a batch of %d failed; the API answers those from the fallback", self.name, len(live))
+            return
+        for o in out:
+            await producer.send(o.topic, o.value, key=o.key)   # queued; no wait for the ack
+        st.handled += len(live)
+        st.batches += 1
+        st.handle_latency.add(time.perf_counter() - t0)
 
     async def _dead_letter(self, producer: AIOKafkaProducer, r: ConsumerRecord, exc: SchemaError) -> None:
         first = exc.errors[0]

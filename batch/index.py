@@ -38,6 +38,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import faiss
@@ -365,7 +366,7 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     return rows, scores
 
 
-def recall_at_k(index: RetrievalIndex, exact_vectors: np.ndarray | Embeddings, queries: np.ndarray, k: int) -> float:
+def recall_at_k(index: "RetrievalIndex | ShardedIndex", exact_vectors: np.ndarray | Embeddings, queries: np.ndarray, k: int) -> float:
     """Recall@k of the index against exact search (IndexFlatIP) over the same rows, for the same queries.
 
     Tie-aware, as ann-benchmarks counts it: a returned item is a hit when its exact inner product
@@ -377,10 +378,17 @@ def recall_at_k(index: RetrievalIndex, exact_vectors: np.ndarray | Embeddings, q
     if k < 1:
         raise ValueError("recall needs k >= 1 and a non-empty index")
     q = _as_queries(queries, x.shape[1])
-    return recall_against(x, q, index.search_rows(q, k)[0], exact_search(x, q, k)[1])
+    if isinstance(index, RetrievalIndex):
+        rows = index.search_rows(q, k)[0]
+    elif isinstance(exact_vectors, Embeddings):   # a sharded index answers ids: back to rows of the vectors
+        row_of = exact_vectors.index()
+        rows = np.vectorize(lambda i: row_of.get(i, -1) if i is not None else -1, otypes=[np.int64])(index.search(q, k)[0])
+    else:
+        raise ValueError("the recall of a sharded index needs the Embeddings (ids) it was built from")
+    return recall_against(x, q, rows, exact_search(x, q, k)[1])
 
 
-def _vectors(exact_vectors: np.ndarray | Embeddings, index: RetrievalIndex) -> np.ndarray:
+def _vectors(exact_vectors: np.ndarray | Embeddings, index: "RetrievalIndex | ShardedIndex") -> np.ndarray:
     x = exact_vectors.vectors if isinstance(exact_vectors, Embeddings) else np.asarray(exact_vectors, np.float32)
     if len(x) != len(index):
         raise ValueError(f"exact vectors have {len(x)} rows, the index {len(index)}")
@@ -501,6 +509,15 @@ class ShardedIndex:
             parts = [self._shard_search(s, q, k) for s in self.shards]
         return merge_topk(parts, k)
 
+    @property
+    def kind(self) -> str:
+        """The shards' kind ("flat+ivf" when they differ: "auto" chooses per shard size)."""
+        return "+".join(sorted({s.kind for s in self.shards if len(s)})) or "flat"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"shards": len(self.shards), "n": len(self), "dim": self.shards[0].dim if self.shards else 0}
+
     def set_nprobe(self, nprobe: int) -> None:
         for s in self.shards:
             if len(s):
@@ -515,3 +532,35 @@ def build_sharded(emb: Embeddings, n_shards: int, kind: Kind = "auto", **kwargs:
     its own nlist/nprobe defaults for its size; an empty shard gets an (empty) flat index."""
     shards = [build(part, kind if len(part.ids) else "flat", **kwargs) for part in split_by_shard(emb, n_shards)]
     return ShardedIndex(shards)
+
+
+# -- files: a model version's index is index.faiss, or one file per shard ------------------------------
+
+def shard_file(shard: int, n_shards: int) -> str:
+    return f"index-{shard}-of-{n_shards}.faiss"
+
+
+def index_files(index: RetrievalIndex | ShardedIndex) -> dict[str, bytes]:
+    """File name -> bytes of an index, as a model bundle keeps it."""
+    if isinstance(index, ShardedIndex):
+        return {shard_file(i, len(index.shards)): s.to_bytes() for i, s in enumerate(index.shards)}
+    return {"index.faiss": index.to_bytes()}
+
+
+def load_index(folder: Path, shard: int = 0, n_shards: int = 1) -> RetrievalIndex | ShardedIndex:
+    """What a retrieval worker serving `shard` of `n_shards` loads from a bundle folder: its shard's file;
+    with n_shards 1, the whole index (index.faiss, or every shard's file searched in one process)."""
+    if n_shards == 1 and (folder / "index.faiss").exists():
+        return RetrievalIndex.from_bytes((folder / "index.faiss").read_bytes())
+    trained = sorted(folder.glob("index-*-of-*.faiss"))
+    counts = {int(p.stem.rsplit("-", 1)[1]) for p in trained}
+    if n_shards == 1 and len(counts) == 1:
+        m = counts.pop()
+        return ShardedIndex([RetrievalIndex.from_bytes((folder / shard_file(i, m)).read_bytes()) for i in range(m)],
+                            parallel=False)   # the caller's thread, with its OpenMP thread count
+    path = folder / shard_file(shard, n_shards)
+    if not path.exists():
+        have = f"{sorted(counts)[0]} shards" if counts else "one index"
+        raise ValueError(f"this worker serves shard {shard} of {n_shards} but the version was trained with {have}: "
+                         f"set RECSTREAM_RETRIEVAL_SHARDS alike for the trainer and the retrieval workers")
+    return RetrievalIndex.from_bytes(path.read_bytes())

@@ -134,7 +134,7 @@ class Fitted:
     """What one run trains, before the registry: Spark's outputs, the index, the content model, the ranker."""
     out: BatchOutputs
     items: Embeddings               # ALS item vectors, plus content-model vectors for untouched catalogue items
-    index: faiss_index.RetrievalIndex
+    index: faiss_index.RetrievalIndex | faiss_index.ShardedIndex
     content: ContentModel | None
     ranker: ranker.RankerResult
     metrics: dict[str, float]
@@ -166,7 +166,7 @@ def fit(s: Settings, events: list[Event], products: list[Product], work: Path, p
     with stage("content"):
         items, content, cold = _items_with_cold_start(out, products, progress)
     with stage("index"):
-        idx, recall = _index(items, out.user_embeddings, progress, s.index_kind)
+        idx, recall = _index(items, out.user_embeddings, progress, s.index_kind, shards=s.retrieval_shards)
     with stage("ranker"):
         cfg = ranker.ranker_config(s, nthread=2, progress=False, target_sample=s.ranker_target_sample,
                                    targets_from_s=cut if cut is not None else float("-inf"))
@@ -216,16 +216,24 @@ def _items_with_cold_start(out: BatchOutputs, products: list[Product], progress)
                        np.vstack([out.item_embeddings.vectors, predicted.vectors])), content, len(cold))
 
 
-def _index(items: Embeddings, users: Embeddings, progress, kind: str = "auto", k: int = 200, target: float = 0.95):
+def _index(items: Embeddings, users: Embeddings, progress, kind: str = "auto", k: int = 200, target: float = 0.95,
+           shards: int = 1):
     """The `kind` of index (RECSTREAM_INDEX_KIND), its nprobe tuned for recall@200 >= target on user
     queries. For "auto": exact search when IVF would have to scan more than a quarter of its lists for
     that (weakly clustered embeddings), since it costs the same: over float16 vectors on a CPU (2.4x
-    faster, same recall), float32 on a GPU. An IVF-PQ index stays one (it is chosen for its memory)."""
+    faster, same recall), float32 on a GPU. An IVF-PQ index stays one (it is chosen for its memory).
+    With shards > 1 (RECSTREAM_RETRIEVAL_SHARDS), one such index per shard of the items, each tuned on
+    its own items, and the recall is that of their merged top k."""
+    if shards > 1:
+        parts = [_index(part, users, progress, kind, k, target)[0] if len(part.ids) else faiss_index.build(part, "flat")
+                 for part in faiss_index.split_by_shard(items, shards)]
+        idx = faiss_index.ShardedIndex(parts)
+        progress(f"[train] index: {shards} shards of {', '.join(str(len(p)) for p in parts)} items ({idx.kind})")
+        return idx, _recall(idx, items, users, k)
     idx = faiss_index.build(items, kind)
     if len(users.ids) == 0:
         return idx, float("nan")
-    rng = np.random.default_rng(0)
-    q = users.vectors[rng.choice(len(users.ids), size=min(500, len(users.ids)), replace=False)]
+    q = _user_queries(users)
     if idx.kind in faiss_index.IVF_KINDS:
         nprobe, recall = faiss_index.tune_nprobe(idx, items, q, k, target=target)
         if kind == "auto" and nprobe > idx.params["nlist"] // 4:
@@ -233,12 +241,25 @@ def _index(items: Embeddings, users: Embeddings, progress, kind: str = "auto", k
             progress(f"[train] IVF needs nprobe {nprobe} of {idx.params['nlist']} lists for recall {recall:.3f}: "
                      f"exact search ({exact}) instead")
             idx = faiss_index.build(items, exact)
-    return idx, faiss_index.recall_at_k(idx, items, q, min(k, len(items.ids)))
+    return idx, _recall(idx, items, users, k)
+
+
+def _user_queries(users: Embeddings, n: int = 500) -> np.ndarray:
+    """The queries an index is tuned and measured with: a fixed sample of the users' vectors."""
+    rng = np.random.default_rng(0)
+    return users.vectors[rng.choice(len(users.ids), size=min(n, len(users.ids)), replace=False)]
+
+
+def _recall(idx, items: Embeddings, users: Embeddings, k: int) -> float:
+    if len(users.ids) == 0:
+        return float("nan")
+    return faiss_index.recall_at_k(idx, items, _user_queries(users), min(k, len(items.ids)))
 
 
 def write_bundle(folder: Path, out: BatchOutputs, idx, content, result, metrics, source: Source, s: Settings) -> Path:
     out.save(folder / "batch")
-    (folder / "index.faiss").write_bytes(idx.to_bytes())
+    for name, data in faiss_index.index_files(idx).items():
+        (folder / name).write_bytes(data)
     if content is not None:
         (folder / "content.npz").write_bytes(content.to_bytes())
     (folder / "ranker.ubj").write_bytes(result.model)

@@ -85,7 +85,9 @@ class SnapshotCollector(Collector):
                 ("refilled", "recstream_refilled_records", "records the consumer skipped, read again from Kafka"),
                 ("batches", "recstream_batches", "batches handled"),
                 ("files", "recstream_archive_files", "Parquet files written"),
-                ("commit_failures", "recstream_commit_failures", "offset commits that failed")):
+                ("commit_failures", "recstream_commit_failures", "offset commits that failed"),
+                ("gather_partial", "recstream_gather_partial", "sharded requests ranked without every shard's answer"),
+                ("gather_late", "recstream_gather_late", "shard answers that came after their request was ranked")):
             if isinstance(snap.get(key), (int, float)):
                 fam = CounterMetricFamily(name, doc, labels=["worker", "kind"] if key == "archived" else labels)
                 fam.add_metric([w, "all"] if key == "archived" else [w], float(snap[key]))

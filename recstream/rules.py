@@ -30,8 +30,11 @@ class Proposals:
     scores: dict[str, dict[int, float]] = field(default_factory=dict)
     anchors: dict[str, dict[int, str]] = field(default_factory=dict)
 
-    def add(self, product_id: str | None, source: str, score: float, anchor: str | None = None) -> None:
-        if not product_id or product_id in self.exclude or source not in SOURCES:
+    def add(self, product_id: str | None, source: str, score: float, anchor: str | None = None, *,
+            keep_excluded: bool = False) -> None:
+        """keep_excluded: propose it even if excluded (a shard's ANN answer: the merge of all shards drops
+        it after taking the top k, as one index over every item would have it take a slot)."""
+        if not product_id or (product_id in self.exclude and not keep_excluded) or source not in SOURCES:
             return
         row = self._row.get(product_id)
         if row is None:

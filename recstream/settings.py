@@ -99,6 +99,12 @@ class Settings:
     ranker_target_share: float = _setting(0.2, "the ranker learns from the window's latest events (this share), with ALS "
                                                "vectors trained on the events before them, as serving meets the future (fraction)")
     retrieval_candidates: int = _setting(200, "candidates retrieval hands to ranking (count)")
+    retrieval_shards: int = _setting(1, "the catalogue's index is split by item into this many shards: the trainer "
+                                        "builds one index a shard, one retrieval group serves each, ranking merges "
+                                        "their top k (count; 1: one index)")
+    retrieval_shard: int = _setting(0, "the shard a retrieval worker serves, 0 to RETRIEVAL_SHARDS - 1 (index)")
+    retrieval_gather_ms: float = _setting(10.0, "ranking waits this long after a request's first shard answer for "
+                                                "the others, then ranks what came (milliseconds)")
     promotion_margin: float = _setting(0.02, "a new model becomes champion unless its offline metric is worse "
                                             "than the champion's by more than this fraction (fraction)")
     model_name: str = _setting("recstream", "registered model name in MLflow (name)")
@@ -168,6 +174,19 @@ class Settings:
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
 
+    def retrieval_agents(self) -> list[str]:
+        """Names of the retrieval consumer groups (less the app id): one per index shard."""
+        n = self.retrieval_shards
+        return ["retrieval"] if n == 1 else [f"retrieval-{i}-of-{n}" for i in range(n)]
+
+    def consumer_groups(self) -> list[tuple[str, str]]:
+        """(group, topic) of every consumer group of the app, for lag."""
+        a, click = self.app_id, self.topic("clickstream")
+        return [(a, click), (f"{a}-archive", click),
+                *((f"{a}-{name}", self.topic("rec.requests")) for name in self.retrieval_agents()),
+                (f"{a}-ranking", self.topic("rec.candidates")), (f"{a}-attribution", self.topic("exposures")),
+                (f"{a}-attribution", click)]
+
 
 class SettingsError(ValueError):
     pass
@@ -200,11 +219,15 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(f"unknown setting {key}; known: {', '.join(PREFIX + n.upper() for n in fields)}")
         values[name] = _coerce(name, types[str(fields[name].type)], raw)
     settings = Settings(**values)
-    for name in ("clickstream_partitions", "request_partitions", "replication_factor", "produce_timeout_ms"):
+    for name in ("clickstream_partitions", "request_partitions", "replication_factor", "produce_timeout_ms",
+                 "retrieval_shards"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
     if "{" in settings.redis_namespace or "}" in settings.redis_namespace:   # it would move the keys' hash tags
         raise SettingsError(f"{PREFIX}REDIS_NAMESPACE must not contain '{{' or '}}'")
+    if not 0 <= settings.retrieval_shard < settings.retrieval_shards:
+        raise SettingsError(f"{PREFIX}RETRIEVAL_SHARD is {settings.retrieval_shard}; with {PREFIX}RETRIEVAL_SHARDS="
+                            f"{settings.retrieval_shards} it must be 0 to {settings.retrieval_shards - 1}")
     if settings.index_kind not in INDEX_KINDS:
         raise SettingsError(f"{PREFIX}INDEX_KIND is {settings.index_kind!r}; one of: {', '.join(INDEX_KINDS)}")
     return settings

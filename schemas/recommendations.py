@@ -65,6 +65,11 @@ class RecommendationRequest(Record):
     def key(self) -> bytes:
         return (self.user_id or self.product_id or self.request_id).encode()
 
+    @property
+    def on_screen(self) -> frozenset[str]:
+        """The products the request is about (the product page's, else the cart's): never candidates."""
+        return frozenset([self.product_id] if self.product_id else self.cart_items)
+
     def ctx(self, name: str, default: str = "unknown") -> str:
         return (self.context or {}).get(name) or default
 
@@ -141,9 +146,15 @@ class CandidateSet(Record):
     scores: dict[str, tuple[float, ...]] = check(Columns(FloatColumn()), doc="source -> score per candidate (null: not proposed)")
     anchors: dict[str, tuple[str | None, ...]] = check(Columns(TextColumn()), doc="source -> anchor per candidate")
     timings_ms: dict[str, float] | None = check(NumMap(), default=None, doc="time per stage so far (milliseconds)")
+    shard: int = check(Number(lo=0, hi=1023, integer=True), default=0,
+                       doc="the index shard that answered (shard 0 also carries every source but ANN)")
+    shards: int = check(Number(lo=1, hi=1024, integer=True), default=1,
+                        doc="shards the request went to: ranking merges this many sets (1: a whole answer)")
 
     def validate(self) -> None:
         n = len(self.product_ids)
+        if self.shard >= self.shards:
+            raise Invalid(f"shard: {self.shard} of {self.shards} shards (0 to {self.shards - 1})")
         for name, cols in (("scores", self.scores), ("anchors", self.anchors)):
             for k, col in cols.items():
                 if len(col) != n:

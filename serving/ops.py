@@ -158,11 +158,7 @@ class OpsMonitor:
         self.started_at = time.time()
 
     def groups(self) -> list[tuple[str, str]]:
-        s, a = self.s, self.s.app_id
-        click = s.topic("clickstream")
-        return [(a, click), (f"{a}-archive", click), (f"{a}-retrieval", s.topic("rec.requests")),
-                (f"{a}-ranking", s.topic("rec.candidates")), (f"{a}-attribution", s.topic("exposures")),
-                (f"{a}-attribution", click)]
+        return self.s.consumer_groups()
 
     # -- recording (called per request) --
     def observe_request(self, endpoint: str, code: int, seconds: float) -> None:

@@ -60,10 +60,7 @@ async def report(s: Settings) -> int:
     import orjson
     import redis.asyncio as aioredis
 
-    topic = s.topic("clickstream")
-    groups = [(s.app_id, topic), (f"{s.app_id}-archive", topic),
-              (f"{s.app_id}-retrieval", s.topic("rec.requests")), (f"{s.app_id}-ranking", s.topic("rec.candidates"))]
-    for group, source in groups:
+    for group, source in s.consumer_groups():
         lags = await group_lag(s, group, source)
         parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
         print(f"{group:28} {source}  total {total(lags):>8}   per partition {parts}")

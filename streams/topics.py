@@ -98,7 +98,7 @@ async def ensure_topics(s: Settings, wanted: list[TopicSpec] | None = None) -> d
         await admin.close()
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 10) -> dict[str, int]:
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 30) -> dict[str, int]:
     """Partitions per topic; a topic created a moment ago may show none until metadata settles."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:

@@ -149,7 +149,9 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
         from agents.retrieval import Retrieval
 
         handler = Retrieval(s, store, models)
-        agent = RequestAgent(s, role, s.topic("rec.requests"), RecommendationRequest, handler.handle,
+        # one consumer group per shard: every request reaches one process of each
+        name = s.retrieval_agents()[s.retrieval_shard]
+        agent = RequestAgent(s, name, s.topic("rec.requests"), RecommendationRequest, handler.handle,
                              lambda r: r.expired(time.time(), 2 * s.serving_reserve_ms),
                              window_ms=s.retrieval_batch_window_ms)
     else:
@@ -158,6 +160,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
         handler = Ranking(s, store, models)
         agent = RequestAgent(s, role, s.topic("rec.candidates"), CandidateSet, handler.handle,
                              lambda c: c.request.expired(time.time(), s.serving_reserve_ms))
+        handler.submit = agent.submit   # a sharded request's merge, after its gather wait
     key = metrics_key(s, role)
     prom = start_worker_metrics(s.metrics_port, role)   # Prometheus /metrics (metrics_port 0: off)
     await models.start(store.model_pointer)
@@ -174,6 +177,8 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
                     "dead_letters": st.dead_letters, "errors": st.errors, "batches": st.batches,
                     "handle_latency_ms": st.handle_latency.percentiles_ms(),
                     "handle_latency_counts": st.handle_latency.counts.tolist()}
+            if role == "ranking":
+                snap |= {"gather_partial": handler.gather.partial, "gather_late": handler.gather.late}
             prom.snapshot = snap
             try:
                 await client.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)

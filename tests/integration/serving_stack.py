@@ -65,13 +65,15 @@ class Processes:
             return [str(RECSTREAM), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         return [str(RECSTREAM), "worker", name]
 
-    def start(self, name: str, role: str | None = None) -> subprocess.Popen:
+    def start(self, name: str, role: str | None = None, **overrides) -> subprocess.Popen:
         """Start `name`, running `role` (the process kind: a worker role or "api"; by default the name
-        itself), so several processes of one kind can run side by side ("features", "features-2")."""
+        itself), so several processes of one kind can run side by side ("features", "features-2"),
+        with the deployment's settings less `overrides` (a retrieval shard: retrieval_shard=1)."""
         assert name not in self.procs or self.procs[name].poll() is not None, f"{name} is running"
         log = open(self.logs / f"{name}.log", "ab")
         self._files.append(log)
-        proc = subprocess.Popen(self.command(role or name), cwd=REPO, env=settings_env(self.s), stdout=log,
+        env = settings_env(dataclasses.replace(self.s, **overrides))
+        proc = subprocess.Popen(self.command(role or name), cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc

@@ -384,3 +384,42 @@ def test_training_builds_the_kind_the_settings_name_and_tunes_it(data, kind, bui
     idx, recall = _index(emb, users, lambda _: None, kind)
     assert idx.kind == built
     assert recall >= 0.95   # IVF-PQ with its float16 re-rank reaches it too
+
+
+# -- a model bundle's index files: one, or one per shard ---------------------------------------------
+
+from batch.index import index_files, load_index, shard_file  # noqa: E402
+
+
+def test_a_sharded_index_is_written_a_file_a_shard_and_each_worker_loads_its_own(data, tmp_path):
+    emb, queries = data
+    sharded = build_sharded(emb, 3, "flat", use_gpu=False)
+    for name, raw in index_files(sharded).items():
+        (tmp_path / name).write_bytes(raw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [shard_file(i, 3) for i in range(3)]
+    for i in range(3):
+        mine = load_index(tmp_path, i, 3)
+        assert set(mine.ids) == {x for x in emb.ids if shard_of(x, 3) == i}
+    whole = load_index(tmp_path)   # one worker for the whole catalogue: every shard, merged in process
+    assert isinstance(whole, ShardedIndex) and len(whole) == len(emb.ids) and whole.kind == "flat"
+    for got, want in zip(whole.search(queries, K), sharded.search(queries, K)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="shard 1 of 2 but the version was trained with 3 shards"):
+        load_index(tmp_path, 1, 2)
+
+
+def test_an_unsharded_bundle_refuses_a_sharded_worker_by_name(data, tmp_path):
+    emb, _ = data
+    for name, raw in index_files(build(emb, "flat", use_gpu=False)).items():
+        (tmp_path / name).write_bytes(raw)
+    assert isinstance(load_index(tmp_path), RetrievalIndex)
+    with pytest.raises(ValueError, match="RECSTREAM_RETRIEVAL_SHARDS alike"):
+        load_index(tmp_path, 0, 2)
+
+
+def test_the_recall_of_a_sharded_index_is_measured_against_exact_search_over_every_item(data):
+    emb, queries = data
+    sharded = build_sharded(emb, 3, "flat", use_gpu=False)
+    assert recall_at_k(sharded, emb, queries, K) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs the Embeddings"):
+        recall_at_k(sharded, emb.vectors, queries, K)

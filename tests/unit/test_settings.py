@@ -21,6 +21,9 @@ def test_reads_prefixed_variables_with_types():
     ({"RECSTREAM_CLIKSTREAM_PARTITIONS": "3"}, "unknown setting RECSTREAM_CLIKSTREAM_PARTITIONS"),
     ({"RECSTREAM_CLICKSTREAM_PARTITIONS": "many"}, "RECSTREAM_CLICKSTREAM_PARTITIONS='many'"),
     ({"RECSTREAM_CLICKSTREAM_PARTITIONS": "0"}, "must be at least 1"),
+    ({"RECSTREAM_RETRIEVAL_SHARDS": "0"}, "RECSTREAM_RETRIEVAL_SHARDS must be at least 1"),
+    ({"RECSTREAM_RETRIEVAL_SHARDS": "4", "RECSTREAM_RETRIEVAL_SHARD": "4"}, "it must be 0 to 3"),
+    ({"RECSTREAM_RETRIEVAL_SHARD": "1"}, "RECSTREAM_RETRIEVAL_SHARD is 1; with RECSTREAM_RETRIEVAL_SHARDS=1"),
 ])
 def test_bad_settings_are_refused_by_name(env, message):
     with pytest.raises(SettingsError, match=message):
@@ -42,3 +45,11 @@ def test_the_index_kind_is_checked_against_the_kinds_batch_index_builds():
     assert load({"RECSTREAM_INDEX_KIND": "ivfpq"}).index_kind == "ivfpq"
     with pytest.raises(SettingsError, match="INDEX_KIND is 'pq'"):
         load({"RECSTREAM_INDEX_KIND": "pq"})
+
+
+def test_each_retrieval_shard_has_its_own_consumer_group_and_lag_watches_every_one():
+    one, four = load({}), load({"RECSTREAM_RETRIEVAL_SHARDS": "4", "RECSTREAM_RETRIEVAL_SHARD": "2"})
+    assert one.retrieval_agents() == ["retrieval"]
+    assert four.retrieval_agents() == [f"retrieval-{i}-of-4" for i in range(4)]
+    groups = [g for g, topic in four.consumer_groups() if topic == four.topic("rec.requests")]
+    assert groups == [f"{four.app_id}-retrieval-{i}-of-4" for i in range(4)]

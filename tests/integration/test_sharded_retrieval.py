@@ -1,0 +1,220 @@
+"""Retrieval sharded by item across worker processes (issue 9) on the real stack: the trainer writes one
+index per shard, one consumer group per shard reads every request, ranking gathers the shards'
+answers and merges their top k. The merge equals the unsharded answer; with a shard down, requests
+are still answered by the agents from the shards that are up."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import socket
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from agents.models import ModelHolder, load_bundle
+from agents.retrieval import Retrieval
+from batch.index import ShardedIndex, shard_file
+from recstream.data import ShopConfig, shop_dataset
+from recstream.gather import ann_k, merge_parts
+from recstream.settings import Settings
+from schemas import CandidateSet, RecommendationRequest
+from streams.online_store import OnlineStore
+from streams.topics import ensure_topics
+from tests.integration.serving_stack import Processes, small_deployment, wait_for
+
+API = "/api/v1/recommendations"
+DEADLINE_MS = 200   # as in test_rebalance.py: a 2-core box shared by several processes
+SHARDS = 2
+
+
+@dataclasses.dataclass
+class Stack:
+    s: Settings
+    procs: Processes
+    http: object
+    redis: aioredis.Redis
+    store: OnlineStore
+    version: str
+    bundle: Path
+    products: set[str]
+    cases: list[tuple[str, dict, set[str]]]   # (path, params, products that must not be recommended)
+
+
+@pytest.fixture(scope="module")
+async def sharded(stack: Settings, tmp_path_factory):
+    import httpx
+
+    from batch.publish import current
+    from batch.registry import Registry
+    from batch.train import Source, train_once
+    from streams.replay import publish_dataset
+
+    home = tmp_path_factory.mktemp("sharded-retrieval")
+    s = small_deployment(stack, home, "sharded", DEADLINE_MS, retrieval_shards=SHARDS)
+    await ensure_topics(s)
+    cfg = ShopConfig(users=80, products=300, seed=11, end_s=float(int(time.time()) - 60))
+    data = shop_dataset(cfg)
+    procs = Processes(s, home)
+    client = aioredis.from_url(s.redis_url)
+    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    training = None
+    try:
+        procs.start("features")
+        training = asyncio.ensure_future(asyncio.to_thread(train_once, s, Source(dataset="shop", shop=cfg),
+                                                           lambda _: None))
+        await publish_dataset(s, data, progress=False)
+        report = await training
+        assert (await current(s))["version"] == report.version
+        bundle = await asyncio.to_thread(Registry(s.mlflow_tracking_uri, s.model_name).download, report.version,
+                                         home / "bundle")
+
+        async def all_in():
+            return sum(v + 1 for v in (await store.applied_offsets(range(4))).values()) == len(data.events)
+        await wait_for(all_in, 120, "the shop's events in Redis", check=lambda: procs.check_alive("features"))
+        for i in range(SHARDS):
+            procs.start(f"retrieval-{i}", "retrieval", retrieval_shard=i)
+        procs.start("ranking")
+        procs.start("api")
+        views = Counter(e.product_id for e in data.events if e.event_type == "view")
+        bought = [p for p, _ in Counter(e.product_id for e in data.events if e.event_type == "purchase").most_common(6)]
+        users = sorted({e.user_id for e in data.events})
+        top = [p for p, _ in views.most_common(6)]
+        cases = [("homepage", {"user_id": u}, set()) for u in users[:20]]
+        cases += [(kind, {"product_id": p}, {p}) for p in top for kind in ("similar", "also-viewed")]
+        cases += [("cart", {"cart_items": f"{a},{b}"}, {a, b}) for a, b in zip(bought[::2], bought[1::2])]
+        async with httpx.AsyncClient(base_url=procs.base_url, timeout=10) as http:
+            st = Stack(s, procs, http, client, store, report.version, bundle, {p.product_id for p in data.products},
+                       cases)
+
+            async def answered():
+                try:
+                    r = await http.get(f"{API}/similar", params={"product_id": top[0]})
+                except httpx.TransportError:
+                    return False
+                return r.status_code == 200 and not r.json()["fallback"] and r.json()["model_version"] == st.version
+            await wait_for(answered, 120, "the sharded agents answering", interval_s=0.3,
+                           check=lambda: procs.check_alive())
+            yield st
+    finally:
+        procs.stop_all()
+        if training is not None and not training.done():
+            await asyncio.wait([training])
+        await client.aclose()
+
+
+def _request(path: str, params: dict) -> RecommendationRequest:
+    kind = path.replace("-", "_")
+    extra = {"cart_items": tuple(params["cart_items"].split(","))} if "cart_items" in params else params
+    return RecommendationRequest(request_id=uuid.uuid4().hex, kind=kind, created_at=time.time(), deadline_ms=10_000,
+                                 **extra)
+
+
+async def test_the_trainer_writes_one_index_per_shard_and_their_merge_equals_the_whole_catalogue(sharded: Stack):
+    """Shard 0 and shard 1, each in its own Retrieval with only its shard's index, answer the same
+    requests; their merge (what ranking does) has the same candidates and scores as one Retrieval over
+    every shard (the index files of the version, searched in one process: exact here, flat indexes)."""
+    st = sharded
+    assert {shard_file(i, SHARDS) for i in range(SHARDS)} <= {p.name for p in st.bundle.iterdir()}
+    assert not (st.bundle / "index.faiss").exists()   # a sharded version has no whole index
+
+    def retrieval(shard: int, shards: int) -> Retrieval:
+        s = dataclasses.replace(st.s, retrieval_shard=shard, retrieval_shards=shards)
+        holder = ModelHolder(s, "retrieval")
+        holder.current = load_bundle(st.bundle, st.version, "retrieval", 1, shard, shards)
+        r = Retrieval(s, st.store, holder)
+        r.clock = lambda: now   # trending reads at one moment for all
+        return r
+
+    now = time.time()
+    parts = [retrieval(i, SHARDS) for i in range(SHARDS)]
+    whole = retrieval(0, 1)
+    assert isinstance(whole.models.current.index, ShardedIndex)
+    assert sum(len(p.models.current.index) for p in parts) == len(whole.models.current.index)
+    try:
+        requests = [_request(path, params) for path, params, _ in st.cases]
+        answers = [[CandidateSet.from_json(o.value) for o in await p.handle(requests)] for p in parts]
+        expected = [CandidateSet.from_json(o.value) for o in await whole.handle(requests)]
+    finally:
+        for r in (*parts, whole):
+            r.close()
+    with_ann = 0
+    for i, want in enumerate(expected):
+        got = merge_parts([a[i] for a in answers], ann_k(requests[i], st.s.retrieval_candidates))
+        assert set(got.product_ids) == set(want.product_ids), st.cases[i]
+        assert set(got.scores) == set(want.scores), st.cases[i]
+        for source in want.scores:
+            g = dict(zip(got.product_ids, got.scores[source]))
+            w = dict(zip(want.product_ids, want.scores[source]))
+            assert g.keys() == w.keys()
+            for pid in w:   # NaN: the source did not propose the item
+                assert math.isnan(g[pid]) == math.isnan(w[pid]), (st.cases[i], source, pid)
+                assert math.isnan(w[pid]) or g[pid] == pytest.approx(w[pid], rel=1e-5), (st.cases[i], source, pid)
+        with_ann += "als" in want.scores
+        assert [a[i].shard for a in answers] == list(range(SHARDS))
+        assert all(set(a[i].scores) <= {"als"} for a in answers[1:])   # shard 1 proposes ANN candidates only
+    assert with_ann >= len(expected) // 2
+
+
+async def _ranking_snapshot(st: Stack) -> dict | None:
+    suffix = f":{socket.gethostname()}:{st.procs.procs['ranking'].pid}"
+    async for key in st.redis.scan_iter(match=f"{st.s.redis_namespace}metrics:ranking:*"):
+        if key.decode().endswith(suffix):
+            raw = await st.redis.get(key)
+            return orjson.loads(raw) if raw else None
+    return None
+
+
+async def test_sharded_serving_answers_every_request_and_a_shard_down_only_narrows_the_candidates(sharded: Stack):
+    """Requests through the API while both shards run, then with shard 1 killed (SIGKILL), then with it
+    back: every answer 200 within the deadline; with both up every request is gathered whole; with one
+    down the agents still answer (ranking merges what came after its gather wait), not the fallback."""
+    st = sharded
+
+    async def round_of(n: int) -> list[dict]:
+        out = []
+        for i in range(n):
+            path, params, exclude = st.cases[i % len(st.cases)]
+            t = time.monotonic()
+            r = await st.http.get(f"{API}/{path}", params=params)
+            assert r.status_code == 200, r.text
+            assert time.monotonic() - t < DEADLINE_MS / 1000 + 0.25
+            body = r.json()
+            ids = [it["product_id"] for it in body["items"]]
+            assert len(set(ids)) == len(ids) and set(ids) <= st.products and not set(ids) & exclude, (path, params)
+            out.append(body)
+        return out
+
+    async def partial() -> int:
+        snap = await wait_for(lambda: _ranking_snapshot(st), 10, "the ranking agent's metrics")
+        return snap["gather_partial"]
+
+    both = await round_of(len(st.cases))
+    assert sum(b["fallback"] for b in both) <= 1, Counter(b["fallback"] for b in both)
+    await asyncio.sleep(2.5)   # the ranking snapshot is published every 2 s
+    before = await partial()
+    assert before <= 1
+
+    st.procs.kill("retrieval-1")
+    await asyncio.sleep(0.5)
+    one = await round_of(len(st.cases))
+    agents = [b for b in one if not b["fallback"]]
+    assert len(agents) >= len(one) - 2, Counter(b["fallback"] for b in one)   # answered from shard 0's part
+    assert all(b["model_version"] == st.version for b in agents)
+    await asyncio.sleep(2.5)
+    assert await partial() >= before + len(agents) - sum(b.get("cached", False) for b in agents)
+
+    st.procs.start("retrieval-1", "retrieval", retrieval_shard=1)
+
+    async def whole_again():   # its group rebalanced (the killed member's session expired): nothing partial
+        start = await partial()
+        await round_of(10)
+        await asyncio.sleep(2.5)
+        return await partial() == start
+    await wait_for(whole_again, 90, "shard 1 answering again", interval_s=0.5,
+                   check=lambda: st.procs.check_alive("retrieval-0", "retrieval-1", "ranking", "api"))
