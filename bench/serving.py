@@ -127,11 +127,12 @@ class Procs:
         self.s, self.logdir = s, logdir
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`recstream argv...` with the bench's settings, plus `env` (RECSTREAM_* variables of this process)."""
         log_path = self.logdir / f"{name}.log"
         with open(log_path, "ab") as f:
-            p = subprocess.Popen([sys.executable, "-m", "recstream.cli", *argv], cwd=ROOT, env=env_for(self.s),
-                                 stdout=f, stderr=subprocess.STDOUT)
+            p = subprocess.Popen([sys.executable, "-m", "recstream.cli", *argv], cwd=ROOT,
+                                 env={**env_for(self.s), **(env or {})}, stdout=f, stderr=subprocess.STDOUT)
         self.procs[name] = p
         log(f"started {name} (pid {p.pid}, log {log_path})")
         return p
