@@ -150,7 +150,7 @@ class Retrieval:
             out.append(Outgoing(self.s.topic("rec.candidates"), p.request.key, cs.to_json()))
         return out
 
-        self.gather = Gather(s.retrieval_candidates)    # -- Redis reads (two round trips per request) ---------------------------------------------------
+    # -- Redis reads (two round trips per request) ---------------------------------------------------
     async def _read(self, r: RecommendationRequest, model: ServingModel | None, now: float) -> Plan:
         ns, v = self.ns, model.version if model else None
         plan = Plan(r, Proposals(exclude=set(r.on_screen)))

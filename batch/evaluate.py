@@ -207,7 +207,9 @@ async def _serve(s: Settings, split: Split, fitted: training.Fitted, bundle: Pat
         retrieval_model = load_bundle(bundle, version, "retrieval", threads=1)
         ranking_model = load_bundle(bundle, version, "ranking", threads=1)
         plain = dataclasses.replace(ranking_model, booster=None)
-        retrieval = Retrieval(s, store, _holder(s, "retrieval", retrieval_model))
+        # the whole index in this process (every shard's file, if the version is sharded): one unsharded agent
+        retrieval = Retrieval(dataclasses.replace(s, retrieval_shards=1, retrieval_shard=0), store,
+                              _holder(s, "retrieval", retrieval_model))
         full, rules = Ranking(s, store, _holder(s, "ranking", ranking_model)), Ranking(s, store, _holder(s, "ranking", plain))
         try:
             return await _answer(s, split, store, states, retrieval, full, rules, progress)

@@ -566,7 +566,7 @@ async def components(s: Settings, client: aioredis.Redis, traffic: Traffic, args
         rmodel = load_bundle(folder, version, "retrieval", s.serving_threads)
         kmodel = load_bundle(folder, version, "ranking", s.serving_threads)
     store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
-    retrieval = Retrieval(s, store, Holder(rmodel))
+    retrieval = Retrieval(dataclasses.replace(s, retrieval_shards=1, retrieval_shard=0), store, Holder(rmodel))
     ranking = Ranking(s, store, Holder(kmodel))
     k = min(s.retrieval_candidates + 1, len(rmodel.index))
     out: dict = {"index": {"kind": rmodel.index.kind, "items": len(rmodel.index), **rmodel.index.params},

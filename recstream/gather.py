@@ -5,8 +5,9 @@ Every shard searches its own items with the same query and returns its top k by 
 the global top k is the best k of their union (batch.index.merge_topk does the same in one process).
 Shard 0 also carries every source besides ANN (session, co-view, co-purchase, trending, brand); the
 others carry ANN candidates only. A shard's ANN answer keeps the request's on-screen items: they take
-their slots in the global top k, then the merge drops them, as retrieval over one index does. ANN candidates of a shard on another model version than shard 0
-(a swap under way) are dropped: their scores come from another embedding space.
+their slots in the global top k, then the merge drops them, as retrieval over one index does. ANN
+candidates of a shard on another model version than shard 0 (a swap under way) are dropped: their
+scores come from another embedding space.
 
 `Gather` keeps the parts of requests still waiting, without clocks or tasks of its own: the ranking
 agent offers parts as they come and expires a request when its wait is over.
