@@ -55,7 +55,6 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from bench import ingest, serving as srv  # noqa: E402
 from bench.http_ingest import free_port  # noqa: E402
 from bench.soak import machine  # noqa: E402
-from recstream.data import ShopConfig, generate  # noqa: E402
 from recstream.features import keys, popularity  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from schemas import Event  # noqa: E402
@@ -433,11 +432,7 @@ async def serving_phases(args: argparse.Namespace, base: Settings, events: list[
         info = await srv.setup(s, args, procs, client)
         out["setup"] = {k: info.get(k) for k in ("done_at", "events", "products", "users", "version", "cached",
                                                  "setup_s")}
-        shop = generate(ShopConfig(users=info["users"], products=info["products"], seed=info["marker"]["seed"],
-                                   end_s=info["end_s"]))
-        traffic = srv.Traffic(sorted({e.user_id for e in shop.events}), [e.product_id for e in shop.events],
-                              [e.product_id for e in shop.events if e.event_type in ("add_to_cart", "purchase")])
-        del shop
+        traffic = srv.traffic_of(info)
         port = free_port()
         await srv.start_serving(s, procs, client, port)
         for pairs in (1, 2):

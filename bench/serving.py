@@ -370,6 +370,15 @@ class Http:
         self.idle.clear()
 
 
+def traffic_of(info: dict) -> "Traffic":
+    """The request mix over the set-up's shop (generated again from its seed): users the model knows,
+    products weighted by their events, carts from what was added or bought."""
+    shop = generate(ShopConfig(users=info["users"], products=info["products"], seed=info["marker"]["seed"],
+                               end_s=info["end_s"]))
+    return Traffic(sorted({e.user_id for e in shop.events}), [e.product_id for e in shop.events],
+                   [e.product_id for e in shop.events if e.event_type in ("add_to_cart", "purchase")])
+
+
 class Traffic:
     """Request paths of the mix: homepage users in a shuffled cycle, products weighted by their events."""
 
@@ -830,14 +839,7 @@ async def run(args: argparse.Namespace) -> dict:
         info = await setup(s, args, procs, client)
         details["setup"] = info
         info["version_now"] = await serving_pointer(s, client)
-        # traffic: users the model knows, products from the events
-        shop = generate(ShopConfig(users=info["users"], products=info["products"], seed=info["marker"]["seed"],
-                                   end_s=info["end_s"]))
-        ev_products = [e.product_id for e in shop.events]
-        carts = [e.product_id for e in shop.events if e.event_type in ("add_to_cart", "purchase")]
-        users = sorted({e.user_id for e in shop.events})
-        del shop
-        traffic = Traffic(users, ev_products, carts)
+        traffic = traffic_of(info)
         port = free_port()
         await start_serving(s, procs, client, port)
         pids = {**procs.pids(), **service_pids(base)}
@@ -931,7 +933,7 @@ async def run(args: argparse.Namespace) -> dict:
 
         if "freshness" in args.phases:
             log(f"freshness: {args.freshness_trials} trials")
-            fr = await freshness(port, users, ev_products, args.freshness_trials)
+            fr = await freshness(port, traffic.users, traffic.products, args.freshness_trials)
             details["freshness"] = fr
             figures["freshness_p50_ms"] = fr["p50"]
             figures["freshness_p99_ms"] = fr["p99"]

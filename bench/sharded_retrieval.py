@@ -49,7 +49,6 @@ from bench import ingest, serving as srv  # noqa: E402
 from bench.http_ingest import free_port  # noqa: E402
 from bench.scale_workers import ladder, timed_load  # noqa: E402
 from bench.soak import machine, rss_mb  # noqa: E402
-from recstream.data import ShopConfig, generate  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
 
@@ -173,11 +172,7 @@ async def run(args: argparse.Namespace) -> dict:
                                                  "setup_s")}
         out["train_index"] = {k: v for k, v in (info.get("train") or {}).get("metrics", {}).items() if "faiss" in k}
         out["index_files"] = await asyncio.to_thread(index_files, s, str(info["version"]))
-        shop = generate(ShopConfig(users=info["users"], products=info["products"], seed=info["marker"]["seed"],
-                                   end_s=info["end_s"]))
-        traffic = srv.Traffic(sorted({e.user_id for e in shop.events}), [e.product_id for e in shop.events],
-                              [e.product_id for e in shop.events if e.event_type in ("add_to_cart", "purchase")])
-        del shop
+        traffic = srv.traffic_of(info)
         port = free_port()
         if "features" not in procs.procs:
             procs.start("features", ["worker", "features"])

@@ -11,12 +11,15 @@ import socket
 import subprocess
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from recstream.data import Dataset, ShopConfig, shop_dataset
 from recstream.settings import PREFIX, Settings
+from streams.online_store import OnlineStore
 
 RECSTREAM = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "recstream"
 REPO = Path(__file__).resolve().parents[2]
@@ -130,3 +133,43 @@ async def get_json(client: httpx.AsyncClient, path: str, **params) -> tuple[http
     t = time.perf_counter()
     r = await client.get(path, params=params)
     return r, r.json(), time.perf_counter() - t
+
+
+async def trained_shop(s: Settings, cfg: ShopConfig, procs: Processes, store: OnlineStore):
+    """A generated shop through a feature worker (`procs`' "features") while a model trains on the same
+    shop; returns (the dataset, the training report) once the model is published and every event is
+    applied in Redis."""
+    from batch.publish import current
+    from batch.train import Source, train_once
+    from streams.replay import publish_dataset
+
+    data = shop_dataset(cfg)
+    procs.start("features")
+    training = asyncio.ensure_future(asyncio.to_thread(train_once, s, Source(dataset="shop", shop=cfg),
+                                                       lambda _: None))
+    try:
+        await publish_dataset(s, data, progress=False)
+        report = await training
+    finally:
+        if not training.done():   # a thread cannot be cancelled: let it end before the stack goes
+            await asyncio.wait([training])
+    assert (await current(s))["version"] == report.version
+
+    async def all_in():
+        applied = await store.applied_offsets(range(s.clickstream_partitions))
+        return sum(v + 1 for v in applied.values()) == len(data.events)
+    await wait_for(all_in, 120, "the shop's events in Redis", check=lambda: procs.check_alive("features"))
+    return data, report
+
+
+def request_cases(data: Dataset) -> list[tuple[str, dict, set[str]]]:
+    """(API path, parameters, products that must not be recommended) over a shop: 20 users' homepages
+    and an anonymous one, similar and also-viewed for the 6 most viewed products, carts of bestsellers."""
+    views = Counter(e.product_id for e in data.events if e.event_type == "view")
+    bought = [p for p, _ in Counter(e.product_id for e in data.events if e.event_type == "purchase").most_common(6)]
+    users = sorted({e.user_id for e in data.events})
+    top = [p for p, _ in views.most_common(6)]
+    cases = [("homepage", {"user_id": u}, set()) for u in users[:20]] + [("homepage", {}, set())]
+    cases += [(kind, {"product_id": p}, {p}) for p in top for kind in ("similar", "also-viewed")]
+    cases += [("cart", {"cart_items": f"{a},{b}"}, {a, b}) for a, b in zip(bought[::2], bought[1::2])]
+    return cases

@@ -28,7 +28,7 @@ from streams.replay import publish
 from streams.topics import ensure_topics
 from streams.worker import metrics_index
 from tests.integration.conftest import read_changelog
-from tests.integration.serving_stack import Processes, small_deployment, wait_for
+from tests.integration.serving_stack import Processes, request_cases, small_deployment, trained_shop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -261,45 +261,24 @@ class Stack:
 async def serving_stack(stack: Settings, tmp_path_factory):
     import httpx
 
-    from batch.publish import current
-    from batch.train import Source, train_once
-    from streams.replay import publish_dataset
-
     home = tmp_path_factory.mktemp("rebalance-serving")
     s = small_deployment(stack, home, "rebalance", DEADLINE_MS)
     await ensure_topics(s)
-    cfg = ShopConfig(users=80, products=200, seed=4, end_s=float(int(time.time()) - 60))
-    data = shop_dataset(cfg)
     procs = Processes(s, home)
     client = aioredis.from_url(s.redis_url)
     store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
-    training = None
     try:
-        procs.start("features")
-        training = asyncio.ensure_future(asyncio.to_thread(train_once, s, Source(dataset="shop", shop=cfg),
-                                                           lambda _: None))
-        await publish_dataset(s, data, progress=False)
-        report = await training
-        assert (await current(s))["version"] == report.version
-
-        async def all_in():
-            return sum(v + 1 for v in (await store.applied_offsets(range(4))).values()) == len(data.events)
-        await wait_for(all_in, 120, "the shop's events in Redis", check=lambda: procs.check_alive("features"))
+        data, report = await trained_shop(s, ShopConfig(users=80, products=200, seed=4,
+                                                        end_s=float(int(time.time()) - 60)), procs, store)
         for name in SERVING:
             procs.start(name)
-        views = Counter(e.product_id for e in data.events if e.event_type == "view")
-        bought = [p for p, _ in Counter(e.product_id for e in data.events if e.event_type == "purchase").most_common(6)]
-        users = sorted({e.user_id for e in data.events})
-        top = [p for p, _ in views.most_common(6)]
-        cases = [("homepage", {"user_id": u}, set()) for u in users[:20]] + [("homepage", {}, set())]
-        cases += [(kind, {"product_id": p}, {p}) for p in top for kind in ("similar", "also-viewed")]
-        cases += [("cart", {"cart_items": f"{a},{b}"}, {a, b}) for a, b in zip(bought[::2], bought[1::2])]
+        cases = request_cases(data)
         async with httpx.AsyncClient(base_url=procs.base_url, timeout=10) as http:
             st = Stack(s, procs, http, client, report.version, {p.product_id for p in data.products}, cases)
 
             async def answered():
                 try:
-                    r = await http.get(f"{API}/similar", params={"product_id": top[0]})
+                    r = await http.get(f"{API}/similar", params=next(c[1] for c in cases if c[0] == "similar"))
                 except httpx.TransportError:
                     return False
                 return r.status_code == 200 and not r.json()["fallback"] and r.json()["model_version"] == st.version
@@ -308,8 +287,6 @@ async def serving_stack(stack: Settings, tmp_path_factory):
             yield st
     finally:
         procs.stop_all()
-        if training is not None and not training.done():
-            await asyncio.wait([training])
         await client.aclose()
 
 

@@ -20,17 +20,18 @@ import redis.asyncio as aioredis
 from agents.models import ModelHolder, load_bundle
 from agents.retrieval import Retrieval
 from batch.index import ShardedIndex, shard_file
-from recstream.data import ShopConfig, shop_dataset
+from recstream.data import ShopConfig
 from recstream.gather import ann_k, merge_parts
 from recstream.settings import Settings
 from schemas import CandidateSet, RecommendationRequest
 from streams.online_store import OnlineStore
 from streams.topics import ensure_topics
-from tests.integration.serving_stack import Processes, small_deployment, wait_for
+from tests.integration.serving_stack import Processes, request_cases, small_deployment, trained_shop, wait_for
 
 API = "/api/v1/recommendations"
 DEADLINE_MS = 200   # as in test_rebalance.py: a 2-core box shared by several processes
 SHARDS = 2
+GATHER_MS = 60.0
 
 
 @dataclasses.dataclass
@@ -50,51 +51,32 @@ class Stack:
 async def sharded(stack: Settings, tmp_path_factory):
     import httpx
 
-    from batch.publish import current
     from batch.registry import Registry
-    from batch.train import Source, train_once
-    from streams.replay import publish_dataset
 
     home = tmp_path_factory.mktemp("sharded-retrieval")
-    s = small_deployment(stack, home, "sharded", DEADLINE_MS, retrieval_shards=SHARDS)
+    # a gather wait well inside the deadline: on a busy 2-core box one shard's answer can trail the other's
+    s = small_deployment(stack, home, "sharded", DEADLINE_MS, retrieval_shards=SHARDS, retrieval_gather_ms=GATHER_MS)
     await ensure_topics(s)
-    cfg = ShopConfig(users=80, products=300, seed=11, end_s=float(int(time.time()) - 60))
-    data = shop_dataset(cfg)
     procs = Processes(s, home)
     client = aioredis.from_url(s.redis_url)
     store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
-    training = None
     try:
-        procs.start("features")
-        training = asyncio.ensure_future(asyncio.to_thread(train_once, s, Source(dataset="shop", shop=cfg),
-                                                           lambda _: None))
-        await publish_dataset(s, data, progress=False)
-        report = await training
-        assert (await current(s))["version"] == report.version
+        data, report = await trained_shop(s, ShopConfig(users=80, products=300, seed=11,
+                                                        end_s=float(int(time.time()) - 60)), procs, store)
         bundle = await asyncio.to_thread(Registry(s.mlflow_tracking_uri, s.model_name).download, report.version,
                                          home / "bundle")
-
-        async def all_in():
-            return sum(v + 1 for v in (await store.applied_offsets(range(4))).values()) == len(data.events)
-        await wait_for(all_in, 120, "the shop's events in Redis", check=lambda: procs.check_alive("features"))
         for i in range(SHARDS):
             procs.start(f"retrieval-{i}", "retrieval", retrieval_shard=i)
         procs.start("ranking")
         procs.start("api")
-        views = Counter(e.product_id for e in data.events if e.event_type == "view")
-        bought = [p for p, _ in Counter(e.product_id for e in data.events if e.event_type == "purchase").most_common(6)]
-        users = sorted({e.user_id for e in data.events})
-        top = [p for p, _ in views.most_common(6)]
-        cases = [("homepage", {"user_id": u}, set()) for u in users[:20]]
-        cases += [(kind, {"product_id": p}, {p}) for p in top for kind in ("similar", "also-viewed")]
-        cases += [("cart", {"cart_items": f"{a},{b}"}, {a, b}) for a, b in zip(bought[::2], bought[1::2])]
+        cases = request_cases(data)
         async with httpx.AsyncClient(base_url=procs.base_url, timeout=10) as http:
             st = Stack(s, procs, http, client, store, report.version, bundle, {p.product_id for p in data.products},
                        cases)
 
             async def answered():
                 try:
-                    r = await http.get(f"{API}/similar", params={"product_id": top[0]})
+                    r = await http.get(f"{API}/similar", params=next(c[1] for c in cases if c[0] == "similar"))
                 except httpx.TransportError:
                     return False
                 return r.status_code == 200 and not r.json()["fallback"] and r.json()["model_version"] == st.version
@@ -103,8 +85,6 @@ async def sharded(stack: Settings, tmp_path_factory):
             yield st
     finally:
         procs.stop_all()
-        if training is not None and not training.done():
-            await asyncio.wait([training])
         await client.aclose()
 
 
@@ -198,7 +178,7 @@ async def test_sharded_serving_answers_every_request_and_a_shard_down_only_narro
     assert sum(b["fallback"] for b in both) <= 1, Counter(b["fallback"] for b in both)
     await asyncio.sleep(2.5)   # the ranking snapshot is published every 2 s
     before = await partial()
-    assert before <= 1
+    assert before <= len(both) // 10, before   # a shard trailing the other by the whole gather wait: rare
 
     st.procs.kill("retrieval-1")
     await asyncio.sleep(0.5)
