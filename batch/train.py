@@ -22,7 +22,7 @@ from batch import index as faiss_index
 from batch import job, ranker
 from batch.artifacts import BatchOutputs, Embeddings
 from batch.content import ContentModel
-from batch.publish import publish
+from batch.publish import current as serving_pointer, publish, publish_registered
 from batch.registry import CHAMPION, Registry, write_manifest
 from recstream.data import ShopConfig, load_dataset, shop_dataset
 from recstream.ranking import FEATURE_NAMES
@@ -123,6 +123,11 @@ def train_once(s: Settings, source: Source, progress: Callable[[str], None] = pr
                     except Exception:   # the registry's champion stays what serving serves
                         registry.restore_champion(serving, reg.version)
                         raise
+            elif publish_to_serving and serving is not None and not _published(asyncio.run(serving_pointer(s)), s):
+                # serving has no model (Redis lost its keys) while the registry has a champion: serve that one
+                with stage("publish"):
+                    progress(f"[train] serving has no model: publishing the champion, version {serving}")
+                    published = publish_registered(s, serving, progress).keys
             return TrainReport(reg.version, reg.alias, reg.decision.reason, metrics, out.window.__dict__, stages,
                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, out.warnings, published)
     except Exception as exc:  # every stage: report which, keep serving as it is
@@ -177,6 +182,11 @@ def fit(s: Settings, events: list[Event], products: list[Product], work: Path, p
                "events": float(out.window.events), "users": float(out.window.users),
                "items": float(out.window.items)}
     return Fitted(out, items, idx, content, result, metrics)
+
+
+def _published(pointer: dict | None, s: Settings) -> bool:
+    """Whether the model pointer in Redis names a version of this model."""
+    return bool(pointer) and pointer.get("name") == s.model_name and "version" in pointer
 
 
 def _ranker_cut(events: list[Event], share: float) -> float | None:

@@ -1,13 +1,16 @@
 """A whole training run on the real Spark, MLflow, Redis and Kafka; and a failing one."""
+import dataclasses
 import time
 import uuid
 
 import pytest
 
 from batch.publish import current
-from batch.registry import CHAMPION, Registry
+from batch.registry import CHALLENGER, CHAMPION, Registry
 from batch.train import Source, TrainingFailed, train_once
 from recstream.data import ShopConfig
+from recstream.features import keys
+from recstream.redisconn import connect
 from streams.topics import ensure_topics
 
 
@@ -30,6 +33,23 @@ async def test_a_run_registers_a_champion_and_publishes_it(small):
     assert (await current(small))["version"] == report.version
     bundle = Registry(small.mlflow_tracking_uri, small.model_name).download(CHAMPION, small.home_dir / "dl")
     assert {"index.faiss", "ranker.ubj", "features.json", "manifest.json", "content.npz"} <= {p.name for p in bundle.iterdir()}
+
+
+async def test_a_run_not_promoted_publishes_the_champion_when_serving_has_lost_its_model(small):
+    """Redis lost the model pointer (a flush, a restore without it) while the registry has a champion:
+    the next run, not promoted itself, publishes the champion again rather than leave serving on rules."""
+    await ensure_topics(small)
+    first = await _run(small, SHOP)
+    client = connect(small)
+    try:
+        await client.delete(small.redis_namespace + keys.MODEL_CURRENT)
+    finally:
+        await client.aclose()
+    assert await current(small) is None
+    second = await _run(dataclasses.replace(small, promotion_margin=-1.0), SHOP)   # must be 2 x better: it is not
+    assert second.alias == CHALLENGER and second.published_keys > 0
+    assert (await current(small))["version"] == first.version
+    assert Registry(small.mlflow_tracking_uri, small.model_name).champion_version() == first.version
 
 
 async def test_a_failed_run_names_the_stage_and_leaves_serving_alone(small, tmp_path):
