@@ -24,6 +24,13 @@ ID_FORBIDDEN = (r"\x00-\x20\x7f-\xa0\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f
                 r"\ud800-\udfff\ufff0-\uffff:*?\[\]\\,{}")
 ID_PATTERN = f"^[^{ID_FORBIDDEN}]+$"
 _ID_RE = re.compile(f"[^{ID_FORBIDDEN}]+")
+# Labels (a category, a page name) are names people read, so spaces and punctuation are fine ("Home &
+# Garden"), but they too end up in Redis keys (popcat:{g}:{category}:...), the homepage cache key and
+# log lines: no control characters (NUL, newlines), line separators or bidi overrides, and no '{' '}'
+# (hash tags, as for ids). Every id is a label.
+LABEL_FORBIDDEN = r"\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff{}"
+LABEL_PATTERN = f"^[^{LABEL_FORBIDDEN}]*$"
+_LABEL_BAD = re.compile(f"[{LABEL_FORBIDDEN}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +85,36 @@ class Id(Text):
     (a Text, so whatever maps Text, such as the Arrow schema, takes it as a string)."""
 
     def __call__(self, v: Any, now: float) -> str:
-        v = Text.__call__(self, v, now)
+        v = Text.__call__(self, _string(v), now)
         if not _ID_RE.fullmatch(v):
             bad = next(c for c in v if not _ID_RE.fullmatch(c))
-            raise Invalid(f"character {bad!r} not allowed in an id (no whitespace, control characters or :*?[]\\,)")
+            raise Invalid(f"character {bad!r} not allowed in an id (no whitespace, control characters or :*?[]\\,{{}})")
         return v
 
     def json_schema(self) -> dict[str, Any]:
         return {"type": "string", "minLength": max(self.min_len, 1), "maxLength": self.max_len, "pattern": ID_PATTERN}
+
+
+@dataclass(frozen=True, slots=True)
+class Label(Text):
+    """A category or page name: a string (Text) without LABEL_FORBIDDEN's characters."""
+
+    def __call__(self, v: Any, now: float) -> str:
+        v = Text.__call__(self, _string(v), now)
+        bad = _LABEL_BAD.search(v)
+        if bad:
+            raise Invalid(f"character {bad.group()!r} not allowed (no control characters, line breaks or {{}})")
+        return v
+
+    def json_schema(self) -> dict[str, Any]:
+        return {**Text.json_schema(self), "pattern": LABEL_PATTERN}
+
+
+def _string(v: Any) -> str:
+    """Ids and labels are JSON strings: a number (user_id: 42) is a client's mistake, not an id."""
+    if not isinstance(v, str):
+        raise Invalid(f"expected a string, got {type(v).__name__}")
+    return v
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,7 +263,7 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
 
     async def recommendations(request: Request) -> Response:
         t0 = time.perf_counter()
-        req = params.parse(request.path_params["kind"], request.query_params)
+        req = params.parse(request.path_params["kind"], request.query_params.multi_items())
         req = ab.assign(await rec.check_products(req))
         reply = await rec.recommend(req)
         body = reply_body(reply)

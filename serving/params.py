@@ -2,13 +2,15 @@
 errors that name the parameter, and the OpenAPI description, all from one table."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from schemas import Event, RecommendationReply, RecommendationRequest, SchemaError
-from schemas.base import ID_PATTERN, Choice, FieldError, Flag, Id, Invalid, Number, Text, json_schema
+from schemas.base import ID_PATTERN, Choice, FieldError, Flag, Id, Invalid, Label, Number, json_schema
 from schemas.events import DEVICES
 from schemas.recommendations import MAX_COUNT
 
@@ -21,6 +23,24 @@ ID = Id()                       # user, product and session ids: checked here be
 _ITEM = ID_PATTERN[1:-1]        # one id, unanchored
 # comma-separated ids: the cart's pattern, derived from the id rule
 CART_PATTERN = f"^{_ITEM}(,{_ITEM}){{0,{MAX_CART - 1}}}$"
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class QueryInt:
+    """An integer query parameter: ASCII digits only (int() would also take " 5", "+5", "5_0" and "٥"),
+    then `number`'s range."""
+    number: Number
+
+    def __call__(self, v: str, now: float) -> int:
+        if not _DIGITS.fullmatch(v):
+            raise Invalid(f"expected an integer (digits 0-9 only), got {v[:20]!r}")
+        if len(v.lstrip("0")) > 15:       # past any range here, and int() refuses over 4300 digits
+            raise Invalid(f"too large ({len(v.lstrip('0'))} digits)")
+        return int(self.number(int(v), now))
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.number.json_schema()
 
 
 @dataclass(frozen=True)
@@ -40,14 +60,16 @@ PARAMS = (
     Param("product_id", ID, "the product on screen", required_for=("similar", "also_viewed")),
     Param("cart_items", None, f"comma-separated product ids in the cart (1-{MAX_CART})", required_for=("cart",),
           schema={"type": "string", "pattern": CART_PATTERN, "maxLength": MAX_CART_CHARS}),
-    Param("count", Number(lo=1, hi=MAX_COUNT, integer=True), f"items wanted, 1-{MAX_COUNT} (default 8; cart 4)"),
+    Param("count", QueryInt(Number(lo=1, hi=MAX_COUNT, integer=True)),
+          f"items wanted, 1-{MAX_COUNT} (default 8; cart 4)"),
     Param("session_id", ID, "current session id"),
-    Param("page", Text(min_len=0), "page the widget is on: home, product, category, search, cart, checkout"),
+    Param("page", Label(max_len=64, min_len=0),
+          "page the widget is on: home, product, category, search, cart, checkout"),
     Param("device", Choice(DEVICES), "one of " + ", ".join(DEVICES)),
-    Param("category", Text(min_len=0), "category in view; the fallback's trending items come from it"),
+    Param("category", Label(min_len=0), "category in view; the fallback's trending items come from it"),
     Param("debug", Flag(), "1: per-stage timings and the session the ranker saw"),
 )
-_NAMES = {p.name for p in PARAMS}
+RULES = {p.name: p.rule for p in PARAMS}
 CONTEXT = ("page", "device", "category")
 
 
@@ -62,13 +84,20 @@ class ParamError(Exception):
         return {"error": self.title, "fields": [{"field": e.field, "reason": e.reason} for e in self.errors]}
 
 
-def parse(path_kind: str, query: Mapping[str, str], now: float | None = None) -> RecommendationRequest:
-    """The request for GET /api/v1/recommendations/{path_kind}?query; ParamError naming each bad field."""
+def parse(path_kind: str, query: Mapping[str, str] | Iterable[tuple[str, str]],
+          now: float | None = None) -> RecommendationRequest:
+    """The request for GET /api/v1/recommendations/{path_kind}?query; ParamError naming each bad field.
+    `query`: a mapping, or the (name, value) pairs as sent (Starlette's multi_items()): a parameter
+    given twice is refused, not resolved to one of its values."""
     kind = PATHS.get(path_kind)
     if kind is None:
         raise ParamError([FieldError("kind", f"{path_kind[:40]!r} is not one of {', '.join(PATHS)}")], status=404,
                          title="unknown recommendation kind")
-    errors = [FieldError(k[:40], "unknown parameter") for k in sorted(set(query) - _NAMES)]
+    pairs = list(query.items()) if isinstance(query, Mapping) else list(query)
+    query = dict(pairs)
+    errors = [FieldError(k[:40], "unknown parameter") for k in sorted(set(query) - RULES.keys())]
+    errors += [FieldError(k, f"given {n} times; give it once") for k, n in sorted(Counter(k for k, _ in pairs).items())
+               if n > 1 and k in RULES]
     d: dict[str, Any] = {"request_id": uuid.uuid4().hex, "kind": kind, "created_at": time.time() if now is None else now}
     for name in ("user_id", "product_id", "session_id"):
         if name in query:
@@ -76,13 +105,10 @@ def parse(path_kind: str, query: Mapping[str, str], now: float | None = None) ->
             if not query[name].strip():
                 errors.append(FieldError(name, "must not be empty"))
                 continue
-            try:
-                ID(query[name], 0.0)
-            except Invalid as exc:
-                errors.append(FieldError(name, str(exc)))
+            _check(name, query[name], errors)
     if "cart_items" in query:
         raw = query["cart_items"]
-        items = [x.strip() for x in raw.split(",")]
+        items = raw.split(",")   # each item as given: the product_id rule, no trimming
         if len(raw) > MAX_CART_CHARS:
             errors.append(FieldError("cart_items", f"longer than {MAX_CART_CHARS} characters ({len(raw)})"))
         elif not raw.strip() or any(not x for x in items):
@@ -91,21 +117,16 @@ def parse(path_kind: str, query: Mapping[str, str], now: float | None = None) ->
             errors.append(FieldError("cart_items", f"more than {MAX_CART} items ({len(items)})"))
         else:
             for i, item in enumerate(items):
-                try:
-                    ID(item, 0.0)
-                except Invalid as exc:
-                    errors.append(FieldError("cart_items", f"item {i}: {exc}"))
-                    break
+                _check(f"cart_items[{i}]", item, errors, ID)
         d["cart_items"] = list(dict.fromkeys(items))
     d["count"] = DEFAULT_COUNT[kind]
-    if "count" in query:
-        try:
-            d["count"] = int(query["count"])
-        except ValueError:
-            errors.append(FieldError("count", f"expected an integer, got {query['count'][:20]!r}"))
-    if "device" in query and query["device"] not in DEVICES:
-        errors.append(FieldError("device", f"{query['device'][:20]!r} is not one of {', '.join(DEVICES)}"))
-    context = {k: query[k] for k in CONTEXT if query.get(k)}
+    for p in PARAMS:
+        if isinstance(p.rule, QueryInt) and p.name in query:
+            d[p.name] = _check(p.name, query[p.name], errors)
+    context = {}
+    for name in CONTEXT:
+        if name in query and _check(name, query[name], errors) is not None and query[name]:
+            context[name] = query[name]   # empty values are no context
     if context:
         d["context"] = context
     debug = query.get("debug", "0").lower()
@@ -121,6 +142,15 @@ def parse(path_kind: str, query: Mapping[str, str], now: float | None = None) ->
         return RecommendationRequest.from_dict(d)
     except SchemaError as exc:
         raise ParamError(exc.errors) from None
+
+
+def _check(name: str, value: Any, errors: list[FieldError], rule: Any = None) -> Any:
+    """`value` checked by its parameter's rule (or `rule`); None, with the error noted under `name`, if bad."""
+    try:
+        return (rule or RULES[name])(value, 0.0)
+    except Invalid as exc:
+        errors.append(FieldError(name, str(exc)))
+        return None
 
 
 # -- the OpenAPI description: generated from PARAMS and the schemas' checks, never by hand per field --

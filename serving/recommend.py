@@ -42,26 +42,48 @@ from streams.topics import delete_topics, ensure_topics, reply_spec
 log = logging.getLogger(__name__)
 
 FALLBACK_ITEMS = 100         # trending items kept in memory, overall and per category
-FALLBACK_CATEGORIES = 500    # categories kept in memory at most
+FALLBACK_CATEGORIES = 500    # categories with a list kept in memory at most (the most recently named)
+FALLBACK_NEW = 50            # categories without a list looked up per refresh at most (the most recently named)
+FALLBACK_CATEGORY_AGE_S = 3600   # a category no request named for this long is forgotten
 DEADLINE_MISSED = "no reply within"   # a fallback reply's error when the agents were too slow
 
 
 class Fallback:
-    """Trending items in memory: overall, and per category for the categories requests named."""
+    """Trending items in memory: overall, and per category for the categories requests named.
+
+    Requests name any category they like, so what is kept is bounded: a category is looked up on the
+    next refresh (at most FALLBACK_NEW of them, the latest named) and kept only if it has a trending
+    list; at most FALLBACK_CATEGORIES are kept, the most recently named, each until no request has
+    named it for FALLBACK_CATEGORY_AGE_S. Made-up categories thus cost one lookup each and never push
+    out a real one's list."""
 
     def __init__(self, s: Settings, store: OnlineStore):
         self.s, self.store = s, store
         self.overall: list[tuple[str, float, str | None]] = []          # (product, weight, category)
         self.by_category: dict[str, list[tuple[str, float, str | None]]] = {}
-        self.wanted: set[str] = set()
+        self.asked: dict[str, float] = {}    # category with a list -> when a request last named it
+        self.new: dict[str, None] = {}       # categories named, no list yet: looked up on the next refresh
         self.refreshed_at = 0.0
+
+    def note(self, category: str, now: float) -> None:
+        """A request named `category`."""
+        if category in self.by_category:
+            self.asked[category] = now
+            return
+        self.new.pop(category, None)
+        self.new[category] = None
+        if len(self.new) > FALLBACK_NEW:
+            del self.new[next(iter(self.new))]   # the least recently named
 
     async def refresh(self) -> None:
         now = time.time()
         half_life = self.s.trending_half_life_s
+        recent = sorted((c for c, t in self.asked.items() if now - t < FALLBACK_CATEGORY_AGE_S),
+                        key=self.asked.__getitem__, reverse=True)
+        new = list(self.new)
+        wanted = list(dict.fromkeys(new[::-1] + recent))   # the most recently named first
         overall = await self.store.trending(now, half_life, FALLBACK_ITEMS)
-        per_cat = {c: await self.store.trending(now, half_life, FALLBACK_ITEMS // 2, category=c)
-                   for c in list(self.wanted)[:FALLBACK_CATEGORIES]}
+        per_cat = {c: await self.store.trending(now, half_life, FALLBACK_ITEMS // 2, category=c) for c in wanted}
         ids = list(dict.fromkeys([p for p, _ in overall] + [p for rows in per_cat.values() for p, _ in rows]))
         stock = dict(zip(ids, await self.store.in_stock(ids)))
         cats = await self.store.categories(ids)
@@ -70,7 +92,11 @@ class Fallback:
             return [(p, w, cats.get(p)) for p, w in rows if stock.get(p, True)]
 
         self.overall = keep(overall)
-        self.by_category = {c: keep(rows) for c, rows in per_cat.items()}
+        lists = [(c, rows) for c, rows in ((c, keep(r)) for c, r in per_cat.items()) if rows]
+        self.by_category = dict(lists[:FALLBACK_CATEGORIES])
+        self.asked = {c: self.asked.get(c, now) for c in self.by_category}
+        for c in new:       # looked up (categories first named while this ran stay for the next refresh)
+            self.new.pop(c, None)
         self.refreshed_at = now
 
     async def run(self) -> None:
@@ -87,8 +113,8 @@ class Fallback:
     def reply(self, req: RecommendationRequest, error: str) -> RecommendationReply:
         category = req.ctx("category", "")
         rows = self.by_category.get(category) if category else None
-        if category and rows is None and len(self.wanted) < FALLBACK_CATEGORIES:
-            self.wanted.add(category)   # loaded on the next refresh
+        if category:
+            self.note(category, time.time())
         if not rows:
             rows, category = self.overall, ""
         exclude = frozenset({*req.cart_items, *([req.product_id] if req.product_id else [])})

@@ -70,6 +70,10 @@ _TOP_KEYS = {"version", "revision", "defaults", "experiments"}
 _EXPERIMENT_KEYS = {"id", "description", "layer", "start", "end", "traffic", "control", "kinds", "variants"}
 _VARIANT_KEYS = {"name", "weight", "changes"}
 _CHANGES_KEYS = ("sources", "ranker", "candidates", "max_per_category", "exclude_purchased")
+# start/end the admin API takes, Unix seconds: 2000-01-01 .. 2100-01-01 UTC. A time outside is a typo or
+# a unit slip (milliseconds), and -1e300 has no date. The file itself takes any finite time (hand edits).
+API_TIMES = (946_684_800.0, 4_102_444_800.0)
+_ANY_TIME = (-math.inf, math.inf)
 
 
 class ExperimentError(ValueError):
@@ -208,7 +212,7 @@ def experiment_from_json(obj: Any, loc: str = "body") -> Experiment:
     """One experiment from its JSON form (the TOML table's keys; start/end as ISO-8601 with an offset or
     Unix seconds); every problem in one ExperimentError located from `loc` (e.g. body.variants[0].weight)."""
     problems: list[str] = []
-    e = _experiment(obj, loc, problems)
+    e = _experiment(obj, loc, problems, times=API_TIMES)
     if e is None or problems:
         raise ExperimentError(problems)
     return e
@@ -317,14 +321,15 @@ def _first_fit(width: float, taken: list[tuple[float, float]]) -> float | None:
     return lo if lo + width <= 1.0 + WEIGHT_TOLERANCE else None
 
 
-def _experiment(raw: Any, loc: str, problems: list[str]) -> Experiment | None:
+def _experiment(raw: Any, loc: str, problems: list[str],
+                times: tuple[float, float] = _ANY_TIME) -> Experiment | None:
     before = len(problems)
     if not _table(raw, _EXPERIMENT_KEYS, loc, problems):
         return None
     eid = _ident(raw.get("id"), f"{loc}.id", problems)
     description = _typed(raw.get("description", ""), str, f"{loc}.description", "a string", problems)
     layer = _ident(raw.get("layer"), f"{loc}.layer", problems)
-    start, end = _time(raw.get("start"), f"{loc}.start", problems), _time(raw.get("end"), f"{loc}.end", problems)
+    start, end = (_time(raw.get(k), f"{loc}.{k}", problems, times) for k in ("start", "end"))
     if start is not None and end is not None and end <= start:
         problems.append(f"{loc}.end: must be after start ({end:g} <= {start:g})")
     traffic = _number(raw.get("traffic"), f"{loc}.traffic", lambda x: 0 < x <= 1, "in (0, 1]", problems)
@@ -439,9 +444,18 @@ def _count(value: Any, loc: str, most: int | None, problems: list[str], least: i
     return value
 
 
-def _time(value: Any, loc: str, problems: list[str]) -> float | None:
-    """A TOML offset datetime, an ISO-8601 string or Unix seconds -> Unix seconds; naive times are
-    ambiguous, so refused."""
+def _time(value: Any, loc: str, problems: list[str], within: tuple[float, float] = _ANY_TIME) -> float | None:
+    """A TOML offset datetime, an ISO-8601 string or Unix seconds -> Unix seconds, `within` the bounds;
+    naive times are ambiguous, so refused."""
+    t = _timestamp(value, loc, problems)
+    if t is not None and not within[0] <= t <= within[1]:
+        problems.append(f"{loc}: must be from {_iso(within[0])} to {_iso(within[1])} "
+                        f"(Unix seconds {within[0]:.0f} to {within[1]:.0f}), got {t:g}")
+        return None
+    return t
+
+
+def _timestamp(value: Any, loc: str, problems: list[str]) -> float | None:
     if isinstance(value, str):
         try:
             value = dt.datetime.fromisoformat(value)

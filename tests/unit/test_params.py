@@ -91,8 +91,9 @@ def test_count_in_range_and_default_counts():
     assert DEFAULT_COUNT["cart"] == 4
 
 
-def test_cart_items_are_split_trimmed_and_deduplicated():
-    assert parse("cart", {"cart_items": "a, b ,a,c,b"}).cart_items == ("a", "b", "c")
+def test_cart_items_are_split_and_deduplicated_not_trimmed():
+    assert parse("cart", {"cart_items": "a,b,a,c,b"}).cart_items == ("a", "b", "c")
+    assert [e.field for e in bad("cart", {"cart_items": "a, b"}).errors] == ["cart_items[1]"]   # as product_id
     assert parse("cart", {"cart_items": "only"}).cart_items == ("only",)
 
 

@@ -65,8 +65,11 @@ def test_malformed_json_is_a_schema_error(raw, reason):
         Event.from_json(raw, now=NOW)
 
 
-def test_ids_given_as_numbers_become_strings():
-    assert Event.from_dict(bad(user_id=42, product_id=7), now=NOW).user_id == "42"
+def test_ids_given_as_numbers_are_refused():
+    with pytest.raises(SchemaError) as info:
+        Event.from_dict(bad(user_id=42, product_id=7), now=NOW)
+    assert {e.field: e.reason for e in info.value.errors} == {"user_id": "expected a string, got int",
+                                                              "product_id": "expected a string, got int"}
 
 
 PRODUCT = {"product_id": "p1", "title": "Kettle", "category_path": ["Home", "Kitchen"], "price": 20.0,

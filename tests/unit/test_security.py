@@ -33,7 +33,7 @@ GOOD = {"event_id": "e1", "user_id": "u1", "session_id": "s1", "product_id": "p1
 BAD_IDS = ["a:b", "a b", "a\tb", "a\nb", "a\x00b", "a\x1fb", "a\x7fb", "p*", "p?", "p[1]", "a\\b", "a,b", "\u2028",
            "{u1}", "a}b", "a\u00a0b", "a\u200bb", "\ufeffa", ""]
 GOOD_IDS = ["u00001", "p00001", "123456", "s123", "whole-milk", "1001-21-07-2015", "user@example.com", "é-ü-中文",
-            "a.b_c-d/e", "x" * 256, 42]
+            "a.b_c-d/e", "x" * 256]
 
 
 # -- ids -----------------------------------------------------------------------------------------
@@ -48,15 +48,15 @@ def test_events_refuse_ids_that_would_break_the_key_layout(field, bad):
 
 @pytest.mark.parametrize("good", GOOD_IDS)
 def test_ids_of_every_importer_and_the_shop_are_taken(good):
-    if isinstance(good, str) and len(good) > 64:
+    if len(good) > 64:
         assert Id()(good, NOW) == good
         return
-    assert Event.from_dict({**GOOD, "user_id": good, "product_id": good, "event_id": good}, now=NOW).user_id == str(good)
+    assert Event.from_dict({**GOOD, "user_id": good, "product_id": good, "event_id": good}, now=NOW).user_id == good
 
 
 def test_id_rule_and_its_openapi_pattern_agree():
     pattern = re.compile(ID_PATTERN)
-    for v in BAD_IDS + [x for x in GOOD_IDS if isinstance(x, str)]:
+    for v in BAD_IDS + GOOD_IDS:
         try:
             Id()(v, NOW)
             ok = True
@@ -86,7 +86,7 @@ def test_query_ids_are_refused_before_a_request_is_built(name, bad):
 def test_cart_ids_are_checked(cart):
     with pytest.raises(params.ParamError) as exc:
         params.parse("cart", {"cart_items": cart})
-    assert exc.value.errors[0].field == "cart_items"
+    assert exc.value.errors[0].field == "cart_items[1]"
 
 
 # -- sizes ---------------------------------------------------------------------------------------
