@@ -21,9 +21,9 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 import numpy as np
 import orjson
@@ -50,6 +50,12 @@ class ServingModel:
     booster: xgb.Booster | None = None         # ranking
     item_row: dict[str, int] | None = None     # ranking: ALS item id -> row of item_vectors
     item_vectors: np.ndarray | None = None     # ranking: ALS item vectors, what the ranker trained on
+    orderings: Mapping[str, str] = field(default_factory=dict)   # ranking: task -> ordering (recstream.ordering)
+    task_boosters: Mapping[str, xgb.Booster] = field(default_factory=dict)   # ranking: a task's own ranker
+
+    def booster_for(self, task: str) -> xgb.Booster | None:
+        """The ranker of a task (recstream.ordering): its own where the version has one, else the general one."""
+        return self.task_boosters.get(task, self.booster)
 
     def item_embeddings(self, ids: list[str]) -> np.ndarray | None:
         """(len(ids), rank) float32 with NaN rows for items without an ALS vector."""
@@ -74,9 +80,13 @@ def load_bundle(folder: Path, version: str, role: str, threads: int, shard: int 
         raise ValueError(f"version {version} was trained on other features than this code builds "
                          f"({len(names)} vs {len(FEATURE_NAMES)}); deploy the code it was trained with")
     ids = json.loads((folder / "batch" / "items.ids.json").read_text())
+    chosen = folder / "orderings.json"   # absent in versions trained before per-task orderings: the ranker serves all
     return ServingModel(version, booster=ranker.load((folder / "ranker.ubj").read_bytes(), threads),
                         item_row={x: i for i, x in enumerate(ids)},
-                        item_vectors=np.load(folder / "batch" / "items.npy"))
+                        item_vectors=np.load(folder / "batch" / "items.npy"),
+                        orderings=json.loads(chosen.read_text()) if chosen.exists() else {},
+                        task_boosters={f.stem.split("-", 1)[1]: ranker.load(f.read_bytes(), threads)
+                                       for f in folder.glob("ranker-*.ubj")})
 
 
 def _lowest_priority() -> None:

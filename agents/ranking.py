@@ -22,14 +22,17 @@ import numpy as np
 from agents.models import ModelHolder, ServingModel
 from agents.runner import Outgoing
 from batch import ranker
+from recstream import ordering
 from recstream.gather import Gather
 from recstream.ranking import Columns, Context, ItemFields, matrix
-from recstream.rules import Rules, best_source, heuristic_scores, primary, reason, select, source_matrix
+from recstream.ranking import FEATURE_NAMES, session_view
+from recstream.rules import Rules, best_source, primary, reason, select, source_matrix
 from recstream.settings import Settings
 from schemas import CandidateSet, Overrides, RecommendationReply, RecommendedItem
 from streams.online_store import OnlineStore
 
 ITEM_FIELDS = ("title", "category", "brand", "price", "rating", "seller_rating", "in_stock", "created_at")
+UI_DOT = FEATURE_NAMES.index("ui_dot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ class Scored:
     redis_ms: float
     features_ms: float
     X: np.ndarray
+    task: str = "home"               # recstream.ordering.task_of_request
+    ordering: str = "rules"          # what orders this request: its task's choice in the ranker's version
     scores: np.ndarray | None = None
 
 
@@ -139,11 +144,12 @@ class Ranking:
         t0 = time.perf_counter()
         by_model: dict[int, list[Scored]] = {}
         for w in work:
-            if w.ranker is not None and w.ranker.booster is not None and len(w.cs.product_ids):
-                by_model.setdefault(id(w.ranker), []).append(w)
+            if w.ordering == "ranker" and len(w.cs.product_ids):
+                by_model.setdefault(id(w.ranker.booster_for(w.task)), []).append(w)
         for group in by_model.values():
             X = np.concatenate([w.X for w in group])
-            y = await asyncio.get_running_loop().run_in_executor(self._thread, ranker.score, group[0].ranker.booster, X)
+            booster = group[0].ranker.booster_for(group[0].task)
+            y = await asyncio.get_running_loop().run_in_executor(self._thread, ranker.score, booster, X)
             at = 0
             for w in group:
                 w.scores, at = y[at:at + len(w.cs.product_ids)], at + len(w.cs.product_ids)
@@ -188,13 +194,16 @@ class Ranking:
         # an A/B variant may name another ranker: its booster scores features built on the retrieving
         # version's vectors (until it is loaded, the retrieving version's own ranker scores)
         scorer = (self.models.ranker(ov.ranker) if ov.ranker else None) or model
+        task = ordering.task_of_request(r.kind, session_view(ctx).live)
+        chosen = ordering.resolve(scorer.orderings, task, scorer.booster is not None) if scorer else "rules"
         return Scored(cs, model, scorer, ctx, cols, items, in_stock, frozenset(exclude), recent, arrived,
-                      (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, X)
+                      (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, X, task, chosen)
 
     async def _reply(self, w: Scored, model_ms: float) -> Outgoing:
         t0 = time.perf_counter()
         cs, r = w.cs, w.cs.request
-        scores = w.scores if w.scores is not None else heuristic_scores(w.cols.sources, w.cols.trending)
+        scores = ordering.scores(w.ordering, w.cols.sources, w.cols.popularity_7d, w.cols.trending, w.X[:, UI_DOT],
+                                 w.scores)
         per_category = r.overrides.max_per_category if r.overrides and r.overrides.max_per_category is not None \
             else self.s.max_per_category
         rows = select(w.cols.ids, scores, w.cols.categories, w.in_stock, Rules(r.count, per_category, w.exclude),
@@ -224,6 +233,7 @@ class Ranking:
                        "rules": (time.perf_counter() - t0) * 1000, "ranking_out": (time.time() - r.created_at) * 1000}
         reply = RecommendationReply(
             request_id=r.request_id, kind=r.kind, items=tuple(items),
-            model_version=w.ranker.version if w.ranker is not None and w.scores is not None else "none",
+            model_version=w.ranker.version if w.ranker is not None and (w.scores is not None or w.ranker.orderings)
+            else "none",
             experiments=r.experiments, timings_ms=timings, session_recent=tuple(w.recent[:100]) if r.debug else None)
         return Outgoing(r.reply_to or self.s.topic("rec.replies"), r.request_id.encode(), reply.to_json())

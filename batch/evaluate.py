@@ -37,7 +37,7 @@ from batch import train as training
 from batch.publish import publish
 from recstream.evaluation import baselines as bl
 from recstream.evaluation.core import Method, Query, Split
-from recstream.evaluation.metrics import evaluate as score_lists
+from recstream.evaluation.metrics import evaluate as score_lists, set_recall
 from recstream.evaluation.protocols import catalogue_from_events
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import Incoming, plan
@@ -45,7 +45,7 @@ from recstream.features.session import UserState
 from recstream.redisconn import connect
 from recstream.settings import Settings
 from schemas import CandidateSet, Event, RecommendationReply, RecommendationRequest
-from schemas.recommendations import MAX_COUNT
+from schemas.recommendations import MAX_COUNT, SOURCES
 from streams.online_store import OnlineStore, unlink_matching
 
 Progress = Callable[[str], None]
@@ -68,6 +68,9 @@ class Evaluation:
     split: Split
     results: list[MethodResult]
     training: dict[str, float] = field(default_factory=dict)
+    # the primary metric's family over ours' unordered candidate set, whole ("all") and per source, with the
+    # mean set size ("size"): the ceiling of every ordering (see metrics.set_recall)
+    candidate_recall: dict[str, float] = field(default_factory=dict)
 
     def result(self, name: str) -> MethodResult:
         return next(r for r in self.results if r.name == name)
@@ -147,18 +150,33 @@ def run(s: Settings, split: Split, baselines: Sequence[Method] | None = None, pr
         progress(f"[evaluate] trained in {train_s:.1f} s; ranker {fitted.metrics.get('ranker_ndcg_at_8', float('nan')):.4f} "
                  f"NDCG@8 on its own held-out targets")
         t0 = time.perf_counter()
+        recall: dict[str, float] = {}
         if split.protocol == "new_items":
             lists = {"ours_content": _content_lists(fitted, split)}
         else:
             bundle = training.write_bundle(Path(tmp) / "bundle", fitted.out, fitted.index, fitted.content, fitted.ranker,
                                       fitted.metrics, training.Source("evaluation"), es)
-            lists = asyncio.run(_serve(es, split, fitted, bundle, progress))
+            lists, candidates = asyncio.run(_serve(es, split, fitted, bundle, progress))
+            recall = candidate_recall(split, candidates, universe)
+            progress("[evaluate] candidate " + split.primary.split("@")[0] + ": " +
+                     ", ".join(f"{k} {v:.4f}" if k != "size" else f"{k} {v:.1f}" for k, v in recall.items()))
         seconds = (time.perf_counter() - t0) / len(lists)
         for name, ranked in lists.items():
             clean = [_filtered(q, r, universe, split.max_k) for q, r in zip(split.queries, ranked)]
             results.append(_result(name, True, split, clean, ks, universe, seconds))
             progress(f"[evaluate] {name}: {split.primary} {results[-1].metrics[split.primary]:.4f}")
-    return Evaluation(split, results, {"train_s": train_s, **fitted.metrics})
+    return Evaluation(split, results, {"train_s": train_s, **fitted.metrics}, recall)
+
+
+def candidate_recall(split: Split, candidates: dict[str, list[list[str]]], universe: set[str]) -> dict[str, float]:
+    """Per source (and "all"), what ours' candidate sets hold of the targets, under the filter every method
+    shares (a candidate the query excludes cannot be a hit); "size": the mean number of candidates."""
+    family = split.primary.split("@")[0]
+    clean = {name: [[x for x in c if x not in q.exclude and x in (q.universe if q.universe is not None else universe)]
+                    for q, c in zip(split.queries, sets)] for name, sets in candidates.items()}
+    out = {name: set_recall(split.queries, sets, family) for name, sets in clean.items()}
+    out["size"] = float(np.mean([len(c) for c in clean["all"]])) if clean.get("all") else 0.0
+    return out
 
 
 def _result(name: str, ours: bool, split: Split, lists: list[list[str]], ks: list[int], universe: set[str],
@@ -195,8 +213,11 @@ def _content_lists(fitted: training.Fitted, split: Split) -> list[list[str]]:
 
 # -- ours, served in-process ------------------------------------------------------------------------
 
+Lists = dict[str, list[list[str]]]
+
+
 async def _serve(s: Settings, split: Split, fitted: training.Fitted, bundle: Path,
-                 progress: Progress) -> dict[str, list[list[str]]]:
+                 progress: Progress) -> tuple[Lists, Lists]:
     client = connect(s)
     store = OnlineStore(client, s.redis_namespace, f"{s.app_id}-evaluate", s.topic("clickstream"))
     version = "eval"
@@ -206,7 +227,7 @@ async def _serve(s: Settings, split: Split, fitted: training.Fitted, bundle: Pat
         states = await _fold_training(s, store, split.train, progress)
         retrieval_model = load_bundle(bundle, version, "retrieval", threads=1)
         ranking_model = load_bundle(bundle, version, "ranking", threads=1)
-        plain = dataclasses.replace(ranking_model, booster=None)
+        plain = dataclasses.replace(ranking_model, booster=None, orderings={}, task_boosters={})   # the rules
         # the whole index in this process (every shard's file, if the version is sharded): one unsharded agent
         retrieval = Retrieval(dataclasses.replace(s, retrieval_shards=1, retrieval_shard=0), store,
                               _holder(s, "retrieval", retrieval_model))
@@ -247,9 +268,11 @@ async def _fold_training(s: Settings, store: OnlineStore, events: list[Event], p
 
 
 async def _answer(s: Settings, split: Split, store: OnlineStore, states: dict[str, UserState], retrieval: Retrieval,
-                  full: Ranking, rules: Ranking, progress: Progress) -> dict[str, list[list[str]]]:
+                  full: Ranking, rules: Ranking, progress: Progress) -> tuple[Lists, Lists]:
+    """Ours' ranked lists per variant, and the candidate sets retrieval proposed, whole ("all") and per source."""
     cfg, lim = feature_config(s), dataclasses.replace(limits(s), session_ttl_s=7 * 86_400)
-    out: dict[str, list[list[str]]] = {name: [] for name in OURS}
+    out: Lists = {name: [] for name in OURS}
+    proposed: Lists = {"all": [], **{source: [] for source in SOURCES}}
     offset, t0, last = 0, time.perf_counter(), time.perf_counter()
     train_end = split.train[-1].timestamp
     for n, q in enumerate(split.queries):
@@ -272,6 +295,10 @@ async def _answer(s: Settings, split: Split, store: OnlineStore, states: dict[st
             cart_items=q.cart[:100], count=MAX_COUNT, deadline_ms=10_000)
         [candidates] = await retrieval.handle([request])
         cs = CandidateSet.from_json(candidates.value, now=q.now_s)
+        proposed["all"].append(list(cs.product_ids))
+        for source in SOURCES:
+            col = cs.scores.get(source) or ()
+            proposed[source].append([x for x, sc in zip(cs.product_ids, col) if sc is not None and not math.isnan(sc)])
         als_only = _als_only(cs)
         for name, agent, c in (("ours_full", full, cs), ("ours_als_rules", rules, cs), ("ours_als", rules, als_only)):
             [reply] = await agent.handle([c])
@@ -280,7 +307,7 @@ async def _answer(s: Settings, split: Split, store: OnlineStore, states: dict[st
             last = time.perf_counter()
             progress(f"[evaluate] ours: {n + 1:,} of {len(split.queries):,} queries "
                      f"({(n + 1) / (last - t0):.0f}/s)")
-    return out
+    return out, {name: sets for name, sets in proposed.items() if name == "all" or any(sets)}
 
 
 def _shift(now_s: float, train_end_s: float) -> float:

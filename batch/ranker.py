@@ -26,6 +26,7 @@ from tqdm import tqdm
 from batch.artifacts import BatchOutputs
 from recstream.features import popularity
 from recstream.features.config import feature_config
+from recstream import ordering
 from recstream.features.session import FeatureConfig, UserState, apply
 from recstream.ranking import FEATURE_NAMES, SOURCES, Columns, Context, ItemFields, main_category, matrix
 from recstream.settings import Settings
@@ -33,6 +34,8 @@ from schemas import Event, Product
 
 GRADES = {"view": 1, "click": 1, "add_to_cart": 2, "purchase": 3}
 EARLY_STOP = 25     # boosting rounds without a better held-out NDCG before training stops
+TASK_BOOSTERS = ("cart",)   # tasks that may get a ranker of their own examples
+MIN_TASK_GROUPS = 200       # training groups a task needs for one
 _J = {s: j for j, s in enumerate(SOURCES)}
 
 
@@ -158,6 +161,7 @@ class Group:
     grade: int
     novel: bool                 # the target was not in the session, cart or purchases already
     later: dict[str, int] = field(default_factory=dict)   # what the user engaged with within the horizon: grade
+    task: str = "home"          # the widget the target stands for (recstream.ordering.task_of_target)
 
 
 @dataclass(slots=True)
@@ -206,6 +210,8 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
             group = _group(ctx, state, e, row, table, pop, cooccurrence, cfg)
             if group is not None:
                 group.later = future.after(e)
+                live = state.session_id == e.session_id and e.timestamp - state.last_s <= idle
+                group.task = ordering.task_of_target(e.event_type, live, bool(state.cart or state.session_purchases))
                 groups.append(group)
                 blocks.append(matrix(ctx, table.columns(group.rows, group.sources, group.popularity_7d,
                                                         group.purchases_7d, group.trending)))
@@ -345,6 +351,8 @@ class RankerResult:
     metrics: dict[str, float]
     n_examples: int
     n_groups: int
+    orderings: dict[str, str] = field(default_factory=dict)   # task -> the ordering it serves (recstream.ordering)
+    task_models: dict[str, bytes] = field(default_factory=dict)  # task -> its own ranker, where it serves the task
 
 
 def fit(ex: Examples, cfg: RankerConfig) -> RankerResult:
@@ -355,17 +363,8 @@ def fit(ex: Examples, cfg: RankerConfig) -> RankerResult:
         raise ValueError(f"{n_groups} groups with a positive: too few to train and evaluate")
     r = int(ex.offsets[cut])
     names = list(FEATURE_NAMES)
-    dtrain = xgb.DMatrix(ex.X[:r], label=ex.y[:r], qid=ex.qid[:r], feature_names=names, nthread=cfg.nthread)
-    params = {"objective": "rank:ndcg", "eval_metric": f"ndcg@{cfg.k}", "max_depth": cfg.depth,
-              "eta": cfg.learning_rate, "nthread": cfg.nthread, "tree_method": "hist", "seed": cfg.seed}
     test = slice(r, None)
-    dtest = xgb.DMatrix(ex.X[test], label=ex.y[test], qid=ex.qid[test], feature_names=names, nthread=cfg.nthread)
-    # at most cfg.trees rounds, fewer when the later groups stop improving (small data overfits:
-    # Groceries gives ~3k groups); the held-out figures below are then slightly optimistic
-    booster = xgb.train(params, dtrain, num_boost_round=cfg.trees, evals=[(dtrain, "train"), (dtest, "held_out")],
-                        early_stopping_rounds=EARLY_STOP, verbose_eval=max(1, cfg.trees // 10) if cfg.progress else False)
-    if booster.best_iteration + 1 < booster.num_boosted_rounds():
-        booster = booster[: booster.best_iteration + 1]
+    booster = _boost(ex, slice(0, r), test, cfg)
     offsets = ex.offsets[cut:] - r
     novel = np.array([g.novel for g in ex.groups[cut:]])
     ranker = score(booster, ex.X[test])
@@ -380,7 +379,59 @@ def fit(ex: Examples, cfg: RankerConfig) -> RankerResult:
         if novel.any():
             metrics[f"{name}_novel_ndcg@{cfg.k}"] = float(ndcg[novel].mean())
             metrics[f"{name}_novel_recall@{cfg.k}"] = float(recall[novel].mean())
-    return RankerResult(booster, bytes(booster.save_raw("ubj")), names, metrics, int(ex.X.shape[0]), n_groups)
+    orderings, task_models = {}, {}
+    tasks = np.array([g.task for g in ex.groups])
+    held_tasks = tasks[cut:]
+    for task in ordering.TASKS:   # the ranker serves a task only where it beats every simpler ordering
+        mine = np.flatnonzero(held_tasks == task)
+        ndcg = {}
+        if len(mine):
+            for name in ordering.ORDERINGS:
+                per_group, _ = evaluate(_ordering_scores(name, ex.X[test], ranker), ex.y[test], offsets, cfg.k)
+                ndcg[name] = float(per_group[mine].mean())
+                metrics[f"{task}_{name}_ndcg@{cfg.k}"] = ndcg[name]
+            own = np.flatnonzero(tasks[:cut] == task)
+            if task in TASK_BOOSTERS and len(own) >= MIN_TASK_GROUPS:
+                # a ranker of the task's own examples (baskets to complete are another task than the next
+                # click): kept where it beats the ranker of every task on the task's held-out groups
+                rows = lambda groups: np.concatenate([np.arange(ex.offsets[g], ex.offsets[g + 1]) for g in groups])  # noqa: E731
+                task_booster = _boost(ex, rows(own), rows(mine + cut), cfg)
+                per_group, _ = evaluate(score(task_booster, ex.X[test]), ex.y[test], offsets, cfg.k)
+                metrics[f"{task}_task_ranker_ndcg@{cfg.k}"] = float(per_group[mine].mean())
+                if per_group[mine].mean() > ndcg["ranker"]:
+                    task_models[task] = task_booster
+                    ndcg["ranker"] = float(per_group[mine].mean())
+        metrics[f"{task}_groups"] = float(len(mine))
+        orderings[task] = ordering.choose(ndcg, len(mine))
+    return RankerResult(booster, bytes(booster.save_raw("ubj")), names, metrics, int(ex.X.shape[0]), n_groups,
+                        orderings, {t: bytes(b.save_raw("ubj")) for t, b in task_models.items()
+                                    if orderings[t] == "ranker"})
+
+
+def _boost(ex: Examples, train: slice | np.ndarray, held_out: slice | np.ndarray, cfg: RankerConfig) -> xgb.Booster:
+    """LambdaMART on the rows `train`, boosting stopped when NDCG on the rows `held_out` stops improving."""
+    names = list(FEATURE_NAMES)
+    params = {"objective": "rank:ndcg", "eval_metric": f"ndcg@{cfg.k}", "max_depth": cfg.depth,
+              "eta": cfg.learning_rate, "nthread": cfg.nthread, "tree_method": "hist", "seed": cfg.seed}
+    dtrain, dtest = (xgb.DMatrix(ex.X[rows], label=ex.y[rows], qid=ex.qid[rows], feature_names=names,
+                                 nthread=cfg.nthread) for rows in (train, held_out))
+    # at most cfg.trees rounds, fewer when the later groups stop improving (small data overfits:
+    # Groceries gives ~3k groups); the held-out figures are then slightly optimistic
+    booster = xgb.train(params, dtrain, num_boost_round=cfg.trees, evals=[(dtrain, "train"), (dtest, "held_out")],
+                        early_stopping_rounds=EARLY_STOP, verbose_eval=max(1, cfg.trees // 10) if cfg.progress else False)
+    if booster.best_iteration + 1 < booster.num_boosted_rounds():
+        booster = booster[: booster.best_iteration + 1]
+    return booster
+
+
+_SCORE_COLUMNS = [FEATURE_NAMES.index(f"score_{s}") for s in SOURCES]
+_COLUMN = {name: FEATURE_NAMES.index(name) for name in ("log_popularity_7d", "log_trending", "ui_dot")}
+
+
+def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray) -> np.ndarray:
+    """One ordering's scores of feature rows, from the columns the agent orders by at serving."""
+    return ordering.scores(name, X[:, _SCORE_COLUMNS], np.expm1(X[:, _COLUMN["log_popularity_7d"]]),
+                           np.expm1(X[:, _COLUMN["log_trending"]]), X[:, _COLUMN["ui_dot"]], ranker_scores)
 
 
 def train(events: Iterable[Event], outputs: BatchOutputs, products: Sequence[Product],

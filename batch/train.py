@@ -176,12 +176,21 @@ def fit(s: Settings, events: list[Event], products: list[Product], work: Path, p
         cfg = ranker.ranker_config(s, nthread=2, progress=False, target_sample=s.ranker_target_sample,
                                    targets_from_s=cut if cut is not None else float("-inf"))
         result = ranker.train(window_events, past, products, cfg)
+        progress("[train] ordering per task, by held-out NDCG@8 (the ranker serves a task only where it beats "
+                 "the simpler orderings): " + "; ".join(_ordering_line(t, o, result.metrics)
+                                                        for t, o in result.orderings.items()))
     metrics = {**{f"batch_{k}": v for k, v in out.metrics.items()},
                **{k.replace("@", "_at_"): v for k, v in result.metrics.items()},
                "faiss_recall_at_200": recall, "items_cold_start": float(cold),
                "events": float(out.window.events), "users": float(out.window.users),
                "items": float(out.window.items)}
     return Fitted(out, items, idx, content, result, metrics)
+
+
+def _ordering_line(task: str, chosen: str, metrics: dict[str, float]) -> str:
+    figures = ", ".join(f"{o} {metrics[f'{task}_{o}_ndcg@8']:.4f}" for o in (*ranker.ordering.ORDERINGS, "task_ranker")
+                        if f"{task}_{o}_ndcg@8" in metrics)
+    return f"{task} -> {chosen} ({int(metrics.get(f'{task}_groups', 0))} groups: {figures or 'none held out'})"
 
 
 def _published(pointer: dict | None, s: Settings) -> bool:
@@ -273,9 +282,12 @@ def write_bundle(folder: Path, out: BatchOutputs, idx, content, result, metrics,
     if content is not None:
         (folder / "content.npz").write_bytes(content.to_bytes())
     (folder / "ranker.ubj").write_bytes(result.model)
+    (folder / "orderings.json").write_text(json.dumps(result.orderings))
+    for task, model in result.task_models.items():
+        (folder / f"ranker-{task}.ubj").write_bytes(model)
     (folder / "features.json").write_text(json.dumps(list(FEATURE_NAMES)))
     write_manifest(folder, {"created_at": time.time(), "source": source.describe(), "window": out.window.__dict__,
-                            "metrics": metrics, "warnings": out.warnings, "index": {"kind": idx.kind, **idx.params},
+                            "metrics": metrics, "orderings": result.orderings, "warnings": out.warnings, "index": {"kind": idx.kind, **idx.params},
                             "als": {"rank": s.als_rank, "iterations": s.als_iterations, "reg": s.als_reg,
                                     "alpha": s.als_alpha}})
     return folder

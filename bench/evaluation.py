@@ -35,7 +35,7 @@ def summarise(rec: dict) -> dict:
     p = rec["primary"]
     return {"primary": p, "best_baseline": rec["best_baseline"][p], "best_baseline_name": rec["best_baseline"]["name"],
             "full_pipeline": rec["full_pipeline"][p], "full_pipeline_name": rec["full_pipeline"]["name"],
-            "lift": rec["lift"], "bar_met": rec["lift"] >= 0.10}
+            "lift": rec["lift"], "bar_met": rec["lift"] >= 0.10, "candidate_recall": rec.get("candidate_recall", {})}
 
 
 def markdown(result: dict) -> str:

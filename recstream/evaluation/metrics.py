@@ -84,3 +84,17 @@ def evaluate(queries: Sequence[Query], ranked: Sequence[Sequence[str]], ks: Sequ
     for k in ks:
         out[f"coverage@{k}"] = coverage(ranked, universe, k)
     return out
+
+
+def set_recall(queries: Sequence[Query], sets: Sequence[Collection[str]], family: str) -> float:
+    """Mean over queries of what an unordered set holds of the targets: the share of targets in it
+    ("recall", "ndcg") or whether it holds any ("hitrate", "mrr"). A candidate set's recall is the
+    ceiling of every ordering of it: no ranker brings in an item retrieval did not propose."""
+    if len(queries) != len(sets):
+        raise ValueError(f"{len(queries)} queries but {len(sets)} sets")
+    if not queries:
+        return 0.0
+    found = np.array([len(q.targets & set(s)) for q, s in zip(queries, sets)], np.float64)
+    if family in ("hitrate", "mrr"):
+        return float((found > 0).mean())
+    return float((found / np.array([len(q.targets) for q in queries])).mean())

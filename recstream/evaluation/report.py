@@ -63,7 +63,7 @@ def record(ev: "Evaluation", command: str = "") -> dict:
             "methods": {r.name: {"ours": r.ours, "seconds": r.seconds, "metrics": r.metrics,
                                  "curve": {"k": list(range(1, len(r.curve) + 1)), p.split("@")[0]: r.curve}}
                         for r in ev.results},
-            "training": ev.training}
+            "training": ev.training, "candidate_recall": ev.candidate_recall}
 
 
 def plot(rec: dict, path: Path) -> Path:

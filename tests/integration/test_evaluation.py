@@ -42,6 +42,10 @@ def test_the_full_pipeline_stays_above_its_recorded_session_hitrate(small_env, t
     full = methods["ours_full"]["metrics"]["hitrate@20"]
     print(f"gate: ours_full hitrate@20 {full:.4f} (threshold {GATE_THRESHOLD:.4f})")
     assert full >= GATE_THRESHOLD, f"ours_full HitRate@20 {full:.4f} fell below the gate {GATE_THRESHOLD:.4f}"
+    # no ordering finds what retrieval did not propose: the candidate set's hit rate is every variant's ceiling
+    ceiling = record["candidate_recall"]
+    assert ceiling["all"] >= max(methods[m]["metrics"]["hitrate@20"] for m in ("ours_als", "ours_als_rules", "ours_full"))
+    assert ceiling["all"] >= max(v for k, v in ceiling.items() if k not in ("all", "size")) and ceiling["size"] > 20
     # the table printed names every method and the verdict against the best baseline
     assert "ours_full hitrate@20" in out and "vs best baseline" in out
 

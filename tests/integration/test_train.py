@@ -1,13 +1,16 @@
 """A whole training run on the real Spark, MLflow, Redis and Kafka; and a failing one."""
 import dataclasses
+import json
 import time
 import uuid
 
 import pytest
 
+from agents.models import load_bundle
 from batch.publish import current
 from batch.registry import CHALLENGER, CHAMPION, Registry
 from batch.train import Source, TrainingFailed, train_once
+from recstream import ordering
 from recstream.data import ShopConfig
 from recstream.features import keys
 from recstream.redisconn import connect
@@ -32,7 +35,14 @@ async def test_a_run_registers_a_champion_and_publishes_it(small):
     assert set(report.stage_s) == {"load", "spark", "content", "index", "ranker", "register", "publish"}
     assert (await current(small))["version"] == report.version
     bundle = Registry(small.mlflow_tracking_uri, small.model_name).download(CHAMPION, small.home_dir / "dl")
-    assert {"index.faiss", "ranker.ubj", "features.json", "manifest.json", "content.npz"} <= {p.name for p in bundle.iterdir()}
+    assert {"index.faiss", "ranker.ubj", "features.json", "manifest.json", "content.npz", "orderings.json"} <= \
+        {p.name for p in bundle.iterdir()}
+    # the version carries each task's ordering, and the ranking agent loads it with every task ranker it kept
+    chosen = json.loads((bundle / "orderings.json").read_text())
+    assert set(chosen) == set(ordering.TASKS) and set(chosen.values()) <= set(ordering.ORDERINGS)
+    served = load_bundle(bundle, report.version, "ranking", threads=1)
+    assert served.orderings == chosen and set(served.task_boosters) <= {t for t, o in chosen.items() if o == "ranker"}
+    assert json.loads((bundle / "manifest.json").read_text())["orderings"] == chosen
 
 
 async def test_a_run_not_promoted_publishes_the_champion_when_serving_has_lost_its_model(small):

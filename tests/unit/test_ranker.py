@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 from batch.artifacts import BatchOutputs, Embeddings, Window
 from batch.ranker import Examples, RankerConfig, RankerResult, build_examples, fit, load, ranker_config, score
 from recstream.data import ShopConfig, shop_dataset
+from recstream import ordering
 from recstream.features import keys
 from recstream.features.session import FeatureConfig, UserState, apply, decode_features, features_value, session_value
 from recstream.ranking import FEATURE_NAMES, SOURCES, Candidate, Context, ItemFields, features
@@ -206,3 +207,18 @@ def test_top_k_selection_is_the_stable_sorts_prefix(n, k):
     rng = np.random.default_rng(n + k)
     for values in (rng.random(n), rng.integers(0, 4, n).astype(float), np.zeros(n)):   # ties at the cut too
         assert np.array_equal(_top_stable(values, k), np.argsort(-values, kind="stable")[:k])
+
+
+def test_every_task_serves_the_ordering_that_won_on_its_held_out_groups(result, examples):
+    tasks = {g.task for g in examples.groups}
+    assert {"home", "cart"} <= tasks <= set(ordering.TASKS)   # the shop's shoppers arrive and fill baskets
+    for task in ordering.TASKS:
+        measured = {o: result.metrics[f"{task}_{o}_ndcg@8"] for o in ordering.ORDERINGS
+                    if f"{task}_{o}_ndcg@8" in result.metrics}
+        if task in result.task_models:   # the task's own ranker serves it: it beat the ranker of every task
+            assert result.metrics[f"{task}_task_ranker_ndcg@8"] > measured["ranker"]
+            measured["ranker"] = result.metrics[f"{task}_task_ranker_ndcg@8"]
+        assert result.orderings[task] == ordering.choose(measured, int(result.metrics[f"{task}_groups"]))
+        if measured and result.orderings[task] == "ranker":   # it earned its place: better than every simpler one
+            assert all(measured["ranker"] > v for o, v in measured.items() if o != "ranker")
+

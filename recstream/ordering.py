@@ -1,0 +1,73 @@
+"""Orderings of a candidate set, per task (pure): the ranker serves a task only where it earned it.
+
+The homepage on arrival, the next step inside a live session (the homepage again, a product page's
+similar and also-viewed items) and the cart are different tasks. The trainer
+scores its held-out groups of each task with every ordering below and keeps, per task, the best on
+NDCG@k; the ranker must beat every simpler ordering of the same candidates to serve a task (a tie
+goes to the simpler one). The served version carries the choice (`ServingModel.orderings`); the
+ranking agent orders each request by its task's choice, with the same functions.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from recstream.rules import heuristic_scores
+
+TASKS = ("home", "next", "cart")
+# simplest first: a tie between two orderings goes to the one earlier here
+ORDERINGS = ("popular", "als", "rules", "ranker")
+BASKET_EVENTS = ("add_to_cart", "purchase")
+
+
+def task_of_request(kind: str, live: bool) -> str:
+    """A request's task: the cart widget; the homepage of a shopper without a live session (arrival);
+    anything else continues a session (the homepage mid-visit, a product page's widgets)."""
+    if kind == "cart":
+        return "cart"
+    return "home" if kind == "homepage" and not live else "next"
+
+
+def task_of_target(event_type: str, live: bool, basket: bool) -> str:
+    """The task a training target stands for: filling a basket the session already holds ("cart"),
+    opening a visit ("home", the homepage on arrival), or the next step of a live session ("next")."""
+    if not live:
+        return "home"
+    return "cart" if basket and event_type in BASKET_EVENTS else "next"
+
+
+def scores(ordering: str, sources: np.ndarray, popularity_7d: np.ndarray, trending: np.ndarray,
+           ui_dot: np.ndarray | None, ranker: np.ndarray | None) -> np.ndarray:
+    """Scores (higher first) of one ordering for candidates given by their source matrix (NaN: not
+    proposed), window popularity, trending weight, ALS dot product (NaN or None: no vector) and the
+    ranker's scores (None: no ranker, then the rules)."""
+    trend = np.nan_to_num(np.asarray(trending, np.float64))
+    if ordering == "ranker" and ranker is not None:
+        return np.asarray(ranker, np.float64)
+    if ordering == "popular":
+        return np.log1p(np.nan_to_num(np.asarray(popularity_7d, np.float64))) + 1e-3 * np.log1p(trend)
+    if ordering == "als" and ui_dot is not None:
+        dot = np.asarray(ui_dot, np.float64)
+        if not np.isnan(dot).all():   # no vector at all (an unknown user, no session): the rules decide
+            return np.where(np.isnan(dot), -np.inf, dot)
+    return heuristic_scores(sources, trend)
+
+
+def choose(ndcg: Mapping[str, float], groups: int, min_groups: int = 30) -> str:
+    """The ordering a task serves, from each ordering's held-out NDCG: the best, ties to the simpler;
+    with fewer than `min_groups` held-out groups nothing is measured well enough to overrule the
+    ranker's absence, so the rules serve (the ranker must earn its place)."""
+    if groups < min_groups or not ndcg:
+        return "rules"
+    present = [o for o in ORDERINGS if o in ndcg]
+    return max(present, key=lambda o: (ndcg[o], -present.index(o)))
+
+
+def resolve(orderings: Mapping[str, str], task: str, has_ranker: bool) -> str:
+    """The ordering a request of `task` gets from a served version: the task's choice; a version
+    without choices (trained before them) ranks with its ranker where it has one."""
+    chosen = orderings.get(task)
+    if chosen is None:
+        return "ranker" if has_ranker else "rules"
+    return chosen if chosen != "ranker" or has_ranker else "rules"

@@ -1,0 +1,64 @@
+"""Per-task orderings: which widget a target stands for, each ordering's scores, and the ranker earning its place."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from recstream import ordering
+from recstream.rules import source_matrix
+
+NAN = math.nan
+
+
+@pytest.mark.parametrize("event_type, live, basket, task", [
+    ("view", False, False, "home"), ("purchase", False, True, "home"),   # a new visit opens on the homepage
+    ("view", True, False, "next"), ("view", True, True, "next"), ("purchase", True, False, "next"),
+    ("add_to_cart", True, True, "cart"), ("purchase", True, True, "cart"),   # filling the basket it holds
+])
+def test_a_target_stands_for_the_widget_it_would_be_shown_in(event_type, live, basket, task):
+    assert ordering.task_of_target(event_type, live, basket) == task
+
+
+@pytest.mark.parametrize("kind, live, task", [
+    ("homepage", False, "home"), ("homepage", True, "next"), ("similar", False, "next"), ("also_viewed", True, "next"),
+    ("cart", False, "cart"), ("cart", True, "cart"),
+])
+def test_a_request_is_the_task_its_widget_and_session_make_it(kind, live, task):
+    assert ordering.task_of_request(kind, live) == task
+
+
+def _order(name, ranker=None, dot=None):
+    sources = source_matrix(3, {"cobuy": [NAN, 2.0, NAN], "popular": [5.0, NAN, 1.0]})
+    s = ordering.scores(name, sources, np.array([1.0, 50.0, 900.0]), np.array([0.0, 0.0, 3.0]),
+                        np.array([0.9, NAN, 0.1]) if dot is None else dot, ranker)
+    return list(np.argsort(-s, kind="stable"))
+
+
+def test_each_ordering_orders_by_its_own_signal():
+    assert _order("popular") == [2, 1, 0]                          # window popularity
+    assert _order("als") == [0, 2, 1]                              # dot product; no vector goes last
+    assert _order("rules") == [1, 0, 2]                            # co-purchase first, then popular by score
+    assert _order("ranker", ranker=np.array([0.0, 1.0, 2.0])) == [2, 1, 0]
+
+
+def test_orderings_without_their_signal_fall_back_to_the_rules():
+    assert _order("ranker", ranker=None) == _order("rules")
+    assert _order("als", dot=np.full(3, NAN)) == _order("rules")   # an unknown user without a session
+
+
+def test_the_ranker_serves_a_task_only_where_it_beats_every_simpler_ordering():
+    assert ordering.choose({"popular": 0.1, "als": 0.2, "rules": 0.3, "ranker": 0.31}, groups=100) == "ranker"
+    assert ordering.choose({"popular": 0.1, "als": 0.2, "rules": 0.3, "ranker": 0.29}, groups=100) == "rules"
+    assert ordering.choose({"popular": 0.4, "als": 0.2, "rules": 0.3, "ranker": 0.4}, groups=100) == "popular"   # tie
+    assert ordering.choose({"popular": 0.1, "als": 0.2, "rules": 0.3, "ranker": 0.9}, groups=5) == "rules"   # too few
+    assert ordering.choose({}, groups=0) == "rules"
+
+
+def test_a_served_version_resolves_each_request_to_its_tasks_ordering():
+    chosen = {"home": "ranker", "next": "als", "cart": "rules"}
+    assert [ordering.resolve(chosen, t, True) for t in ("home", "next", "cart")] == ["ranker", "als", "rules"]
+    assert ordering.resolve(chosen, "home", has_ranker=False) == "rules"   # the choice needs its booster
+    assert ordering.resolve({}, "cart", True) == "ranker"    # a version from before per-task choices
+    assert ordering.resolve({}, "cart", False) == "rules"
