@@ -1,13 +1,9 @@
 """Retrieval agent: a request -> up to a few hundred candidates, each with the sources that proposed it.
 
-Sources (recstream.ranking.SOURCES): on the homepage, the session's recent items themselves
-("session": shoppers come back to what they looked at); FAISS over the model's item vectors
-("als"), queried with the user's ALS vector, else the mean vector of the session's last 5 viewed
-products (the design's cold-start proxy), else the product on screen or the cart's mean; co-view
-("covis") and co-purchase ("cobuy") neighbours of the session's, product's or cart's items;
-trending in the session's main category ("popular", as the ranker was trained; homepage and cart)
-or in the product's category ("same_category"); the product's brand ("same_brand"). A product newer than the model gets its vector from the
-content model.
+What is proposed is decided by the candidate stage (recstream.candidates), which the ranker's example
+builder calls too; this agent reads its inputs from Redis (two round trips: the shopper and the
+anchors, then the lists the stage asks for) and answers its ANN query with FAISS over the model's
+item vectors. A product newer than the model gets its vector from the content model.
 
 Sharded by item (RECSTREAM_RETRIEVAL_SHARDS > 1): one consumer group per shard reads every request;
 each process loads its shard's index and answers its top k by ANN; shard 0 also proposes every other
@@ -32,22 +28,15 @@ import orjson
 from agents.models import ModelHolder, ServingModel
 from agents.runner import Outgoing
 from batch.publish import decode_embedding
-from recstream.features import keys, popularity
+from recstream import candidates
+from recstream.features import keys
 from recstream.features.session import decode_features, features_key, session_key
 from recstream.gather import ann_k
-from recstream.ranking import main_category
 from recstream.rules import Proposals
 from recstream.settings import Settings
 from schemas import CandidateSet, Product, RecommendationRequest, SchemaError
+from schemas.recommendations import SOURCES
 from streams.online_store import OnlineStore
-
-SESSION_PROXY_ITEMS = 5     # the design: a user without an embedding is the mean of their last 5 viewed
-ANCHORS = 5                 # session or cart items whose neighbours are proposed
-SESSION_ITEMS = 20          # the session's recent items proposed again on the homepage (score 1 / position)
-NEIGHBOURS = 10             # per anchor for homepage and cart (as the ranker was trained); more for a product page
-POPULAR = 20                # trending items proposed
-BRAND = 10
-
 
 @dataclass
 class Plan:
@@ -133,8 +122,7 @@ class Retrieval:
             found = await asyncio.gather(*(self.batcher.search(model, p.query, n) for p, n in zip(searched, k)))
             sharded = self.shards > 1   # the on-screen items stay in a shard's top k: ranking's merge drops them
             for p, (row_ids, row_scores) in zip(searched, found):
-                for pid, sc in zip(row_ids, row_scores):
-                    p.proposals.add(pid, "als", float(sc), p.anchor, keep_excluded=sharded)
+                candidates.add_ann(p.proposals, zip(row_ids, row_scores), p.anchor, keep_excluded=sharded)
         t2 = time.perf_counter()
         out = []
         version = model.version if model else "none"
@@ -153,14 +141,13 @@ class Retrieval:
     # -- Redis reads (two round trips per request) ---------------------------------------------------
     async def _read(self, r: RecommendationRequest, model: ServingModel | None, now: float) -> Plan:
         ns, v = self.ns, model.version if model else None
-        plan = Plan(r, Proposals(exclude=set(r.on_screen)))
-        anchors = [r.product_id] if r.product_id else list(r.cart_items[:ANCHORS])
+        ids = candidates.anchors(r)
         pipe = self.store.redis.pipeline(transaction=False)
         if r.user_id:
             pipe.get(ns + keys.embedding("user", str(v), r.user_id))
             pipe.get(ns + session_key(r.user_id))
             pipe.hgetall(ns + features_key(r.user_id))
-        for a in anchors:
+        for a in ids:
             pipe.get(ns + keys.embedding("item", str(v), a))
             pipe.hgetall(ns + keys.item_features(a))
         res = await pipe.execute()
@@ -176,84 +163,24 @@ class Retrieval:
         if model is not None and model.content is not None:   # products newer than the model: content vectors
             for i, (vec, item) in enumerate(zip(anchor_vecs, anchor_items)):
                 if vec is None and item:
-                    anchor_vecs[i] = _content_vector(model, anchors[i], item)
+                    anchor_vecs[i] = _content_vector(model, ids[i], item)
 
-        pipe = self.store.redis.pipeline(transaction=False)
-        reads: list[tuple] = []   # (callback, ...) per queued command, in order
-        allowed = set(r.overrides.sources) if r.overrides and r.overrides.sources else None   # A/B: some sources only
-
-        def on(source: str) -> bool:
-            if self.shard and source != "als":   # shards but 0 propose only their ANN candidates
-                return False
-            return allowed is None or source in allowed
-
-        def zrev(key: str, n: int, source: str, anchor: str | None, weight: float = 1.0) -> None:
-            if not on(source):
-                return
-            pipe.zrevrange(ns + key, 0, n - 1, withscores=True)
-            reads.append((source, anchor, weight))
-
-        def trending(category: str | None, n: int, source: str) -> None:
-            for lm, w in popularity.trend_read_weights(now, self.s.trending_half_life_s).items():
-                zrev(popularity.trend_key(lm, category), 2 * n, source, category, w)
-
-        recent = (session or [])[:ANCHORS]
-        if r.kind == "homepage":   # the session's own items: shoppers come back to what they looked at
-            if on("session"):
-                plan.proposals.add_all([(pid, 1.0 / (i + 1)) for i, pid in enumerate((session or [])[:SESSION_ITEMS])],
-                                       "session")
-            cart = list((feats or {}).get("cart_items") or [])[:ANCHORS]
-            for a in recent:
-                zrev(keys.neighbours("covis", a), NEIGHBOURS, "covis", a)
-            for a in (*recent, *cart):
-                zrev(keys.neighbours("cobuy", a), NEIGHBOURS, "cobuy", a)
-            main = main_category((feats or {}).get("session_categories") or {}) if recent else None
-            trending(main, POPULAR, "popular")
-        else:
-            cobuy, covis = {"cart": (50, 20), "also_viewed": (NEIGHBOURS, 100), "similar": (NEIGHBOURS, NEIGHBOURS)}[r.kind]
-            for a in anchors:
-                zrev(keys.neighbours("cobuy", a), cobuy, "cobuy", a)
-                zrev(keys.neighbours("covis", a), covis, "covis", a)
-            categories = [it["category"] for it in anchor_items if it.get("category")]
-            for c in dict.fromkeys(categories[:2]):
-                trending(c, POPULAR // 2 if r.kind == "cart" else POPULAR, "same_category")
-            if r.kind == "cart":   # staples: what the ranker learned to weigh against the basket's neighbours
-                main = main_category((feats or {}).get("session_categories") or {}) if recent else None
-                trending(main, POPULAR, "popular")
-            brand = next((it["brand"] for it in anchor_items if it.get("brand") not in (None, "", "unknown")), None)
-            if brand and r.kind == "similar":
-                zrev(keys.brand(brand), BRAND, "same_brand", brand)
-        merged: dict[tuple[str, str | None], dict[str, float]] = {}
-        for (source, anchor, weight), rows in zip(reads, await pipe.execute() if reads else []):
-            if source in ("popular", "same_category"):   # trending: two landmarks' scores add up
-                acc = merged.setdefault((source, anchor), {})
-                for m, sc in rows:
-                    acc[m.decode()] = acc.get(m.decode(), 0.0) + sc * weight
-            else:
-                plan.proposals.add_all([(m.decode(), sc) for m, sc in rows], source, anchor)
-        for (source, anchor), acc in merged.items():
-            best = sorted(acc.items(), key=lambda x: -x[1])[: POPULAR]
-            plan.proposals.add_all(best, source, anchor)
+        shopper = candidates.Shopper.from_redis(session, feats, now, self.s.session_idle_timeout_s)
+        allowed = set(r.overrides.sources) if r.overrides and r.overrides.sources else set(SOURCES)   # A/B
+        sources = {"als"} & allowed if self.shard else allowed   # shards but 0 propose only their ANN candidates
+        reads = candidates.plan(r, shopper, anchor_items, sources)
+        answers = await self.store.candidate_reads(reads, now, self.s.trending_half_life_s)
+        plan = Plan(r, candidates.propose(r, shopper, reads, answers, sources))
 
         # the FAISS query, and the vector the ranker scores "user x item" with
-        if r.kind == "homepage":
-            if user_vec is not None:
-                plan.query, plan.query_source = user_vec, "user"
-            elif recent and v is not None:
-                vecs = [x for x in await self.store.embeddings("item", v, recent[:SESSION_PROXY_ITEMS]) if x is not None]
-                if vecs:
-                    plan.query, plan.query_source, plan.anchor = np.mean(vecs, axis=0), "session", recent[0]
-        else:
-            vecs = [x for x in anchor_vecs if x is not None]
-            if vecs:
-                plan.query = vecs[0] if r.kind != "cart" else np.mean(vecs, axis=0)
-                plan.query_source = "product" if r.kind != "cart" else "cart"
-                plan.anchor = anchors[0]
-        if user_vec is not None:
-            plan.rank_query, plan.rank_query_source = user_vec, "user"
-        else:
-            plan.rank_query, plan.rank_query_source = plan.query, plan.query_source
-        if not on("als"):   # A/B: no ANN candidates; the ranker still scores with the vector
+        vectors = dict(zip(ids, anchor_vecs))
+        if r.kind == "homepage" and user_vec is None and shopper.recent and v is not None:
+            proxy = shopper.recent[:candidates.SESSION_PROXY_ITEMS]
+            vectors = dict(zip(proxy, await self.store.embeddings("item", v, proxy)))
+        q = candidates.query(r, shopper, user_vec, vectors.get)
+        plan.query, plan.query_source, plan.anchor = q.vector, q.source, q.anchor
+        plan.rank_query, plan.rank_query_source = q.rank_vector, q.rank_source
+        if "als" not in sources:   # A/B: no ANN candidates; the ranker still scores with the vector
             plan.query = None
         return plan
 

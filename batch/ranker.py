@@ -1,20 +1,18 @@
 """Ranker training: point-in-time examples replayed from history, XGBoost LambdaMART, offline metrics.
 
 Each user's events are folded in time order with recstream.features.session.apply, the function the
-online feature agents run, and popularity and trending are counted with the same keys and decay as
-recstream.features.popularity; so the state behind every example is what Redis held just before the
-target event. Features come from recstream.ranking.matrix, the function the ranking agent calls.
-
-Candidates are proposed as retrieval proposes them at serving: "covis" and "cobuy" are the feature
-agents' co-occurrence counters (the pairs `apply` emits, counted up to the target, best by count, as
-ZREVRANGE reads covis:/cobuy:), and "popular" is trending in the session's main category (overall
-when the session has none), as the trend keys give it. Training on the Spark job's cosine
-neighbours instead put the ranker's score_covis/score_cobuy features on another scale than
-serving's counts (found by `recstream evaluate`: the full pipeline fell below popularity on Groceries).
+online feature agents run, and popularity, trending and co-occurrence are counted with the same keys
+and decay as the feature agents (`ReplayState`); so the state behind every example is what Redis held
+just before the target event. Candidates come from recstream.candidates, the function the retrieval
+agent calls, with this replay answering its reads as Redis does (ZREVRANGE order, trending read 2n
+deep per landmark); features from recstream.ranking.matrix, the function the ranking agent calls.
+Each target stands for a task (recstream.ordering): the homepage on arrival or within a live session,
+or the cart widget over the basket the session holds, and its candidates are that widget's.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -26,9 +24,9 @@ from tqdm import tqdm
 from batch.artifacts import BatchOutputs
 from recstream.features import popularity
 from recstream.features.config import feature_config
-from recstream import ordering
+from recstream import candidates, ordering
 from recstream.features.session import FeatureConfig, UserState, apply
-from recstream.ranking import FEATURE_NAMES, SOURCES, Columns, Context, ItemFields, main_category, matrix
+from recstream.ranking import FEATURE_NAMES, SOURCES, Columns, Context, ItemFields, matrix
 from recstream.settings import Settings
 from schemas import Event, Product
 
@@ -36,7 +34,6 @@ GRADES = {"view": 1, "click": 1, "add_to_cart": 2, "purchase": 3}
 EARLY_STOP = 25     # boosting rounds without a better held-out NDCG before training stops
 TASK_BOOSTERS = ("cart",)   # tasks that may get a ranker of their own examples
 MIN_TASK_GROUPS = 200       # training groups a task needs for one
-_J = {s: j for j, s in enumerate(SOURCES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +43,7 @@ class RankerConfig:
     learning_rate: float = 0.1
     nthread: int = 2                  # set explicitly: OpenMP's default oversubscribes shared cores
     seed: int = 0
-    als_candidates: int = 50          # top-K by dot product with the user's ALS vector
-    session_items: int = 5            # recent (and cart) items whose neighbours are candidates
-    session_candidates: int = 20      # recent items proposed themselves (agents/retrieval.py SESSION_ITEMS)
-    neighbours_per_item: int = 10     # covis / cobuy neighbours taken per session item
-    popular_candidates: int = 20      # popular items in the session's main category
+    als_candidates: int = 50          # ANN candidates, as retrieval's RECSTREAM_RETRIEVAL_CANDIDATES
     train_fraction: float = 0.8       # earliest share of targets, by time, to train on
     target_sample: float = 1.0        # share of targets kept, chosen by a hash of the event id (deterministic)
     targets_from_s: float = float("-inf")   # only events from here on are targets (earlier ones build the state)
@@ -86,6 +79,7 @@ class ItemTable:
         self.ids = ids
         self.index = {pid: i for i, pid in enumerate(ids)}
         self.category = [f.category for f in fields]
+        self.brand = [f.brand for f in fields]
         self.num = {a: np.array([getattr(f, a) for f in fields], np.float64)
                     for a in ("price", "rating", "seller_rating", "in_stock", "created_at")}
         emb = outputs.item_embeddings
@@ -178,12 +172,12 @@ class Examples:
 def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Sequence[Product],
                    cfg: RankerConfig) -> Examples:
     table = ItemTable(products, outputs)
-    pop = Popularity(len(table.ids), cfg.popularity_window_days, cfg.trending_half_life_s, cfg.features.weights)
+    replay = ReplayState(table, Popularity(len(table.ids), cfg.popularity_window_days, cfg.trending_half_life_s,
+                                           cfg.features.weights), cfg.trending_half_life_s)
     users = outputs.user_embeddings.index()
     user_vectors = outputs.user_embeddings.vectors
     idle = cfg.features.session_idle_timeout_s
     states: dict[str, UserState] = {}
-    cooccurrence: dict[str, dict[str, Counter]] = {"covis": {}, "cobuy": {}}   # what covis:/cobuy: hold so far
     last_request: dict[str, tuple[str, str]] = {}       # user -> (device, page) of the previous event
     groups: list[Group] = []
     blocks: list[np.ndarray] = []
@@ -199,19 +193,22 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
         if (row is not None and e.timestamp >= cfg.targets_from_s and state.events
                 and state.session_start_s <= e.timestamp and _sampled(e.event_id, cfg.target_sample)):
             targets += 1
+            shopper = candidates.Shopper.from_state(state, e.timestamp, idle)
+            live = candidates.is_live(state.last_s, state.events, e.timestamp, idle)
+            task = ordering.task_of_target(e.event_type, live, bool(shopper.cart or shopper.basket))
+            basket = tuple(dict.fromkeys((*shopper.cart, *shopper.basket)))[:100]
+            ask = candidates.Ask("cart", cart_items=basket) if task == "cart" else candidates.Ask("homepage")
             u = users.get(e.user_id)
+            q = candidates.query(ask, shopper, user_vectors[u] if u is not None else None, replay.vector)
             device, page = last_request[e.user_id]
-            # as retrieval does: the user's vector, else the mean of the session's last 5 items' vectors
-            query = user_vectors[u] if u is not None else _session_proxy(state, table)
-            ctx = Context(now_s=e.timestamp, user_embedding=query, session=state,
+            ctx = Context(now_s=e.timestamp, user_embedding=q.rank_vector, session=state,
                           category_affinity=outputs.category_affinity.get(e.user_id, {}),
                           median_price=outputs.user_median_price.get(e.user_id), device=device, page=page,
                           session_idle_timeout_s=idle)
-            group = _group(ctx, state, e, row, table, pop, cooccurrence, cfg)
+            group = _group(ctx, ask, shopper, q, state, e, row, replay, cfg)
             if group is not None:
                 group.later = future.after(e)
-                live = state.session_id == e.session_id and e.timestamp - state.last_s <= idle
-                group.task = ordering.task_of_target(e.event_type, live, bool(state.cart or state.session_purchases))
+                group.task = task
                 groups.append(group)
                 blocks.append(matrix(ctx, table.columns(group.rows, group.sources, group.popularity_7d,
                                                         group.purchases_7d, group.trending)))
@@ -220,12 +217,7 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
             continue
         states[e.user_id] = update.state
         last_request[e.user_id] = (e.device, e.page)
-        for source, pairs in (("covis", update.covisits), ("cobuy", update.copurchases)):
-            for a, b in pairs:
-                for x, y in ((a, b), (b, a)):
-                    cooccurrence[source].setdefault(x, Counter())[y] += 1
-        if row is not None:
-            pop.add(row, e.event_type, e.timestamp)
+        replay.fold(update.covisits, update.copurchases, row, e)
     sizes = np.array([len(g.rows) for g in groups], np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     y = np.zeros(int(offsets[-1]), np.float32)
@@ -237,6 +229,95 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
     X = np.concatenate(blocks) if blocks else np.empty((0, len(FEATURE_NAMES)), np.float32)
     qid = np.repeat(np.arange(len(groups), dtype=np.uint32), sizes)
     return Examples(X, y, qid, offsets, groups, table, targets)
+
+
+class ReplayState:
+    """What the feature agents' Redis keys hold at a moment of the replay, answering the candidate
+    stage's reads (recstream.candidates.plan) as streams.online_store.OnlineStore.candidate_reads does:
+    neighbour lists best count first, ties by member descending (ZREVRANGE); trending as the current
+    and previous landmark's scores, each read 2n deep, summed and cut to n; a brand's items by rating."""
+
+    def __init__(self, table: ItemTable, pop: Popularity, half_life_s: float):
+        self.table, self.pop, self.half_life_s = table, pop, half_life_s
+        self.cooccurrence: dict[str, dict[str, Counter]] = {"covis": {}, "cobuy": {}}   # covis:/cobuy: so far
+
+    def fold(self, covisits: Iterable[tuple[str, str]], copurchases: Iterable[tuple[str, str]], row: int | None,
+             e: Event) -> None:
+        for source, pairs in (("covis", covisits), ("cobuy", copurchases)):
+            for a, b in pairs:
+                for x, y in ((a, b), (b, a)):
+                    self.cooccurrence[source].setdefault(x, Counter())[y] += 1
+        if row is not None:
+            self.pop.add(row, e.event_type, e.timestamp)
+
+    def vector(self, product_id: str) -> np.ndarray | None:
+        row = self.table.index.get(product_id)
+        if row is None or not self.table.embeddings.shape[1]:
+            return None
+        v = self.table.embeddings[row]
+        return None if np.isnan(v).any() else v
+
+    def anchor_items(self, ids: Sequence[str]) -> list[dict[str, str]]:
+        """The anchors' item_features fields the candidate stage reads ({} for an unknown item)."""
+        out = []
+        for pid in ids:
+            row = self.table.index.get(pid)
+            out.append({} if row is None else {"category": self.table.category[row] or "",
+                                               "brand": self.table.brand[row] or ""})
+        return out
+
+    def answer(self, reads: Sequence[candidates.Read], now: float) -> list[list[tuple[str, float]]]:
+        return [self._trending(rd.key, rd.n, now) if rd.table == "trend" else
+                self._brand(rd.key, rd.n) if rd.table == "brand" else self._neighbours(rd.table, rd.key, rd.n)
+                for rd in reads]
+
+    def nearest(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:
+        t = self.table
+        if not len(t.als_rows):
+            return []
+        scores = t.als_vectors @ query
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(t.ids[t.als_rows[i]], float(scores[i])) for i in top]
+
+    def _neighbours(self, table: str, item: str | None, n: int) -> list[tuple[str, float]]:
+        counts = self.cooccurrence[table].get(item)
+        if not counts:
+            return []
+        return [(pid, float(c)) for pid, c in heapq.nlargest(n, counts.items(), key=lambda kv: (kv[1], kv[0]))]
+
+    def _trending(self, category: str | None, n: int, now: float) -> list[tuple[str, float]]:
+        rows = self.table.category_rows.get(category) if category is not None else self.table.all_rows
+        if rows is None:
+            return []
+        ids = self.table.ids
+        acc: dict[str, float] = {}
+        for lm, w in popularity.trend_read_weights(now, self.half_life_s).items():
+            held = self.pop.trend.get(lm)
+            if held is None:
+                continue
+            values = held[rows]
+            kept = np.flatnonzero(values > 0)   # a trend key holds the items with events at that landmark
+            best = sorted(kept, key=lambda i: (values[i], ids[rows[i]]), reverse=True)[: 2 * n] if len(kept) <= 4 * n \
+                else _top_members(values, rows, ids, 2 * n)
+            for i in best:
+                pid = ids[rows[i]]
+                acc[pid] = acc.get(pid, 0.0) + float(values[i]) * w
+        return sorted(acc.items(), key=lambda x: -x[1])[:n]
+
+    def _brand(self, brand: str | None, n: int) -> list[tuple[str, float]]:
+        t = self.table
+        rated = [(t.ids[i], float(np.nan_to_num(t.num["rating"][i]))) for i in range(len(t.ids)) if t.brand[i] == brand]
+        return heapq.nlargest(n, rated, key=lambda kv: (kv[1], kv[0]))
+
+
+def _top_members(values: np.ndarray, rows: np.ndarray, ids: list[str], n: int) -> list[int]:
+    """Positions of the n largest positive values, ties by member id descending (ZREVRANGE's order),
+    without sorting every value (trending overall runs over the whole catalogue for every target)."""
+    kth = np.partition(values, len(values) - n)[len(values) - n]
+    near = np.flatnonzero((values >= kth) & (values > 0))   # the n best and every tie with the last
+    return sorted(near, key=lambda i: (values[i], ids[rows[i]]), reverse=True)[:n]
 
 
 class _Future:
@@ -265,23 +346,6 @@ class _Future:
         return out
 
 
-def _top_stable(values: np.ndarray, k: int) -> np.ndarray:
-    """np.argsort(-values, kind="stable")[:k] without sorting every value: a target's trending runs over
-    the whole catalogue when the session has no category (48k items on Taobao, for every target)."""
-    if k >= len(values):
-        return np.argsort(-values, kind="stable")
-    kth = np.partition(values, len(values) - k)[len(values) - k]   # the k-th largest
-    rows = np.flatnonzero(values >= kth)                            # it and all ties, in index order
-    return rows[np.argsort(-values[rows], kind="stable")][:k]
-
-
-def _session_proxy(state: UserState, table: ItemTable, n: int = 5) -> np.ndarray | None:
-    rows = [table.index[p] for p in state.recent[:n] if p in table.index]
-    vectors = table.embeddings[rows] if rows else table.embeddings[:0]
-    vectors = vectors[~np.isnan(vectors).any(axis=1)] if vectors.shape[1] else vectors
-    return vectors.mean(axis=0) if len(vectors) else None
-
-
 def _sampled(event_id: str, share: float) -> bool:
     if share >= 1.0:
         return True
@@ -289,55 +353,27 @@ def _sampled(event_id: str, share: float) -> bool:
     return h / 2**64 < share
 
 
-def _group(ctx: Context, state: UserState, e: Event, target_row: int, table: ItemTable, pop: Popularity,
-           cooccurrence: dict[str, dict[str, Counter]], cfg: RankerConfig) -> Group | None:
-    """Candidates as retrieval would propose them at this moment; None when the target is not among them."""
-    position: dict[int, int] = {}
-    found: list[tuple[int, int, float]] = []   # (candidate position, source, score)
-
-    def propose(row: int, source: str, score: float) -> None:
-        p = position.setdefault(row, len(position))
-        found.append((p, _J[source], score))
-
-    if ctx.user_embedding is not None and len(table.als_rows):
-        scores = table.als_vectors @ ctx.user_embedding
-        k = min(cfg.als_candidates, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
-        for i in top[np.argsort(-scores[top], kind="stable")]:
-            propose(int(table.als_rows[i]), "als", float(scores[i]))
-    for i, pid in enumerate(state.recent[: cfg.session_candidates]):   # retrieval's "session" source
-        row = table.index.get(pid)
-        if row is not None:
-            propose(row, "session", 1.0 / (i + 1))
-    n = cfg.session_items
-    # cobuy anchors: the session's views, the cart, and what this session bought already (the basket
-    # that a cart widget shows)
-    for source, anchors in (("covis", state.recent[:n]),
-                            ("cobuy", (*state.recent[:n], *state.cart[:n], *state.session_purchases[:n]))):
-        counts = cooccurrence[source]
-        for anchor in dict.fromkeys(anchors):
-            if anchor in counts:
-                for pid, score in counts[anchor].most_common(cfg.neighbours_per_item):
-                    row = table.index.get(pid)
-                    if row is not None:
-                        propose(row, source, float(score))
-    main = main_category(state.categories) if state.recent else None
-    rows = table.category_rows.get(main) if main is not None else table.all_rows
-    if rows is not None:
-        trend = pop.trending(ctx.now_s, rows)
-        best = _top_stable(trend, cfg.popular_candidates)
-        for i in best[trend[best] > 0]:
-            propose(int(rows[i]), "popular", float(trend[i]))
-    if target_row not in position:
+def _group(ctx: Context, ask: candidates.Ask, shopper: candidates.Shopper, q: candidates.Query, state: UserState,
+           e: Event, target_row: int, replay: ReplayState, cfg: RankerConfig) -> Group | None:
+    """The candidates retrieval would propose for `ask` at this moment; None when the target is not among them."""
+    reads = candidates.plan(ask, shopper, replay.anchor_items(candidates.anchors(ask)), SOURCES)
+    proposals = candidates.propose(ask, shopper, reads, replay.answer(reads, ctx.now_s), SOURCES)
+    if q.vector is not None:
+        candidates.add_ann(proposals, replay.nearest(q.vector, cfg.als_candidates + 1), q.anchor)
+    ids, scores, _ = proposals.columns()
+    index = replay.table.index
+    keep = [i for i, pid in enumerate(ids) if pid in index]   # an item neither in the catalogue nor embedded
+    rows = np.array([index[ids[i]] for i in keep], np.int64)
+    if target_row not in set(rows.tolist()):
         return None
-    rows = np.fromiter(position, np.int64, len(position))
     sources = np.full((len(rows), len(SOURCES)), np.nan)
-    for p, j, score in found:   # a source proposing an item twice (two anchors) keeps its best score
-        if not score <= sources[p, j]:
-            sources[p, j] = score
-    counts = pop.window_counts(ctx.now_s, rows)
+    for j, source in enumerate(SOURCES):
+        col = scores.get(source)
+        if col is not None:
+            sources[:, j] = [np.nan if col[i] is None else col[i] for i in keep]
+    counts = replay.pop.window_counts(ctx.now_s, rows)
     known = {*state.recent, *state.cart, *state.purchases}
-    return Group(ctx, rows, sources, counts[0], counts[1], pop.trending(ctx.now_s, rows), e.product_id,
+    return Group(ctx, rows, sources, counts[0], counts[1], replay.pop.trending(ctx.now_s, rows), e.product_id,
                  GRADES[e.event_type], e.product_id not in known)
 
 

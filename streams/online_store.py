@@ -38,6 +38,7 @@ import numpy as np
 import orjson
 from redis.exceptions import NoScriptError
 
+from recstream.candidates import Read
 from recstream.features import keys, popularity
 from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan, split_by_tag
 from recstream.features.session import FeatureConfig, UserState, decode_features, features_key, session_key
@@ -336,6 +337,32 @@ class OnlineStore:
         return sorted(scores.items(), key=lambda x: -x[1])[:n]
 
     # -- serving reads -----------------------------------------------------------------------------
+    async def candidate_reads(self, reads: Sequence[Read], now: float, half_life_s: float) -> list[list[tuple[str, float]]]:
+        """The lists the candidate stage asked for (recstream.candidates.plan), in one round trip, each best
+        first as ZREVRANGE gives it (ties: member descending). Trending sums the current and previous
+        landmark's scores decayed to `now`, each read 2n deep, and keeps the best n."""
+        pipe = self.redis.pipeline(transaction=False)
+        weights = popularity.trend_read_weights(now, half_life_s)
+        for rd in reads:
+            if rd.table == "trend":
+                for lm in weights:
+                    pipe.zrevrange(self.ns + popularity.trend_key(lm, rd.key), 0, 2 * rd.n - 1, withscores=True)
+            else:
+                key = keys.brand(rd.key) if rd.table == "brand" else keys.neighbours(rd.table, rd.key)
+                pipe.zrevrange(self.ns + key, 0, rd.n - 1, withscores=True)
+        res = iter(await pipe.execute() if reads else [])
+        out = []
+        for rd in reads:
+            if rd.table == "trend":
+                acc: dict[str, float] = {}
+                for w in weights.values():
+                    for m, sc in next(res):
+                        acc[m.decode()] = acc.get(m.decode(), 0.0) + sc * w
+                out.append(sorted(acc.items(), key=lambda x: -x[1])[:rd.n])
+            else:
+                out.append([(m.decode(), sc) for m, sc in next(res)])
+        return out
+
     async def in_stock(self, product_ids: Sequence[str]) -> list[bool]:
         if not product_ids:
             return []
