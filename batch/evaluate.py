@@ -38,7 +38,7 @@ from batch.publish import publish
 from recstream.evaluation import baselines as bl
 from recstream.evaluation.core import Method, Query, Split
 from recstream.evaluation.metrics import evaluate as score_lists, set_recall
-from recstream.evaluation.protocols import catalogue_from_events
+from recstream.evaluation.protocols import PROTOCOLS, catalogue_from_events
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import Incoming, plan
 from recstream.features.session import UserState
@@ -102,13 +102,15 @@ def eval_settings(s: Settings, split: Split) -> Settings:
     (each query has its own moment); the serving filter "exclude purchased" off, since the filter
     every method shares is Query.exclude (the homepage protocol puts the user's purchases in it;
     Groceries shoppers buy milk again, and a grocer would turn the setting off); and no diversity cap
-    per category, which no baseline has (it trades accuracy for variety: a shop's choice)."""
+    per category, which no baseline has (it trades accuracy for variety: a shop's choice). The
+    protocol's settings chosen on its validation split (ProtocolSpec.settings) apply too."""
     first, last = split.train[0].timestamp, split.train[-1].timestamp
     days = int(math.ceil((last - first) / 86_400)) + 2
     ns = f"{s.redis_namespace}eval:{split.protocol}:{uuid.uuid4().hex[:8]}:"
+    chosen = PROTOCOLS[split.protocol].settings if split.protocol in PROTOCOLS else {}
     return dataclasses.replace(s, train_window_days=max(s.train_window_days, days), redis_namespace=ns,
                                item_stats_ttl_s=0.0, item_cache_ttl_s=3600.0,
-                               exclude_purchased=False, max_per_category=0)
+                               exclude_purchased=False, max_per_category=0, **chosen)
 
 
 class RedisUnavailable(RuntimeError):

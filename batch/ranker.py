@@ -15,7 +15,7 @@ import hashlib
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import xgboost as xgb
@@ -49,6 +49,7 @@ class RankerConfig:
     targets_from_s: float = float("-inf")   # only events from here on are targets (earlier ones build the state)
     label_horizon_s: float = 86_400.0  # positives: what the user engaged with within this long (0: the next event)
     k: int = 8                        # NDCG@k and recall@k
+    pins: Mapping[str, str] = field(default_factory=dict)   # task -> ordering it serves whatever the held-out says
     popularity_window_days: int = 7
     trending_half_life_s: float = 6 * 3600
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -60,7 +61,8 @@ def ranker_config(s: Settings, **overrides) -> RankerConfig:
     # met items far down the ALS list only at serving, and scored them arbitrarily (Groceries, 167 items)
     return RankerConfig(trees=s.ranker_trees, depth=s.ranker_depth, popularity_window_days=s.popularity_window_days,
                         als_candidates=s.retrieval_candidates, label_horizon_s=s.ranker_label_horizon_s,
-                        trending_half_life_s=s.trending_half_life_s, features=feature_config(s), **overrides)
+                        trending_half_life_s=s.trending_half_life_s, features=feature_config(s),
+                        pins=s.ordering_pins, **overrides)
 
 
 # -- items and point-in-time popularity --------------------------------------------------------
@@ -418,27 +420,26 @@ def fit(ex: Examples, cfg: RankerConfig) -> RankerResult:
     orderings, task_models = {}, {}
     tasks = np.array([g.task for g in ex.groups])
     held_tasks = tasks[cut:]
+    per_ordering = {name: evaluate(_ordering_scores(name, ex.X[test], ranker), ex.y[test], offsets, cfg.k)[0]
+                    for name in ordering.ORDERINGS}
     for task in ordering.TASKS:   # the ranker serves a task only where it beats every simpler ordering
         mine = np.flatnonzero(held_tasks == task)
-        ndcg = {}
-        if len(mine):
-            for name in ordering.ORDERINGS:
-                per_group, _ = evaluate(_ordering_scores(name, ex.X[test], ranker), ex.y[test], offsets, cfg.k)
-                ndcg[name] = float(per_group[mine].mean())
-                metrics[f"{task}_{name}_ndcg@{cfg.k}"] = ndcg[name]
-            own = np.flatnonzero(tasks[:cut] == task)
-            if task in TASK_BOOSTERS and len(own) >= MIN_TASK_GROUPS:
-                # a ranker of the task's own examples (baskets to complete are another task than the next
-                # click): kept where it beats the ranker of every task on the task's held-out groups
-                rows = lambda groups: np.concatenate([np.arange(ex.offsets[g], ex.offsets[g + 1]) for g in groups])  # noqa: E731
-                task_booster = _boost(ex, rows(own), rows(mine + cut), cfg)
-                per_group, _ = evaluate(score(task_booster, ex.X[test]), ex.y[test], offsets, cfg.k)
-                metrics[f"{task}_task_ranker_ndcg@{cfg.k}"] = float(per_group[mine].mean())
-                if per_group[mine].mean() > ndcg["ranker"]:
-                    task_models[task] = task_booster
-                    ndcg["ranker"] = float(per_group[mine].mean())
+        ndcg = {name: values[mine] for name, values in per_ordering.items()}
+        for name, values in ndcg.items():
+            if len(mine):
+                metrics[f"{task}_{name}_ndcg@{cfg.k}"] = float(values.mean())
+        own = np.flatnonzero(tasks[:cut] == task)
+        if task in TASK_BOOSTERS and len(own) >= MIN_TASK_GROUPS and len(mine):
+            # a ranker of the task's own examples (baskets to complete are another task than the next
+            # click): kept where it beats the ranker of every task on the task's held-out groups
+            rows = lambda groups: np.concatenate([np.arange(ex.offsets[g], ex.offsets[g + 1]) for g in groups])  # noqa: E731
+            task_booster = _boost(ex, rows(own), rows(mine + cut), cfg)
+            values = evaluate(score(task_booster, ex.X[test]), ex.y[test], offsets, cfg.k)[0][mine]
+            metrics[f"{task}_task_ranker_ndcg@{cfg.k}"] = float(values.mean())
+            if values.mean() > ndcg["ranker"].mean():
+                task_models[task], ndcg["ranker"] = task_booster, values
         metrics[f"{task}_groups"] = float(len(mine))
-        orderings[task] = ordering.choose(ndcg, len(mine))
+        orderings[task] = cfg.pins.get(task) or ordering.choose(ndcg)
     return RankerResult(booster, bytes(booster.save_raw("ubj")), names, metrics, int(ex.X.shape[0]), n_groups,
                         orderings, {t: bytes(b.save_raw("ubj")) for t, b in task_models.items()
                                     if orderings[t] == "ranker"})

@@ -177,8 +177,8 @@ def fit(s: Settings, events: list[Event], products: list[Product], work: Path, p
                                    targets_from_s=cut if cut is not None else float("-inf"))
         result = ranker.train(window_events, past, products, cfg)
         progress("[train] ordering per task, by held-out NDCG@8 (the ranker serves a task only where it beats "
-                 "the simpler orderings): " + "; ".join(_ordering_line(t, o, result.metrics)
-                                                        for t, o in result.orderings.items()))
+                 "the simpler orderings clearly): " + "; ".join(_ordering_line(t, o, result.metrics, t in cfg.pins)
+                                                                for t, o in result.orderings.items()))
     metrics = {**{f"batch_{k}": v for k, v in out.metrics.items()},
                **{k.replace("@", "_at_"): v for k, v in result.metrics.items()},
                "faiss_recall_at_200": recall, "items_cold_start": float(cold),
@@ -187,10 +187,11 @@ def fit(s: Settings, events: list[Event], products: list[Product], work: Path, p
     return Fitted(out, items, idx, content, result, metrics)
 
 
-def _ordering_line(task: str, chosen: str, metrics: dict[str, float]) -> str:
+def _ordering_line(task: str, chosen: str, metrics: dict[str, float], pinned: bool) -> str:
     figures = ", ".join(f"{o} {metrics[f'{task}_{o}_ndcg@8']:.4f}" for o in (*ranker.ordering.ORDERINGS, "task_ranker")
                         if f"{task}_{o}_ndcg@8" in metrics)
-    return f"{task} -> {chosen} ({int(metrics.get(f'{task}_groups', 0))} groups: {figures or 'none held out'})"
+    return (f"{task} -> {chosen}{' (pinned: RECSTREAM_TASK_ORDERINGS)' if pinned else ''} "
+            f"({int(metrics.get(f'{task}_groups', 0))} groups: {figures or 'none held out'})")
 
 
 def _published(pointer: dict | None, s: Settings) -> bool:

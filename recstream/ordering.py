@@ -1,10 +1,10 @@
 """Orderings of a candidate set, per task (pure): the ranker serves a task only where it earned it.
 
 The homepage on arrival, the next step inside a live session (the homepage again, a product page's
-similar and also-viewed items) and the cart are different tasks. The trainer
-scores its held-out groups of each task with every ordering below and keeps, per task, the best on
-NDCG@k; the ranker must beat every simpler ordering of the same candidates to serve a task (a tie
-goes to the simpler one). The served version carries the choice (`ServingModel.orderings`); the
+similar and also-viewed items) and the cart are different tasks. The trainer scores its held-out
+groups of each task with every ordering below and keeps, per task, the best simple one on NDCG@k,
+unless the ranker beats it clearly (by more than two standard errors of the paired difference): a
+ranker earns its place, a tie within the noise goes to the simpler ordering. The served version carries the choice (`ServingModel.orderings`); the
 ranking agent orders each request by its task's choice, with the same functions.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ TASKS = ("home", "next", "cart")
 # simplest first: a tie between two orderings goes to the one earlier here
 ORDERINGS = ("popular", "als", "rules", "ranker")
 BASKET_EVENTS = ("add_to_cart", "purchase")
+MIN_GROUPS = 30     # held-out groups a task needs before its figures overrule the rules
+Z = 1.96            # the ranker serves a task only where it wins by more than this many standard errors
 
 
 def task_of_request(kind: str, live: bool) -> str:
@@ -54,14 +56,33 @@ def scores(ordering: str, sources: np.ndarray, popularity_7d: np.ndarray, trendi
     return heuristic_scores(sources, trend)
 
 
-def choose(ndcg: Mapping[str, float], groups: int, min_groups: int = 30) -> str:
-    """The ordering a task serves, from each ordering's held-out NDCG: the best, ties to the simpler;
-    with fewer than `min_groups` held-out groups nothing is measured well enough to overrule the
-    ranker's absence, so the rules serve (the ranker must earn its place)."""
-    if groups < min_groups or not ndcg:
+def choose(ndcg: Mapping[str, np.ndarray], min_groups: int = MIN_GROUPS, z: float = Z) -> str:
+    """The ordering a task serves, from each ordering's NDCG per held-out group (the same groups for
+    all): the best of the simpler ones (ties to the simplest), unless the ranker beats it by more
+    than `z` standard errors of the paired difference; with fewer than `min_groups` groups, the rules."""
+    groups = len(next(iter(ndcg.values()))) if ndcg else 0
+    if groups < min_groups:
         return "rules"
-    present = [o for o in ORDERINGS if o in ndcg]
-    return max(present, key=lambda o: (ndcg[o], -present.index(o)))
+    simple = [o for o in ORDERINGS if o in ndcg and o != "ranker"]
+    best = max(simple, key=lambda o: (float(np.mean(ndcg[o])), -simple.index(o))) if simple else "rules"
+    if "ranker" not in ndcg:
+        return best
+    diff = np.asarray(ndcg["ranker"], np.float64) - (np.asarray(ndcg[best], np.float64) if simple else 0.0)
+    return "ranker" if diff.mean() > z * diff.std(ddof=1) / np.sqrt(len(diff)) else best
+
+
+def parse_pins(text: str) -> dict[str, str]:
+    """'next=rules,cart=popular' -> {"next": "rules", "cart": "popular"}; ValueError naming what is wrong."""
+    pins: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, sep, chosen = (x.strip() for x in part.partition("="))
+        if not sep or task not in TASKS or chosen not in ORDERINGS:
+            raise ValueError(f"{part!r} is not TASK=ORDERING with a task of {', '.join(TASKS)} and an ordering of "
+                             f"{', '.join(ORDERINGS)}")
+        if task in pins:
+            raise ValueError(f"task {task!r} is pinned twice")
+        pins[task] = chosen
+    return pins
 
 
 def resolve(orderings: Mapping[str, str], task: str, has_ranker: bool) -> str:

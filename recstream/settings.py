@@ -99,6 +99,9 @@ class Settings:
     ranker_target_share: float = _setting(0.2, "the ranker learns from the window's latest events (this share), with ALS "
                                                "vectors trained on the events before them, as serving meets the future (fraction)")
     retrieval_candidates: int = _setting(200, "candidates retrieval hands to ranking (count)")
+    task_orderings: str = _setting("", "pin a task's ordering over the trainer's choice, empty: the trainer chooses "
+                                   "each on its held-out targets (TASK=ORDERING list, e.g. next=rules,cart=popular; "
+                                   "tasks home, next, cart; orderings popular, als, rules, ranker)")
     retrieval_shards: int = _setting(1, "the catalogue's index is split by item into this many shards: the trainer "
                                         "builds one index a shard, one retrieval group serves each, ranking merges "
                                         "their top k (count; 1: one index)")
@@ -171,6 +174,13 @@ class Settings:
     def mlflow_port(self) -> int:
         return int(self.mlflow_tracking_uri.rstrip("/").rsplit(":", 1)[1])
 
+    @property
+    def ordering_pins(self) -> dict[str, str]:
+        """task_orderings as task -> ordering (recstream.ordering.parse_pins)."""
+        from recstream.ordering import parse_pins
+
+        return parse_pins(self.task_orderings)
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
 
@@ -228,6 +238,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     if not 0 <= settings.retrieval_shard < settings.retrieval_shards:
         raise SettingsError(f"{PREFIX}RETRIEVAL_SHARD is {settings.retrieval_shard}; with {PREFIX}RETRIEVAL_SHARDS="
                             f"{settings.retrieval_shards} it must be 0 to {settings.retrieval_shards - 1}")
+    try:
+        settings.ordering_pins
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}TASK_ORDERINGS={settings.task_orderings!r}: {exc}") from None
     if settings.index_kind not in INDEX_KINDS:
         raise SettingsError(f"{PREFIX}INDEX_KIND is {settings.index_kind!r}; one of: {', '.join(INDEX_KINDS)}")
     return settings

@@ -1,9 +1,12 @@
-"""The regression gate: a small `recstream evaluate` on real data (Spark, Redis, the agents' code) whose
-full pipeline must stay above a recorded quality threshold.
+"""The regression gate: a small `recstream evaluate` of every protocol on real data (Spark, Redis, the
+agents' code), on its validation split (the test splits are read only by recorded runs), whose full
+pipeline must stay above a recorded figure.
 
-The threshold is the figure this same command measured when it was recorded, less a margin for
-noise (the 95% half-width the run reports, about 0.02 here): a model change that costs more than
-that fails the suite. Re-record it (and say why in the commit) only with a better model.
+Each figure is what this same command measured when it was recorded, less a margin for noise (about
+the 95% half-width the run reports): a change that costs more than that fails the suite. Where the
+recorded run was at least level with the best baseline on the same sample, falling below it fails
+too; where it was not (the gaps bench/RESULTS.md explains), the gate keeps the figure from falling
+further. Re-record a figure (and say why in the commit) only with a better model.
 """
 import json
 from pathlib import Path
@@ -13,12 +16,20 @@ import pytest
 from recstream import cli
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-# session protocol, YooChoose 100k, ~1,500 next-click queries, small models (below); measured
-# 2026-11-26 on the 2-core VM: ours_full HitRate@20 0.6913 (1,500 queries; 95% half-width about 0.023)
-GATE_MEASURED = 0.6913
-GATE_THRESHOLD = GATE_MEASURED - 0.03
-SMALL = {"RECSTREAM_ALS_RANK": "32", "RECSTREAM_ALS_ITERATIONS": "5", "RECSTREAM_RANKER_TREES": "60",
-         "RECSTREAM_RANKER_DEPTH": "6", "RECSTREAM_SPARK_MASTER": "local[2]", "RECSTREAM_SPARK_DRIVER_MEMORY": "1g"}
+# small models for CI's 2 cores: every protocol in about a minute
+SMALL = {"RECSTREAM_ALS_RANK": "16", "RECSTREAM_ALS_ITERATIONS": "3", "RECSTREAM_RANKER_TREES": "30",
+         "RECSTREAM_RANKER_DEPTH": "6", "RECSTREAM_RANKER_TARGET_SAMPLE": "0.3", "RECSTREAM_INDEX_KIND": "flat",
+         "RECSTREAM_SPARK_MASTER": "local[2]", "RECSTREAM_SPARK_DRIVER_MEMORY": "1g"}
+QUERIES = 400
+# protocol: (primary metric, ours_full (ours_content on new_items) recorded by this gate, margin, recorded
+# at least level with the best baseline); recorded 2026-12-06 on the 2-core VM
+GATES = {
+    "homepage": ("recall@20", 0.0524, 0.015, False),    # best baseline spop 0.1144 (rank-16 ALS is weak here)
+    "session": ("hitrate@20", 0.6427, 0.03, False),     # vsknn 0.6625
+    "fbt": ("hitrate@4", 0.2025, 0.03, True),           # pop 0.1900
+    "movielens": ("recall@20", 0.1182, 0.015, False),   # iknn 0.1250
+    "new_items": ("recall@20", 0.0406, 0.015, False),   # genre 0.0647
+}
 
 
 @pytest.fixture
@@ -29,25 +40,31 @@ def small_env(stack, monkeypatch):
     monkeypatch.setenv("RECSTREAM_REDIS_NAMESPACE", "gate:")
 
 
-def test_the_full_pipeline_stays_above_its_recorded_session_hitrate(small_env, tmp_path, capsys):
-    code = cli.main(["evaluate", "--protocol", "session", "--dataset", str(DATA / "yoochoose-clicks-100k"),
-                     "--max-queries", "1500", "--out", str(tmp_path)])
+@pytest.mark.parametrize("protocol", GATES)
+def test_every_protocol_stays_above_its_recorded_figure(protocol, small_env, tmp_path, capsys):
+    primary, recorded, margin, level = GATES[protocol]
+    code = cli.main(["evaluate", "--protocol", protocol, "--validation", "--max-queries", str(QUERIES),
+                     "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    record = json.loads((tmp_path / "session.json").read_text())
-    assert (tmp_path / "session.png").stat().st_size > 10_000
+    record = json.loads((tmp_path / f"{protocol}-validation.json").read_text())
+    assert (tmp_path / f"{protocol}-validation.png").stat().st_size > 10_000
     methods = record["methods"]
-    assert {"pop", "spop", "iknn", "vsknn", "ials", "ours_als", "ours_als_rules", "ours_full"} <= set(methods)
-    assert record["split"]["queries"] >= 1000 and record["seed"] == 20261125
-    full = methods["ours_full"]["metrics"]["hitrate@20"]
-    print(f"gate: ours_full hitrate@20 {full:.4f} (threshold {GATE_THRESHOLD:.4f})")
-    assert full >= GATE_THRESHOLD, f"ours_full HitRate@20 {full:.4f} fell below the gate {GATE_THRESHOLD:.4f}"
-    # no ordering finds what retrieval did not propose: the candidate set's hit rate is every variant's ceiling
-    ceiling = record["candidate_recall"]
-    assert ceiling["all"] >= max(methods[m]["metrics"]["hitrate@20"] for m in ("ours_als", "ours_als_rules", "ours_full"))
-    assert ceiling["all"] >= max(v for k, v in ceiling.items() if k not in ("all", "size")) and ceiling["size"] > 20
+    assert {"pop", "spop", "iknn", "vsknn", "ials", "genre", "random"} <= set(methods)
+    assert record["primary"] == primary and record["seed"] == 20261125 and record["split"]["queries"] >= 100
+    full, best = record["full_pipeline"][primary], record["best_baseline"][primary]
+    print(f"gate {protocol}: {record['full_pipeline']['name']} {primary} {full:.4f} (recorded {recorded:.4f}, "
+          f"margin {margin}); best baseline {record['best_baseline']['name']} {best:.4f}")
+    assert full >= recorded - margin, f"{protocol}: {primary} {full:.4f} fell below the gate {recorded - margin:.4f}"
+    if level:
+        assert full >= best - margin, f"{protocol}: {primary} {full:.4f} fell below the best baseline {best:.4f}"
+    if protocol != "new_items":   # no ordering finds what retrieval did not propose: the candidates are the ceiling
+        ceiling = record["candidate_recall"]
+        ours = max(methods[m]["metrics"][primary] for m in ("ours_als", "ours_als_rules", "ours_full"))
+        assert ceiling["all"] >= ours
+        assert ceiling["all"] >= max(v for k, v in ceiling.items() if k not in ("all", "size"))
     # the table printed names every method and the verdict against the best baseline
-    assert "ours_full hitrate@20" in out and "vs best baseline" in out
+    assert "vs best baseline" in out
 
 
 def test_an_unreachable_redis_is_a_clear_error_before_any_training(small_env, monkeypatch, tmp_path, capsys):

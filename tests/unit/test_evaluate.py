@@ -1,4 +1,5 @@
 """The evaluation runner's pure parts: query shifting, the ALS-only candidate set, the shared filter, the report."""
+import dataclasses
 import json
 import math
 
@@ -72,3 +73,28 @@ def test_the_record_and_plot_are_written_next_to_each_other(tmp_path):
     json_path, png_path = write(ev, tmp_path)
     assert json.loads(json_path.read_text())["protocol"] == "session"
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ours_runs_with_the_settings_its_protocol_chose_on_validation():
+    from batch.evaluate import eval_settings
+    from recstream.evaluation.protocols import PROTOCOLS
+    from recstream.settings import Settings
+
+    split = _evaluation(0.7, 0.6).split
+    for protocol, spec in PROTOCOLS.items():
+        es = eval_settings(Settings(task_orderings="cart=popular"), dataclasses.replace(split, protocol=protocol))
+        assert es.exclude_purchased is False and es.redis_namespace.startswith(f"eval:{protocol}:")
+        assert es.task_orderings == spec.settings.get("task_orderings", "cart=popular")   # the protocol's wins
+    assert PROTOCOLS["movielens"].settings == {"task_orderings": "next=rules"}
+
+
+def test_candidate_recall_is_every_orderings_ceiling_under_the_shared_filter():
+    from batch.evaluate import candidate_recall
+
+    q1 = Query(0, "homepage", "u", 0.0, (), frozenset({"a", "b"}), exclude=frozenset({"x"}))
+    q2 = Query(1, "homepage", "v", 0.0, (), frozenset({"c"}))
+    split = dataclasses.replace(_evaluation(0.7, 0.6).split, queries=[q1, q2], primary="recall@20")
+    got = candidate_recall(split, {"all": [["a", "x", "z"], ["c"]], "als": [["a"], []]}, {"a", "b", "c", "z"})
+    assert got == {"all": (0.5 + 1.0) / 2, "als": 0.25, "size": 1.5}   # x is excluded: no slot, no hit
+    hits = candidate_recall(dataclasses.replace(split, primary="hitrate@20"), {"all": [["a"], []]}, {"a", "c"})
+    assert hits["all"] == 0.5

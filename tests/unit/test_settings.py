@@ -53,3 +53,9 @@ def test_each_retrieval_shard_has_its_own_consumer_group_and_lag_watches_every_o
     assert four.retrieval_agents() == [f"retrieval-{i}-of-4" for i in range(4)]
     groups = [g for g, topic in four.consumer_groups() if topic == four.topic("rec.requests")]
     assert groups == [f"{four.app_id}-retrieval-{i}-of-4" for i in range(4)]
+
+
+def test_a_pinned_task_ordering_is_checked_when_settings_load():
+    assert load({"RECSTREAM_TASK_ORDERINGS": "cart=rules"}).ordering_pins == {"cart": "rules"}
+    with pytest.raises(SettingsError, match="TASK_ORDERINGS"):
+        load({"RECSTREAM_TASK_ORDERINGS": "cart=magic"})
