@@ -35,10 +35,14 @@ FIELDS = ("category", "brand", "price")
 
 
 @pytest.fixture(scope="session")
-def cluster(stack: Settings) -> Settings:
-    """The stack's settings pointed at the local Redis Cluster, started if it is not up."""
+def cluster(stack: Settings):
+    """The stack's settings pointed at the local Redis Cluster, started if it is not up, and stopped
+    after the tests if they started it (a test run leaves the machine's services as it found them)."""
+    was_up = redis_cluster.formed(stack)
     redis_cluster.cluster_up(stack, say=lambda _: None)
-    return dataclasses.replace(stack, redis_url=redis_cluster.url(stack), redis_cluster=True)
+    yield dataclasses.replace(stack, redis_url=redis_cluster.url(stack), redis_cluster=True)
+    if not was_up:
+        redis_cluster.cluster_down(stack, say=lambda _: None)
 
 
 @pytest.fixture(params=["single", "cluster"])
