@@ -27,7 +27,11 @@ from recstream.settings import load  # noqa: E402
 
 
 def machine() -> str:
-    return f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU") \
+        if Path("/proc/cpuinfo").exists() else platform.processor() or "unknown CPU"
+    return (f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), {platform.machine()}, "
+            f"Python {platform.python_version()}")
 
 
 def summarise(rec: dict) -> dict:
