@@ -24,8 +24,7 @@ from agents.runner import Outgoing
 from batch import ranker
 from recstream import ordering
 from recstream.gather import Gather
-from recstream.ranking import Columns, Context, ItemFields, matrix
-from recstream.ranking import FEATURE_NAMES, session_view
+from recstream.ranking import FEATURE_NAMES, Columns, Context, ItemFields, matrix, session_view
 from recstream.rules import Rules, best_source, primary, reason, select, source_matrix
 from recstream.settings import Settings
 from schemas import CandidateSet, Overrides, RecommendationReply, RecommendedItem

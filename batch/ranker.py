@@ -22,9 +22,9 @@ import xgboost as xgb
 from tqdm import tqdm
 
 from batch.artifacts import BatchOutputs
+from recstream import candidates, ordering
 from recstream.features import popularity
 from recstream.features.config import feature_config
-from recstream import candidates, ordering
 from recstream.features.session import FeatureConfig, UserState, apply
 from recstream.ranking import FEATURE_NAMES, SOURCES, Columns, Context, ItemFields, matrix
 from recstream.settings import Settings

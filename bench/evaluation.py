@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,17 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from batch.evaluate import run  # noqa: E402
+from bench.soak import machine  # noqa: E402  (one description of the machine for the benches)
 from recstream.evaluation.protocols import PROTOCOLS, make_split  # noqa: E402
 from recstream.evaluation.report import metric_names, plot, table, write  # noqa: E402
 from recstream.settings import load  # noqa: E402
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU") \
-        if Path("/proc/cpuinfo").exists() else platform.processor() or "unknown CPU"
-    return (f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), {platform.machine()}, "
-            f"Python {platform.python_version()}")
 
 
 def summarise(rec: dict) -> dict:

@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--users", type=int, default=400, help="shoppers in the generated shop")
     sp.add_argument("--products", type=int, default=1500, help="products in the generated shop")
     sp.add_argument("--seed", type=int, default=7)
+    sp.add_argument("--ab-shoppers", type=int, default=200, help="shoppers in the A/B test (count)")
+    sp.add_argument("--ab-visits", type=int, default=2, help="homepage visits per shopper in the A/B test (count)")
     sp.set_defaults(run=_demo)
 
     sp = sub.add_parser("worker", help="run a worker process until SIGTERM")

@@ -37,7 +37,8 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-async def run(s: Settings, args: argparse.Namespace) -> int:
+async def run(s: Settings, args: argparse.Namespace, report: dict | None = None) -> int:
+    """The demo; `report` (bench/ab_shop.py) receives the A/B test's analysis under "ab"."""
     t0, started_at = time.perf_counter(), time.time()
     _say("== 1. services (Kafka KRaft, Redis, MLflow) on loopback")
     await asyncio.to_thread(services.install, s, _say)
@@ -100,7 +101,8 @@ async def run(s: Settings, args: argparse.Namespace) -> int:
     for letter in letters[-len(MALFORMED):]:
         _say(f"   partition {letter.partition} offset {letter.offset}: {letter.reason}")
     trained = await _train(s)
-    served, ab = await _serve(s, data, shop) if trained else (False, False)
+    ab_size = (args.ab_shoppers, args.ab_visits)
+    served, ab = await _serve(s, data, shop, ab_size, report) if trained else (False, False)
     checks = {"every acknowledged event reached the features": stats.seen >= expected,
               "the malformed records reached the dead-letter topic": len(letters) >= len(MALFORMED),
               "a model was trained and published": trained,
@@ -172,7 +174,8 @@ async def _train(s: Settings) -> bool:
     return True
 
 
-async def _serve(s: Settings, data: Dataset, shop) -> tuple[bool, bool]:
+async def _serve(s: Settings, data: Dataset, shop, ab_size: tuple[int, int],
+                 report: dict | None) -> tuple[bool, bool]:
     """Start the retrieval and ranking agents and the API's recommender here; ask for each kind, then
     run the A/B test. (whether the agents answered each kind, whether the A/B test counted all)"""
     from serving.recommend import Recommender
@@ -208,17 +211,14 @@ async def _serve(s: Settings, data: Dataset, shop) -> tuple[bool, bool]:
             for item in reply.items[:4]:
                 _say(f"     {item.score:7.3f}  {titles.get(item.product_id, item.product_id)}  -- {item.reason}")
             served += bool(reply.items) and not reply.fallback
-        return served == len(asks), await _ab_test(s, rec, data, shop)
+        return served == len(asks), await _ab_test(s, rec, data, shop, *ab_size, report)
     finally:
         await rec.stop()
         stop.set()
         await asyncio.gather(*workers, return_exceptions=True)
 
 
-AB_SHOPPERS, AB_VISITS = 200, 2     # homepage visits in the demo's A/B test
-
-
-async def _ab_test(s: Settings, rec, data: Dataset, shop) -> bool:
+async def _ab_test(s: Settings, rec, data: Dataset, shop, shoppers: int, visits: int, report: dict | None) -> bool:
     """An A/B test in miniature: the full pipeline against trending only, on the homepage. Shoppers of
     the generated shop visit, are assigned, served and logged; they click with a position-biased
     click model driven by their tastes (the shop's ground truth), then cart and buy; the attribution
@@ -238,7 +238,7 @@ async def _ab_test(s: Settings, rec, data: Dataset, shop) -> bool:
     now, t0 = time.time(), time.perf_counter()
     eid = time.strftime("demo-%Y%m%d-%H%M%S", time.gmtime(now))
     _say(f"== 10. A/B test {eid!r} on the homepage: the full pipeline (control) vs trending only, "
-         f"{AB_SHOPPERS} shoppers x {AB_VISITS} visits, clicks from a position-biased model of their tastes")
+         f"{shoppers} shoppers x {visits} visits, clicks from a position-biased model of their tastes")
     store = ExperimentStore(s.home_dir / "demo" / "experiments.toml")   # the demo's own file, not the shop's
     e = Experiment(eid, "demo: personalised vs trending", "demo", now - 60, now + 14 * 86400, 1.0,
                    (Variant("control", 0.5), Variant("trending", 0.5, Changes(sources=("popular",)))), "control",
@@ -253,8 +253,8 @@ async def _ab_test(s: Settings, rec, data: Dataset, shop) -> bool:
     worker = asyncio.create_task(run_attribution(s, stop, ready))
     exposures = 0
     try:
-        users = sorted(shop.user_taste)[:AB_SHOPPERS]
-        for visit in range(AB_VISITS):
+        users = sorted(shop.user_taste)[:shoppers]
+        for visit in range(visits):
             events = []
             for u in users:
                 req = ab.assign(parse("homepage", {"user_id": u, "page": "home"}))
@@ -273,6 +273,8 @@ async def _ab_test(s: Settings, rec, data: Dataset, shop) -> bool:
                                      product_id=p.product_id, event_type=kind, timestamp=time.time(), page="home",
                                      price=p.price, rec_request_id=reply.request_id) for kind in steps]
             await publish(producer, s.topic("clickstream"), events, progress=False)
+            _say(f"   visit {visit + 1} of {visits}: {len(users)} shoppers served, {len(events)} click, cart and "
+                 f"purchase events sent [{time.perf_counter() - t0:.1f} s]")
         await producer.flush()
         await asyncio.wait_for(ready.wait(), 60)
         client = aioredis.from_url(s.redis_url)
@@ -290,6 +292,8 @@ async def _ab_test(s: Settings, rec, data: Dataset, shop) -> bool:
         await asyncio.gather(worker, return_exceptions=True)
         await producer.stop()
     an = analysis.analyse(e, totals, time.time())
+    if report is not None:
+        report["ab"] = an
     for line in analysis.table(an).splitlines():
         _say("   " + line)
     decision = analysis.decide(an, "trending")

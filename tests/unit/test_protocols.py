@@ -6,6 +6,7 @@ import pytest
 from recstream.evaluation.protocols import (
     PROTOCOLS, catalogue_from_events, fbt, homepage, make_split, movielens, new_items, session, session_from_parts,
 )
+from recstream.settings import load
 from schemas import Event, Product
 
 DAY = 86_400.0
@@ -288,8 +289,9 @@ def real(protocol, validation=False):
 
 
 def test_registry_points_at_the_shared_data():
-    for name, (function, fmt, path) in PROTOCOLS.items():
+    for name, (function, fmt, path, settings) in PROTOCOLS.items():
         assert callable(function) and fmt and (DATA / path).exists(), name
+        load({f"RECSTREAM_{k.upper()}": str(v) for k, v in settings.items()})   # settings it may carry are real ones
 
 
 def test_homepage_on_taobao():
