@@ -24,6 +24,7 @@ from batch.artifacts import BatchOutputs, Embeddings
 from batch.content import ContentModel
 from batch.publish import current as serving_pointer, publish, publish_registered
 from batch.registry import CHAMPION, Registry, write_manifest
+from recstream import ordering
 from recstream.data import ShopConfig, load_dataset, shop_dataset
 from recstream.ranking import FEATURE_NAMES
 from recstream.settings import Settings
@@ -188,7 +189,7 @@ def fit(s: Settings, events: list[Event], products: list[Product], work: Path, p
 
 
 def _ordering_line(task: str, chosen: str, metrics: dict[str, float], pinned: bool) -> str:
-    figures = ", ".join(f"{o} {metrics[f'{task}_{o}_ndcg@8']:.4f}" for o in (*ranker.ordering.ORDERINGS, "task_ranker")
+    figures = ", ".join(f"{o} {metrics[f'{task}_{o}_ndcg@8']:.4f}" for o in (*ordering.ORDERINGS, "task_ranker")
                         if f"{task}_{o}_ndcg@8" in metrics)
     return (f"{task} -> {chosen}{' (pinned: RECSTREAM_TASK_ORDERINGS)' if pinned else ''} "
             f"({int(metrics.get(f'{task}_groups', 0))} groups: {figures or 'none held out'})")
@@ -288,7 +289,8 @@ def write_bundle(folder: Path, out: BatchOutputs, idx, content, result, metrics,
         (folder / f"ranker-{task}.ubj").write_bytes(model)
     (folder / "features.json").write_text(json.dumps(list(FEATURE_NAMES)))
     write_manifest(folder, {"created_at": time.time(), "source": source.describe(), "window": out.window.__dict__,
-                            "metrics": metrics, "orderings": result.orderings, "warnings": out.warnings, "index": {"kind": idx.kind, **idx.params},
+                            "metrics": metrics, "orderings": result.orderings, "warnings": out.warnings,
+                            "index": {"kind": idx.kind, **idx.params},
                             "als": {"rank": s.als_rank, "iterations": s.als_iterations, "reg": s.als_reg,
                                     "alpha": s.als_alpha}})
     return folder

@@ -4,8 +4,9 @@ The homepage on arrival, the next step inside a live session (the homepage again
 similar and also-viewed items) and the cart are different tasks. The trainer scores its held-out
 groups of each task with every ordering below and keeps, per task, the best simple one on NDCG@k,
 unless the ranker beats it clearly (by more than two standard errors of the paired difference): a
-ranker earns its place, a tie within the noise goes to the simpler ordering. The served version carries the choice (`ServingModel.orderings`); the
-ranking agent orders each request by its task's choice, with the same functions.
+ranker earns its place, a tie within the noise goes to the simpler ordering. The served version
+carries the choice (`ServingModel.orderings`); the ranking agent orders each request by its task's
+choice, with the same functions.
 """
 from __future__ import annotations
 

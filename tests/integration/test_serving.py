@@ -427,12 +427,17 @@ async def test_ab_variants_change_serving_and_are_logged_attributed_reported_and
 
     # every served list is on the exposures topic
     served_ids = {b["request_id"]: b for b in [*first.values(), *again.values()]}
-    logged, impressions = {}, Counter()
-    for m in await read_topic(s, s.topic("exposures"), timeout_ms=3000):
-        e = orjson.loads(m.value)
-        impressions[(e.get("experiments") or {}).get("ab-sources")] += 1   # (the waits above asked too)
-        if e["request_id"] in served_ids:
-            logged[e["request_id"]] = e
+    deadline = time.monotonic() + 30
+    while True:   # the API logs after it answers, and one fetch may not reach every partition: read until all are in
+        logged, impressions = {}, Counter()
+        for m in await read_topic(s, s.topic("exposures"), timeout_ms=3000):
+            e = orjson.loads(m.value)
+            impressions[(e.get("experiments") or {}).get("ab-sources")] += 1   # (the waits above asked too)
+            if e["request_id"] in served_ids:
+                logged[e["request_id"]] = e
+        if logged.keys() == served_ids.keys() or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
     assert logged.keys() == served_ids.keys()
     for rid, e in logged.items():
         body = served_ids[rid]
