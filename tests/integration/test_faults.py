@@ -16,6 +16,7 @@ import dataclasses
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -669,10 +670,17 @@ async def test_an_agent_killed_under_load_falls_back_within_the_deadline_then_re
             n += 1
             await asyncio.sleep(max(0.0, start + n / rate_per_s - time.perf_counter()))
 
+    def answering(since: float) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:   # the last 10 replies since then came from the agents, on the trained version
+            tail = [x for x in results if x[0] > since][-10:]
+            return len(tail) == 10 and all(not x[2] and x[4] == tr.version for x in tail)
+        return check
+
     clients = [asyncio.create_task(client(k)) for k in range(3)]
     restarted = False
     try:
-        await asyncio.sleep(2)
+        # the agents answer before the kill (a cold first request may miss the deadline: a wait, not a bound)
+        await wait_for(answering(0.0), 60, "agents answering before the kill", interval_s=0.1)
         t_kill = time.monotonic()
         tr.procs.kill(role)
         await asyncio.sleep(4)
@@ -680,10 +688,7 @@ async def test_an_agent_killed_under_load_falls_back_within_the_deadline_then_re
         tr.procs.start(role)
         restarted = True
 
-        async def recovered():
-            tail = [x for x in results if x[0] > t_restart][-10:]
-            return len(tail) == 10 and all(not x[2] and x[4] == tr.version for x in tail)
-        await wait_for(recovered, 60, f"agents answering again after {role} restarted", interval_s=0.1,
+        await wait_for(answering(t_restart), 60, f"agents answering again after {role} restarted", interval_s=0.1,
                        check=lambda: tr.procs.check_alive(*SERVING))
         await asyncio.sleep(1)
     finally:
@@ -695,7 +700,7 @@ async def test_an_agent_killed_under_load_falls_back_within_the_deadline_then_re
     late = [x for x in results if x[3] > deadline_s + MARGIN_S]
     assert not late, f"{len(late)} of {len(results)} replies over the deadline + margin: {late[:3]}"
     before = [x for x in results if x[0] + x[3] < t_kill]
-    assert before and sum(1 for x in before if x[2]) <= max(1, len(before) // 50), before
+    assert before and not any(x[2] for x in before[-5:]), before[-10:]   # the fallback that follows is the kill's
     # sent from half a second after the kill (what was in flight may still be answered) to the restart
     down = [x for x in results if t_kill + 0.5 < x[0] - x[3] and x[0] < t_restart]
     assert len(down) > 20 and all(x[2] and f"no reply within {tr.s.serving_deadline_ms} ms" in x[5] for x in down), \
