@@ -32,7 +32,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from batch import ranker
 from batch.content import ContentModel
+from batch.artifacts import load_neighbours
 from batch.index import RetrievalIndex, ShardedIndex, load_index
+from recstream.candidates import ItemLists
 from recstream.ranking import FEATURE_NAMES
 from recstream.settings import Settings
 
@@ -47,6 +49,7 @@ class ServingModel:
     index: RetrievalIndex | ShardedIndex | None = None   # retrieval: FAISS over item vectors (ALS + content
     #                                                      cold start); this worker's shard, when sharded
     content: ContentModel | None = None        # retrieval: embeddings of products newer than the model
+    knn: ItemLists | None = None               # retrieval: item kNN lists (the "knn" source)
     booster: xgb.Booster | None = None         # ranking
     item_row: dict[str, int] | None = None     # ranking: ALS item id -> row of item_vectors
     item_vectors: np.ndarray | None = None     # ranking: ALS item vectors, what the ranker trained on
@@ -74,7 +77,8 @@ def load_bundle(folder: Path, version: str, role: str, threads: int, shard: int 
     if role == "retrieval":
         content = folder / "content.npz"
         return ServingModel(version, index=load_index(folder, shard, shards),
-                            content=ContentModel.from_bytes(content.read_bytes()) if content.exists() else None)
+                            content=ContentModel.from_bytes(content.read_bytes()) if content.exists() else None,
+                            knn=ItemLists(load_neighbours(folder / "batch", "knn")) if shard == 0 else None)
     names = json.loads((folder / "features.json").read_text())
     if names != list(FEATURE_NAMES):
         raise ValueError(f"version {version} was trained on other features than this code builds "

@@ -169,7 +169,9 @@ class Retrieval:
         allowed = set(r.overrides.sources) if r.overrides and r.overrides.sources else set(SOURCES)   # A/B
         sources = {"als"} & allowed if self.shard else allowed   # shards but 0 propose only their ANN candidates
         reads = candidates.plan(r, shopper, anchor_items, sources)
-        answers = await self.store.candidate_reads(reads, now, self.s.trending_half_life_s)
+        stored = await self.store.candidate_reads([rd for rd in reads if rd.table not in candidates.MODEL_TABLES],
+                                                  now, self.s.trending_half_life_s)
+        answers = candidates.answer(reads, stored, model.knn if model is not None else None)
         plan = Plan(r, candidates.propose(r, shopper, reads, answers, sources))
 
         # the FAISS query, and the vector the ranker scores "user x item" with

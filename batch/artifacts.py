@@ -47,8 +47,8 @@ class BatchOutputs:
     window: Window
     user_embeddings: Embeddings
     item_embeddings: Embeddings
-    covis: Neighbours                          # "customers also viewed", normalised scores
-    cobuy: Neighbours                          # "frequently bought together", normalised scores
+    knn: Neighbours                            # item kNN over every event type, cosine (the "knn" source)
+    cobuy: Neighbours                          # "frequently bought together", cosine over purchases
     category_affinity: dict[str, dict[str, float]]   # user -> category -> weight, L2-normalised
     item_popularity: dict[str, float]          # item -> weighted events in the last 7 days of the window
     user_median_price: dict[str, float]        # user -> median unit price of purchases (absent: none)
@@ -61,7 +61,7 @@ class BatchOutputs:
         for name, emb in (("users", self.user_embeddings), ("items", self.item_embeddings)):
             np.save(folder / f"{name}.npy", emb.vectors)
             (folder / f"{name}.ids.json").write_text(json.dumps(emb.ids))
-        for name in ("covis", "cobuy"):
+        for name in ("knn", "cobuy"):
             rows = [(a, b, s) for a, ns in getattr(self, name).items() for b, s in ns]
             pq.write_table(pa.table({"item": [r[0] for r in rows], "neighbour": [r[1] for r in rows],
                                      "score": [float(r[2]) for r in rows]}), folder / f"{name}.parquet")
@@ -75,14 +75,17 @@ class BatchOutputs:
         emb = {}
         for name in ("users", "items"):
             emb[name] = Embeddings(json.loads((folder / f"{name}.ids.json").read_text()), np.load(folder / f"{name}.npy"))
-        neighbours = {}
-        for name in ("covis", "cobuy"):
-            t = pq.read_table(folder / f"{name}.parquet").to_pydict()
-            n: Neighbours = {}
-            for a, b, s in zip(t["item"], t["neighbour"], t["score"]):
-                n.setdefault(a, []).append((b, s))
-            neighbours[name] = n
+        neighbours = {name: load_neighbours(folder, name) for name in ("knn", "cobuy")}
         meta = json.loads((folder / "aggregates.json").read_text())
-        return cls(Window(**meta["window"]), emb["users"], emb["items"], neighbours["covis"], neighbours["cobuy"],
+        return cls(Window(**meta["window"]), emb["users"], emb["items"], neighbours["knn"], neighbours["cobuy"],
                    meta["category_affinity"], meta["item_popularity"], meta["user_median_price"],
                    meta["item_category"], meta["metrics"], meta["warnings"])
+
+
+def load_neighbours(folder: Path, name: str) -> Neighbours:
+    """One neighbour table of a saved BatchOutputs folder ('knn' or 'cobuy'), lists best first."""
+    t = pq.read_table(folder / f"{name}.parquet").to_pydict()
+    n: Neighbours = {}
+    for a, b, s in zip(t["item"], t["neighbour"], t["score"]):
+        n.setdefault(a, []).append((b, s))
+    return n

@@ -104,14 +104,14 @@ def build(spark: SparkSession, events_df: DataFrame, s: Settings, end_s: float |
         progress(f"batch als: rank {s.als_rank}, {s.als_iterations} iterations on {ratings:,} user-item pairs: "
                  f"{len(users.ids):,} users, {len(items.ids):,} items [{metrics['als_s']:.1f} s]")
         mark = time.perf_counter()
-        covis, cobuy, capped = _cooccurrence(events, s.cooccurrence_top_n)
+        knn, cobuy, capped = _cooccurrence(events, s.cooccurrence_top_n)
         if capped:
             warnings.append(f"sessions with more than {MAX_SESSION_ITEMS} distinct items viewed (or bought): "
                             f"{capped:,}; co-occurrence counts only their last {MAX_SESSION_ITEMS}")
         if window.purchases == 0:
             warnings.append("no purchases in the window: cobuy (frequently bought together) is empty")
         metrics["cooccurrence_s"] = time.perf_counter() - mark
-        progress(f"batch cooccurrence: covis for {len(covis):,} items, cobuy for {len(cobuy):,} items "
+        progress(f"batch cooccurrence: knn for {len(knn):,} items, cobuy for {len(cobuy):,} items "
                  f"[{metrics['cooccurrence_s']:.1f} s]")
         mark = time.perf_counter()
         aggregates = _aggregates(events, window, s, warnings)
@@ -123,7 +123,7 @@ def build(spark: SparkSession, events_df: DataFrame, s: Settings, end_s: float |
     metrics["total_s"] = time.perf_counter() - started
     for w in warnings:
         progress(f"batch warning: {w}")
-    return BatchOutputs(window, users, items, covis, cobuy, metrics=metrics, warnings=warnings, **aggregates)
+    return BatchOutputs(window, users, items, knn, cobuy, metrics=metrics, warnings=warnings, **aggregates)
 
 
 def _weight(weights: dict[str, float]) -> Column:
@@ -212,19 +212,19 @@ def _embeddings(factors: DataFrame, labels: list[str], rank: int) -> Embeddings:
 
 
 def _cooccurrence(events: DataFrame, top_n: int) -> tuple[Neighbours, Neighbours, int]:
-    """Co-views (view and click events) and co-purchases (purchase events) within a session: per item,
-    its top_n neighbours by cosine over sessions, c_ab / sqrt(c_a * c_b), where c_ab counts the distinct
-    sessions holding both items and c_a those holding a.
+    """Item-to-item neighbours within a session, over every event type ("knn": the retrieval source of
+    that name, item kNN as Sarwar et al., WWW 2001) and over purchases ("cobuy"): per item, its top_n
+    neighbours by cosine over sessions, c_ab / sqrt(c_a * c_b), where c_ab counts the distinct sessions
+    holding both items and c_a those holding a.
 
     Cosine (Ochiai), not raw counts or lift: for one item a it ranks neighbours by c_ab / sqrt(c_b), so a
     best-seller that sits in every basket no longer tops every list (raw counts), while an item seen once,
     once beside a, does not outrank a partner bought with a in many sessions (lift, c_ab / c_b, gives that
     single co-occurrence the highest possible score). A session is (user_id, session_id): session ids are
-    only unique per user. Returns (covis, cobuy, sessions cut to their last MAX_SESSION_ITEMS items)."""
+    only unique per user. Returns (knn, cobuy, sessions cut to their last MAX_SESSION_ITEMS items)."""
     session = ["kind", "user_id", "session_id"]
-    kind = (F.when(F.col("event_type").isin("view", "click"), F.lit("covis"))
-            .when(F.col("event_type") == "purchase", F.lit("cobuy")))
-    basket = (events.withColumn("kind", kind).filter(F.col("kind").isNotNull())
+    kinds = F.array(F.lit("knn"), F.when(F.col("event_type") == "purchase", F.lit("cobuy")))
+    basket = (events.withColumn("kind", F.explode(kinds)).filter(F.col("kind").isNotNull())
               .groupBy(*session, "product_id").agg(F.max("timestamp").alias("last_s"))
               .withColumn("nth", F.row_number().over(W.partitionBy(*session).orderBy(F.desc("last_s"), "product_id")))
               .persist(StorageLevel.MEMORY_AND_DISK))
@@ -245,10 +245,10 @@ def _cooccurrence(events: DataFrame, top_n: int) -> tuple[Neighbours, Neighbours
                .sort_by([("kind", "ascending"), ("item", "ascending"), ("nth", "ascending")]))
     finally:
         basket.unpersist()
-    found: dict[str, Neighbours] = {"covis": {}, "cobuy": {}}
+    found: dict[str, Neighbours] = {"knn": {}, "cobuy": {}}
     for k, item, neighbour, score in zip(*(top.column(c).to_pylist() for c in ("kind", "item", "neighbour", "score"))):
         found[k].setdefault(item, []).append((neighbour, score))
-    return found["covis"], found["cobuy"], capped
+    return found["knn"], found["cobuy"], capped
 
 
 def _aggregates(events: DataFrame, window: Window, s: Settings, warnings: list[str]) -> dict:

@@ -175,7 +175,8 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
                    cfg: RankerConfig) -> Examples:
     table = ItemTable(products, outputs)
     replay = ReplayState(table, Popularity(len(table.ids), cfg.popularity_window_days, cfg.trending_half_life_s,
-                                           cfg.features.weights), cfg.trending_half_life_s)
+                                           cfg.features.weights), cfg.trending_half_life_s,
+                         candidates.ItemLists(outputs.knn))
     users = outputs.user_embeddings.index()
     user_vectors = outputs.user_embeddings.vectors
     idle = cfg.features.session_idle_timeout_s
@@ -239,8 +240,8 @@ class ReplayState:
     neighbour lists best count first, ties by member descending (ZREVRANGE); trending as the current
     and previous landmark's scores, each read 2n deep, summed and cut to n; a brand's items by rating."""
 
-    def __init__(self, table: ItemTable, pop: Popularity, half_life_s: float):
-        self.table, self.pop, self.half_life_s = table, pop, half_life_s
+    def __init__(self, table: ItemTable, pop: Popularity, half_life_s: float, knn: candidates.ItemLists | None = None):
+        self.table, self.pop, self.half_life_s, self.knn = table, pop, half_life_s, knn
         self.cooccurrence: dict[str, dict[str, Counter]] = {"covis": {}, "cobuy": {}}   # covis:/cobuy: so far
 
     def fold(self, covisits: Iterable[tuple[str, str]], copurchases: Iterable[tuple[str, str]], row: int | None,
@@ -268,10 +269,11 @@ class ReplayState:
                                                "brand": self.table.brand[row] or ""})
         return out
 
-    def answer(self, reads: Sequence[candidates.Read], now: float) -> list[list[tuple[str, float]]]:
-        return [self._trending(rd.key, rd.n, now) if rd.table == "trend" else
-                self._brand(rd.key, rd.n) if rd.table == "brand" else self._neighbours(rd.table, rd.key, rd.n)
-                for rd in reads]
+    def answer(self, reads: Sequence[candidates.Read], now: float) -> list[Sequence[tuple[str, float]]]:
+        stored = [self._trending(rd.key, rd.n, now) if rd.table == "trend" else
+                  self._brand(rd.key, rd.n) if rd.table == "brand" else self._neighbours(rd.table, rd.key, rd.n)
+                  for rd in reads if rd.table not in candidates.MODEL_TABLES]
+        return candidates.answer(reads, stored, self.knn)
 
     def nearest(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         t = self.table

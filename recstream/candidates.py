@@ -3,7 +3,9 @@
 Sources (schemas.recommendations.SOURCES): on the homepage, the session's recent items themselves
 ("session": shoppers come back to what they looked at); co-view ("covis") and co-purchase ("cobuy")
 neighbours of the session's, cart's and this session's basket items, or of the product's or cart's
-items; trending in the session's main category ("popular"; homepage and cart) or in the anchors'
+items, as the feature agents count them live; item kNN ("knn": the served version's item-to-item
+cosine over training sessions, every event type, summed over the anchors as item kNN does, the
+session's items weighted 1/position); trending in the session's main category ("popular"; homepage and cart) or in the anchors'
 categories ("same_category"); the product's brand ("same_brand", similar); and the nearest items of
 the model's vectors ("als", FAISS at serving), queried with the user's ALS vector, else the mean
 vector of the session's last 5 items (the design's cold-start proxy), else the product on screen or
@@ -11,9 +13,11 @@ the cart's mean.
 
 Two steps around one round trip to the store: `plan` says what to read (neighbour lists, trending
 lists, a brand's list), `propose` turns the answers into the proposals. The retrieval agent answers
-the reads from Redis (streams.online_store.OnlineStore.candidate_reads) and the ANN query with FAISS;
-the ranker's example builder answers both from the history it replays (batch.ranker.ReplayState). So
-the ranker trains on the candidates serving proposes: one function, two stores.
+the reads from Redis (streams.online_store.OnlineStore.candidate_reads), the "knn" reads from the
+version it serves (`ItemLists`) and the ANN query with FAISS; the ranker's example builder answers
+them from the history it replays and the lists of a batch run that never saw its targets
+(batch.ranker.ReplayState). So the ranker trains on the candidates serving proposes: one function,
+two stores.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ SESSION_ITEMS = 20          # the session's recent items proposed again on the h
 NEIGHBOURS = 10             # per anchor on the homepage; per kind below for product pages and the cart
 POPULAR = 20                # trending items proposed
 BRAND = 10
+KNN = 20                    # item-kNN neighbours read per anchor
+MODEL_TABLES = ("knn",)     # lists the served version carries, not the online store
 # (cobuy, covis) neighbours per anchor of the widgets about products
 PRODUCT_NEIGHBOURS = {"cart": (50, 20), "also_viewed": (NEIGHBOURS, 100), "similar": (NEIGHBOURS, NEIGHBOURS)}
 
@@ -95,11 +101,14 @@ class Shopper:
 class Read:
     """One list the stage needs: `table` 'covis' or 'cobuy' (neighbours of the item `key`), 'trend'
     (trending in the category `key`, None: overall) or 'brand' (the brand `key`'s items); its best `n`
-    entries as (product id, score), best first, become `source` proposals anchored at `key`."""
+    entries as (product id, score), best first, become `source` proposals anchored at `key`; 'knn' (the
+    version's item kNN lists, `ItemLists`): an item's score is the sum over the anchors of `weight` x
+    its score in the anchor's list."""
     source: str
     table: str
     key: str | None
     n: int
+    weight: float = 1.0
 
 
 def anchors(w: Widget) -> list[str]:
@@ -113,13 +122,15 @@ def plan(w: Widget, shopper: Shopper, anchor_items: Sequence[Mapping[str, str]],
     `sources` those this process proposes (an A/B variant's, or ANN only on shards but the first)."""
     reads: list[Read] = []
 
-    def read(source: str, table: str, key: str | None, n: int) -> None:
+    def read(source: str, table: str, key: str | None, n: int, weight: float = 1.0) -> None:
         if source in sources:
-            reads.append(Read(source, table, key, n))
+            reads.append(Read(source, table, key, n, weight))
 
     recent = shopper.recent[:ANCHORS]
     main = main_category(shopper.categories) if recent else None
     if w.kind == "homepage":
+        for i, a in enumerate(recent):
+            read("knn", "knn", a, KNN, 1.0 / (i + 1))
         for a in recent:
             read("covis", "covis", a, NEIGHBOURS)
         for a in dict.fromkeys((*recent, *shopper.cart[:ANCHORS], *shopper.basket[:ANCHORS])):
@@ -130,6 +141,7 @@ def plan(w: Widget, shopper: Shopper, anchor_items: Sequence[Mapping[str, str]],
     for a in anchors(w):
         read("cobuy", "cobuy", a, cobuy)
         read("covis", "covis", a, covis)
+        read("knn", "knn", a, KNN)
     categories = [it["category"] for it in anchor_items if it.get("category")]
     for c in dict.fromkeys(categories[:2]):
         read("same_category", "trend", c, POPULAR // 2 if w.kind == "cart" else POPULAR)
@@ -147,8 +159,59 @@ def propose(w: Widget, shopper: Shopper, reads: Sequence[Read], answers: Sequenc
     out = Proposals(exclude=set(w.on_screen))
     if w.kind == "homepage" and "session" in sources:
         out.add_all([(pid, 1.0 / (i + 1)) for i, pid in enumerate(shopper.recent[:SESSION_ITEMS])], "session")
+    summed: dict[str, list] = {}   # item kNN: product -> [sum, best part, its anchor]
     for rd, rows in zip(reads, answers, strict=True):
-        out.add_all(rows, rd.source, rd.key)
+        if rd.table != "knn":
+            out.add_all(rows, rd.source, rd.key)
+            continue
+        for pid, score in rows:
+            part = rd.weight * score
+            acc = summed.setdefault(pid, [0.0, -np.inf, None])
+            acc[0] += part
+            if part > acc[1]:
+                acc[1:] = part, rd.key
+    for pid, (total, _, anchor) in summed.items():
+        out.add(pid, "knn", total, anchor)
+    return out
+
+
+class ItemLists:
+    """Per item its neighbours, best first, as a served version carries them (the batch job's item kNN):
+    neighbour rows and scores back to back in two arrays, a span per item, so a catalogue's lists
+    cost 12 bytes a neighbour rather than two Python objects."""
+
+    def __init__(self, neighbours: Mapping[str, Sequence[tuple[str, float]]]):
+        self.ids = list(dict.fromkeys([*neighbours, *(b for ns in neighbours.values() for b, _ in ns)]))
+        row = {x: i for i, x in enumerate(self.ids)}
+        self._span: dict[str, tuple[int, int]] = {}
+        rows: list[int] = []
+        scores: list[float] = []
+        for a, ns in neighbours.items():
+            self._span[a] = (len(rows), len(rows) + len(ns))
+            rows += [row[b] for b, _ in ns]
+            scores += [float(sc) for _, sc in ns]
+        self._rows = np.asarray(rows, np.int32)
+        self._scores = np.asarray(scores, np.float64)
+
+    def __len__(self) -> int:
+        return len(self._span)
+
+    def get(self, item: str | None, n: int) -> list[tuple[str, float]]:
+        """The item's best n neighbours as (product id, score); [] for an item without a list."""
+        lo, hi = self._span.get(item, (0, 0)) if item is not None else (0, 0)
+        hi = min(hi, lo + n)
+        return [(self.ids[j], sc) for j, sc in zip(self._rows[lo:hi].tolist(), self._scores[lo:hi].tolist())]
+
+
+def answer(reads: Sequence[Read], store_answers: Sequence[Sequence[tuple[str, float]]],
+           lists: ItemLists | None) -> list[Sequence[tuple[str, float]]]:
+    """Every read's answer: the store's (given for the reads not in MODEL_TABLES, in order) and the
+    version's lists' (none without a version)."""
+    got = iter(store_answers)
+    out = [(lists.get(rd.key, rd.n) if lists is not None else []) if rd.table in MODEL_TABLES else next(got)
+           for rd in reads]
+    if next(got, None) is not None:
+        raise ValueError("more store answers than store reads")
     return out
 
 

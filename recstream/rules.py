@@ -15,9 +15,9 @@ import numpy as np
 from recstream.ranking import SOURCES
 
 # When several sources proposed an item, its reason comes from the most specific one.
-REASON_ORDER = ("cobuy", "covis", "session", "als", "same_brand", "same_category", "popular")
+REASON_ORDER = ("cobuy", "covis", "knn", "session", "als", "same_brand", "same_category", "popular")
 # Ranking without a model (none trained yet): a fixed preference by source, then the source's score.
-HEURISTIC_WEIGHT = {"cobuy": 6.0, "covis": 5.0, "session": 4.0, "als": 3.0, "same_brand": 2.0,
+HEURISTIC_WEIGHT = {"cobuy": 6.0, "covis": 5.0, "knn": 4.5, "session": 4.0, "als": 3.0, "same_brand": 2.0,
                     "same_category": 1.5, "popular": 1.0}
 
 
@@ -71,14 +71,19 @@ def source_matrix(n: int, scores: Mapping[str, Sequence[float]]) -> np.ndarray:
 
 
 def heuristic_scores(sources: np.ndarray, trending: np.ndarray) -> np.ndarray:
-    """Scores when no ranker is loaded: the best source's weight, then its squashed score, then trending."""
+    """Scores when no ranker is loaded: the best source's weight, then its score's place among this
+    request's scores of that source (min-max, in [0.01, 0.99]: a source's own order is kept whole; a
+    fixed squash such as arctan would tie every co-purchase count above ten), then trending."""
     out = np.zeros(sources.shape[0])
     for j, s in enumerate(SOURCES):
         col = sources[:, j]
         has = ~np.isnan(col)
-        squashed = np.where(has, 0.5 + np.arctan(np.nan_to_num(col)) / math.pi, 0.0)  # in (0, 1)
-        out = np.maximum(out, np.where(has, HEURISTIC_WEIGHT[s] + squashed, 0.0))
-    return out + 0.01 * np.log1p(np.nan_to_num(trending))
+        if not has.any():
+            continue
+        lo, hi = float(np.min(col[has])), float(np.max(col[has]))
+        place = (np.nan_to_num(col) - lo) / (hi - lo) if hi > lo else np.full(col.shape, 0.5)
+        out = np.maximum(out, np.where(has, HEURISTIC_WEIGHT[s] + 0.01 + 0.98 * place, 0.0))
+    return out + 0.001 * np.log1p(np.nan_to_num(trending))
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,8 @@ def reason(source: str | None, *, kind: str, anchor_title: str | None = None, sc
         return f"bought together with {x} in {_plural(score, 'order')}" if score >= 1 else f"often bought with {x}"
     if source == "covis":
         return f"customers who viewed {x} also viewed this" + (f" ({_plural(score, 'time')})" if score >= 1 else "")
+    if source == "knn":
+        return f"often in the same visits as {x}"
     if source == "session":
         return "you viewed this recently"
     if source == "als":

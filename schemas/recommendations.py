@@ -14,7 +14,7 @@ MAX_COUNT = 100
 MAX_CANDIDATES = 2000
 QUERY_SOURCES = ("user", "session", "product", "cart", "none")
 # retrieval sources, in the order of the ranker's source features
-SOURCES = ("als", "covis", "cobuy", "same_category", "same_brand", "session", "popular")
+SOURCES = ("als", "covis", "cobuy", "same_category", "same_brand", "session", "popular", "knn")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -41,9 +41,13 @@ def shop_state(fresh):
     rng = np.random.default_rng(11)
     users = sorted({e.user_id for e in events})
     items = [p.product_id for p in data.products]
+    knn = {}   # item kNN lists for most items, best first (what the batch job would hand the version)
+    for a in items[:200]:
+        scores = np.sort(rng.random(30))[::-1]
+        knn[a] = [(b, float(x)) for b, x in zip(rng.choice(items, 30, replace=False), scores) if b != a]
     out = BatchOutputs(Window(events[0].timestamp, events[-1].timestamp),
                        Embeddings(users[::2], rng.normal(size=(len(users[::2]), RANK))),   # half the users are unknown
-                       Embeddings(items, rng.normal(size=(len(items), RANK))), {}, {}, {}, {}, {})
+                       Embeddings(items, rng.normal(size=(len(items), RANK))), knn, {}, {}, {}, {})
     return s, data, events, out
 
 
@@ -64,7 +68,8 @@ async def test_the_replay_and_redis_propose_identical_candidates(shop_state):
             states.update(result.states)
         await publish(s, s.model_name, "7", out, progress=lambda m: None, announce=False)
         holder = ModelHolder(s, "retrieval")
-        holder.current = ServingModel("7", index=faiss_index.build(out.item_embeddings, "flat"))
+        holder.current = ServingModel("7", index=faiss_index.build(out.item_embeddings, "flat"),
+                                      knn=candidates.ItemLists(out.knn))
         retrieval = Retrieval(s, store, holder)
         now = events[-1].timestamp + 60
         retrieval.clock = lambda: now
@@ -72,7 +77,7 @@ async def test_the_replay_and_redis_propose_identical_candidates(shop_state):
         # the trainer's state: the same events through apply and the replay's counters
         table = ItemTable(data.products, out)
         replay = ReplayState(table, Popularity(len(table.ids), s.popularity_window_days, s.trending_half_life_s,
-                                               cfg.weights), s.trending_half_life_s)
+                                               cfg.weights), s.trending_half_life_s, candidates.ItemLists(out.knn))
         mine: dict[str, UserState] = {}
         for e in events:
             update = apply(mine.get(e.user_id, UserState()), e, cfg, e.category)
@@ -89,7 +94,7 @@ async def test_the_replay_and_redis_propose_identical_candidates(shop_state):
                 requests.append(RecommendationRequest(request_id=f"c{n}", kind="cart", created_at=now, user_id=user,
                                                       cart_items=basket))
         assert sum(r.kind == "cart" for r in requests) >= 10
-        live = 0
+        live = knn = 0
         users = out.user_embeddings.index()
         for r in requests:
             [sent] = await retrieval.handle([r])
@@ -112,7 +117,9 @@ async def test_the_replay_and_redis_propose_identical_candidates(shop_state):
                 assert np.allclose(served.scores[source], want, rtol=1e-5, equal_nan=True), (r, source)
                 assert list(served.anchors.get(source, [None] * len(ids))) == list(anchors.get(source, [None] * len(ids)))
             assert served.query_source == q.rank_source
-        assert 5 <= live <= len(requests) - 5   # live sessions and idle ones: session, co-view and trending-in-category reads at the moment: session, co-view and trending-in-category reads too
+            knn += "knn" in served.scores
+        assert 5 <= live <= len(requests) - 5   # live sessions and idle ones: session, co-view and trending-in-category reads too
+        assert knn >= 10                        # item kNN, from the version's lists
         retrieval.close()
     finally:
         await unlink_matching(client, s.redis_namespace + "*")

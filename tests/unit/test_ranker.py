@@ -73,7 +73,7 @@ def batch_outputs(events, products) -> BatchOutputs:
         window=Window(events[0].timestamp, events[-1].timestamp, len(events), 0, len(users), len(items)),
         user_embeddings=Embeddings(users, np.asarray(model.user_factors)),
         item_embeddings=Embeddings(items, np.asarray(model.item_factors)),
-        covis=normalised(covis), cobuy=normalised(cobuy), category_affinity=aff, item_popularity=dict(pop),
+        knn=normalised(covis), cobuy=normalised(cobuy), category_affinity=aff, item_popularity=dict(pop),
         user_median_price={u: float(np.median(v)) for u, v in paid.items()}, item_category=category)
 
 
