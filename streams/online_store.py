@@ -5,6 +5,7 @@ namespace). Braces are literal: they are Redis Cluster hash tags, so one user's 
 one item's keys share a slot, and the global keys share the slot of {g}. One layout, single Redis or cluster.
   user_session:{u1}          string, JSON list of the session's last products, newest first; TTL = session idle
   user_features:{u1}         hash (session_id, last_viewed, session_categories, cart_items, purchases, ...)
+  user_state:{u1}            string, JSON: the feature agents' whole session state (the session table's row)
   homecache:{u1}:{variants}:{count}:{device}:{page}  a homepage reply, valid while the user's event count and the model version are unchanged
   item_features:{p9}         hash (title, category, category_path, brand, price, in_stock, rating, ...)
   covis:{p9}                 zset product -> co-views in a session ("customers also viewed"), bounded
@@ -41,7 +42,8 @@ from redis.exceptions import NoScriptError
 from recstream.candidates import Read
 from recstream.features import keys, popularity
 from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan, split_by_tag
-from recstream.features.session import FeatureConfig, UserState, decode_features, features_key, session_key
+from recstream.features.session import (FeatureConfig, UserState, decode_features, decode_state, features_key,
+                                        session_key)
 from recstream.redisconn import AnyRedis, is_cluster
 from schemas import Product
 
@@ -267,6 +269,14 @@ class OnlineStore:
             if r[0] == b"conflict":
                 conflicts[tag] = {int(r[i]): int(r[i + 1]) for i in range(1, len(r), 2)}
         return conflicts
+
+    async def user_states(self, user_ids: Sequence[str]) -> dict[str, UserState]:
+        """The session states Redis holds (user_state), for the users that have one."""
+        if not user_ids:
+            return {}
+        names = [self.ns + keys.user_state(u) for u in user_ids]
+        raw = await (self.redis.mget_nonatomic(names) if self.cluster else self.redis.mget(names))
+        return {u: st for u, r in zip(user_ids, raw) if (st := decode_state(r)) is not None}
 
     async def applied_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
         parts = sorted(set(partitions))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -13,6 +14,7 @@ import orjson
 from faust.contrib.asgi import faust_app_running
 
 from agents import features
+from recstream.features import keys
 from recstream.metrics import start_worker_metrics
 from recstream.redisconn import connect
 from recstream.settings import Settings
@@ -48,7 +50,8 @@ def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
             lag[str(tp.partition)] = max(0, high - (st.last_offset.get(tp.partition, -1) + 1)) if high else 0
     return {
         "agent": "update_session_features", "ts": time.time(), "processed": dict(st.processed),
-        "duplicates": st.duplicates, "dead_letters": st.dead_letters, "refilled": st.refilled, "batches": st.batches,
+        "duplicates": st.duplicates, "dead_letters": st.dead_letters, "refilled": st.refilled,
+        "recovered_states": st.recovered_states, "batches": st.batches,
         "items": st.items, "lag": lag, "lag_total": sum(lag.values()),
         "event_latency_ms": st.event_latency.percentiles_ms(), "ingest_latency_ms": st.ingest_latency.percentiles_ms(),
         # cumulative histograms (recstream.stats): subtract two snapshots for a window's percentiles
@@ -162,6 +165,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
                              lambda c: c.request.expired(time.time(), s.serving_reserve_ms))
         handler.submit = agent.submit   # a sharded request's merge, after its gather wait
     key = metrics_key(s, role)
+    agent_field = f"{name if role == 'retrieval' else role}:{socket.gethostname()}:{os.getpid()}"
     prom = start_worker_metrics(s.metrics_port, role)   # Prometheus /metrics (metrics_port 0: off)
     await models.start(store.model_pointer)
     # The model and caches are long-lived objects: move what exists to the permanent generation and
@@ -182,6 +186,9 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
             prom.snapshot = snap
             try:
                 await client.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)
+                # the API's readiness and fallback replies read who serves, and on which version
+                await client.hset(s.redis_namespace + keys.AGENTS, agent_field,
+                                  orjson.dumps({"ts": snap["ts"], "model_version": snap["model_version"]}))
             except Exception as exc:  # metrics must never stop the worker
                 log.warning("metrics not published: %r", exc)
             await asyncio.wait([task], timeout=METRICS_EVERY_S)
@@ -189,6 +196,8 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
         await task
         return 0
     finally:
+        with contextlib.suppress(Exception):   # a clean stop is gone at once, not after AGENT_FRESH_S
+            await client.hdel(s.redis_namespace + keys.AGENTS, agent_field)
         handler.close()
         await models.stop()
         await client.aclose()

@@ -18,6 +18,7 @@ from __future__ import annotations
 GLOBAL = "g"                      # the hash tag of every global key
 OOS = "oos:{g}"                   # set of products out of stock
 MODEL_CURRENT = "model:{g}:current"   # JSON pointer to the published model version
+AGENTS = "agents:{g}"             # hash: serving agent ("role:host:pid") -> JSON {ts, model_version}, every 2 s
 
 
 def hash_tag(key: str) -> str:
@@ -38,6 +39,11 @@ def user_session(user_id: str) -> str:
 
 def user_features(user_id: str) -> str:
     return f"user_features:{{{user_id}}}"
+
+
+def user_state(user_id: str) -> str:
+    """The feature agents' whole session state (the session table's row), written with the features."""
+    return f"user_state:{{{user_id}}}"
 
 
 def homecache(user_id: str, variants: str, count: int, device: str, page: str) -> str:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from recstream.features import keys, popularity
-from recstream.features.session import FeatureConfig, UserState, apply, features_key, features_value, session_key, session_value
+from recstream.features.session import (FeatureConfig, UserState, apply, features_key, features_value, session_key,
+                                        session_value, state_key, state_value)
 from schemas import Event
 
 
@@ -142,6 +143,7 @@ def plan(batch: list[Incoming], states: Mapping[str, UserState], applied: Mappin
     for user, state in new_states.items():
         ops.set[session_key(user)] = (session_value(state), limits.session_ttl_s)
         ops.hset[features_key(user)] = (features_value(state), limits.user_features_ttl_s)
+        ops.set[state_key(user)] = (state_value(state), limits.user_features_ttl_s)
     return BatchPlan(new_states, ops, processed, duplicates)
 
 

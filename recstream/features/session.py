@@ -117,6 +117,31 @@ def features_key(user_id: str) -> str:
     return keys.user_features(user_id)
 
 
+def state_key(user_id: str) -> str:
+    return keys.user_state(user_id)
+
+
+def state_value(state: UserState) -> bytes:
+    """user_state:{id}: the session table's row (UserState.to_dict) as JSON."""
+    return orjson.dumps(state.to_dict())
+
+
+def decode_state(raw: bytes | None) -> UserState | None:
+    return UserState.from_dict(orjson.loads(raw)) if raw else None
+
+
+def newest(table: UserState, stored: UserState | None) -> UserState:
+    """The state to fold the next event into: the session table's row, or the copy Redis holds
+    (user_state, written atomically with the features and the offset guard) where that copy has
+    folded more of the user's partition. Redis is written before the table, so the copy is never
+    behind, unless it expired; the table is behind when Faust lost a write in a rebalance."""
+    if stored is None or stored.partition < 0:
+        return table
+    if table.partition < 0 or (stored.partition == table.partition and stored.offset > table.offset):
+        return stored
+    return table
+
+
 def session_value(state: UserState) -> bytes:
     """user_session:{id}: the last products viewed or clicked this session, newest first (JSON list)."""
     return orjson.dumps(list(state.recent))

@@ -4,7 +4,7 @@ import pytest
 
 from recstream.features import FeatureConfig, Incoming, Limits, UserState, apply, plan
 from recstream.features import keys, popularity
-from recstream.features.session import SEEN_MAX, decode_features, features_value
+from recstream.features.session import SEEN_MAX, decode_features, decode_state, features_value, newest
 from schemas import Event
 
 CFG = FeatureConfig(session_idle_timeout_s=1800, session_recent_max=3, covisit_window=2)
@@ -91,7 +91,22 @@ def test_plan_counts_once_and_skips_offsets_redis_already_holds():
     assert full.ops.incr[(popularity.count_key("view", day), "p0")] == 3
     assert skipped.ops.incr[(popularity.count_key("view", day), "p0")] == 1  # only offset 4
     assert skipped.ops.offsets == {0: (4, 5)} and skipped.states == full.states  # state still folds all
-    assert set(full.ops.set) == {keys.user_session("u")} and full.ops.trim[keys.neighbours("covis", "p0")] == 10
+    assert set(full.ops.set) == {keys.user_session("u"), keys.user_state("u")} and full.ops.trim[keys.neighbours("covis", "p0")] == 10
+
+
+def test_redis_keeps_the_whole_state_and_the_fold_takes_whichever_copy_folded_more():
+    batch = [Incoming(ev(i, pid=f"p{i}", kind="add_to_cart" if i == 2 else "view"), partition=1, offset=10 + i)
+             for i in range(4)]
+    first = plan(batch[:2], {}, {}, {}, CFG, LIMITS)
+    both = plan(batch, {}, {}, {}, CFG, LIMITS)
+    stored = decode_state(both.ops.set[keys.user_state("u")][0])
+    assert stored == both.states["u"] and both.ops.set[keys.user_state("u")][1] == LIMITS.user_features_ttl_s
+    behind = first.states["u"]   # the table lost the write of the batch's last two events
+    assert newest(behind, stored) == stored and newest(UserState(), stored) == stored
+    assert newest(stored, behind) == stored and newest(behind, None) == behind
+    # the fold on the copy takes the next event where the lost write left off: the cart is still there
+    after = plan([Incoming(ev(9, pid="p9"), partition=1, offset=20)], {"u": newest(behind, stored)}, {}, {}, CFG, LIMITS)
+    assert after.states["u"].cart == ("p2",) and after.states["u"].events == 5
 
 
 def test_redelivered_records_are_recognised_by_their_offset_however_old():

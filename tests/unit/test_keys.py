@@ -63,7 +63,7 @@ def test_split_by_tag_partitions_the_writes_and_every_group_carries_the_offsets(
     assert (dict(merged.incr), merged.expire_at, merged.trim, merged.set, merged.hset) == \
         (dict(ops.incr), ops.expire_at, ops.trim, ops.set, ops.hset)
     assert groups["p1"].incr[(keys.neighbours("covis", "p1"), "p2")] == 1   # u1 viewed p1 then p2
-    assert set(groups["u1"].set) == {keys.user_session("u1")}
+    assert set(groups["u1"].set) == {keys.user_session("u1"), keys.user_state("u1")}
 
 
 def test_split_of_nothing_is_nothing():
