@@ -110,6 +110,8 @@ class Ranking:
         self.gather = Gather(s.retrieval_candidates)
         # merged sets whose gather wait ended go back in through this (the agent's submit; set by the worker)
         self.submit: Callable[[list[CandidateSet]], None] | None = None
+        # schedules the end of a gather wait (tests record the delay instead of waiting it out)
+        self.later: Callable[..., object] = lambda delay, fn, *args: asyncio.get_running_loop().call_later(delay, fn, *args)
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -126,9 +128,9 @@ class Ranking:
                 out.append(merged)
             elif first:
                 r = cs.request
-                left = r.created_at + (r.deadline_ms - self.s.serving_reserve_ms) / 1000 - time.time()
+                left = r.created_at + (r.deadline_ms - self.s.serving_reserve_ms) / 1000 - self.clock()
                 wait = max(0.0, min(self.s.retrieval_gather_ms / 1000, left))
-                asyncio.get_running_loop().call_later(wait, self._gather_over, r.request_id)
+                self.later(wait, self._gather_over, r.request_id)
         return out
 
     def _gather_over(self, request_id: str) -> None:

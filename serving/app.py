@@ -1,5 +1,6 @@
 """The HTTP API (Starlette): GET /api/v1/recommendations/{homepage,similar,cart,also-viewed}
-(serving/recommend.py), POST /api/v1/events into the clickstream topic, GET /openapi.json, GET /healthz.
+(serving/recommend.py), POST /api/v1/events into the clickstream topic, GET /openapi.json, GET /healthz
+(liveness) and GET /readyz (readiness: the agents can answer; serving/recommend.py path_status).
 
 Delivery: 202 {"accepted": n} is answered only after Kafka acknowledged every event of the
 request (acks=all, idempotent producer). Validation is all-or-nothing: one bad event and nothing
@@ -296,6 +297,17 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
         return OrjsonResponse({"status": "kafka unavailable"}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
                               headers={"Retry-After": str(RETRY_AFTER_S)})
 
+    async def readyz(request: Request) -> Response:
+        """Liveness says the process is up; readiness says a request would be answered by the agents."""
+        path = rec.path
+        if not sink.connected or not rec.connected:
+            status = "kafka unavailable"
+        else:
+            status = "ready" if path.ready else path.reason
+        return OrjsonResponse({"status": status, "model_version": path.model_version},
+                              status_code=HTTPStatus.OK if status == "ready" else HTTPStatus.SERVICE_UNAVAILABLE,
+                              headers=None if status == "ready" else {"Retry-After": str(RETRY_AFTER_S)})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await sink.start()
@@ -316,7 +328,7 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
     app = Starlette(
         routes=[Route("/api/v1/recommendations/{kind}", recommendations, methods=["GET"]),
                 Route("/api/v1/events", post_events, methods=["POST"]), Route("/openapi.json", openapi, methods=["GET"]),
-                Route("/healthz", healthz, methods=["GET"]), *admin_routes(s, ab.store),
+                Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *admin_routes(s, ab.store),
                 Route("/metrics", metrics, methods=["GET"]), *ops_routes(ops)],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(RequestMetrics, ops=ops)],

@@ -263,6 +263,13 @@ def openapi(version: str = "1", *, max_events: int = 500, max_body_bytes: int = 
         "200": _json("ok", {"type": "object", "properties": {"status": {"type": "string"}}}),
         "503": _json("Kafka not connected yet", {"type": "object", "properties": {"status": {"type": "string"}}},
                      _RETRY_AFTER)}}}
+    ready = {"type": "object", "required": ["status", "model_version"],
+             "properties": {"status": {"type": "string"}, "model_version": {"type": "string"}}}
+    paths["/readyz"] = {"get": {"summary": "readiness: 200 when the agents can answer (every retrieval shard and the "
+                                           "ranking agents reported within 10 s, with a model once one is published)",
+                                "responses": {
+        "200": _json("ready; model_version: the version the agents serve", ready),
+        "503": _json("not ready; status says why (Kafka, no agent alive, no model loaded yet)", ready, _RETRY_AFTER)}}}
     paths["/openapi.json"] = {"get": {"summary": "this description", "responses": {
         "200": _json("OpenAPI 3.0 document", {"type": "object"})}}}
     paths.update(_admin_paths())

@@ -24,6 +24,8 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -46,6 +48,42 @@ FALLBACK_CATEGORIES = 500    # categories with a list kept in memory at most (th
 FALLBACK_NEW = 50            # categories without a list looked up per refresh at most (the most recently named)
 FALLBACK_CATEGORY_AGE_S = 3600   # a category no request named for this long is forgotten
 DEADLINE_MISSED = "no reply within"   # a fallback reply's error when the agents were too slow
+AGENT_FRESH_S = 10.0         # a serving agent that has not reported (keys.AGENTS) for this long is taken as gone
+AGENT_FORGET_S = 3600.0      # ... and its entry is removed after this long
+PATH_CHECK_S = 1.0           # the API reads the agents' reports this often
+
+
+@dataclass(frozen=True)
+class PathStatus:
+    """Whether requests can be answered by the agents, and if not, why (the fallback reply says so)."""
+    ready: bool
+    reason: str = ""               # why not ("" when ready)
+    model_version: str = "none"    # the version the agents serve: the published one where they have it
+
+
+def path_status(reports: Mapping[str, Mapping], roles: Sequence[str], published: str | None, now: float) -> PathStatus:
+    """From the serving agents' reports (keys.AGENTS: "group:host:pid" -> {ts, model_version}): ready when
+    every consumer group the path needs (`roles`: each retrieval shard's group, then "ranking") has an agent
+    that reported within AGENT_FRESH_S, and, once a version is published, one with a model loaded (a
+    model swap keeps the old version meanwhile: still ready)."""
+    live: dict[str, list[str | None]] = {r: [] for r in roles}
+    for name, rep in reports.items():
+        role = name.split(":", 1)[0]
+        if role in live and now - float(rep.get("ts") or 0.0) <= AGENT_FRESH_S:
+            live[role].append(rep.get("model_version"))
+    serving = [v for versions in live.values() for v in versions if v]
+    version = published if published in serving else (max(serving, key=_version_key) if serving else "none")
+    for role, versions in live.items():
+        if not versions:
+            return PathStatus(False, f"no {role} agent has reported in the last {AGENT_FRESH_S:g} s", version)
+        if published and not any(versions):
+            return PathStatus(False, f"the {role} agents have not loaded a model yet (version {published} is "
+                                     f"published)", version)
+    return PathStatus(True, "", version)
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), v) if v.isdigit() else (-1, v)
 
 
 class Fallback:
@@ -110,7 +148,7 @@ class Fallback:
                             time.time() - self.refreshed_at, exc)
             await asyncio.sleep(self.s.fallback_refresh_s)
 
-    def reply(self, req: RecommendationRequest, error: str) -> RecommendationReply:
+    def reply(self, req: RecommendationRequest, error: str, model_version: str = "none") -> RecommendationReply:
         category = req.ctx("category", "")
         rows = self.by_category.get(category) if category else None
         if category:
@@ -125,7 +163,7 @@ class Fallback:
                                       reason=f"trending in {category or rows[i][2]}" if (category or rows[i][2])
                                       else "trending now", source="popular") for i in chosen)
         return RecommendationReply(request_id=req.request_id, kind=req.kind, items=items, experiments=req.experiments,
-                                   fallback=True, error=error[:512])
+                                   fallback=True, error=error[:512], model_version=model_version)
 
 
 class Recommender:
@@ -143,6 +181,7 @@ class Recommender:
         self._tasks: list[asyncio.Task] = []
         self._writes: set[asyncio.Task] = set()   # homepage cache writes in flight
         self.late_replies = 0
+        self.path = PathStatus(False, "the API has not read the agents' reports yet")
 
     async def start(self) -> None:
         await ensure_topics(self.s, [reply_spec(self.s, self.instance)])
@@ -158,7 +197,8 @@ class Recommender:
         with contextlib.suppress(Exception):
             await self.fallback.refresh()
         self._tasks = [asyncio.create_task(self._read_replies(), name="reply-reader"),
-                       asyncio.create_task(self.fallback.run(), name="fallback-refresh")]
+                       asyncio.create_task(self.fallback.run(), name="fallback-refresh"),
+                       asyncio.create_task(self._watch_path(), name="path-status")]
         self.connected = True
 
     async def stop(self) -> None:
@@ -174,6 +214,32 @@ class Recommender:
         with contextlib.suppress(Exception):
             await delete_topics(self.s, [self.reply_topic])
         await self.client.aclose()
+
+    async def check_path(self) -> PathStatus:
+        """Read the agents' reports and the published version (one round trip); forget long-gone agents."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.s.redis_namespace + keys.AGENTS)
+        pipe.get(self.s.redis_namespace + keys.MODEL_CURRENT)
+        raw, pointer = await pipe.execute()
+        now = time.time()
+        reports = {k.decode(): orjson.loads(v) for k, v in raw.items()}
+        gone = [k for k, rep in reports.items() if now - float(rep.get("ts") or 0.0) > AGENT_FORGET_S]
+        if gone:
+            await self.client.hdel(self.s.redis_namespace + keys.AGENTS, *gone)
+        published = orjson.loads(pointer) if pointer else None
+        version = str(published["version"]) if published and published.get("name") == self.s.model_name else None
+        self.path = path_status(reports, [*self.s.retrieval_agents(), "ranking"], version, now)
+        return self.path
+
+    async def _watch_path(self) -> None:
+        while True:
+            try:
+                await self.check_path()
+            except Exception as exc:   # Redis trouble: the last status stands, and requests fall back anyway
+                if _stopping():
+                    raise
+                log.info("agent reports not read: %r", exc)
+            await asyncio.sleep(PATH_CHECK_S)
 
     async def _read_replies(self) -> None:
         assert self.consumer is not None
@@ -286,7 +352,12 @@ class Recommender:
             log.info("homepage cache write failed: %r", exc)
 
     def _fallback(self, req: RecommendationRequest, error: str) -> RecommendationReply:
-        reply = self.fallback.reply(req, error)
+        """The trending list, naming the version the agents serve and, where the agents' reports show
+        why they did not answer (none alive, no model loaded), that reason before the immediate one."""
+        path = self.path
+        if not path.ready and self.connected:
+            error = f"{path.reason} ({error})"
+        reply = self.fallback.reply(req, error, path.model_version)
         return dataclasses.replace(reply, timings_ms=_total(req)) if req.debug else reply
 
 

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 API = "/api/v1/recommendations"
 DEADLINE_MS = 200        # as in test_serving.py: a 2-core box shared by several stacks
-MARGIN_S = 0.25          # a fallback answer comes within the deadline plus this
+MARGIN_S = 2.0           # "never hangs": a fallback never waits on a dead agent (latency: bench/faults.py)
 JSON = {"content-type": "application/json"}
 
 

@@ -15,6 +15,8 @@
 | admin experiment `start`/`end`: -1e300, 1e300, 1e12, 1970, 2100-01-01T00:00:01Z | 400, problem `body.start` / `body.end` | test_admin_refuses_experiment_times_out_of_range |
 | 500 made-up categories asked of the fallback | at most 50 looked up, none kept; a real one still gets its list | test_made_up_categories_do_not_fill_the_fallback |
 | a real category under a junk flood; unnamed for an hour; 600 real ones | kept; forgotten; the 500 most recently named kept | test_fallback_keeps_real_categories_and_bounds_them |
+| `/readyz` before the agents report, with one group silent, before the published model is loaded | 503 naming what is missing; 200 once every group has a live agent with a model | test_readiness_waits_for_every_group_and_a_model |
+| a fallback reply while an agent is dead or a model is published | `model_version` the served version; `error` names the dead group before "no reply within" | test_fallback_names_the_served_version_and_the_real_reason |
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import warnings
 
 import orjson
 import pytest
+import redis.asyncio
 from starlette.applications import Starlette
 from starlette.exceptions import StarletteDeprecationWarning
 
@@ -33,7 +36,7 @@ with warnings.catch_warnings():
 
 import recstream.settings
 from recstream.experiments.store import ExperimentStore
-from schemas import Event, Product, SchemaError
+from schemas import Event, Product, RecommendationRequest, SchemaError
 from schemas.base import LABEL_PATTERN
 from serving import recommend
 from serving.admin import admin_routes
@@ -214,3 +217,38 @@ async def test_fallback_keeps_real_categories_and_bounds_them(monkeypatch):
     await fb.refresh()
     assert len(fb.by_category) == recommend.FALLBACK_CATEGORIES == len(fb.asked)
     assert "real599" in fb.by_category and "real0" not in fb.by_category    # the most recently named kept
+
+
+# -- readiness and the fallback's account of itself ------------------------------------------------------
+
+def test_readiness_waits_for_every_group_and_a_model():
+    now, roles = 1_000.0, ["retrieval-0-of-2", "retrieval-1-of-2", "ranking"]
+    live = {"retrieval-0-of-2:h:1": {"ts": now - 1, "model_version": "7"},
+            "retrieval-1-of-2:h:2": {"ts": now - 2, "model_version": "7"},
+            "ranking:h:3": {"ts": now - 1, "model_version": "7"}}
+    assert recommend.path_status(live, roles, "7", now) == recommend.PathStatus(True, "", "7")
+    assert recommend.path_status({}, roles, None, now).reason == "no retrieval-0-of-2 agent has reported in the last 10 s"
+    silent = live | {"retrieval-1-of-2:h:2": {"ts": now - 11, "model_version": "7"}}
+    assert not recommend.path_status(silent, roles, "7", now).ready
+    loading = {k: {**v, "model_version": None} for k, v in live.items()}
+    got = recommend.path_status(loading, roles, "7", now)
+    assert not got.ready and "not loaded a model yet (version 7 is published)" in got.reason
+    # nothing trained yet: the agents serve with rules, so the path is ready
+    assert recommend.path_status(loading, roles, None, now) == recommend.PathStatus(True, "", "none")
+    # a model swap in progress: version 8 is published, the agents still serve 7: ready, on 7
+    assert recommend.path_status(live, roles, "8", now) == recommend.PathStatus(True, "", "7")
+
+
+def test_fallback_names_the_served_version_and_the_real_reason():
+    rec = recommend.Recommender(recstream.settings.load({}), client=redis.asyncio.from_url("redis://127.0.0.1:1"))
+    rec.fallback.overall = [("p1", 3.0, "Lamps"), ("p2", 2.0, None)]
+    req = RecommendationRequest(request_id="r1", kind="homepage", created_at=time.time(), count=2)
+    rec.connected = True
+    rec.path = recommend.PathStatus(False, "no ranking agent has reported in the last 10 s", "7")
+    reply = rec._fallback(req, "no reply within 40 ms")
+    assert reply.fallback and reply.model_version == "7"
+    assert reply.error == "no ranking agent has reported in the last 10 s (no reply within 40 ms)"
+    assert recommend.status(reply) == "fallback_error"
+    rec.path = recommend.PathStatus(True, "", "7")   # the agents are there, just slow: the deadline is the reason
+    reply = rec._fallback(req, "no reply within 40 ms")
+    assert reply.error == "no reply within 40 ms" and recommend.status(reply) == "fallback_deadline"
