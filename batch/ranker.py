@@ -422,7 +422,7 @@ def fit(ex: Examples, cfg: RankerConfig) -> RankerResult:
     orderings, task_models = {}, {}
     tasks = np.array([g.task for g in ex.groups])
     held_tasks = tasks[cut:]
-    per_ordering = {name: evaluate(_ordering_scores(name, ex.X[test], ranker), ex.y[test], offsets, cfg.k)[0]
+    per_ordering = {name: evaluate(_ordering_scores(name, ex.X[test], ranker, offsets), ex.y[test], offsets, cfg.k)[0]
                     for name in ordering.ORDERINGS}
     for task in ordering.TASKS:   # the ranker serves a task only where it beats every simpler ordering
         mine = np.flatnonzero(held_tasks == task)
@@ -467,10 +467,16 @@ _SCORE_COLUMNS = [FEATURE_NAMES.index(f"score_{s}") for s in SOURCES]
 _COLUMN = {name: FEATURE_NAMES.index(name) for name in ("log_popularity_7d", "log_trending", "ui_dot")}
 
 
-def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray) -> np.ndarray:
-    """One ordering's scores of feature rows, from the columns the agent orders by at serving."""
-    return ordering.scores(name, X[:, _SCORE_COLUMNS], np.expm1(X[:, _COLUMN["log_popularity_7d"]]),
-                           np.expm1(X[:, _COLUMN["log_trending"]]), X[:, _COLUMN["ui_dot"]], ranker_scores)
+def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """One ordering's scores of feature rows, from the columns the agent orders by at serving, group by
+    group (rows offsets[g]:offsets[g+1]): as at serving, an ordering sees one request's candidates."""
+    out = np.empty(len(X))
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        g = X[lo:hi]
+        out[lo:hi] = ordering.scores(name, g[:, _SCORE_COLUMNS], np.expm1(g[:, _COLUMN["log_popularity_7d"]]),
+                                     np.expm1(g[:, _COLUMN["log_trending"]]), g[:, _COLUMN["ui_dot"]],
+                                     ranker_scores[lo:hi])
+    return out
 
 
 def train(events: Iterable[Event], outputs: BatchOutputs, products: Sequence[Product],

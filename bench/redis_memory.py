@@ -41,7 +41,7 @@ from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "redis_memory.json"
 DIM = 128
-USER_KINDS = ("user_session", "user_features", "emb_user")   # one of each per active user
+USER_KINDS = ("user_session", "user_features", "user_state", "emb_user")   # one of each per active user
 ITEM_KINDS = ("item_features", "covis", "cobuy", "emb_item")  # up to one of each per product
 
 

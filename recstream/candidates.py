@@ -4,12 +4,12 @@ Sources (schemas.recommendations.SOURCES): on the homepage, the session's recent
 ("session": shoppers come back to what they looked at); co-view ("covis") and co-purchase ("cobuy")
 neighbours of the session's, cart's and this session's basket items, or of the product's or cart's
 items, as the feature agents count them live; item kNN ("knn": the served version's item-to-item
-cosine over training sessions, every event type, summed over the anchors as item kNN does, the
-session's items weighted 1/position); trending in the session's main category ("popular"; homepage and cart) or in the anchors'
-categories ("same_category"); the product's brand ("same_brand", similar); and the nearest items of
-the model's vectors ("als", FAISS at serving), queried with the user's ALS vector, else the mean
-vector of the session's last 5 items (the design's cold-start proxy), else the product on screen or
-the cart's mean.
+cosine over training sessions, every event type, summed over the anchors as item kNN does: the
+session's last items of any event type, weighted 1/position); trending in the session's main
+category ("popular"; homepage and cart) or in the anchors' categories ("same_category"); the
+product's brand ("same_brand", similar); and the nearest items of the model's vectors ("als", FAISS
+at serving), queried with the user's ALS vector, else the mean vector of the session's last 5 items
+(the design's cold-start proxy), else the product on screen or the cart's mean.
 
 Two steps around one round trip to the store: `plan` says what to read (neighbour lists, trending
 lists, a brand's list), `propose` turns the answers into the proposals. The retrieval agent answers
@@ -71,20 +71,22 @@ def is_live(last_s: float, events: int, now: float, idle_s: float) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Shopper:
-    """What retrieval knows of the shopper at the request's moment: `recent` (newest first), the
-    session's category counts and `basket` (bought this session) belong to a live session and are
-    empty once it idled out; the cart outlives sessions."""
+    """What retrieval knows of the shopper at the request's moment: `recent` (viewed, newest first),
+    `touched` (any event), the session's category counts and `basket` (bought this session) belong to
+    a live session and are empty once it idled out; the cart outlives sessions."""
     recent: tuple[str, ...] = ()
     categories: Mapping[str, int] = field(default_factory=dict)
     cart: tuple[str, ...] = ()
     basket: tuple[str, ...] = ()
+    touched: tuple[str, ...] = ()      # the session's items of every event type, newest first
 
     @classmethod
     def from_state(cls, state: UserState, now: float, idle_s: float) -> "Shopper":
         """From the session table's value (the batch replay)."""
         if not is_live(state.last_s, state.events, now, idle_s):
             return cls(cart=tuple(state.cart))
-        return cls(tuple(state.recent), dict(state.categories), tuple(state.cart), tuple(state.session_purchases))
+        return cls(tuple(state.recent), dict(state.categories), tuple(state.cart), tuple(state.session_purchases),
+                   tuple(state.touched))
 
     @classmethod
     def from_redis(cls, recent: Sequence[str] | None, features: Mapping | None, now: float, idle_s: float) -> "Shopper":
@@ -94,7 +96,7 @@ class Shopper:
         if not is_live(float(f.get("last_event_s") or 0.0), int(f.get("events") or 0), now, idle_s):
             return cls(cart=cart)
         return cls(tuple(recent or ()), dict(f.get("session_categories") or {}), cart,
-                   tuple(f.get("session_purchases") or ()))
+                   tuple(f.get("session_purchases") or ()), tuple(f.get("session_items") or ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +131,7 @@ def plan(w: Widget, shopper: Shopper, anchor_items: Sequence[Mapping[str, str]],
     recent = shopper.recent[:ANCHORS]
     main = main_category(shopper.categories) if recent else None
     if w.kind == "homepage":
-        for i, a in enumerate(recent):
+        for i, a in enumerate(shopper.touched[:ANCHORS]):   # what the shopper did last, of any kind
             read("knn", "knn", a, KNN, 1.0 / (i + 1))
         for a in recent:
             read("covis", "covis", a, NEIGHBOURS)

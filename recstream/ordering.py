@@ -1,5 +1,8 @@
 """Orderings of a candidate set, per task (pure): the ranker serves a task only where it earned it.
 
+The orderings: window popularity, the ALS dot product, the rules (a fixed preference between sources,
+recstream.rules.heuristic_scores), reciprocal rank fusion of the sources' lists, and the ranker.
+
 The homepage on arrival, the next step inside a live session (the homepage again, a product page's
 similar and also-viewed items) and the cart are different tasks. The trainer scores its held-out
 groups of each task with every ordering below and keeps, per task, the best simple one on NDCG@k,
@@ -18,7 +21,8 @@ from recstream.rules import heuristic_scores
 
 TASKS = ("home", "next", "cart")
 # simplest first: a tie between two orderings goes to the one earlier here
-ORDERINGS = ("popular", "als", "rules", "ranker")
+ORDERINGS = ("popular", "als", "rules", "fusion", "ranker")
+FUSION_K = 60.0     # reciprocal rank fusion's constant (Cormack et al., SIGIR 2009)
 BASKET_EVENTS = ("add_to_cart", "purchase")
 MIN_GROUPS = 30     # held-out groups a task needs before its figures overrule the rules
 Z = 1.96            # the ranker serves a task only where it wins by more than this many standard errors
@@ -50,11 +54,28 @@ def scores(ordering: str, sources: np.ndarray, popularity_7d: np.ndarray, trendi
         return np.asarray(ranker, np.float64)
     if ordering == "popular":
         return np.log1p(np.nan_to_num(np.asarray(popularity_7d, np.float64))) + 1e-3 * np.log1p(trend)
+    if ordering == "fusion":
+        return fusion_scores(sources) + 1e-6 * np.log1p(trend)
     if ordering == "als" and ui_dot is not None:
         dot = np.asarray(ui_dot, np.float64)
         if not np.isnan(dot).all():   # no vector at all (an unknown user, no session): the rules decide
             return np.where(np.isnan(dot), -np.inf, dot)
     return heuristic_scores(sources, trend)
+
+
+def fusion_scores(sources: np.ndarray) -> np.ndarray:
+    """Reciprocal rank fusion of the sources' own orders: each source that proposed a candidate adds
+    1 / (FUSION_K + its rank there) (rank 1 = the source's best), so an item high in several lists
+    (ALS and item kNN, say) goes first, whatever the scales of their scores."""
+    out = np.zeros(sources.shape[0])
+    for j in range(sources.shape[1]):
+        col = sources[:, j]
+        has = np.flatnonzero(~np.isnan(col))
+        if not len(has):
+            continue
+        order = has[np.argsort(-col[has], kind="stable")]
+        out[order] += 1.0 / (FUSION_K + np.arange(1, len(order) + 1))
+    return out
 
 
 def choose(ndcg: Mapping[str, np.ndarray], min_groups: int = MIN_GROUPS, z: float = Z) -> str:

@@ -33,6 +33,7 @@ class UserState:
     session_start_s: float = 0.0
     last_s: float = 0.0
     recent: tuple[str, ...] = ()              # viewed or clicked this session, newest first, unique
+    touched: tuple[str, ...] = ()             # every event type this session, newest first, unique (item kNN anchors)
     categories: dict[str, int] = field(default_factory=dict)  # this session's category counts
     session_purchases: tuple[str, ...] = ()   # bought this session: the "order" for co-purchases
     cart: tuple[str, ...] = ()                # in the cart (outlives sessions until bought), newest first
@@ -85,11 +86,13 @@ def apply(state: UserState, event: Event, cfg: FeatureConfig, category: str | No
     s = state
     late = ts < s.session_start_s  # an event older than the current session: counters only
     if not late and (s.session_id != event.session_id or ts - s.last_s > cfg.session_idle_timeout_s):
-        s = replace(s, session_id=event.session_id, session_start_s=ts, recent=(), categories={},
+        s = replace(s, session_id=event.session_id, session_start_s=ts, recent=(), touched=(), categories={},
                     session_purchases=())
     covisits: tuple[tuple[str, str], ...] = ()
     copurchases: tuple[tuple[str, str], ...] = ()
     pid = event.product_id
+    if not late:
+        s = replace(s, touched=_front(s.touched, pid, cfg.session_recent_max))
     if event.event_type in ("view", "click") and not late:
         covisits = tuple((pid, prev) for prev in s.recent[: cfg.covisit_window] if prev != pid)
         categories = dict(s.categories)
@@ -155,6 +158,7 @@ def features_value(state: UserState) -> dict[str, str]:
         "session_categories": orjson.dumps(state.categories).decode(),
         "cart_items": orjson.dumps(list(state.cart)).decode(),
         "session_purchases": orjson.dumps(list(state.session_purchases)).decode(),
+        "session_items": orjson.dumps(list(state.touched)).decode(),
         "purchases": orjson.dumps(list(state.purchases)).decode(),
         "last_event_s": repr(state.last_s),
         "events": str(state.events),
@@ -170,6 +174,7 @@ def decode_features(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
         "session_categories": orjson.loads(d.get("session_categories", "{}")),
         "cart_items": orjson.loads(d.get("cart_items", "[]")),
         "session_purchases": orjson.loads(d.get("session_purchases", "[]")),
+        "session_items": orjson.loads(d.get("session_items", "[]")),
         "purchases": orjson.loads(d.get("purchases", "[]")),
         "last_event_s": float(d.get("last_event_s", 0)),
         "events": int(d.get("events", 0)),

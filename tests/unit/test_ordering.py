@@ -41,6 +41,16 @@ def test_each_ordering_orders_by_its_own_signal():
     assert _order("als") == [0, 2, 1]                              # dot product; no vector goes last
     assert _order("rules") == [1, 0, 2]                            # co-purchase first, then popular by score
     assert _order("ranker", ranker=np.array([0.0, 1.0, 2.0])) == [2, 1, 0]
+    assert _order("fusion") == [0, 1, 2]     # each source's best first (ties by trending), then popular's second
+
+
+def test_fusion_puts_what_several_sources_rank_high_first_whatever_their_scales():
+    sources = source_matrix(4, {"als": [0.9, 0.8, 0.1, NAN], "knn": [NAN, 40.0, 0.5, 90.0]})
+    s = ordering.fusion_scores(sources)
+    # b is 2nd in both lists, c 3rd in both: ahead of a and d, each 1st in one list only
+    assert list(np.argsort(-s, kind="stable")) == [1, 2, 0, 3]
+    k = ordering.FUSION_K
+    assert s[1] == pytest.approx(1 / (k + 2) + 1 / (k + 2)) and s[0] == pytest.approx(1 / (k + 1))
 
 
 def test_orderings_without_their_signal_fall_back_to_the_rules():
