@@ -206,6 +206,8 @@ class ApiMetrics:
         self.late_replies: Callable[[], int] = lambda: 0
         self.exposures_lost: Callable[[], int] = lambda: 0
         self.exposures_logged: Callable[[], int] = lambda: 0
+        self.exposures_deferred: Callable[[], int] = lambda: 0
+        self.exposures_resent: Callable[[], int] = lambda: 0
         r.register(_ApiStateCollector(self))
 
     def observe_reply(self, endpoint: str, status: str, reply, seconds: float) -> None:
@@ -234,10 +236,13 @@ class _ApiStateCollector(Collector):
         late = CounterMetricFamily("recstream_late_replies", "agent replies that came after their deadline")
         late.add_metric([], float(m.late_replies()))
         yield late
-        exposures = CounterMetricFamily("recstream_exposures", "exposure records: logged (acknowledged by Kafka) "
-                                        "or lost (Kafka trouble)", labels=["outcome"])
+        exposures = CounterMetricFamily("recstream_exposures", "exposure records: logged (acknowledged by Kafka), "
+                                        "deferred (not acknowledged, kept in the journal), resent (from the "
+                                        "journal) or lost (neither acknowledged nor journaled)", labels=["outcome"])
         exposures.add_metric(["logged"], float(m.exposures_logged()))
         exposures.add_metric(["lost"], float(m.exposures_lost()))
+        exposures.add_metric(["deferred"], float(m.exposures_deferred()))
+        exposures.add_metric(["resent"], float(m.exposures_resent()))
         yield exposures
         records = GaugeMetricFamily("recstream_consumer_lag_records", "committed lag per consumer group and "
                                     "partition (records)", labels=["group", "topic", "partition"])

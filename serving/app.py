@@ -39,6 +39,7 @@ from schemas import Event, Exposure
 from serving import ingest, params
 from serving.admin import admin_routes
 from serving.experiments import Experiments, exposure
+from serving.journal import RECOVER_S, Journal, Segment
 from serving.ops import OpsMonitor, ops_routes
 from serving.recommend import Recommender, reply_body, status
 from streams.producer import create_producer
@@ -66,15 +67,19 @@ class EventSink:
     POST answers 503 and /healthz 503, so the server comes up, and recovers, even when Kafka is
     down at boot. The sink starts and stops the producer, also one passed in (tests)."""
 
-    def __init__(self, s: Settings, producer: AIOKafkaProducer | None = None):
+    def __init__(self, s: Settings, producer: AIOKafkaProducer | None = None, journal: Journal | None = None):
         self._settings = s
         self._producer = producer
         self._connect_task: asyncio.Task[None] | None = None
         self.topic = s.topic("clickstream")
         self.exposures_topic = s.topic("exposures")
-        self.exposures_lost = 0
-        self.exposures_logged = 0
+        self.journal = journal            # exposures written before the answer leaves (serving/journal.py)
+        self.exposures_lost = 0           # neither acknowledged nor journaled
+        self.exposures_logged = 0         # acknowledged by Kafka
+        self.exposures_deferred = 0       # not acknowledged, kept in the journal for a resend
+        self.exposures_resent = 0         # sent again from the journal (this process's or a dead one's)
         self._exposing: set[asyncio.Task] = set()
+        self._recovering: asyncio.Task[None] | None = None
         self.timeout_s = s.produce_timeout_ms / 1000
         self.connected = False
 
@@ -83,17 +88,22 @@ class EventSink:
             self._producer = create_producer(self._settings)
         self._connect_task = asyncio.create_task(self._connect(self._producer), name="kafka-producer-connect")
         await asyncio.wait([self._connect_task], timeout=self.timeout_s)
+        if self.journal is not None:
+            self._recovering = asyncio.create_task(self._recover(), name="exposure-journal-recovery")
         if not self.connected:
             log.warning("Kafka at %s not reachable yet; answering 503 while connecting in the background",
                         self._settings.kafka_bootstrap)
 
     async def stop(self) -> None:
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connect_task
+        for task in (self._connect_task, self._recovering):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._exposing:
             await asyncio.wait(self._exposing, timeout=self.timeout_s)
+        if self.journal is not None:
+            self.journal.close()
         if self._producer is not None:
             await self._producer.stop()  # flushes what is still in flight
         self.connected = False
@@ -141,22 +151,56 @@ class EventSink:
         await self._connect(new)
 
     def expose(self, exposure: Exposure) -> None:
-        """Queue one exposure record; no wait for the ack (serving/experiments.py: at most once)."""
+        """Journal one exposure record (before the answer leaves) and queue it; no wait for the ack
+        (serving/experiments.py: at least once)."""
+        line, seg = exposure.to_json(), None
+        if self.journal is not None:
+            try:
+                seg = self.journal.append(line)
+            except OSError as exc:   # disk full: this one is at most once
+                log.warning("exposure %s not journaled: %r", exposure.request_id, exc)
         if not self.connected or self._producer is None:
-            self.exposures_lost += 1
+            self._settle(seg, False)
             return
-        task = asyncio.create_task(self._expose(self._producer, exposure))
+        task = asyncio.create_task(self._expose(self._producer, exposure, line, seg))
         self._exposing.add(task)
         task.add_done_callback(self._exposing.discard)
 
-    async def _expose(self, producer: AIOKafkaProducer, exposure: Exposure) -> None:
+    async def _expose(self, producer: AIOKafkaProducer, exposure: Exposure, line: bytes, seg: Segment | None) -> None:
         try:
-            ack = await producer.send(self.exposures_topic, exposure.to_json(), key=exposure.key)
+            ack = await producer.send(self.exposures_topic, line, key=exposure.key)
             await asyncio.wait_for(ack, self.timeout_s)
-            self.exposures_logged += 1
-        except Exception as exc:  # Kafka trouble: the answer has gone out; the impression is lost
-            self.exposures_lost += 1
+        except Exception as exc:  # Kafka trouble: the answer has gone out; the journal keeps the impression
             log.warning("exposure %s not logged: %r", exposure.request_id, exc)
+            self._settle(seg, False)
+        else:
+            self._settle(seg, True)
+
+    def _settle(self, seg: Segment | None, ok: bool) -> None:
+        if ok:
+            self.exposures_logged += 1
+        elif seg is not None:
+            self.exposures_deferred += 1
+        else:
+            self.exposures_lost += 1
+        if seg is not None:
+            self.journal.settle(seg, ok)
+
+    async def _recover(self) -> None:
+        """Send again what the journal holds of dead processes (and this one's failed sends)."""
+        assert self.journal is not None
+        while True:
+            if self.connected and self._producer is not None:
+                producer = self._producer
+
+                async def send(line: bytes) -> None:
+                    key = Exposure.from_json(line).key
+                    await asyncio.wait_for(await producer.send(self.exposures_topic, line, key=key), self.timeout_s)
+                try:
+                    self.exposures_resent += await self.journal.recover(send)
+                except Exception as exc:   # a line that no longer parses, a file system error: logged, retried
+                    log.warning("exposure journal recovery failed: %r", exc)
+            await asyncio.sleep(RECOVER_S)
 
     async def _send_all(self, producer: AIOKafkaProducer, events: list[Event]) -> None:
         # send() only queues (the producer batches them); the returned futures resolve on acks
@@ -253,14 +297,16 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
                experiments: Experiments | None = None) -> Starlette:
     """The API app; its lifespan starts and stops `producer` (default: create_producer(s)), the
     recommender (its reply topic, reply reader and fallback) and the experiments file's follower."""
-    sink = EventSink(s, producer)
     rec = recommender or Recommender(s)
+    sink = EventSink(s, producer, Journal(s.home_dir / "exposures", rec.instance))
     ab = experiments or Experiments(s)
     ops = OpsMonitor(s, client=rec.client,
                      running=lambda: {e.id for e in ab.store.current.experiments if e.active(time.time())})
     ops.metrics.late_replies = lambda: rec.late_replies
     ops.metrics.exposures_lost = lambda: sink.exposures_lost
     ops.metrics.exposures_logged = lambda: sink.exposures_logged
+    ops.metrics.exposures_deferred = lambda: sink.exposures_deferred
+    ops.metrics.exposures_resent = lambda: sink.exposures_resent
 
     async def recommendations(request: Request) -> Response:
         t0 = time.perf_counter()

@@ -9,12 +9,13 @@ good one kept. The file's [defaults] apply to every request; an assigned variant
 them. The result travels to the agents as the request's `overrides`, so the agents need no file.
 
 Exposure log: one `schemas.Exposure` per served list (in an experiment or not; fallback and cached
-answers included), produced after the HTTP answer is ready, through the events producer (acks=all,
-idempotent) without holding the answer for the ack. Delivery is therefore at most once: an
-exposure still in the producer's buffer when the process dies, or refused by Kafka past
-produce_timeout_ms, is lost (counted in `EventSink.exposures_lost`, logged); attribution then misses that impression
-and its clicks, on every variant alike. The alternative, answering only after the ack, would add
-Kafka's write latency to every recommendation.
+answers included), written to the process's exposure journal (serving/journal.py: one write() to a
+local file) before the HTTP answer leaves, then produced through the events producer (acks=all,
+idempotent) without holding the answer for the ack. Delivery is therefore at least once: a line
+whose send failed, or that a process took with it when it died, is sent again from the journal
+(by this process, or by the next API process to start on the host), and the attribution worker
+counts an exposure once by its request id. Only a journal write that fails (disk full) or a
+machine crash before the page cache reached the disk can lose one (`exposures_lost`).
 """
 from __future__ import annotations
 
