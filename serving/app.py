@@ -298,7 +298,8 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
     """The API app; its lifespan starts and stops `producer` (default: create_producer(s)), the
     recommender (its reply topic, reply reader and fallback) and the experiments file's follower."""
     rec = recommender or Recommender(s)
-    sink = EventSink(s, producer, Journal(s.home_dir / "exposures", rec.instance))
+    # one folder per exposures topic: a process recovers only lines meant for its own topic
+    sink = EventSink(s, producer, Journal(s.home_dir / "exposures" / s.topic("exposures"), rec.instance))
     ab = experiments or Experiments(s)
     ops = OpsMonitor(s, client=rec.client,
                      running=lambda: {e.id for e in ab.store.current.experiments if e.active(time.time())})

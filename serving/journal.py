@@ -2,7 +2,7 @@
 so a process that dies does not take its unsent exposures with it. Exposures are then at least once;
 the attribution worker counts an exposure once by its request id (streams/attribution.py).
 
-Files: `{home}/exposures/{instance}-{n}.jsonl`, one exposure (JSON) a line, each appended with one
+Files: `{home}/exposures/{topic}/{instance}-{n}.jsonl`, one exposure (JSON) a line, each appended with one
 write(): the page cache keeps it when the process dies (a machine crash may lose the last lines: no
 fsync per answer). The writing process holds an exclusive flock on each of its segments. A segment
 is closed after SEGMENT_RECORDS lines or SEGMENT_S seconds, and once every line of a closed segment
