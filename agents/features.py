@@ -14,7 +14,10 @@ rebalance test in ten). Redis holds a copy of every state (user_state), written 
 batch's features and offset guard, so before each fold the agent reads the copies of the batch's
 users and folds on whichever of table row and copy has taken in more of the partition
 (recstream.features.session.newest): the table lags at most until that user's next event, and
-nothing the features hold is lost.
+nothing the features hold is lost. The old owner may also still be folding after the new one read
+its states (a zombie of the rebalance): its write moves the offset guard, the new owner's write
+then meets it (streams.online_store.OnlineStore.fold) and replans on the states the zombie wrote, so
+neither overwrites the other's events (the new owner may have skipped one the zombie folded).
 
 Redis down: an agent retries its batch, backing off up to REDIS_RETRY_MAX_S, until Redis answers.
 It never lets the error escape: Faust would restart the agent in-process and go on past the batch,
@@ -36,7 +39,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 from recstream.features import Incoming, UserState
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import missing_offsets
-from recstream.features.session import newest
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
 from schemas import Event, Product, SchemaError
@@ -142,14 +144,14 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
             # each user's newest event in the batch (a skipped record: an event of its partition)
             last_event = {inc.event.user_id: ev for ev, inc in skipped} | {e.user_id: ev for ev, e in good}
             states = _read_states(stream, sessions, last_event)
-            stored = await _until_redis_answers(lambda: store.user_states(list(states)), "session states")
+            fresher = await _until_redis_answers(lambda: store.fresher(states), "session states")
             for user, table_state in states.items():
-                states[user] = newest(table_state, stored.get(user))
-                if states[user] is not table_state:
+                if fresher[user] is not table_state:
                     stats.recovered_states += 1
                     log.warning("user %s: the session table is behind Redis (offset %d < %d on partition %d, "
                                 "a write lost in a rebalance): folding on Redis' copy", user, table_state.offset,
-                                states[user].offset, states[user].partition)
+                                fresher[user].offset, fresher[user].partition)
+            states = fresher
             result = await _until_redis_answers(lambda: store.fold(batch, states, applied, cfg, lim),
                                                 "session features")  # Redis first: see features/plan.py
             _write_states(stream, sessions, last_event, result.states)

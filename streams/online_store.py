@@ -43,7 +43,7 @@ from recstream.candidates import Read
 from recstream.features import keys, popularity
 from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan, split_by_tag
 from recstream.features.session import (FeatureConfig, UserState, decode_features, decode_state, features_key,
-                                        session_key)
+                                        newest, session_key)
 from recstream.redisconn import AnyRedis, is_cluster
 from schemas import Product
 
@@ -204,12 +204,16 @@ class OnlineStore:
     async def fold(self, batch: list[Incoming], states: Mapping[str, UserState], applied: dict[int, int],
                    cfg: FeatureConfig, limits: Limits) -> BatchPlan:
         """Plan a batch over `states` and apply its writes. `applied` (partition -> highest offset whose
-        increments Redis holds) is filled in as needed, reloaded on a conflict, and advanced."""
+        increments Redis holds) is filled in as needed, reloaded on a conflict, and advanced. A conflict
+        means another process applied part of the batch meanwhile (the old owner of a partition, still
+        folding in a rebalance): the states it wrote are read too, and the result's states are the
+        newest of every user of the batch (what the session table should hold)."""
         applied.update(await self.applied_offsets({i.partition for i in batch if i.partition not in applied}))
         categories = await self.categories(i.event.product_id for i in batch if not i.event.category)
         if self.cluster:
             result = await self._fold_by_tag(batch, states, applied, categories, cfg, limits)
         else:
+            reloaded = False
             for _ in range(3):
                 result = plan(batch, states, applied, categories, cfg, limits)
                 try:
@@ -217,8 +221,11 @@ class OnlineStore:
                     break
                 except OffsetConflict:
                     applied.update(await self.applied_offsets({i.partition for i in batch}))
+                    states, reloaded = await self.fresher(states, (i.event.user_id for i in batch)), True
             else:
                 raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
+            if reloaded:
+                result.states = {**states, **result.states}
         for p, (_, hi) in result.ops.offsets.items():
             applied[p] = hi
         return result
@@ -228,26 +235,42 @@ class OnlineStore:
         """Redis Cluster: every hash tag's group under its own guard, then the partition offsets."""
         result = plan(batch, states, applied, categories, cfg, limits)
         pending = split_by_tag(result.ops)
+        done: set[str] = set()
         for _ in range(3):
-            conflicts = await self.apply_groups(pending)
+            conflicts = await self.apply_groups(pending, done)
             if not conflicts:
                 break
             pending = {}
             by_guard: dict[tuple, list[str]] = {}   # one replan per distinct guard position, not per tag
             for tag, at in conflicts.items():
                 by_guard.setdefault(tuple(sorted(at.items())), []).append(tag)
+            # the process that moved a guard may have written newer states than we read
+            states = await self.fresher(states, (i.event.user_id for i in batch))
             for at, tags in by_guard.items():
                 start = {**applied, **{p: max(o, applied.get(p, -1)) for p, o in at}}
-                groups = split_by_tag(plan(batch, states, start, categories, cfg, limits).ops)
+                again = plan(batch, states, start, categories, cfg, limits)
+                groups = split_by_tag(again.ops)
                 pending.update({tag: groups[tag] for tag in tags if tag in groups})
+                for user in set(tags) & set(states):   # a user's hash tag is the user id
+                    result.states[user] = again.states.get(user, states[user])
         else:
             raise OffsetConflict("could not apply a batch's groups after 3 replans from their guards")
+        if stale := done & {i.event.user_id for i in batch}:   # skipped: another process wrote those users
+            result.states.update(await self.fresher({u: states.get(u, UserState()) for u in stale}))
         await self._advance(result.ops.offsets)
         return result
 
-    async def apply_groups(self, groups: Mapping[str, RedisOps]) -> dict[str, dict[int, int]]:
+    async def fresher(self, states: Mapping[str, UserState], users: Iterable[str] = ()) -> dict[str, UserState]:
+        """`states` (and `users`, absent from it: no state) with each user's Redis copy (user_state)
+        where that copy took in more of the partition."""
+        wanted = sorted(set(states) | set(users))
+        stored = await self.user_states(wanted)
+        return {u: newest(states.get(u, UserState()), stored.get(u)) for u in wanted}
+
+    async def apply_groups(self, groups: Mapping[str, RedisOps], done: set[str] | None = None) -> dict[str, dict[int, int]]:
         """Apply each tag's group by its guarded script, pipelined (split by node); the groups in
-        conflict, each with its guard (partition -> offset). Applied and skipped groups are left out."""
+        conflict, each with its guard (partition -> offset). Applied and skipped groups are left out;
+        the tags of skipped ones (the guard already past the batch) go into `done`."""
         tags = list(groups)
         if not tags:
             return {}
@@ -268,6 +291,8 @@ class OnlineStore:
                 raise r
             if r[0] == b"conflict":
                 conflicts[tag] = {int(r[i]): int(r[i + 1]) for i in range(1, len(r), 2)}
+            elif r[0] == b"done" and done is not None:
+                done.add(tag)
         return conflicts
 
     async def user_states(self, user_ids: Sequence[str]) -> dict[str, UserState]:
