@@ -101,7 +101,7 @@ class Settings:
     retrieval_candidates: int = _setting(200, "candidates retrieval hands to ranking (count)")
     task_orderings: str = _setting("", "pin a task's ordering over the trainer's choice, empty: the trainer chooses "
                                    "each on its held-out targets (TASK=ORDERING list, e.g. next=rules,cart=popular; "
-                                   "tasks home, next, cart; orderings popular, als, rules, ranker)")
+                                   "tasks home, next, cart; orderings popular, als, rules, fusion, ranker)")
     retrieval_shards: int = _setting(1, "the catalogue's index is split by item into this many shards: the trainer "
                                         "builds one index a shard, one retrieval group serves each, ranking merges "
                                         "their top k (count; 1: one index)")
