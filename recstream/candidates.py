@@ -1,9 +1,9 @@
 """The candidate stage (pure), written once: a request and what the stores hold -> the candidate set.
 
-Sources (schemas.recommendations.SOURCES): on the homepage, the session's recent items themselves
-("session": shoppers come back to what they looked at); co-view ("covis") and co-purchase ("cobuy")
-neighbours of the session's, cart's and this session's basket items, or of the product's or cart's
-items, as the feature agents count them live; item kNN ("knn": the served version's item-to-item
+Sources (schemas.recommendations.SOURCES): on the homepage, the session's recent items themselves,
+then the user's items of earlier sessions ("session": shoppers come back to what they looked at);
+co-view ("covis") and co-purchase ("cobuy") neighbours of the session's, cart's and this session's
+basket items, or of the product's or cart's items, as the feature agents count them live; item kNN ("knn": the served version's item-to-item
 cosine over training sessions, every event type, summed over the anchors as item kNN does: the
 session's last items of any event type, weighted 1/position); trending in the session's main
 category ("popular"; homepage and cart) or in the anchors' categories ("same_category"); the
@@ -33,6 +33,7 @@ from recstream.rules import Proposals
 SESSION_PROXY_ITEMS = 5     # the design: a user without an embedding is the mean of their last 5 viewed
 ANCHORS = 5                 # session, cart or basket items whose neighbours are proposed
 SESSION_ITEMS = 20          # the session's recent items proposed again on the homepage (score 1 / position)
+HISTORY_ITEMS = 30          # ... then the user's own items of earlier sessions (re-engagement)
 NEIGHBOURS = 10             # per anchor on the homepage; per kind below for product pages and the cart
 POPULAR = 20                # trending items proposed
 BRAND = 10
@@ -73,30 +74,32 @@ def is_live(last_s: float, events: int, now: float, idle_s: float) -> bool:
 class Shopper:
     """What retrieval knows of the shopper at the request's moment: `recent` (viewed, newest first),
     `touched` (any event), the session's category counts and `basket` (bought this session) belong to
-    a live session and are empty once it idled out; the cart outlives sessions."""
+    a live session and are empty once it idled out; the cart and `history` (any event, any session)
+    outlive sessions."""
     recent: tuple[str, ...] = ()
     categories: Mapping[str, int] = field(default_factory=dict)
     cart: tuple[str, ...] = ()
     basket: tuple[str, ...] = ()
     touched: tuple[str, ...] = ()      # the session's items of every event type, newest first
+    history: tuple[str, ...] = ()      # the user's items of every event type across sessions, newest first
 
     @classmethod
     def from_state(cls, state: UserState, now: float, idle_s: float) -> "Shopper":
         """From the session table's value (the batch replay)."""
         if not is_live(state.last_s, state.events, now, idle_s):
-            return cls(cart=tuple(state.cart))
+            return cls(cart=tuple(state.cart), history=tuple(state.history))
         return cls(tuple(state.recent), dict(state.categories), tuple(state.cart), tuple(state.session_purchases),
-                   tuple(state.touched))
+                   tuple(state.touched), tuple(state.history))
 
     @classmethod
     def from_redis(cls, recent: Sequence[str] | None, features: Mapping | None, now: float, idle_s: float) -> "Shopper":
         """From user_session and decode_features(user_features) (serving); None: the key is absent."""
         f = features or {}
-        cart = tuple(f.get("cart_items") or ())
+        cart, history = tuple(f.get("cart_items") or ()), tuple(f.get("history") or ())
         if not is_live(float(f.get("last_event_s") or 0.0), int(f.get("events") or 0), now, idle_s):
-            return cls(cart=cart)
+            return cls(cart=cart, history=history)
         return cls(tuple(recent or ()), dict(f.get("session_categories") or {}), cart,
-                   tuple(f.get("session_purchases") or ()), tuple(f.get("session_items") or ()))
+                   tuple(f.get("session_purchases") or ()), tuple(f.get("session_items") or ()), history)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +162,9 @@ def propose(w: Widget, shopper: Shopper, reads: Sequence[Read], answers: Sequenc
             sources: Collection[str]) -> Proposals:
     """The proposals of every source but ANN (`add_ann` adds those), the request's on-screen items excluded."""
     out = Proposals(exclude=set(w.on_screen))
-    if w.kind == "homepage" and "session" in sources:
-        out.add_all([(pid, 1.0 / (i + 1)) for i, pid in enumerate(shopper.recent[:SESSION_ITEMS])], "session")
+    if w.kind == "homepage" and "session" in sources:   # this session's views first, then the user's history
+        own = dict.fromkeys((*shopper.recent[:SESSION_ITEMS], *shopper.history[:HISTORY_ITEMS]))
+        out.add_all([(pid, 1.0 / (i + 1)) for i, pid in enumerate(own)], "session")
     summed: dict[str, list] = {}   # item kNN: product -> [sum, best part, its anchor]
     for rd, rows in zip(reads, answers, strict=True):
         if rd.table != "knn":

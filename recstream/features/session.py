@@ -17,6 +17,7 @@ from schemas import Event
 SEEN_MAX = 64       # event fingerprints remembered per user for de-duplication (count)
 CART_MAX = 50       # products kept in the cart (count)
 PURCHASES_MAX = 50  # recent purchases kept (count)
+HISTORY_MAX = 30    # the user's last items of any event type across sessions (count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,7 @@ class UserState:
     last_s: float = 0.0
     recent: tuple[str, ...] = ()              # viewed or clicked this session, newest first, unique
     touched: tuple[str, ...] = ()             # every event type this session, newest first, unique (item kNN anchors)
+    history: tuple[str, ...] = ()             # every event type, across sessions, newest first, unique (re-engagement)
     categories: dict[str, int] = field(default_factory=dict)  # this session's category counts
     session_purchases: tuple[str, ...] = ()   # bought this session: the "order" for co-purchases
     cart: tuple[str, ...] = ()                # in the cart (outlives sessions until bought), newest first
@@ -92,7 +94,7 @@ def apply(state: UserState, event: Event, cfg: FeatureConfig, category: str | No
     copurchases: tuple[tuple[str, str], ...] = ()
     pid = event.product_id
     if not late:
-        s = replace(s, touched=_front(s.touched, pid, cfg.session_recent_max))
+        s = replace(s, touched=_front(s.touched, pid, cfg.session_recent_max), history=_front(s.history, pid, HISTORY_MAX))
     if event.event_type in ("view", "click") and not late:
         covisits = tuple((pid, prev) for prev in s.recent[: cfg.covisit_window] if prev != pid)
         categories = dict(s.categories)
@@ -159,6 +161,7 @@ def features_value(state: UserState) -> dict[str, str]:
         "cart_items": orjson.dumps(list(state.cart)).decode(),
         "session_purchases": orjson.dumps(list(state.session_purchases)).decode(),
         "session_items": orjson.dumps(list(state.touched)).decode(),
+        "history": orjson.dumps(list(state.history)).decode(),
         "purchases": orjson.dumps(list(state.purchases)).decode(),
         "last_event_s": repr(state.last_s),
         "events": str(state.events),
@@ -175,6 +178,7 @@ def decode_features(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
         "cart_items": orjson.loads(d.get("cart_items", "[]")),
         "session_purchases": orjson.loads(d.get("session_purchases", "[]")),
         "session_items": orjson.loads(d.get("session_items", "[]")),
+        "history": orjson.loads(d.get("history", "[]")),
         "purchases": orjson.loads(d.get("purchases", "[]")),
         "last_event_s": float(d.get("last_event_s", 0)),
         "events": int(d.get("events", 0)),
