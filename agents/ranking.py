@@ -207,8 +207,8 @@ class Ranking:
                                  w.scores)
         per_category = r.overrides.max_per_category if r.overrides and r.overrides.max_per_category is not None \
             else self.s.max_per_category
-        rows = select(w.cols.ids, scores, w.cols.categories, w.in_stock, Rules(r.count, per_category, w.exclude),
-                      primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")))
+        tier = primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")) if self.s.widget_tiers else None
+        rows = select(w.cols.ids, scores, w.cols.categories, w.in_stock, Rules(r.count, per_category, w.exclude), tier)
         sources = [best_source(i, cs.scores, r.kind) for i in rows]
         anchor_ids = [cs.anchors.get(src, ())[i] if src in ("cobuy", "covis", "als", "session") and src in cs.anchors
                       else None for i, src in zip(rows, sources)]

@@ -101,8 +101,9 @@ def eval_settings(s: Settings, split: Split) -> Settings:
     """The training window spans the whole split; the run's own Redis namespace; no popularity cache
     (each query has its own moment); the serving filter "exclude purchased" off, since the filter
     every method shares is Query.exclude (the homepage protocol puts the user's purchases in it;
-    Groceries shoppers buy milk again, and a grocer would turn the setting off); and no diversity cap
-    per category, which no baseline has (it trades accuracy for variety: a shop's choice). The
+    Groceries shoppers buy milk again, and a grocer would turn the setting off); no diversity cap
+    per category and no widget tiers (co-purchased items first on the cart widget), which no
+    baseline has (display rules that trade accuracy for variety or a promise: a shop's choice). The
     protocol's settings chosen on its validation split (ProtocolSpec.settings) apply too."""
     first, last = split.train[0].timestamp, split.train[-1].timestamp
     days = int(math.ceil((last - first) / 86_400)) + 2
@@ -110,7 +111,7 @@ def eval_settings(s: Settings, split: Split) -> Settings:
     chosen = PROTOCOLS[split.protocol].settings if split.protocol in PROTOCOLS else {}
     return dataclasses.replace(s, train_window_days=max(s.train_window_days, days), redis_namespace=ns,
                                item_stats_ttl_s=0.0, item_cache_ttl_s=3600.0,
-                               exclude_purchased=False, max_per_category=0, **chosen)
+                               exclude_purchased=False, max_per_category=0, widget_tiers=False, **chosen)
 
 
 class RedisUnavailable(RuntimeError):

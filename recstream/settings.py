@@ -125,6 +125,8 @@ class Settings:
     item_stats_ttl_s: float = _setting(60.0, "... and items' popularity and trending counts this long (seconds)")
     max_per_category: int = _setting(3, "diversity: at most this many items of one category in a reply (count; 0 = no cap)")
     exclude_purchased: bool = _setting(True, "never recommend what the user recently bought (true/false)")
+    widget_tiers: bool = _setting(True, "each widget's promise first: co-viewed items on also viewed, co-purchased on "
+                                  "the cart, the product's category on similar (true/false)")
     model_retry_s: float = _setting(30.0, "an agent without a model retries loading one this often (seconds)")
     # -- A/B experiments ---------------------------------------------------------------------
     experiments_file: Path = _setting(Path(".local/experiments.toml"), "the experiments file (TOML, see README "
