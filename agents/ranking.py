@@ -203,8 +203,8 @@ class Ranking:
     async def _reply(self, w: Scored, model_ms: float) -> Outgoing:
         t0 = time.perf_counter()
         cs, r = w.cs, w.cs.request
-        scores = ordering.scores(w.ordering, w.cols.sources, w.cols.popularity_7d, w.cols.trending, w.X[:, UI_DOT],
-                                 w.scores)
+        engaged = np.nan_to_num(w.cols.popularity_7d) + np.nan_to_num(w.cols.purchases_7d)
+        scores = ordering.scores(w.ordering, w.cols.sources, engaged, w.cols.trending, w.X[:, UI_DOT], w.scores)
         per_category = r.overrides.max_per_category if r.overrides and r.overrides.max_per_category is not None \
             else self.s.max_per_category
         tier = primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")) if self.s.widget_tiers else None

@@ -464,7 +464,8 @@ def _boost(ex: Examples, train: slice | np.ndarray, held_out: slice | np.ndarray
 
 
 _SCORE_COLUMNS = [FEATURE_NAMES.index(f"score_{s}") for s in SOURCES]
-_COLUMN = {name: FEATURE_NAMES.index(name) for name in ("log_popularity_7d", "log_trending", "ui_dot")}
+_COLUMN = {name: FEATURE_NAMES.index(name)
+           for name in ("log_popularity_7d", "log_purchases_7d", "log_trending", "ui_dot")}
 
 
 def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -473,9 +474,10 @@ def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offset
     out = np.empty(len(X))
     for lo, hi in zip(offsets[:-1], offsets[1:]):
         g = X[lo:hi]
-        out[lo:hi] = ordering.scores(name, g[:, _SCORE_COLUMNS], np.expm1(g[:, _COLUMN["log_popularity_7d"]]),
-                                     np.expm1(g[:, _COLUMN["log_trending"]]), g[:, _COLUMN["ui_dot"]],
-                                     ranker_scores[lo:hi])
+        engaged = (np.nan_to_num(np.expm1(g[:, _COLUMN["log_popularity_7d"]]))
+                   + np.nan_to_num(np.expm1(g[:, _COLUMN["log_purchases_7d"]])))
+        out[lo:hi] = ordering.scores(name, g[:, _SCORE_COLUMNS], engaged, np.expm1(g[:, _COLUMN["log_trending"]]),
+                                     g[:, _COLUMN["ui_dot"]], ranker_scores[lo:hi])
     return out
 
 

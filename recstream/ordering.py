@@ -44,16 +44,17 @@ def task_of_target(event_type: str, live: bool, basket: bool) -> str:
     return "cart" if basket and event_type in BASKET_EVENTS else "next"
 
 
-def scores(ordering: str, sources: np.ndarray, popularity_7d: np.ndarray, trending: np.ndarray,
+def scores(ordering: str, sources: np.ndarray, popularity: np.ndarray, trending: np.ndarray,
            ui_dot: np.ndarray | None, ranker: np.ndarray | None) -> np.ndarray:
     """Scores (higher first) of one ordering for candidates given by their source matrix (NaN: not
-    proposed), window popularity, trending weight, ALS dot product (NaN or None: no vector) and the
-    ranker's scores (None: no ranker, then the rules)."""
+    proposed), window popularity (views, clicks and purchases: a shop that logs only purchases has
+    all of it there), trending weight, ALS dot product (NaN or None: no vector) and the ranker's
+    scores (None: no ranker, then the rules)."""
     trend = np.nan_to_num(np.asarray(trending, np.float64))
     if ordering == "ranker" and ranker is not None:
         return np.asarray(ranker, np.float64)
     if ordering == "popular":
-        return np.log1p(np.nan_to_num(np.asarray(popularity_7d, np.float64))) + 1e-3 * np.log1p(trend)
+        return np.log1p(np.nan_to_num(np.asarray(popularity, np.float64))) + 1e-3 * np.log1p(trend)
     if ordering == "fusion":
         return fusion_scores(sources) + 1e-6 * np.log1p(trend)
     if ordering == "als" and ui_dot is not None:

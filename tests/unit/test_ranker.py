@@ -227,3 +227,15 @@ def test_every_task_serves_the_ordering_that_won_on_its_held_out_groups(result, 
             assert all(measured["ranker"] > v for o, v in measured.items() if o != "ranker")
         elif result.metrics[f"{task}_groups"] >= ordering.MIN_GROUPS:   # else the best simple ordering
             assert measured[chosen] == max(v for o, v in measured.items() if o != "ranker")
+
+
+def test_the_popular_ordering_counts_purchases_too():
+    """A shop that logs only purchases (Groceries) has its popularity in purchases: the ordering reads both."""
+    from batch.ranker import _ordering_scores
+
+    X = np.zeros((3, len(FEATURE_NAMES)), np.float32)
+    X[:, FEATURE_NAMES.index("log_purchases_7d")] = np.log1p([5.0, 50.0, 0.0])
+    X[:, FEATURE_NAMES.index("log_popularity_7d")] = np.log1p([0.0, 0.0, 20.0])
+    X[:, FEATURE_NAMES.index("ui_dot")] = np.nan
+    s = _ordering_scores("popular", X, np.zeros(3), np.array([0, 3]))
+    assert list(np.argsort(-s)) == [1, 2, 0]
