@@ -22,12 +22,13 @@ SMALL = {"RECSTREAM_ALS_RANK": "16", "RECSTREAM_ALS_ITERATIONS": "3", "RECSTREAM
          "RECSTREAM_SPARK_MASTER": "local[2]", "RECSTREAM_SPARK_DRIVER_MEMORY": "1g"}
 QUERIES = 400
 # protocol: (primary metric, ours_full (ours_content on new_items) recorded by this gate, margin, recorded
-# at least level with the best baseline); recorded 2026-12-06 on the 2-core VM
+# at least level with the best baseline); recorded 2026-12-06 on the 2-core VM (fbt and new_items earlier
+# that day; the others after the item-kNN source, the user's history and fusion for MovieLens)
 GATES = {
-    "homepage": ("recall@20", 0.0524, 0.015, False),    # best baseline spop 0.1144 (rank-16 ALS is weak here)
-    "session": ("hitrate@20", 0.6427, 0.03, False),     # vsknn 0.6625
-    "fbt": ("hitrate@4", 0.2025, 0.03, True),           # pop 0.1900
-    "movielens": ("recall@20", 0.1182, 0.015, False),   # iknn 0.1250
+    "homepage": ("recall@20", 0.1145, 0.015, True),     # best baseline spop 0.1144
+    "session": ("hitrate@20", 0.6849, 0.03, True),      # vsknn 0.6625
+    "fbt": ("hitrate@4", 0.2025, 0.03, True),           # pop 0.1900 (0.1800 at the later commit: within the margin)
+    "movielens": ("recall@20", 0.1471, 0.015, True),    # iknn 0.1250
     "new_items": ("recall@20", 0.0406, 0.015, False),   # genre 0.0647
 }
 
