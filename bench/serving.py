@@ -46,6 +46,7 @@ import asyncio
 import collections
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -183,13 +184,19 @@ class Cpu:
 # -- set-up ------------------------------------------------------------------------------------------
 
 def setup_marker(args: argparse.Namespace) -> dict:
+    """What the cached set-up was built for: the shop, the model's size, and the code's feature list (a
+    version trained on other features does not load in the agents: it is rebuilt)."""
+    from recstream.ranking import FEATURE_NAMES
+
     return {"products": args.products, "users": args.users, "seed": args.seed, "ranker_trees": args.ranker_trees,
-            "ranker_target_sample": args.ranker_target_sample, "format": 2}
+            "ranker_target_sample": args.ranker_target_sample, "format": 2,
+            "features": hashlib.blake2b(",".join(FEATURE_NAMES).encode(), digest_size=6).hexdigest()}
 
 
 async def setup(s: Settings, args: argparse.Namespace, procs: Procs, client: aioredis.Redis) -> dict:
     from streams import lag
     from streams.replay import publish_dataset
+    from streams.topics import ensure_topics
     from recstream.data import Dataset
 
     marker = setup_marker(args)
@@ -209,6 +216,7 @@ async def setup(s: Settings, args: argparse.Namespace, procs: Procs, client: aio
     shop = generate(cfg)
     gen_s = time.perf_counter() - t
     log(f"generated shop: {len(shop.products)} products, {args.users} users, {len(shop.events)} events in {gen_s:.1f} s")
+    await ensure_topics(s)   # before the worker: its consumer would auto-create them with one partition
     procs.start("features", ["worker", "features"])
     t = time.perf_counter()
     result = await publish_dataset(s, Dataset("shop", shop.events, shop.products))
