@@ -167,7 +167,7 @@ def test_no_purchases_single_event_users_and_uncategorised_items(spark, settings
     path = events_to_parquet([*events, lonely], tmp_path / "no-purchases.parquet")
     out = build(spark, load_events(spark, path), settings, progress=lambda _: None)
     assert out.window.purchases == 0 and out.cobuy == {} and out.user_median_price == {}
-    assert out.covis and "lonely" in out.user_embeddings.ids and "no-category" in out.item_embeddings.ids
+    assert out.knn and "lonely" in out.user_embeddings.ids and "no-category" in out.item_embeddings.ids
     assert "no-category" not in out.item_category and out.category_affinity.get("lonely") is None
     assert "no purchases in the window: cobuy (frequently bought together) is empty" in out.warnings
     assert any(w.startswith(f"1 of {out.window.items:,} items have no category") for w in out.warnings)
@@ -187,6 +187,6 @@ def test_taobao_head(spark, settings, shared_data, tmp_path):
     assert (w.events, w.duplicates, w.users, w.items, w.purchases) == (84_287, 0, 814, 55_233, 1_749)
     assert len(out.user_embeddings.ids) == 814 and len(out.item_embeddings.ids) == 55_233
     assert len(out.item_category) == 55_233 and len(out.category_affinity) == 814
-    assert out.cobuy and out.covis and out.user_median_price == {}
+    assert out.cobuy and out.knn and out.user_median_price == {}
     assert "no purchase carries a price: user_median_price is empty" in out.warnings
     print("\n".join(lines))
