@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from batch import ranker
 from batch.content import ContentModel
-from batch.artifacts import load_neighbours
+from batch.artifacts import neighbour_columns
 from batch.index import RetrievalIndex, ShardedIndex, load_index
 from recstream.candidates import ItemLists
 from recstream.ranking import FEATURE_NAMES
@@ -78,7 +78,7 @@ def load_bundle(folder: Path, version: str, role: str, threads: int, shard: int 
         content = folder / "content.npz"
         return ServingModel(version, index=load_index(folder, shard, shards),
                             content=ContentModel.from_bytes(content.read_bytes()) if content.exists() else None,
-                            knn=ItemLists(load_neighbours(folder / "batch", "knn")) if shard == 0 else None)
+                            knn=ItemLists.from_columns(*neighbour_columns(folder / "batch", "knn")) if shard == 0 else None)
     names = json.loads((folder / "features.json").read_text())
     if names != list(FEATURE_NAMES):
         raise ValueError(f"version {version} was trained on other features than this code builds "

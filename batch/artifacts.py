@@ -82,10 +82,16 @@ class BatchOutputs:
                    meta["item_category"], meta["metrics"], meta["warnings"])
 
 
-def load_neighbours(folder: Path, name: str) -> Neighbours:
-    """One neighbour table of a saved BatchOutputs folder ('knn' or 'cobuy'), lists best first."""
+def neighbour_columns(folder: Path, name: str) -> tuple[list[str], list[str], list[float]]:
+    """One neighbour table of a saved BatchOutputs folder ('knn' or 'cobuy') as its columns (item,
+    neighbour, score), rows grouped by item, each item's best first."""
     t = pq.read_table(folder / f"{name}.parquet").to_pydict()
+    return t["item"], t["neighbour"], t["score"]
+
+
+def load_neighbours(folder: Path, name: str) -> Neighbours:
+    """One neighbour table of a saved BatchOutputs folder, lists best first."""
     n: Neighbours = {}
-    for a, b, s in zip(t["item"], t["neighbour"], t["score"]):
+    for a, b, s in zip(*neighbour_columns(folder, name)):
         n.setdefault(a, []).append((b, s))
     return n

@@ -471,13 +471,13 @@ _COLUMN = {name: FEATURE_NAMES.index(name)
 def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """One ordering's scores of feature rows, from the columns the agent orders by at serving, group by
     group (rows offsets[g]:offsets[g+1]): as at serving, an ordering sees one request's candidates."""
+    sources, dot, trending = X[:, _SCORE_COLUMNS], X[:, _COLUMN["ui_dot"]], np.expm1(X[:, _COLUMN["log_trending"]])
+    engaged = (np.nan_to_num(np.expm1(X[:, _COLUMN["log_popularity_7d"]]))
+               + np.nan_to_num(np.expm1(X[:, _COLUMN["log_purchases_7d"]])))
     out = np.empty(len(X))
     for lo, hi in zip(offsets[:-1], offsets[1:]):
-        g = X[lo:hi]
-        engaged = (np.nan_to_num(np.expm1(g[:, _COLUMN["log_popularity_7d"]]))
-                   + np.nan_to_num(np.expm1(g[:, _COLUMN["log_purchases_7d"]])))
-        out[lo:hi] = ordering.scores(name, g[:, _SCORE_COLUMNS], engaged, np.expm1(g[:, _COLUMN["log_trending"]]),
-                                     g[:, _COLUMN["ui_dot"]], ranker_scores[lo:hi])
+        out[lo:hi] = ordering.scores(name, sources[lo:hi], engaged[lo:hi], trending[lo:hi], dot[lo:hi],
+                                     ranker_scores[lo:hi])
     return out
 
 

@@ -187,17 +187,26 @@ class ItemLists:
     cost 12 bytes a neighbour rather than two Python objects."""
 
     def __init__(self, neighbours: Mapping[str, Sequence[tuple[str, float]]]):
-        self.ids = list(dict.fromkeys([*neighbours, *(b for ns in neighbours.values() for b, _ in ns)]))
+        self._build([a for a, ns in neighbours.items() for _ in ns], [b for ns in neighbours.values() for b, _ in ns],
+                    [float(sc) for ns in neighbours.values() for _, sc in ns])
+
+    @classmethod
+    def from_columns(cls, items: Sequence[str], neighbours: Sequence[str], scores: Sequence[float]) -> "ItemLists":
+        """From rows (item, neighbour, score) grouped by item, each item's best first (a saved table's
+        columns), without a dict of lists in between."""
+        out = cls.__new__(cls)
+        out._build(items, neighbours, scores)
+        return out
+
+    def _build(self, items: Sequence[str], neighbours: Sequence[str], scores: Sequence[float]) -> None:
+        self.ids = list(dict.fromkeys([*items, *neighbours]))
         row = {x: i for i, x in enumerate(self.ids)}
-        self._span: dict[str, tuple[int, int]] = {}
-        rows: list[int] = []
-        scores: list[float] = []
-        for a, ns in neighbours.items():
-            self._span[a] = (len(rows), len(rows) + len(ns))
-            rows += [row[b] for b, _ in ns]
-            scores += [float(sc) for _, sc in ns]
-        self._rows = np.asarray(rows, np.int32)
+        self._rows = np.fromiter((row[b] for b in neighbours), np.int32, len(neighbours))
         self._scores = np.asarray(scores, np.float64)
+        self._span: dict[str, tuple[int, int]] = {}
+        for i, a in enumerate(items):   # rows of one item are contiguous
+            lo = self._span[a][0] if a in self._span else i
+            self._span[a] = (lo, i + 1)
 
     def __len__(self) -> int:
         return len(self._span)

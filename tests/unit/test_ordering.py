@@ -85,3 +85,13 @@ def test_pins_name_a_task_and_an_ordering():
     for bad in ("next", "page=rules", "next=random", "next=rules,next=als"):
         with pytest.raises(ValueError):
             ordering.parse_pins(bad)
+
+
+def test_item_lists_from_a_saved_tables_columns_answer_as_from_the_mapping():
+    from recstream.candidates import ItemLists
+
+    mapping = {"a": [("b", 0.9), ("c", 0.5)], "b": [("a", 0.9)]}
+    columns = ItemLists.from_columns(["a", "a", "b"], ["b", "c", "a"], [0.9, 0.5, 0.9])
+    for item in ("a", "b", "z", None):
+        assert ItemLists(mapping).get(item, 5) == columns.get(item, 5)
+    assert columns.get("a", 1) == [("b", 0.9)] and len(columns) == 2
