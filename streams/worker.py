@@ -147,7 +147,8 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
     await ensure_topics(s)
     client = connect(s)
     store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
-    models = ModelHolder(s, role)
+    swapped = asyncio.Event()   # a swap is reported at once, not at the next METRICS_EVERY_S
+    models = ModelHolder(s, role, on_swap=lambda _: swapped.set())
     if role == "retrieval":
         from agents.retrieval import Retrieval
 
@@ -175,6 +176,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
     task = asyncio.create_task(agent.run(stop, ready), name=f"{role}-agent")
     try:
         while not stop.is_set() and not task.done():
+            swapped.clear()   # before the snapshot: a swap from here on brings the next one forward
             st = agent.stats
             snap = {"agent": role, "ts": time.time(), "model_version": models.current.version if models.current else None,
                     "swaps": models.swaps, "received": st.received, "handled": st.handled, "expired": st.expired,
@@ -191,7 +193,9 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
                                   orjson.dumps({"ts": snap["ts"], "model_version": snap["model_version"]}))
             except Exception as exc:  # metrics must never stop the worker
                 log.warning("metrics not published: %r", exc)
-            await asyncio.wait([task], timeout=METRICS_EVERY_S)
+            waiter = asyncio.ensure_future(swapped.wait())
+            await asyncio.wait([task, waiter], timeout=METRICS_EVERY_S, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
         stop.set()
         await task
         return 0

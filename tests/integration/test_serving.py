@@ -572,6 +572,9 @@ async def test_a_killed_agent_means_fallback_within_the_deadline_then_recovery(s
     deadline_s = srv.s.serving_deadline_ms / 1000
     # the known shopper's homepage, at a count never cached (a cached reply is served without the agents)
     cases = [c if not c[1].get("user_id") else (c[0], {**c[1], "count": 7}, c[2]) for c in srv.cases()]
+    # the API learns who serves which version from the agents' reports (PATH_CHECK_S): after an earlier
+    # test's swap, the kill waits until it has learnt the served version
+    await wait_for(lambda: _ready(srv), 30, f"/readyz naming version {srv.version}", interval_s=0.2)
     srv.procs.kill(role)
     try:
         for path, params, exclude in cases * 2:
@@ -597,14 +600,16 @@ async def test_a_killed_agent_means_fallback_within_the_deadline_then_recovery(s
     finally:
         srv.procs.start(role)
 
-    async def ready() -> bool:
-        r = await srv.http.get("/readyz")
-        return r.status_code == 200 and r.json() == {"status": "ready", "model_version": srv.version}
-    await wait_for(ready, 60, f"/readyz after {role} restarted", interval_s=0.3,
+    await wait_for(lambda: _ready(srv), 60, f"/readyz after {role} restarted", interval_s=0.3,
                    check=lambda: srv.procs.check_alive(*SERVING))
     for path, params, _ in srv.cases():
         await wait_for(lambda: _answered(srv, path, params), 60, f"{path} answered after {role} restarted",
                        interval_s=0.2, check=lambda: srv.procs.check_alive(*SERVING))
+
+
+async def _ready(srv: Served) -> bool:
+    r = await srv.http.get("/readyz")
+    return r.status_code == 200 and r.json() == {"status": "ready", "model_version": srv.version}
 
 
 async def _exposure_ids(s: Settings) -> set[str]:
