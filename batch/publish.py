@@ -28,7 +28,7 @@ import orjson
 
 from batch.artifacts import BatchOutputs, Embeddings
 from recstream.features import keys
-from recstream.redisconn import AnyRedis, connect
+from streams.redisconn import AnyRedis, connect
 from recstream.settings import Settings
 from streams.online_store import unlink_keys, unlink_matching
 from streams.producer import create_producer

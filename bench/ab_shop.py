@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.soak import machine  # noqa: E402  (one description of the machine for the benches)
-from recstream import demo  # noqa: E402
+from cli import demo  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ab_shop.json"

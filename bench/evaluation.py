@@ -18,15 +18,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from batch.evaluate import run  # noqa: E402
+from cli.evaluate import run  # noqa: E402
 from bench.soak import machine  # noqa: E402  (one description of the machine for the benches)
 from recstream.evaluation.protocols import PROTOCOLS, make_split  # noqa: E402
-from recstream.evaluation.report import metric_names, plot, table, write  # noqa: E402
+from cli.report import metric_names, plot, table, write  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
 
 def summarise(rec: dict) -> dict:
-    """One protocol's entry of evaluation.json, from its record (recstream.evaluation.report.record)."""
+    """One protocol's entry of evaluation.json, from its record (cli.report.record)."""
     p = rec["primary"]
     return {"primary": p, "best_baseline": rec["best_baseline"][p], "best_baseline_name": rec["best_baseline"]["name"],
             "full_pipeline": rec["full_pipeline"][p], "full_pipeline_name": rec["full_pipeline"]["name"],

@@ -15,7 +15,7 @@ Run from the repository root, with Kafka and Redis up (`recstream services up`):
    OnlineStore.apply, user states in a dict (no table, no changelog), into its own Redis namespace.
 3. Latency: a fresh topic and worker, 2 s of warm-up traffic, then a producer paced at --rate for
    --seconds with each event stamped time.time() as it is serialised for the send. The worker's
-   cumulative event_latency_counts (streams/worker.py snapshot) before and after the window, once
+   cumulative event_latency_counts (agents/worker.py snapshot) before and after the window, once
    the lag is back to 0, subtract to exactly that window's histogram.
 4. HTTP ingest figures are read from bench/results/http_ingest.json (bench/http_ingest.py).
 Everything gets a fresh topic prefix, app id and Redis namespace; topics and keys are removed after.
@@ -119,7 +119,7 @@ def start(s: Settings, argv: list[str], log_path: Path) -> subprocess.Popen:
 
 
 def worker_argv(profile: Path | None = None) -> list[str]:
-    return [*(["-m", "cProfile", "-o", str(profile)] if profile else []), "-m", "recstream.cli", "worker", "features"]
+    return [*(["-m", "cProfile", "-o", str(profile)] if profile else []), "-m", "cli.main", "worker", "features"]
 
 
 def stop(proc: subprocess.Popen) -> int:

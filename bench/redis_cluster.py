@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.soak import machine  # noqa: E402
-from recstream import redis_cluster  # noqa: E402
+from cli import redis_cluster  # noqa: E402
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features import Incoming, plan  # noqa: E402
 from recstream.features.config import feature_config, limits  # noqa: E402
-from recstream.redisconn import connect  # noqa: E402
+from streams.redisconn import connect  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
 

@@ -62,7 +62,7 @@ from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
 from streams.producer import create_producer  # noqa: E402
 from streams.replay import publish  # noqa: E402
 from streams.topics import ensure_topics, spec  # noqa: E402
-from streams.worker import metrics_index  # noqa: E402
+from agents.worker import metrics_index  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 TAG = "benchscale"

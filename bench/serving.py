@@ -132,7 +132,7 @@ class Procs:
         """`recstream argv...` with the bench's settings, plus `env` (RECSTREAM_* variables of this process)."""
         log_path = self.logdir / f"{name}.log"
         with open(log_path, "ab") as f:
-            p = subprocess.Popen([sys.executable, "-m", "recstream.cli", *argv], cwd=ROOT,
+            p = subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=ROOT,
                                  env={**env_for(self.s), **(env or {})}, stdout=f, stderr=subprocess.STDOUT)
         self.procs[name] = p
         log(f"started {name} (pid {p.pid}, log {log_path})")

@@ -12,8 +12,8 @@ Both runs train on the same generated shop (recstream.data.shop, --shop-users / 
 bench-<id>-<mode> and --ranker-trees), `--no-publish`, each in a fresh process:
 
 1. local: `recstream train --dataset shop ...`, as a user runs it (RECSTREAM_SPARK_MASTER, local[*]).
-2. standalone: `spark-submit --master spark://127.0.0.1:7077 batch/submit.py train --dataset shop ...`
-   (recstream.spark_cluster.submit_command: the driver here, one executor of RECSTREAM_SPARK_WORKER_CORES
+2. standalone: `spark-submit --master spark://127.0.0.1:7077 cli/submit.py train --dataset shop ...`
+   (cli.spark_cluster.submit_command: the driver here, one executor of RECSTREAM_SPARK_WORKER_CORES
    cores and RECSTREAM_SPARK_WORKER_MEMORY on the worker, one shuffle partition per core as locally).
 
 Figures: each process's wall time (Python and JVM start included); the training stages the command
@@ -108,7 +108,7 @@ def cleanup(s) -> dict:
 
 
 def main() -> int:
-    from recstream import spark_cluster
+    from cli import spark_cluster
     from recstream.settings import load
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

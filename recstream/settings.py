@@ -241,7 +241,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"{PREFIX}RETRIEVAL_SHARD is {settings.retrieval_shard}; with {PREFIX}RETRIEVAL_SHARDS="
                             f"{settings.retrieval_shards} it must be 0 to {settings.retrieval_shards - 1}")
     try:
-        settings.ordering_pins
+        _ = settings.ordering_pins   # parsed here, so a bad pin fails at start-up
     except ValueError as exc:
         raise SettingsError(f"{PREFIX}TASK_ORDERINGS={settings.task_orderings!r}: {exc}") from None
     if settings.index_kind not in INDEX_KINDS:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from recstream.cli import build_parser
+from cli.main import build_parser
 
 compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
 services = compose["services"]

@@ -4,7 +4,7 @@ GET /api/v1/ops/summary (the JSON it polls every 2 s), from the API process itse
 `OpsMonitor` lives in the API process. Every `ops_sample_s` it snapshots its own request latency
 histogram and fallback counters, reads the feature workers' Redis snapshots (event-to-feature
 latency), the published model pointer and the A/B totals; every `lag_sample_s` it samples the
-committed lag of every consumer group (records and seconds, recstream/metrics.py LagSampler).
+committed lag of every consumer group (records and seconds, streams/metrics.py LagSampler).
 Samples go into ring buffers covering `ops_history_s` (15 min by default).
 
 Alert (red banner, `alert.active` in the JSON): the feature group, the real-time consumer, is more
@@ -27,9 +27,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from recstream.features import keys
 from recstream.features.keys import MODEL_CURRENT
-from recstream.metrics import ApiMetrics, LagSample, LagSampler, cancelling, sample_forever
-from recstream.redisconn import is_cluster
+from streams.metrics import METRICS_TTL_S, ApiMetrics, LagSample, LagSampler, cancelling, sample_forever
+from streams.redisconn import is_cluster
 from recstream.settings import Settings
 from recstream.stats import BUCKETS, LatencyHistogram, percentiles_ms
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 SERIES_WINDOW_S = 10.0   # each chart point: percentiles / rates over the last 10 s
 ALERT_WINDOW_S = 60.0    # the p99 alert: the last minute
-SNAPSHOT_TTL_S = 30      # streams/worker.py METRICS_TTL_S (not imported: it would load Faust into the API)
 
 
 # -- pure parts ------------------------------------------------------------------------------------
@@ -222,11 +222,11 @@ class OpsMonitor:
         ns = self.s.redis_namespace
         counts = np.zeros(BUCKETS, dtype=np.int64)
         workers = 0
-        index = f"{ns}metrics-index:features"   # streams/worker.py metrics_index: no keyspace scan
-        await self.client.zremrangebyscore(index, "-inf", time.time() - SNAPSHOT_TTL_S)
-        keys = await self.client.zrange(index, 0, -1)
+        index = ns + keys.metrics_index("features")   # no keyspace scan
+        await self.client.zremrangebyscore(index, "-inf", time.time() - METRICS_TTL_S)
+        live = await self.client.zrange(index, 0, -1)
         mget = self.client.mget_nonatomic if is_cluster(self.client) else self.client.mget   # snapshots: many slots
-        for raw in (await mget(keys) if keys else []):
+        for raw in (await mget(live) if live else []):
             if not raw:
                 continue
             snap = orjson.loads(raw)

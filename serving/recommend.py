@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.runner import serving_producer
 from recstream.features import keys
-from recstream.redisconn import AnyRedis, connect
+from streams.redisconn import AnyRedis, connect
 from recstream.rules import Rules, select
 from recstream.settings import Settings
 from schemas import RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 
-from recstream.metrics import serve_metrics, worker_registry
+from streams.metrics import serve_metrics, worker_registry
 from recstream.settings import Settings
 from schemas import Event, SchemaError
 from schemas.arrow import arrow_schema, to_table
@@ -198,7 +198,7 @@ class Archive:
             await self._producer.stop()
 
     def metrics_snapshot(self) -> dict:
-        """Counters for Prometheus (recstream/metrics.py), read at scrape time."""
+        """Counters for Prometheus (streams/metrics.py), read at scrape time."""
         st = self.stats
         return {"agent": "archive", "archived": st.archived, "dead_letters": st.dead_letters, "files": st.files,
                 "batches": st.flushes, "commit_failures": st.commit_failures, "buffered": st.buffered}

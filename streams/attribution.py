@@ -23,7 +23,7 @@ impressions and recent lists happens between a read pipeline and the transaction
 is not safe across concurrent workers (a second member of the group would take partitions and two
 writers could race on a unit).
 
-Redis keys (every one prefixed with `s.redis_namespace`):
+Redis keys (every one prefixed with `s.redis_namespace`; built in recstream/features/keys.py AttributionKeys):
 - `abx:imp:{request_id}`  string, JSON {unit, shopper, ts, items, arms [[experiment, variant], ...],
   flags [clicked, carted, bought]}: the impression, for rec_request_id attribution; TTL
   attribution_ttl_s from when it was first written (kept on updates).
@@ -61,15 +61,15 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from recstream.features import keys
 from recstream.experiments.attribution import (
     FLOAT_FIELDS, SEEN_TTL_S, Changes, Impression, State, UnitTotals, VariantTotals, is_outcome,
     needed_impressions, needed_recent, recent_from_json, recent_to_json, step)
-from recstream.metrics import SnapshotHolder, serve_metrics, worker_registry
+from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, SnapshotHolder, serve_metrics, stop_on_signals, worker_registry
 from recstream.settings import Settings
 from schemas import Event, Exposure, SchemaError
 from streams.deadletter import DeadLetter
 from streams.producer import create_producer
-from streams.worker import METRICS_EVERY_S, METRICS_TTL_S, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -83,52 +83,13 @@ def group_id(s: Settings) -> str:
     return f"{s.app_id}-attribution"
 
 
-class Keys:
-    """The key layout (module docstring), under one namespace."""
-
-    def __init__(self, ns: str):
-        self.ns = ns
-
-    def imp(self, rid: str) -> str:
-        return f"{self.ns}abx:imp:{rid}"
-
-    def recent(self, shopper: str) -> str:
-        return f"{self.ns}abx:recent:{shopper}"
-
-    def unit(self, exp: str, variant: str, unit: str) -> str:
-        return f"{self.ns}abx:unit:{exp}:{variant}:{unit}"
-
-    def tot(self, exp: str, variant: str) -> str:
-        return f"{self.ns}abx:tot:{exp}:{variant}"
-
-    def day(self, exp: str, variant: str, day: str) -> str:
-        return f"{self.ns}abx:day:{exp}:{variant}:{day}"
-
-    def days(self, exp: str, variant: str) -> str:
-        return f"{self.ns}abx:days:{exp}:{variant}"
-
-    def variants(self, exp: str) -> str:
-        return f"{self.ns}abx:variants:{exp}"
-
-    @property
-    def experiments(self) -> str:
-        return f"{self.ns}abx:experiments"
-
-    @property
-    def offsets(self) -> str:
-        return f"{self.ns}abx:offsets"
-
-    def seen(self, event_id: str) -> str:
-        return f"{self.ns}abx:seen:{event_id}"
-
-
 def offset_field(tp: TopicPartition) -> str:
     return f"{tp.topic}:{tp.partition}"
 
 
 async def read_offsets(client: aioredis.Redis, ns: str) -> dict[TopicPartition, int]:
     out = {}
-    for k, v in (await client.hgetall(Keys(ns).offsets)).items():
+    for k, v in (await client.hgetall(keys.AttributionKeys(ns).offsets)).items():
         topic, _, partition = _text(k).rpartition(":")
         out[TopicPartition(topic, int(partition))] = int(v)
     return out
@@ -138,7 +99,7 @@ async def read_offsets(client: aioredis.Redis, ns: str) -> dict[TopicPartition, 
 
 async def read_totals(client: aioredis.Redis, ns: str, experiment_id: str) -> dict[str, VariantTotals]:
     """variant -> VariantTotals of one experiment ("_all" for every exposure)."""
-    k = Keys(ns)
+    k = keys.AttributionKeys(ns)
     variants = sorted(_text(v) for v in await client.smembers(k.variants(experiment_id)))
     pipe = client.pipeline(transaction=False)
     for v in variants:
@@ -148,7 +109,7 @@ async def read_totals(client: aioredis.Redis, ns: str, experiment_id: str) -> di
 
 async def read_daily(client: aioredis.Redis, ns: str, experiment_id: str) -> dict[str, dict[str, VariantTotals]]:
     """variant -> UTC day "YYYY-MM-DD" -> that day's increments (cumulative sums give as-of totals)."""
-    k = Keys(ns)
+    k = keys.AttributionKeys(ns)
     variants = sorted(_text(v) for v in await client.smembers(k.variants(experiment_id)))
     pipe = client.pipeline(transaction=False)
     for v in variants:
@@ -175,7 +136,7 @@ class AttributionStats:
 
 class Attribution:
     def __init__(self, s: Settings, client: aioredis.Redis):
-        self.s, self.client, self.keys = s, client, Keys(s.redis_namespace)
+        self.s, self.client, self.keys = s, client, keys.AttributionKeys(s.redis_namespace)
         self.exposures, self.clickstream = s.topic("exposures"), s.topic("clickstream")
         self.stats = AttributionStats()
         self.next: dict[TopicPartition, int] = {}        # next offset per partition, as stored in Redis
@@ -183,7 +144,7 @@ class Attribution:
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer = None
-        self.metrics_holder = SnapshotHolder()   # the latest snapshot, for Prometheus (recstream/metrics.py)
+        self.metrics_holder = SnapshotHolder()   # the latest snapshot, for Prometheus (streams/metrics.py)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         s = self.s
@@ -362,7 +323,7 @@ class Attribution:
                 "lag_total": sum(v for v in lag.values() if v is not None)}
 
     async def publish_metrics(self) -> None:
-        key = f"{self.s.redis_namespace}metrics:attribution:{socket.gethostname()}:{os.getpid()}"
+        key = self.s.redis_namespace + keys.metrics("attribution", socket.gethostname(), os.getpid())
         try:
             self.metrics_holder.snapshot = snap = self.snapshot()
             await self.client.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)

@@ -60,13 +60,15 @@ async def report(s: Settings) -> int:
     import orjson
     import redis.asyncio as aioredis
 
+    from recstream.features import keys
+
     for group, source in s.consumer_groups():
         lags = await group_lag(s, group, source)
         parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
         print(f"{group:28} {source}  total {total(lags):>8}   per partition {parts}")
     client = aioredis.from_url(s.redis_url)
     try:
-        async for key in client.scan_iter(f"{s.redis_namespace}metrics:*"):
+        async for key in client.scan_iter(s.redis_namespace + keys.metrics("*", "*", "*")):
             m = orjson.loads(await client.get(key) or b"{}")
             if "lag_total" in m:   # a feature worker
                 lat = m["event_latency_ms"]

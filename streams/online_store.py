@@ -44,7 +44,7 @@ from recstream.features import keys, popularity
 from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan, split_by_tag
 from recstream.features.session import (FeatureConfig, UserState, decode_features, decode_state, features_key,
                                         newest, session_key)
-from recstream.redisconn import AnyRedis, is_cluster
+from streams.redisconn import AnyRedis, is_cluster
 from schemas import Product
 
 GUARD_TTL_S = 30 * 86400   # a tag's guard outlives any redelivery by far (a replay starts at the committed offset)

@@ -21,6 +21,17 @@ MODEL_CURRENT = "model:{g}:current"   # JSON pointer to the published model vers
 AGENTS = "agents:{g}"             # hash: serving agent ("role:host:pid") -> JSON {ts, model_version}, every 2 s
 
 
+def metrics(agent: str, host: str, pid: int) -> str:
+    """One worker process's latest metrics snapshot (JSON, expires when the process stops publishing)."""
+    return f"metrics:{agent}:{host}:{pid}"
+
+
+def metrics_index(agent: str) -> str:
+    """Sorted set of an agent's live snapshot keys (score: last publish time), so the dashboard finds
+    them without scanning the keyspace."""
+    return f"metrics-index:{agent}"
+
+
 def hash_tag(key: str) -> str:
     """What Redis Cluster hashes: the content of the first non-empty {...}, else the whole key."""
     start = key.find("{")
@@ -109,3 +120,45 @@ def guard(tag: str) -> str:
 
 def guard_field(group: str, topic: str, partition: int) -> str:
     return f"{group}:{topic}:{partition}"
+
+
+# -- A/B attribution -----------------------------------------------------------------------------
+
+class AttributionKeys:
+    """The A/B attribution worker's keys (streams/attribution.py), under one namespace (`abx:*`: no hash
+    tags, the worker runs against one Redis)."""
+
+    def __init__(self, ns: str):
+        self.ns = ns
+
+    def imp(self, rid: str) -> str:
+        return f"{self.ns}abx:imp:{rid}"
+
+    def recent(self, shopper: str) -> str:
+        return f"{self.ns}abx:recent:{shopper}"
+
+    def unit(self, exp: str, variant: str, unit: str) -> str:
+        return f"{self.ns}abx:unit:{exp}:{variant}:{unit}"
+
+    def tot(self, exp: str, variant: str) -> str:
+        return f"{self.ns}abx:tot:{exp}:{variant}"
+
+    def day(self, exp: str, variant: str, day: str) -> str:
+        return f"{self.ns}abx:day:{exp}:{variant}:{day}"
+
+    def days(self, exp: str, variant: str) -> str:
+        return f"{self.ns}abx:days:{exp}:{variant}"
+
+    def variants(self, exp: str) -> str:
+        return f"{self.ns}abx:variants:{exp}"
+
+    @property
+    def experiments(self) -> str:
+        return f"{self.ns}abx:experiments"
+
+    @property
+    def offsets(self) -> str:
+        return f"{self.ns}abx:offsets"
+
+    def seen(self, event_id: str) -> str:
+        return f"{self.ns}abx:seen:{event_id}"

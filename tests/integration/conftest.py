@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from recstream import services
+from cli import services
 from recstream.settings import Settings, load
 
 pytestmark = pytest.mark.integration

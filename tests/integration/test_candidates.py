@@ -23,7 +23,7 @@ from recstream.features.config import feature_config, limits
 from recstream.features.plan import Incoming, plan
 from recstream.features.session import UserState, apply
 from recstream.gather import ann_k
-from recstream.redisconn import connect
+from streams.redisconn import connect
 from schemas import CandidateSet, RecommendationRequest
 from schemas.recommendations import SOURCES
 from streams.online_store import OnlineStore, unlink_matching

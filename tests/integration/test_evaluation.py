@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from recstream import cli
+from cli import main as cli
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 # small models for CI's 2 cores: every protocol in about a minute

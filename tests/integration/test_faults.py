@@ -2,7 +2,7 @@
 acknowledged event is lost.
 
 - Redis and Kafka faults run on a PRIVATE Redis and Kafka (own home_dir, own ports, started and
-  stopped with recstream.services), never on the shared ones other engineers' tests use.
+  stopped with cli.services), never on the shared ones other engineers' tests use.
 - The serving-agent and trainer faults need a trained model: they use the shared stack (Kafka,
   Redis, MLflow) with a namespace of their own, like tests/integration/test_serving.py.
 
@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from recstream import services
+from cli import services
 from recstream.features import Incoming, keys, plan
 from recstream.features.config import feature_config, limits
 from recstream.features.session import features_value
@@ -35,7 +35,7 @@ from schemas import Event
 from streams import lag
 from streams.archive import dataset_dir, group_id as archive_group, read_archive
 from streams.topics import ensure_topics
-from streams.worker import STALLED
+from agents.worker import STALLED
 from tests.integration.serving_stack import Processes, free_port, get_json, small_deployment, wait_for
 
 pytestmark = pytest.mark.integration
@@ -177,7 +177,7 @@ async def _applied_is(client: aioredis.Redis, s: Settings, n: int) -> bool:
 
 
 def supervisor(procs: Processes, workers: tuple[str, ...], roles: tuple[str, ...]):
-    """What compose's restart policy does for a worker that exits STALLED (streams/worker.py)."""
+    """What compose's restart policy does for a worker that exits STALLED (agents/worker.py)."""
     restarts: Counter = Counter()
 
     def check():
@@ -278,7 +278,7 @@ async def test_redis_down_serving_falls_back_within_the_deadline_then_recovers(p
 
 # fixed product bug, kept as a regression test: the feature worker's clickstream agent crashes on a Redis
 # ConnectionError (agents/features.py store.fold has no retry); Faust restarts the agent, which then either
-# never processes again (lag grows, the StallWatch of streams/worker.py does not fire) or goes on past the batch
+# never processes again (lag grows, the StallWatch of agents/worker.py does not fire) or goes on past the batch
 # it crashed in, whose events are lost from the features
 
 

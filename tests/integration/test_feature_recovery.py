@@ -18,7 +18,7 @@ from recstream.features.session import features_value
 from streams import lag
 from streams.producer import create_producer
 from streams.replay import publish
-from streams.worker import STALLED
+from agents.worker import STALLED
 from streams.topics import ensure_topics
 from tests.integration.conftest import read_changelog
 
@@ -30,7 +30,7 @@ def start_worker(s, log_path):
            "RECSTREAM_FEATURE_BATCH_MAX": str(s.feature_batch_max),
            "RECSTREAM_COOCCURRENCE_MAX_PER_ITEM": str(s.cooccurrence_max_per_item),
            "RECSTREAM_WORKER_STALL_TIMEOUT_S": "20"}
-    return subprocess.Popen([sys.executable, "-m", "recstream.cli", "worker", "features"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "features"], env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 

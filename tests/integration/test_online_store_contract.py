@@ -1,6 +1,6 @@
 """One contract for the feature store, run on a single Redis and on a three-master Redis Cluster.
 
-The cluster is started by the project's own script (recstream.redis_cluster.cluster_up, idempotent),
+The cluster is started by the project's own script (cli.redis_cluster.cluster_up, idempotent),
 like every other service: never skipped. Each test writes under a namespace of its own."""
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import pytest
 
 from batch.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import publish
-from recstream import redis_cluster
+from cli import redis_cluster
 from recstream.features import Incoming, keys, plan
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import split_by_tag
-from recstream.redisconn import connect
+from streams.redisconn import connect
 from recstream.settings import Settings
 from schemas import Event, Product
 from streams.online_store import OnlineStore, unlink_matching
@@ -267,7 +267,7 @@ async def test_one_users_keys_share_a_slot_and_the_keys_spread_over_the_masters(
 
 def test_cluster_up_is_idempotent_and_status_reports(cluster):
     before = {svc.name: svc.own_pid() for svc in redis_cluster.nodes(cluster)}
-    cli = [sys.executable, "-m", "recstream.cli", "services"]
+    cli = [sys.executable, "-m", "cli.main", "services"]
     out = subprocess.run([*cli, "cluster-up"], capture_output=True, text=True, check=True).stdout
     assert "redis cluster: ok" in out and "creating" not in out and "node started" not in out, out
     assert {svc.name: svc.own_pid() for svc in redis_cluster.nodes(cluster)} == before
@@ -285,7 +285,7 @@ async def test_the_feature_worker_on_the_cluster(cluster, fresh, tmp_path):
            "RECSTREAM_CLICKSTREAM_PARTITIONS": str(s.clickstream_partitions),
            "RECSTREAM_REDIS_URL": s.redis_url, "RECSTREAM_REDIS_CLUSTER": "1"}
     log_path = tmp_path / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "recstream.cli", "worker", "features"], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "features"], env=env,
                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
     client = connect(s)
     store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))

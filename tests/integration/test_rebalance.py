@@ -26,7 +26,7 @@ from streams.online_store import OnlineStore
 from streams.producer import create_producer
 from streams.replay import publish
 from streams.topics import ensure_topics
-from streams.worker import metrics_index
+from agents.worker import metrics_index
 from tests.integration.conftest import read_changelog
 from tests.integration.serving_stack import Processes, request_cases, small_deployment, trained_shop, wait_for
 
@@ -62,7 +62,7 @@ async def topic_records(s: Settings, name: str = "clickstream") -> list:
 
 async def owned(client: aioredis.Redis, s: Settings, pid: int) -> set[int] | None:
     """The clickstream partitions the feature worker `pid` consumes, from its latest metrics snapshot
-    (streams/worker.py publishes one every 2 s, its key listed in the metrics index)."""
+    (agents/worker.py publishes one every 2 s, its key listed in the metrics index)."""
     host = socket.gethostname()
     for key in await client.zrange(metrics_index(s, "features"), 0, -1):
         if key.decode().endswith(f":{host}:{pid}"):
@@ -205,7 +205,7 @@ async def test_a_feature_worker_whose_app_crashes_exits_for_a_restart(fresh, tmp
     from rocksdict import Rdict
 
     from streams.app import claim_datadir
-    from streams.worker import CRASHED
+    from agents.worker import CRASHED
 
     s = fresh(home_dir=tmp_path, clickstream_partitions=1)
     await ensure_topics(s)

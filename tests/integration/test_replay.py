@@ -60,7 +60,7 @@ def test_cli_replays_a_csv_and_reports_bad_rows(fresh, tmp_path):
     path = tmp_path / "events.csv"
     path.write_text("user_id,product_id,event_type,timestamp\nu1,p1,view,1700000000\nu1,p2,bogus,1700000001\n")
     env = {**os.environ, "RECSTREAM_TOPIC_PREFIX": s.topic_prefix}
-    run = subprocess.run([sys.executable, "-m", "recstream.cli", "replay", "--dataset", "csv", "--path", str(path)],
+    run = subprocess.run([sys.executable, "-m", "cli.main", "replay", "--dataset", "csv", "--path", str(path)],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert f"{s.topic('clickstream')}: 1 records acknowledged" in run.stdout

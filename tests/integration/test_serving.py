@@ -385,7 +385,7 @@ async def _homepages(srv: Served, users: list[str], **params) -> dict[str, dict]
 
 
 async def test_ab_variants_change_serving_and_are_logged_attributed_reported_and_promoted(served: Served, tmp_path):
-    from recstream.experiments import commands
+    from cli import experiments as commands
     from streams.attribution import read_totals
 
     srv, s = served, served.s
@@ -521,7 +521,7 @@ async def test_ab_variants_change_serving_and_are_logged_attributed_reported_and
 
 
 async def test_ab_ranker_variant_ranks_with_the_named_version_and_promotion_makes_it_champion(served: Served, tmp_path):
-    from recstream.experiments import commands
+    from cli import experiments as commands
 
     srv, s = served, served.s
     old = srv.version

@@ -9,7 +9,7 @@ import pytest
 
 from batch.artifacts import BatchOutputs
 from batch.registry import CHAMPION, Registry
-from recstream import spark_cluster
+from cli import spark_cluster
 
 pytestmark = pytest.mark.integration
 

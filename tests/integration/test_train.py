@@ -13,7 +13,7 @@ from batch.train import Source, TrainingFailed, train_once
 from recstream import ordering
 from recstream.data import ShopConfig
 from recstream.features import keys
-from recstream.redisconn import connect
+from streams.redisconn import connect
 from streams.topics import ensure_topics
 
 

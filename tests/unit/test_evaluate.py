@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from batch.evaluate import Evaluation, MethodResult, _als_only, _filtered, _shift
+from cli.evaluate import Evaluation, MethodResult, _als_only, _filtered, _shift
 from recstream.evaluation.core import Query, Split
-from recstream.evaluation.report import record, table, write
+from cli.report import record, table, write
 from schemas import CandidateSet, Event, RecommendationRequest
 
 DAY = 86_400.0
@@ -76,7 +76,7 @@ def test_the_record_and_plot_are_written_next_to_each_other(tmp_path):
 
 
 def test_ours_runs_with_the_settings_its_protocol_chose_on_validation():
-    from batch.evaluate import eval_settings
+    from cli.evaluate import eval_settings
     from recstream.evaluation.protocols import PROTOCOLS
     from recstream.settings import Settings
 
@@ -88,7 +88,7 @@ def test_ours_runs_with_the_settings_its_protocol_chose_on_validation():
 
 
 def test_candidate_recall_is_every_orderings_ceiling_under_the_shared_filter():
-    from batch.evaluate import candidate_recall
+    from cli.evaluate import candidate_recall
 
     q1 = Query(0, "homepage", "u", 0.0, (), frozenset({"a", "b"}), exclude=frozenset({"x"}))
     q2 = Query(1, "homepage", "v", 0.0, (), frozenset({"c"}))

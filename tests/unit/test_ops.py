@@ -1,4 +1,4 @@
-"""The on-call dashboard's pure parts (serving/ops.py) and the Prometheus conversions (recstream/metrics.py)."""
+"""The on-call dashboard's pure parts (serving/ops.py) and the Prometheus conversions (streams/metrics.py)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 from prometheus_client import generate_latest
 
-from recstream.metrics import ApiMetrics, LagSample, fold_histogram, worker_registry
+from streams.metrics import ApiMetrics, LagSample, fold_histogram, worker_registry
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
 from serving.ops import OpsMonitor, Ring, alerts, group_totals, window_percentiles, window_rate

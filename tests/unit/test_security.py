@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 import recstream.settings
-from recstream import cli
+from cli import main as cli
 from recstream.data import ShopConfig, shop_dataset
 from recstream.data.importers import _slug, event_id
 from recstream.experiments.store import ExperimentStore

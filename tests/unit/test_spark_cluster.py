@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from recstream import spark_cluster
+from cli import spark_cluster
 from recstream.settings import Settings, load
 
 

@@ -12,7 +12,7 @@ from recstream.settings import Settings
 
 
 def _services(args: argparse.Namespace, s: Settings) -> int:
-    from recstream import services
+    from cli import services
 
     if args.action == "install":
         services.install(s)
@@ -22,7 +22,7 @@ def _services(args: argparse.Namespace, s: Settings) -> int:
     elif args.action == "down":
         services.down(s)
     elif args.action.startswith("cluster-"):
-        from recstream import redis_cluster
+        from cli import redis_cluster
 
         if args.action == "cluster-up":
             services.install(s)
@@ -41,7 +41,7 @@ def _services(args: argparse.Namespace, s: Settings) -> int:
 def _spark(args: argparse.Namespace, s: Settings) -> int:
     import shlex
 
-    from recstream import spark_cluster
+    from cli import spark_cluster
 
     if args.action == "up":
         spark_cluster.up(s)
@@ -83,7 +83,7 @@ def _replay(args: argparse.Namespace, s: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, s: Settings) -> int:
-    from recstream import demo
+    from cli import demo
 
     return asyncio.run(demo.run(s, args))
 
@@ -98,11 +98,11 @@ def _worker(args: argparse.Namespace, s: Settings) -> int:
 
     logging.getLogger().setLevel(args.log_level.upper())
     if args.kind == "features":
-        from streams.worker import run_features
+        from agents.worker import run_features
 
         return uvloop.run(run_features(s))
     elif args.kind in ("retrieval", "ranking"):
-        from streams.worker import run_serving
+        from agents.worker import run_serving
 
         return uvloop.run(run_serving(s, args.kind))
     elif args.kind == "attribution":
@@ -161,9 +161,9 @@ def _train(args: argparse.Namespace, s: Settings) -> int:
 
 
 def _evaluate(args: argparse.Namespace, s: Settings) -> int:
-    from batch.evaluate import RedisUnavailable, run
+    from cli.evaluate import RedisUnavailable, run
     from recstream.evaluation.protocols import PROTOCOLS, make_split, summary
-    from recstream.evaluation.report import table, write
+    from cli.report import table, write
 
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
     for name in protocols:
@@ -207,7 +207,7 @@ def _trainer(args: argparse.Namespace, s: Settings) -> int:
 
 
 def _experiments(args: argparse.Namespace, s: Settings) -> int:
-    from recstream.experiments import commands
+    from cli import experiments as commands
     from recstream.experiments.definition import ExperimentError, load
 
     try:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Collection, Sequence
 from recstream.evaluation.protocols import summary
 
 if TYPE_CHECKING:
-    from batch.evaluate import Evaluation
+    from cli.evaluate import Evaluation
 
 
 FAMILIES = {"homepage": ("recall", "ndcg", "recall_new", "ndcg_new", "coverage"), "session": ("hitrate", "mrr"),

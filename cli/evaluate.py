@@ -42,7 +42,7 @@ from recstream.evaluation.protocols import PROTOCOLS, catalogue_from_events
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import Incoming, plan
 from recstream.features.session import UserState
-from recstream.redisconn import connect
+from streams.redisconn import connect
 from recstream.settings import Settings
 from schemas import CandidateSet, Event, RecommendationReply, RecommendationRequest
 from schemas.recommendations import MAX_COUNT, SOURCES

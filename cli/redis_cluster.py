@@ -7,7 +7,7 @@ from typing import Callable
 
 import redis
 
-from recstream.services import Service, ServiceError, port_open, wait_for
+from cli.services import Service, ServiceError, port_open, wait_for
 from recstream.settings import Settings
 
 

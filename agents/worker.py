@@ -6,7 +6,6 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import socket
 import time
 
@@ -15,8 +14,8 @@ from faust.contrib.asgi import faust_app_running
 
 from agents import features
 from recstream.features import keys
-from recstream.metrics import start_worker_metrics
-from recstream.redisconn import connect
+from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, start_worker_metrics, stop_on_signals
+from streams.redisconn import connect
 from recstream.settings import Settings
 from recstream.stats import StallWatch
 from streams import lag
@@ -24,19 +23,15 @@ from streams.app import create_app
 from streams.topics import ensure_topics
 
 log = logging.getLogger(__name__)
-METRICS_EVERY_S = 2.0
 WATCH_EVERY_S = 10.0
-METRICS_TTL_S = 30
 
 
 def metrics_key(s: Settings, agent: str) -> str:
-    return f"{s.redis_namespace}metrics:{agent}:{socket.gethostname()}:{os.getpid()}"
+    return s.redis_namespace + keys.metrics(agent, socket.gethostname(), os.getpid())
 
 
 def metrics_index(s: Settings, agent: str) -> str:
-    """Sorted set of an agent's live snapshot keys (score: last publish time), so the API's dashboard
-    finds them without scanning the keyspace (serving/ops.py)."""
-    return f"{s.redis_namespace}metrics-index:{agent}"
+    return s.redis_namespace + keys.metrics_index(agent)
 
 
 def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
@@ -127,12 +122,6 @@ async def _stalled(app, s: Settings, agents: features.FeatureAgents, watch: Stal
     return bool(stalled)
 
 
-def stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,

@@ -15,7 +15,7 @@ from faust.contrib.asgi import faust_app_running
 
 from agents import features
 from batch.train import Source, TrainingFailed, train_once
-from recstream import services
+from cli import services
 from recstream.data import Dataset, ShopConfig, generate
 from recstream.features import keys
 from recstream.settings import Settings
@@ -180,7 +180,7 @@ async def _serve(s: Settings, data: Dataset, shop, ab_size: tuple[int, int],
     run the A/B test. (whether the agents answered each kind, whether the A/B test counted all)"""
     from serving.recommend import Recommender
     from serving.params import parse
-    from streams.worker import run_serving
+    from agents.worker import run_serving
 
     _say("== 9. serving: API -> Kafka -> retrieval agent (FAISS + rules) -> ranking agent (XGBoost + rules) -> API")
     stop = asyncio.Event()

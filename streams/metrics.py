@@ -1,7 +1,7 @@
 """Prometheus metrics: one CollectorRegistry per process (never prometheus_client's global one).
 
 Workers (features, archive, retrieval, ranking, attribution) already build a JSON snapshot of their
-counters every 2 s for Redis (streams/worker.py); `SnapshotCollector` turns the latest snapshot into
+counters every 2 s for Redis (agents/worker.py); `SnapshotCollector` turns the latest snapshot into
 Prometheus metrics at scrape time, so a scrape touches no hot path and no event loop object.
 `serve_metrics` starts prometheus_client's HTTP server on `metrics_port` (0: off).
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -26,6 +27,9 @@ from recstream.stats import BUCKETS, bucket_upper_s
 log = logging.getLogger(__name__)
 
 # Prometheus bucket bounds (seconds) the fine log-spaced recstream.stats histograms are folded into
+METRICS_EVERY_S = 2.0   # a worker publishes its snapshot (Redis, Prometheus) this often
+METRICS_TTL_S = 30      # ... which expires this long after its last publish
+
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
                      5.0, 10.0, 30.0, 60.0, 300.0)
 _UPPERS = np.array([bucket_upper_s(i) for i in range(BUCKETS)])
@@ -396,3 +400,11 @@ def cancelling() -> bool:
     """True when the current task is being cancelled."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -2,8 +2,8 @@
 
 The pyspark wheel ships bin/spark-class and bin/spark-submit but not sbin/start-master.sh, so the
 master and the worker run in the foreground under spark-class, as the other local services do:
-pid files and logs under RECSTREAM_HOME_DIR (recstream/services.py's Service). The training job
-needs no change to run there: `batch/submit.py` is the `recstream` command as a spark-submit entry
+pid files and logs under RECSTREAM_HOME_DIR (cli/services.py's Service). The training job
+needs no change to run there: `cli/submit.py` is the `recstream` command as a spark-submit entry
 point, and under spark-submit `batch.spark.session` takes the master from spark-submit.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
-from recstream.services import REPO_ROOT, Service, port_open, wait_for
+from cli.services import REPO_ROOT, Service, port_open, wait_for
 from recstream.settings import PREFIX, Settings
 
 HOST = "127.0.0.1"
-ENTRY_POINT = REPO_ROOT / "batch" / "submit.py"
+ENTRY_POINT = REPO_ROOT / "cli" / "submit.py"
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 DAEMON_MEMORY = "512m"   # heap of the master and worker daemons themselves (Spark's default: 1g each)
