@@ -27,10 +27,7 @@ import orjson
 
 from agents.models import ModelHolder, ServingModel
 from agents.runner import Outgoing
-from batch.publish import decode_embedding
 from recstream import candidates
-from recstream.features import keys
-from recstream.features.session import decode_features, features_key, session_key
 from recstream.gather import ann_k
 from recstream.rules import Proposals
 from recstream.settings import Settings
@@ -102,7 +99,6 @@ class SearchBatcher:
 class Retrieval:
     def __init__(self, s: Settings, store: OnlineStore, models: ModelHolder):
         self.s, self.store, self.models = s, store, models
-        self.ns = s.redis_namespace
         self.batcher = SearchBatcher(s.serving_threads)
         self.clock = time.time     # "now" for trending reads; offline evaluation sets the moment of its query
         self.shard, self.shards = s.retrieval_shard, s.retrieval_shards
@@ -140,32 +136,16 @@ class Retrieval:
 
     # -- Redis reads (two round trips per request) ---------------------------------------------------
     async def _read(self, r: RecommendationRequest, model: ServingModel | None, now: float) -> Plan:
-        ns, v = self.ns, model.version if model else None
+        v = model.version if model else None
         ids = candidates.anchors(r)
-        pipe = self.store.redis.pipeline(transaction=False)
-        if r.user_id:
-            pipe.get(ns + keys.embedding("user", str(v), r.user_id))
-            pipe.get(ns + session_key(r.user_id))
-            pipe.hgetall(ns + features_key(r.user_id))
-        for a in ids:
-            pipe.get(ns + keys.embedding("item", str(v), a))
-            pipe.hgetall(ns + keys.item_features(a))
-        res = await pipe.execute()
-        user_vec = session = feats = None
-        if r.user_id:
-            raw_user, raw_session, raw_feats = res[:3]
-            res = res[3:]
-            user_vec = decode_embedding(raw_user)
-            session = _json_list(raw_session)
-            feats = decode_features(raw_feats) if raw_feats else None
-        anchor_vecs = [decode_embedding(x) for x in res[0::2]]
-        anchor_items = [{k.decode(): val.decode() for k, val in h.items()} for h in res[1::2]]
+        got = await self.store.retrieval_reads(r.user_id, ids, v)
+        user_vec, anchor_vecs, anchor_items = got.user_vector, got.anchor_vectors, got.anchor_items
         if model is not None and model.content is not None:   # products newer than the model: content vectors
             for i, (vec, item) in enumerate(zip(anchor_vecs, anchor_items)):
                 if vec is None and item:
                     anchor_vecs[i] = _content_vector(model, ids[i], item)
 
-        shopper = candidates.Shopper.from_redis(session, feats, now, self.s.session_idle_timeout_s)
+        shopper = candidates.Shopper.from_redis(got.session, got.features, now, self.s.session_idle_timeout_s)
         allowed = set(r.overrides.sources) if r.overrides and r.overrides.sources else set(SOURCES)   # A/B
         sources = {"als"} & allowed if self.shard else allowed   # shards but 0 propose only their ANN candidates
         reads = candidates.plan(r, shopper, anchor_items, sources)
@@ -185,10 +165,6 @@ class Retrieval:
         if "als" not in sources:   # A/B: no ANN candidates; the ranker still scores with the vector
             plan.query = None
         return plan
-
-
-def _json_list(raw: bytes | None) -> list[str]:
-    return orjson.loads(raw) if raw else []
 
 
 def _content_vector(model: ServingModel, product_id: str, item: dict[str, str]) -> np.ndarray | None:

@@ -9,12 +9,12 @@ import os
 import socket
 import time
 
-import orjson
 from faust.contrib.asgi import faust_app_running
 
 from agents import features
 from recstream.features import keys
 from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, start_worker_metrics, stop_on_signals
+from streams.online_store import OnlineStore
 from streams.redisconn import connect
 from recstream.settings import Settings
 from recstream.stats import StallWatch
@@ -68,6 +68,7 @@ async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: as
     next_watch = time.monotonic() + WATCH_EVERY_S
     await ensure_topics(s)
     client = connect(s)
+    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
     app = create_app(s)
     agents = features.register(app, s, client)
     key = metrics_key(s, "features")
@@ -83,12 +84,7 @@ async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: as
                     return CRASHED
                 try:
                     prom.snapshot = snap = snapshot(app, s, agents)
-                    index = metrics_index(s, "features")
-                    pipe = client.pipeline(transaction=False)
-                    pipe.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)
-                    pipe.zadd(index, {key: time.time()})
-                    pipe.expire(index, METRICS_TTL_S)
-                    await pipe.execute()
+                    await store.publish_metrics(key, metrics_index(s, "features"), snap, METRICS_TTL_S)
                 except Exception as exc:  # metrics must never stop the worker
                     log.warning("metrics not published: %r", exc)
                 if time.monotonic() >= next_watch:
@@ -130,7 +126,6 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
     from agents.models import ModelHolder
     from agents.runner import RequestAgent
     from schemas import CandidateSet, RecommendationRequest
-    from streams.online_store import OnlineStore
 
     stop = stop or stop_on_signals()
     await ensure_topics(s)
@@ -176,10 +171,9 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
                 snap |= {"gather_partial": handler.gather.partial, "gather_late": handler.gather.late}
             prom.snapshot = snap
             try:
-                await client.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)
+                await store.publish_metrics(key, None, snap, METRICS_TTL_S)
                 # the API's readiness and fallback replies read who serves, and on which version
-                await client.hset(s.redis_namespace + keys.AGENTS, agent_field,
-                                  orjson.dumps({"ts": snap["ts"], "model_version": snap["model_version"]}))
+                await store.report_agent(agent_field, snap["ts"], snap["model_version"])
             except Exception as exc:  # metrics must never stop the worker
                 log.warning("metrics not published: %r", exc)
             waiter = asyncio.ensure_future(swapped.wait())
@@ -190,7 +184,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
         return 0
     finally:
         with contextlib.suppress(Exception):   # a clean stop is gone at once, not after AGENT_FRESH_S
-            await client.hdel(s.redis_namespace + keys.AGENTS, agent_field)
+            await store.forget_agent(agent_field)
         handler.close()
         await models.stop()
         await client.aclose()

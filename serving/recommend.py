@@ -31,7 +31,6 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.runner import serving_producer
-from recstream.features import keys
 from streams.redisconn import AnyRedis, connect
 from recstream.rules import Rules, select
 from recstream.settings import Settings
@@ -217,16 +216,8 @@ class Recommender:
 
     async def check_path(self) -> PathStatus:
         """Read the agents' reports and the published version (one round trip); forget long-gone agents."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.s.redis_namespace + keys.AGENTS)
-        pipe.get(self.s.redis_namespace + keys.MODEL_CURRENT)
-        raw, pointer = await pipe.execute()
         now = time.time()
-        reports = {k.decode(): orjson.loads(v) for k, v in raw.items()}
-        gone = [k for k, rep in reports.items() if now - float(rep.get("ts") or 0.0) > AGENT_FORGET_S]
-        if gone:
-            await self.client.hdel(self.s.redis_namespace + keys.AGENTS, *gone)
-        published = orjson.loads(pointer) if pointer else None
+        reports, published = await self.store.serving_path(AGENT_FORGET_S, now)
         version = str(published["version"]) if published and published.get("name") == self.s.model_name else None
         self.path = path_status(reports, [*self.s.retrieval_agents(), "ranking"], version, now)
         return self.path
@@ -272,7 +263,7 @@ class Recommender:
         try:
             async with asyncio.timeout(self._remaining_s(req)):
                 categories = await self.store.categories(ids)
-                exists = await self._exist(ids) if len(categories) < len(ids) else set(ids)
+                exists = await self.store.existing_items(ids) if len(categories) < len(ids) else set(ids)
         except Exception:
             return req
         unknown = [x for x in ids if x not in exists]
@@ -289,12 +280,6 @@ class Recommender:
     def _remaining_s(self, req: RecommendationRequest) -> float:
         """What is left of the deadline, which runs from the request's creation (parameter parsing)."""
         return max(0.0, req.created_at + self.s.serving_deadline_ms / 1000 - time.time())
-
-    async def _exist(self, ids: list[str]) -> set[str]:
-        pipe = self.client.pipeline(transaction=False)
-        for x in ids:
-            pipe.exists(self.s.redis_namespace + keys.item_features(x))
-        return {x for x, n in zip(ids, await pipe.execute()) if n}
 
     async def recommend(self, req: RecommendationRequest) -> RecommendationReply:
         req = dataclasses.replace(req, reply_to=self.reply_topic, deadline_ms=self.s.serving_deadline_ms)

@@ -32,7 +32,9 @@ So a batch replayed after a crash between groups applies exactly the groups that
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -49,94 +51,12 @@ from schemas import Product
 
 GUARD_TTL_S = 30 * 86400   # a tag's guard outlives any redelivery by far (a replay starts at the committed offset)
 
-# The writes of a payload (RedisOps.as_payload); `p` the payload, `ns` the namespace.
-_WRITES = """
-for _, z in ipairs(p.z) do redis.call('ZINCRBY', ns .. z[1], z[3], z[2]) end
-for _, x in ipairs(p.xat) do redis.call('EXPIREAT', ns .. x[1], x[2]) end
-for _, t in ipairs(p.trim) do
-  local k = ns .. t[1]
-  if redis.call('ZCARD', k) > 2 * t[2] then redis.call('ZREMRANGEBYRANK', k, 0, -(t[2] + 1)) end
-end
-for _, s in ipairs(p.set) do redis.call('SET', ns .. s[1], s[2], 'EX', s[3]) end
-for _, h in ipairs(p.hset) do
-  local args = {}
-  for f, v in pairs(h[2]) do args[#args + 1] = f; args[#args + 1] = v end
-  redis.call('HSET', ns .. h[1], unpack(args))
-  redis.call('EXPIRE', ns .. h[1], h[3])
-end
-"""
-
-# One round trip per batch: the Python client tops out near 70k commands/s, Redis runs this script
-# at well over a million. Key names travel inside the payload: one Redis node only.
-APPLY_BATCH = """
-local p = cjson.decode(ARGV[1])
-local prefix = ARGV[2]
-local ns = ARGV[3]
-for _, o in ipairs(p.off) do
-  local cur = tonumber(redis.call('GET', prefix .. o[1]) or '-1')
-  if cur >= o[2] then return {'conflict', tostring(o[1]), tostring(cur)} end
-end
-""" + _WRITES + """
-for _, o in ipairs(p.off) do redis.call('SET', prefix .. o[1], o[3]) end
-return {'ok'}
-"""
-
-# Redis Cluster: the writes of one hash tag, guarded by KEYS[1] = applied:{tag} in the same slot.
-# 'done': the guard is at or past the batch in every partition (applied before); 'conflict' with the
-# guard's offsets: past it in some partition but not all of it (other batch boundaries on a replay).
-APPLY_GROUP = """
-local p = cjson.decode(ARGV[1])
-local field = ARGV[2]
-local ns = ARGV[3]
-local guard = KEYS[1]
-local done, todo, cur = 0, 0, {}
-for i, o in ipairs(p.off) do
-  cur[i] = tonumber(redis.call('HGET', guard, field .. o[1]) or '-1')
-  if cur[i] >= o[3] then done = done + 1 elseif cur[i] < o[2] then todo = todo + 1 end
-end
-if done + todo < #p.off or (done > 0 and todo > 0) then
-  local at = {}
-  for i, o in ipairs(p.off) do at[#at + 1] = tostring(o[1]); at[#at + 1] = tostring(cur[i]) end
-  return {'conflict', unpack(at)}
-end
-if done > 0 then return {'done'} end
-""" + _WRITES + """
-for _, o in ipairs(p.off) do redis.call('HSET', guard, field .. o[1], o[3]) end
-redis.call('EXPIRE', guard, ARGV[4])
-return {'ok'}
-"""
+LUA = Path(__file__).resolve().parent / "lua"
 
 
-# Serving reads for a whole candidate list in one call, answered as one JSON string: parsing a
-# pipeline's thousands of replies in Python cost ~5 ms per request, this ~0.1 ms.
-CANDIDATE_STATS = """
-local ids = cjson.decode(ARGV[1])
-local reads = cjson.decode(ARGV[2])
-local out = {{}, {}, {}}
-for i = 1, #ids do out[1][i] = 0; out[2][i] = 0; out[3][i] = 0 end
-for _, r in ipairs(reads) do
-  local s = redis.call('ZMSCORE', r[1], unpack(ids))
-  local col, w = out[r[2]], r[3]
-  for i = 1, #ids do
-    if s[i] then col[i] = col[i] + tonumber(s[i]) * w end
-  end
-end
-return cjson.encode(out)
-"""
-
-ITEM_ROWS = """
-local ids = cjson.decode(ARGV[1])
-local fields = cjson.decode(ARGV[2])
-local prefix, suffix = ARGV[3], ARGV[4]
-local out = {}
-for i, id in ipairs(ids) do
-  local v = redis.call('HMGET', prefix .. id .. suffix, unpack(fields))
-  local row = {}
-  for j = 1, #fields do row[j] = v[j] or cjson.null end
-  out[i] = row
-end
-return cjson.encode(out)
-"""
+def lua(name: str) -> str:
+    """A script of streams/lua/, with writes.lua spliced in where it says "-- @writes"."""
+    return (LUA / name).read_text().replace("-- @writes\n", (LUA / "writes.lua").read_text())
 
 
 @dataclass
@@ -150,6 +70,21 @@ class RankingReads:
     recent: list[str] = field(default_factory=list)
     affinity: dict[str, float] = field(default_factory=dict)
     median_price: float | None = None
+
+
+@dataclass
+class RetrievalReads:
+    """What retrieval reads for one request in one round trip (None or empty where nothing is stored)."""
+    user_vector: np.ndarray | None = None
+    session: list[str] = field(default_factory=list)
+    features: dict | None = None
+    anchor_vectors: list[np.ndarray | None] = field(default_factory=list)   # in the anchors' order
+    anchor_items: list[dict[str, str]] = field(default_factory=list)        # item features, decoded
+
+
+def decode_vector(raw: bytes | None) -> np.ndarray | None:
+    """A published embedding's value: float32 bytes (batch/publish.py writes them)."""
+    return np.frombuffer(raw, dtype=np.float32) if raw else None
 
 
 class OffsetConflict(Exception):
@@ -174,10 +109,10 @@ class OnlineStore:
         self.offsets_prefix = namespace + keys.applied_prefix(group, topic)
         self.guard_field = keys.guard_field(group, topic, 0)[:-1]   # + partition
         self.oos = namespace + keys.OOS   # also the routing key of the global-slot scripts
-        self._apply = client.register_script(APPLY_BATCH)
-        self._apply_group = client.register_script(APPLY_GROUP)
-        self._stats = client.register_script(CANDIDATE_STATS)
-        self._item_rows = client.register_script(ITEM_ROWS)
+        self._apply = client.register_script(lua("apply_batch.lua"))
+        self._apply_group = client.register_script(lua("apply_group.lua"))
+        self._stats = client.register_script(lua("candidate_stats.lua"))
+        self._item_rows = client.register_script(lua("item_rows.lua"))
 
     # -- writes ----------------------------------------------------------------------------------
     async def apply(self, ops: RedisOps) -> None:
@@ -282,7 +217,7 @@ class OnlineStore:
                                      orjson.dumps(groups[tag].as_payload()), self.guard_field, self.ns, GUARD_TTL_S)
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                await self.redis.script_load(APPLY_GROUP)   # every master; the groups applied meanwhile answer 'done'
+                await self.redis.script_load(self._apply_group.script)   # every master; the groups applied meanwhile answer 'done'
                 continue
             break
         conflicts = {}
@@ -501,6 +436,65 @@ class OnlineStore:
         out.median_price = float(d["median_price"]) if d.get("median_price") else None
         return out
 
+    async def retrieval_reads(self, user_id: str | None, anchors: Sequence[str], version: str | None) -> RetrievalReads:
+        """The shopper's vector of `version`, session and features, and each anchor's vector and item
+        features: one pipelined round trip (by node on a cluster)."""
+        pipe = self.redis.pipeline(transaction=False)
+        if user_id:
+            pipe.get(self.ns + keys.embedding("user", str(version), user_id))
+            pipe.get(self.ns + session_key(user_id))
+            pipe.hgetall(self.ns + features_key(user_id))
+        for a in anchors:
+            pipe.get(self.ns + keys.embedding("item", str(version), a))
+            pipe.hgetall(self.ns + keys.item_features(a))
+        res = await pipe.execute()
+        out = RetrievalReads()
+        if user_id:
+            raw_user, raw_session, raw_feats = res[:3]
+            res = res[3:]
+            out.user_vector = decode_vector(raw_user)
+            out.session = orjson.loads(raw_session) if raw_session else []
+            out.features = decode_features(raw_feats) if raw_feats else None
+        out.anchor_vectors = [decode_vector(x) for x in res[0::2]]
+        out.anchor_items = [{k.decode(): v.decode() for k, v in h.items()} for h in res[1::2]]
+        return out
+
+    async def serving_path(self, forget_after_s: float, now: float) -> tuple[dict[str, dict], dict | None]:
+        """The serving agents' reports (keys.AGENTS) and the model pointer, in one round trip; reports
+        older than `forget_after_s` are removed."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.ns + keys.AGENTS)
+        pipe.get(self.ns + keys.MODEL_CURRENT)
+        raw, pointer = await pipe.execute()
+        reports = {k.decode(): orjson.loads(v) for k, v in raw.items()}
+        gone = [k for k, rep in reports.items() if now - float(rep.get("ts") or 0.0) > forget_after_s]
+        if gone:
+            await self.redis.hdel(self.ns + keys.AGENTS, *gone)
+        return reports, orjson.loads(pointer) if pointer else None
+
+    async def report_agent(self, name: str, ts: float, model_version: str | None) -> None:
+        """A serving agent ("group:host:pid") is alive at `ts`, serving `model_version` (keys.AGENTS)."""
+        await self.redis.hset(self.ns + keys.AGENTS, name, orjson.dumps({"ts": ts, "model_version": model_version}))
+
+    async def forget_agent(self, name: str) -> None:
+        await self.redis.hdel(self.ns + keys.AGENTS, name)
+
+    async def existing_items(self, product_ids: Sequence[str]) -> set[str]:
+        """The products that have item features (the catalogue knows them)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for x in product_ids:
+            pipe.exists(self.ns + keys.item_features(x))
+        return {x for x, n in zip(product_ids, await pipe.execute()) if n}
+
+    async def publish_metrics(self, key: str, index: str | None, snapshot: dict, ttl_s: int) -> None:
+        """A worker's metrics snapshot under `key` (expiring), listed in the sorted set `index` if given."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, orjson.dumps(snapshot), ex=ttl_s)
+        if index:
+            pipe.zadd(index, {key: time.time()})
+            pipe.expire(index, ttl_s)
+        await pipe.execute()
+
     async def model_pointer(self) -> dict | None:
         raw = await self.redis.get(self.ns + keys.MODEL_CURRENT)
         return orjson.loads(raw) if raw else None
@@ -512,7 +506,7 @@ class OnlineStore:
         names = [self.ns + keys.embedding(kind, version, x) for x in ids]
         # a cluster cannot MGET across slots: mget_nonatomic sends one MGET per slot, pipelined by node
         raw = await (self.redis.mget_nonatomic(names) if self.cluster else self.redis.mget(names))
-        return [np.frombuffer(r, dtype=np.float32) if r else None for r in raw]
+        return [decode_vector(r) for r in raw]
 
     def homepage_key(self, user_id: str, variants: str, count: int, device: str, page: str) -> str:
         return self.ns + keys.homecache(user_id, variants, count, device, page)
