@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from recstream.ranking import SOURCES
+from schemas.recommendations import SOURCES
 
 # When several sources proposed an item, its reason comes from the most specific one.
 REASON_ORDER = ("cobuy", "covis", "knn", "session", "als", "same_brand", "same_category", "popular")
@@ -83,7 +83,8 @@ def heuristic_scores(sources: np.ndarray, trending: np.ndarray) -> np.ndarray:
         lo, hi = float(np.min(col[has])), float(np.max(col[has]))
         place = (np.nan_to_num(col) - lo) / (hi - lo) if hi > lo else np.full(col.shape, 0.5)
         out = np.maximum(out, np.where(has, HEURISTIC_WEIGHT[s] + 0.01 + 0.98 * place, 0.0))
-    return out + 0.001 * np.log1p(np.nan_to_num(trending))
+    scores: np.ndarray = out + 0.001 * np.log1p(np.nan_to_num(trending))
+    return scores
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,9 @@ def select(ids: Sequence[str], scores: np.ndarray, categories: Sequence[str | No
         eligible.append(int(i))
     if not rules.max_per_category or first is not None:   # a widget about one product: no category cap
         return eligible[: rules.count]
-    chosen, held, per_cat = [], [], {}
+    chosen: list[int] = []
+    held: list[int] = []
+    per_cat: dict[str | None, int] = {}
     for i in eligible:
         c = categories[i]
         if c is not None and per_cat.get(c, 0) >= rules.max_per_category:

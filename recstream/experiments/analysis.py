@@ -16,6 +16,7 @@ Which test each metric uses, and why (recstream.experiments.stats has the tests)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -191,9 +192,10 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-def series(daily_by_variant: dict[str, dict[str, Totals]], metrics: Sequence[str]) -> dict[str, dict[str, list]]:
+def series(daily_by_variant: dict[str, dict[str, Totals]], metrics: Sequence[str]
+           ) -> dict[str, dict[str, list[tuple[str, float]]]]:
     """metric -> variant -> [(UTC day, value over every day up to it)]: what the report plots."""
-    out: dict[str, dict[str, list]] = {m: {} for m in metrics}
+    out: dict[str, dict[str, list[tuple[str, float]]]] = {m: {} for m in metrics}
     for variant, daily in daily_by_variant.items():
         running = None
         for day in sorted(daily):
@@ -204,7 +206,7 @@ def series(daily_by_variant: dict[str, dict[str, Totals]], metrics: Sequence[str
     return out
 
 
-def plot(an: Analysis, daily_by_variant: dict[str, dict[str, Totals]], path) -> None:
+def plot(an: Analysis, daily_by_variant: dict[str, dict[str, Totals]], path: str | os.PathLike[str]) -> None:
     """Cumulative metrics by UTC day, one line per variant: a panel per metric and guardrail."""
     import matplotlib
 
