@@ -44,11 +44,14 @@ PRODUCT_NEIGHBOURS = {"cart": (50, 20), "also_viewed": (NEIGHBOURS, 100), "simil
 
 
 class Widget(Protocol):
-    """What the candidate stage reads of a request (schemas.RecommendationRequest has it)."""
-    kind: str
-    product_id: str | None
-    cart_items: tuple[str, ...]
-
+    """What the candidate stage reads of a request (schemas.RecommendationRequest has it): read-only, as
+    the frozen records that implement it are."""
+    @property
+    def kind(self) -> str: ...
+    @property
+    def product_id(self) -> str | None: ...
+    @property
+    def cart_items(self) -> tuple[str, ...]: ...
     @property
     def on_screen(self) -> frozenset[str]: ...
 

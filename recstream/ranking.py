@@ -71,7 +71,7 @@ class ItemFields:
                    in_stock=1.0 if p.in_stock else 0.0, created_at=float(p.created_at))
 
     @classmethod
-    def from_redis(cls, raw: Mapping[str | bytes, str | bytes]) -> "ItemFields":
+    def from_redis(cls, raw: Mapping[str, str] | Mapping[bytes, bytes]) -> "ItemFields":
         """From the hash streams.online_store.item_fields writes (bytes or str, as the client returns)."""
         d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
              for k, v in raw.items()}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from schemas.recommendations import SOURCES
 
@@ -108,7 +109,7 @@ def primary(kind: str, scores: Mapping[str, Sequence[float]], categories: Sequen
     return None
 
 
-def select(ids: Sequence[str], scores: np.ndarray, categories: Sequence[str | None], in_stock: Sequence[bool],
+def select(ids: Sequence[str], scores: npt.ArrayLike, categories: Sequence[str | None], in_stock: Sequence[bool],
            rules: Rules, first: np.ndarray | None = None) -> list[int]:
     """Rows to return, best first (rows in `first` before the others): out-of-stock, excluded and
     repeated ids dropped; at most `max_per_category` per category while others are left (when too
