@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import orjson
@@ -146,7 +146,7 @@ class RankingReads:
     popularity_7d: np.ndarray             # for the stats-cache misses, in their order
     purchases_7d: np.ndarray
     trending: np.ndarray
-    features: dict | None = None
+    features: dict[str, Any] | None = None
     recent: list[str] = field(default_factory=list)
     affinity: dict[str, float] = field(default_factory=dict)
     median_price: float | None = None
@@ -241,13 +241,13 @@ class OnlineStore:
             if not conflicts:
                 break
             pending = {}
-            by_guard: dict[tuple, list[str]] = {}   # one replan per distinct guard position, not per tag
+            by_guard: dict[tuple[tuple[int, int], ...], list[str]] = {}   # one replan per distinct guard position, not per tag
             for tag, at in conflicts.items():
                 by_guard.setdefault(tuple(sorted(at.items())), []).append(tag)
             # the process that moved a guard may have written newer states than we read
             states = await self.fresher(states, (i.event.user_id for i in batch))
-            for at, tags in by_guard.items():
-                start = {**applied, **{p: max(o, applied.get(p, -1)) for p, o in at}}
+            for guard, tags in by_guard.items():
+                start = {**applied, **{p: max(o, applied.get(p, -1)) for p, o in guard}}
                 again = plan(batch, states, start, categories, cfg, limits)
                 groups = split_by_tag(again.ops)
                 pending.update({tag: groups[tag] for tag in tags if tag in groups})
@@ -336,7 +336,7 @@ class OnlineStore:
         raw = await self.redis.get(self.ns + session_key(user_id))
         return orjson.loads(raw) if raw else []
 
-    async def user_features(self, user_id: str) -> dict | None:
+    async def user_features(self, user_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hgetall(self.ns + features_key(user_id))
         return decode_features(raw) if raw else None
 
@@ -416,7 +416,7 @@ class OnlineStore:
         pop, bought, trend = (np.asarray(c if isinstance(c, list) else [], np.float64) for c in orjson.loads(raw))
         return pop, bought, trend
 
-    def _item_args(self, product_ids: list[str], fields: Sequence[str]) -> list:
+    def _item_args(self, product_ids: list[str], fields: Sequence[str]) -> list[bytes | str]:
         prefix, suffix = keys.item_features("\0").split("\0")
         return [orjson.dumps(product_ids), orjson.dumps(list(fields)), self.ns + prefix, suffix]
 
@@ -469,7 +469,7 @@ class OnlineStore:
             raw = await self._stats(keys=[self.oos], args=self._stats_args(stat_misses, now, window_days, half_life_s))
             return self._stats_result(raw)
 
-        async def per_slot() -> list:
+        async def per_slot() -> list[Any]:
             pipe = self.redis.pipeline(transaction=False)
             for pid in item_misses:
                 pipe.hmget(self.ns + keys.item_features(pid), list(fields))
@@ -484,13 +484,13 @@ class OnlineStore:
         in_stock = [not x for x in res.pop(0)] if product_ids else []
         return self._with_user(RankingReads(rows, in_stock, pop, bought, trend), res if user_id else None)
 
-    def _queue_user_reads(self, pipe, user_id: str, version: str | None) -> None:
+    def _queue_user_reads(self, pipe: Any, user_id: str, version: str | None) -> None:
         pipe.hgetall(self.ns + features_key(user_id))
         pipe.get(self.ns + session_key(user_id))
         pipe.hgetall(self.ns + keys.user_offline(str(version), user_id))
 
     @staticmethod
-    def _with_user(out: "RankingReads", res: list | None) -> "RankingReads":
+    def _with_user(out: "RankingReads", res: list[Any] | None) -> "RankingReads":
         if res is None:
             return out
         feats, session, offline = res[:3]
@@ -501,7 +501,7 @@ class OnlineStore:
         out.median_price = float(d["median_price"]) if d.get("median_price") else None
         return out
 
-    async def model_pointer(self) -> dict | None:
+    async def model_pointer(self) -> dict[str, Any] | None:
         raw = await self.redis.get(self.ns + keys.MODEL_CURRENT)
         return orjson.loads(raw) if raw else None
 
