@@ -241,7 +241,8 @@ class OnlineStore:
             if not conflicts:
                 break
             pending = {}
-            by_guard: dict[tuple[tuple[int, int], ...], list[str]] = {}   # one replan per distinct guard position, not per tag
+            # one replan per distinct guard position ((partition, offset) pairs), not per tag
+            by_guard: dict[tuple[tuple[int, int], ...], list[str]] = {}
             for tag, at in conflicts.items():
                 by_guard.setdefault(tuple(sorted(at.items())), []).append(tag)
             # the process that moved a guard may have written newer states than we read
