@@ -162,7 +162,8 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
         while not stop.is_set() and not task.done():
             swapped.clear()   # before the snapshot: a swap from here on brings the next one forward
             st = agent.stats
-            snap = {"agent": role, "ts": time.time(), "model_version": models.current.version if models.current else None,
+            now, version = time.time(), models.current.version if models.current else None
+            snap = {"agent": role, "ts": now, "model_version": version,
                     "swaps": models.swaps, "received": st.received, "handled": st.handled, "expired": st.expired,
                     "dead_letters": st.dead_letters, "errors": st.errors, "batches": st.batches,
                     "handle_latency_ms": st.handle_latency.percentiles_ms(),
@@ -173,7 +174,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
             try:
                 await store.publish_metrics(key, None, snap, METRICS_TTL_S)
                 # the API's readiness and fallback replies read who serves, and on which version
-                await store.report_agent(agent_field, snap["ts"], snap["model_version"])
+                await store.report_agent(agent_field, now, version)
             except Exception as exc:  # metrics must never stop the worker
                 log.warning("metrics not published: %r", exc)
             waiter = asyncio.ensure_future(swapped.wait())

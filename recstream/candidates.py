@@ -22,7 +22,7 @@ two stores.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection, Mapping, Protocol, Sequence
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -44,11 +44,14 @@ PRODUCT_NEIGHBOURS = {"cart": (50, 20), "also_viewed": (NEIGHBOURS, 100), "simil
 
 
 class Widget(Protocol):
-    """What the candidate stage reads of a request (schemas.RecommendationRequest has it)."""
-    kind: str
-    product_id: str | None
-    cart_items: tuple[str, ...]
-
+    """What the candidate stage reads of a request (schemas.RecommendationRequest has it): read-only, as
+    the frozen records that implement it are."""
+    @property
+    def kind(self) -> str: ...
+    @property
+    def product_id(self) -> str | None: ...
+    @property
+    def cart_items(self) -> tuple[str, ...]: ...
     @property
     def on_screen(self) -> frozenset[str]: ...
 
@@ -92,7 +95,8 @@ class Shopper:
                    tuple(state.touched), tuple(state.history))
 
     @classmethod
-    def from_redis(cls, recent: Sequence[str] | None, features: Mapping | None, now: float, idle_s: float) -> "Shopper":
+    def from_redis(cls, recent: Sequence[str] | None, features: Mapping[str, Any] | None, now: float,
+                   idle_s: float) -> "Shopper":
         """From user_session and decode_features(user_features) (serving); None: the key is absent."""
         f = features or {}
         cart, history = tuple(f.get("cart_items") or ()), tuple(f.get("history") or ())
@@ -165,7 +169,7 @@ def propose(w: Widget, shopper: Shopper, reads: Sequence[Read], answers: Sequenc
     if w.kind == "homepage" and "session" in sources:   # this session's views first, then the user's history
         own = dict.fromkeys((*shopper.recent[:SESSION_ITEMS], *shopper.history[:HISTORY_ITEMS]))
         out.add_all([(pid, 1.0 / (i + 1)) for i, pid in enumerate(own)], "session")
-    summed: dict[str, list] = {}   # item kNN: product -> [sum, best part, its anchor]
+    summed: dict[str, list[Any]] = {}   # item kNN: product -> [sum, best part, its anchor]
     for rd, rows in zip(reads, answers, strict=True):
         if rd.table != "knn":
             out.add_all(rows, rd.source, rd.key)
@@ -240,7 +244,8 @@ class Query:
     rank_source: str = "none"
 
 
-def query(w: Widget, shopper: Shopper, user: np.ndarray | None, item_vector) -> Query:
+def query(w: Widget, shopper: Shopper, user: np.ndarray | None,
+          item_vector: Callable[[str], np.ndarray | None]) -> Query:
     """`user`: the user's ALS vector (None: unknown); `item_vector(id)`: an item's vector or None."""
     vector, source, anchor = None, "none", None
     if w.kind == "homepage":

@@ -47,10 +47,10 @@ def merge_parts(parts: list[CandidateSet], k: int) -> CandidateSet:
         for source, col in p.scores.items():
             if source == ANN:
                 continue
-            anchors = p.anchors.get(source)
+            source_anchors = p.anchors.get(source)
             for i, (pid, sc) in enumerate(zip(p.product_ids, col)):
                 if _proposed(sc):
-                    proposals.add(pid, source, sc, anchors[i] if anchors else None)
+                    proposals.add(pid, source, sc, source_anchors[i] if source_anchors else None)
     ann.sort(key=lambda x: -x[0])   # stable: ties keep shard order
     proposals.exclude = set(lead.request.on_screen)   # they took their slots in the top k, as in one index
     for sc, pid, anchor in ann[:k]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class ItemFields:
                    in_stock=1.0 if p.in_stock else 0.0, created_at=float(p.created_at))
 
     @classmethod
-    def from_redis(cls, raw: Mapping[str | bytes, str | bytes]) -> "ItemFields":
+    def from_redis(cls, raw: Mapping[str, str] | Mapping[bytes, bytes]) -> "ItemFields":
         """From the hash streams.online_store.item_fields writes (bytes or str, as the client returns)."""
         d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
              for k, v in raw.items()}
@@ -130,6 +130,7 @@ def session_view(ctx: Context) -> SessionView:
     s = ctx.session
     if s is None:
         return SessionView()
+    recent: Sequence[str]
     if isinstance(s, UserState):
         recent, cats, cart, bought = s.recent, s.categories, s.cart, s.purchases
         last_viewed, last_s, events = s.last_viewed, s.last_s, s.events
@@ -177,7 +178,7 @@ def columns(candidates: Sequence[Candidate]) -> Columns:
     n = len(candidates)
     items = [c.item or ItemFields() for c in candidates]
 
-    def col(values) -> np.ndarray:
+    def col(values: Iterable[float]) -> np.ndarray:
         return np.fromiter(values, np.float64, n)
 
     emb = None
@@ -222,7 +223,8 @@ def _rank_pct(x: np.ndarray) -> np.ndarray:
 
 
 def _safe_log(x: np.ndarray) -> np.ndarray:
-    return np.log(np.maximum(x, 1e-6))
+    out: np.ndarray = np.log(np.maximum(x, 1e-6))
+    return out
 
 
 def matrix(ctx: Context, cols: Columns) -> np.ndarray:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from recstream.ranking import SOURCES
+from schemas.recommendations import SOURCES
 
 # When several sources proposed an item, its reason comes from the most specific one.
 REASON_ORDER = ("cobuy", "covis", "knn", "session", "als", "same_brand", "same_category", "popular")
@@ -83,7 +84,8 @@ def heuristic_scores(sources: np.ndarray, trending: np.ndarray) -> np.ndarray:
         lo, hi = float(np.min(col[has])), float(np.max(col[has]))
         place = (np.nan_to_num(col) - lo) / (hi - lo) if hi > lo else np.full(col.shape, 0.5)
         out = np.maximum(out, np.where(has, HEURISTIC_WEIGHT[s] + 0.01 + 0.98 * place, 0.0))
-    return out + 0.001 * np.log1p(np.nan_to_num(trending))
+    scores: np.ndarray = out + 0.001 * np.log1p(np.nan_to_num(trending))
+    return scores
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def primary(kind: str, scores: Mapping[str, Sequence[float]], categories: Sequen
     return None
 
 
-def select(ids: Sequence[str], scores: np.ndarray, categories: Sequence[str | None], in_stock: Sequence[bool],
+def select(ids: Sequence[str], scores: npt.ArrayLike, categories: Sequence[str | None], in_stock: Sequence[bool],
            rules: Rules, first: np.ndarray | None = None) -> list[int]:
     """Rows to return, best first (rows in `first` before the others): out-of-stock, excluded and
     repeated ids dropped; at most `max_per_category` per category while others are left (when too
@@ -126,7 +128,9 @@ def select(ids: Sequence[str], scores: np.ndarray, categories: Sequence[str | No
         eligible.append(int(i))
     if not rules.max_per_category or first is not None:   # a widget about one product: no category cap
         return eligible[: rules.count]
-    chosen, held, per_cat = [], [], {}
+    chosen: list[int] = []
+    held: list[int] = []
+    per_cat: dict[str | None, int] = {}
     for i in eligible:
         c = categories[i]
         if c is not None and per_cat.get(c, 0) >= rules.max_per_category:

@@ -27,7 +27,8 @@ def arrow_type(rule: Any) -> pa.DataType:
     if isinstance(rule, ListOf):
         return pa.list_(arrow_type(rule.item))
     if isinstance(rule, Nested):
-        return pa.struct(list(arrow_schema(rule.record)))
+        # python/mypy#11470: mypy sees no __hash__ on a type[X] variable (a class is hashable)
+        return pa.struct(list(arrow_schema(rule.record)))  # type: ignore[arg-type]
     if isinstance(rule, StrMap):
         return pa.map_(pa.string(), pa.string())
     if isinstance(rule, NumMap):
@@ -65,6 +66,6 @@ def to_table(records: Iterable[Record], record: type[Record] | None = None) -> p
         raise ValueError("to_table needs the record class when there are no records")
     if any(type(r) is not record for r in rows):
         raise TypeError(f"to_table takes records of one class ({record.__name__})")
-    schema = arrow_schema(record)
+    schema = arrow_schema(record)  # type: ignore[arg-type]  # python/mypy#11470, as in arrow_type
     columns = [pa.array([_plain(getattr(r, f.name)) for r in rows], type=f.type) for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)

@@ -68,12 +68,12 @@ class Text:
     def __call__(self, v: Any, now: float) -> str:
         if isinstance(v, bool) or not isinstance(v, (str, int)):
             raise Invalid(f"expected a string, got {type(v).__name__}")
-        v = str(v)
-        if len(v) < self.min_len:
+        s = str(v)
+        if len(s) < self.min_len:
             raise Invalid("must not be empty")
-        if len(v) > self.max_len:
-            raise Invalid(f"longer than {self.max_len} characters ({len(v)})")
-        return v
+        if len(s) > self.max_len:
+            raise Invalid(f"longer than {self.max_len} characters ({len(s)})")
+        return s
 
     def json_schema(self) -> dict[str, Any]:
         return {"type": "string", "minLength": self.min_len, "maxLength": self.max_len}
@@ -85,11 +85,11 @@ class Id(Text):
     (a Text, so whatever maps Text, such as the Arrow schema, takes it as a string)."""
 
     def __call__(self, v: Any, now: float) -> str:
-        v = Text.__call__(self, _string(v), now)
-        if not _ID_RE.fullmatch(v):
-            bad = next(c for c in v if not _ID_RE.fullmatch(c))
+        s = Text.__call__(self, _string(v), now)
+        if not _ID_RE.fullmatch(s):
+            bad = next(c for c in s if not _ID_RE.fullmatch(c))
             raise Invalid(f"character {bad!r} not allowed in an id (no whitespace, control characters or :*?[]\\,{{}})")
-        return v
+        return s
 
     def json_schema(self) -> dict[str, Any]:
         return {"type": "string", "minLength": max(self.min_len, 1), "maxLength": self.max_len, "pattern": ID_PATTERN}
@@ -100,11 +100,11 @@ class Label(Text):
     """A category or page name: a string (Text) without LABEL_FORBIDDEN's characters."""
 
     def __call__(self, v: Any, now: float) -> str:
-        v = Text.__call__(self, _string(v), now)
-        bad = _LABEL_BAD.search(v)
+        s = Text.__call__(self, _string(v), now)
+        bad = _LABEL_BAD.search(s)
         if bad:
             raise Invalid(f"character {bad.group()!r} not allowed (no control characters, line breaks or {{}})")
-        return v
+        return s
 
     def json_schema(self) -> dict[str, Any]:
         return {**Text.json_schema(self), "pattern": LABEL_PATTERN}
@@ -150,7 +150,7 @@ class Choice:
     options: tuple[str, ...]
 
     def __call__(self, v: Any, now: float) -> str:
-        if v not in self.options:
+        if not isinstance(v, str) or v not in self.options:   # the options are strings: no other value is one
             raise Invalid(f"{str(v)[:40]!r} is not one of {', '.join(self.options)}")
         return v
 
@@ -193,7 +193,7 @@ class ListOf:
     max_items: int = 100
     min_items: int = 0
 
-    def __call__(self, v: Any, now: float) -> tuple:
+    def __call__(self, v: Any, now: float) -> tuple[Any, ...]:
         if not isinstance(v, (list, tuple)):
             raise Invalid(f"expected a list, got {type(v).__name__}")
         if len(v) < self.min_items:
@@ -280,6 +280,8 @@ class Record:
 
     SCHEMA: ClassVar[str]
     VERSION: ClassVar[int] = 1
+    # Every record is a dataclass (declared on the subclass): this tells the checker so, for dataclasses.fields.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
     __slots__ = ()
 
     @classmethod

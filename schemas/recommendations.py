@@ -99,7 +99,7 @@ class Columns:
     column: Any
     max_keys: int = 16
 
-    def __call__(self, v: Any, now: float) -> dict[str, tuple]:
+    def __call__(self, v: Any, now: float) -> dict[str, tuple[Any, ...]]:
         if not isinstance(v, dict) or len(v) > self.max_keys:
             raise Invalid(f"expected an object of at most {self.max_keys} columns")
         out = {}

@@ -5,6 +5,7 @@ import fcntl
 import itertools
 import os
 from pathlib import Path
+from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -19,7 +20,7 @@ FETCH_MAX_WAIT_MS = 100
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport):
+    def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
         return consumer
@@ -37,7 +38,7 @@ class _Transport(faust_aiokafka.Transport):
 class App(faust.App):
     datadir_lock: int | None = None   # fd holding this process's claim on its datadir (see claim_datadir)
 
-    def _new_transport(self):
+    def _new_transport(self) -> _Transport:
         return _Transport(self.conf.broker_consumer, self)
 
     async def on_shutdown(self) -> None:   # after the tables (children) stopped

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from faust.types import EventT, TopicT
 
@@ -36,11 +37,11 @@ class DeadLetter:
         return cls(h[H_SOURCE], int(h[H_PARTITION]), int(h[H_OFFSET]), h[H_FIELD], h[H_REASON], key, value)
 
 
-def from_error(event: EventT, error: SchemaError) -> DeadLetter:
+def from_error(event: EventT[Any], error: SchemaError) -> DeadLetter:
     return from_record(event.message, error)
 
 
-def from_record(msg, error: SchemaError) -> DeadLetter:
+def from_record(msg: Any, error: SchemaError) -> DeadLetter:
     """`msg`: a faust Message or an aiokafka ConsumerRecord (topic, partition, offset, key, value)."""
     reason = "; ".join(map(str, error.errors))
     return DeadLetter(msg.topic, msg.partition, msg.offset, error.errors[0].field, reason, msg.key, msg.value)

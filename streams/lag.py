@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -41,14 +42,18 @@ async def group_lag(s: Settings, group: str, topic: str) -> list[PartitionLag]:
         await admin.close()
 
 
-async def _committed(admin: AIOKafkaAdminClient, group: str, partitions: list[TopicPartition]) -> dict:
+async def _committed(admin: AIOKafkaAdminClient, group: str, partitions: list[TopicPartition]
+                     ) -> dict[TopicPartition, Any]:
     # The first coordinator lookup on a fresh broker creates __consumer_offsets: wait for it.
+    offsets: dict[TopicPartition, Any]   # partition -> OffsetAndMetadata (aiokafka ships no types)
     for attempt in range(40):
         try:
-            return await admin.list_consumer_group_offsets(group, partitions=partitions)
+            offsets = await admin.list_consumer_group_offsets(group, partitions=partitions)
+            return offsets
         except CoordinatorNotAvailableError:
             await asyncio.sleep(0.25)
-    return await admin.list_consumer_group_offsets(group, partitions=partitions)
+    offsets = await admin.list_consumer_group_offsets(group, partitions=partitions)
+    return offsets
 
 
 def total(lags: list[PartitionLag]) -> int:

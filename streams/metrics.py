@@ -15,14 +15,15 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from recstream.stats import BUCKETS, bucket_upper_s
+from schemas import RecommendationReply
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 
 _UPPERS = np.array([bucket_upper_s(i) for i in range(BUCKETS)])
 
 
-def fold_histogram(counts: Iterable[int], bounds: tuple[float, ...] = LATENCY_BUCKETS_S) -> tuple[list, float]:
+def fold_histogram(counts: Iterable[int], bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+                   ) -> tuple[list[tuple[str, float]], float]:
     """recstream.stats counts per fine bucket -> ([(le, cumulative count)...,("+Inf", total)], sum in
     seconds). A fine bucket is counted under the first bound at or above its upper edge (so never
     too early); the sum uses the buckets' upper edges (at most 5% high)."""
@@ -44,7 +46,7 @@ def fold_histogram(counts: Iterable[int], bounds: tuple[float, ...] = LATENCY_BU
         c = np.zeros(BUCKETS, dtype=np.int64)
     uppers = _UPPERS[: c.size]
     cumulative = np.cumsum(c)
-    out = []
+    out: list[tuple[str, float]] = []
     for b in bounds:
         n = int(np.searchsorted(uppers, b * (1 + 1e-9), side="right"))   # fine buckets entirely <= b
         out.append((_le(b), float(cumulative[n - 1]) if n else 0.0))
@@ -60,11 +62,11 @@ def _le(b: float) -> str:
 class SnapshotCollector(Collector):
     """Metrics of one worker from the latest snapshot dict its loop published (see module docstring)."""
 
-    def __init__(self, worker: str, snapshot: Callable[[], dict | None]):
+    def __init__(self, worker: str, snapshot: Callable[[], dict[str, Any] | None]):
         self.worker = worker
         self.snapshot = snapshot
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         snap = self.snapshot() or {}
         w = self.worker
         labels = ["worker"]
@@ -100,38 +102,39 @@ class SnapshotCollector(Collector):
                 yield fam
         lag = snap.get("lag")
         if isinstance(lag, dict):
-            fam = GaugeMetricFamily("recstream_worker_lag_records", "records behind the partition's end, as the "
-                                    "worker sees its own assignment", labels=["worker", "partition"])
+            gauge = GaugeMetricFamily("recstream_worker_lag_records", "records behind the partition's end, as the "
+                                      "worker sees its own assignment", labels=["worker", "partition"])
             for p, n in lag.items():
                 if n is not None:
-                    fam.add_metric([w, str(p)], float(n))
-            yield fam
+                    gauge.add_metric([w, str(p)], float(n))
+            yield gauge
         for key, name, doc in (
                 ("event_latency_counts", "recstream_event_to_feature_seconds", "event time to features written in Redis"),
                 ("ingest_latency_counts", "recstream_ingest_to_feature_seconds", "Kafka append time to features written"),
                 ("handle_latency_counts", "recstream_serving_batch_seconds", "serving batch in to replies queued")):
             if key in snap:
                 buckets, total = fold_histogram(snap[key])
-                fam = HistogramMetricFamily(name, doc, labels=labels)
-                fam.add_metric([w], buckets, total)
-                yield fam
+                hist = HistogramMetricFamily(name, doc, labels=labels)
+                hist.add_metric([w], buckets, total)
+                yield hist
         if snap.get("model_version") is not None:
-            fam = GaugeMetricFamily("recstream_model_info", "model version loaded (value 1)", labels=["worker", "version"])
-            fam.add_metric([w, str(snap["model_version"])], 1.0)
-            yield fam
+            info = GaugeMetricFamily("recstream_model_info", "model version loaded (value 1)",
+                                     labels=["worker", "version"])
+            info.add_metric([w, str(snap["model_version"])], 1.0)
+            yield info
 
 
 class SnapshotHolder:
     """Where a worker loop leaves its latest snapshot for the collector (a scrape runs in another thread)."""
 
     def __init__(self) -> None:
-        self.snapshot: dict | None = None
+        self.snapshot: dict[str, Any] | None = None
 
-    def __call__(self) -> dict | None:
+    def __call__(self) -> dict[str, Any] | None:
         return self.snapshot
 
 
-def worker_registry(worker: str, snapshot: Callable[[], dict | None]) -> CollectorRegistry:
+def worker_registry(worker: str, snapshot: Callable[[], dict[str, Any] | None]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(worker, snapshot))
     return registry
@@ -205,8 +208,8 @@ class ApiMetrics:
         for result in ("hit", "miss"):
             self.cache.labels(result)
         self.lag: dict[str, LagSample] = {}
-        self.model: dict | None = None
-        self.ctr: dict[str, dict[str, dict]] = {}   # experiment -> variant -> {ctr, impressions, clicked}
+        self.model: dict[str, Any] | None = None
+        self.ctr: dict[str, dict[str, dict[str, Any]]] = {}   # experiment -> variant -> {ctr, impressions, clicked}
         self.late_replies: Callable[[], int] = lambda: 0
         self.exposures_lost: Callable[[], int] = lambda: 0
         self.exposures_logged: Callable[[], int] = lambda: 0
@@ -214,7 +217,7 @@ class ApiMetrics:
         self.exposures_resent: Callable[[], int] = lambda: 0
         r.register(_ApiStateCollector(self))
 
-    def observe_reply(self, endpoint: str, status: str, reply, seconds: float) -> None:
+    def observe_reply(self, endpoint: str, status: str, reply: RecommendationReply, seconds: float) -> None:
         """One recommendation reply: how it was served, stage times, cache, experiments."""
         self.served.labels(endpoint, status).inc()
         if status.startswith("fallback_"):
@@ -235,7 +238,7 @@ class _ApiStateCollector(Collector):
     def __init__(self, m: ApiMetrics):
         self.m = m
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         m = self.m
         late = CounterMetricFamily("recstream_late_replies", "agent replies that came after their deadline")
         late.add_metric([], float(m.late_replies()))
@@ -287,9 +290,10 @@ class LagSampler:
     def __init__(self, bootstrap: str, groups: list[tuple[str, str]]):
         self.bootstrap = bootstrap
         self.groups = groups   # (group, topic)
-        self._admin = None
-        self._consumer = None   # offsets and metadata only: never assigned (assigning narrows its metadata)
-        self._fetcher = None    # reads the oldest unconsumed records
+        # aiokafka clients, made by start() (aiokafka ships no types)
+        self._admin: Any = None
+        self._consumer: Any = None   # offsets and metadata only: never assigned (that narrows its metadata)
+        self._fetcher: Any = None    # reads the oldest unconsumed records
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -321,7 +325,7 @@ class LagSampler:
         out = []
         consumer = self._consumer
         now = time.time()
-        offsets: dict[str, tuple[list, dict, dict]] = {}   # topic -> (partitions, ends, begins): once per topic
+        offsets: dict[str, tuple[list[Any], dict[Any, int], dict[Any, int]]] = {}   # topic -> (partitions, ends, begins): once per topic
         for group, topic in self.groups:
             if topic not in offsets:
                 parts = sorted(consumer.partitions_for_topic(topic) or ())
@@ -353,13 +357,13 @@ class LagSampler:
             out.append(sample)
         return out
 
-    async def _oldest_timestamps(self, offsets: dict) -> dict:
+    async def _oldest_timestamps(self, offsets: dict[Any, int]) -> dict[Any, int]:
         """tp -> timestamp (ms) of the first record at or after `offset`."""
         consumer = self._fetcher
         consumer.assign(list(offsets))
         for tp, off in offsets.items():
             consumer.seek(tp, off)
-        found: dict = {}
+        found: dict[Any, int] = {}
         deadline = time.monotonic() + 2.0
         while len(found) < len(offsets) and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200, max_records=len(offsets) * 4)

@@ -35,7 +35,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import orjson
@@ -66,7 +66,7 @@ class RankingReads:
     popularity_7d: np.ndarray             # for the stats-cache misses, in their order
     purchases_7d: np.ndarray
     trending: np.ndarray
-    features: dict | None = None
+    features: dict[str, Any] | None = None
     recent: list[str] = field(default_factory=list)
     affinity: dict[str, float] = field(default_factory=dict)
     median_price: float | None = None
@@ -77,14 +77,14 @@ class RetrievalReads:
     """What retrieval reads for one request in one round trip (None or empty where nothing is stored)."""
     user_vector: np.ndarray | None = None
     session: list[str] = field(default_factory=list)
-    features: dict | None = None
+    features: dict[str, Any] | None = None
     anchor_vectors: list[np.ndarray | None] = field(default_factory=list)   # in the anchors' order
     anchor_items: list[dict[str, str]] = field(default_factory=list)        # item features, decoded
 
 
-def decode_vector(raw: bytes | None) -> np.ndarray | None:
-    """A published embedding's value: float32 bytes (batch/publish.py writes them)."""
-    return np.frombuffer(raw, dtype=np.float32) if raw else None
+def decode_vector(raw: object) -> np.ndarray | None:
+    """A published embedding's value: float32 bytes (batch/publish.py writes them); None if absent."""
+    return np.frombuffer(raw, dtype=np.float32) if isinstance(raw, bytes) and raw else None
 
 
 class OffsetConflict(Exception):
@@ -176,13 +176,14 @@ class OnlineStore:
             if not conflicts:
                 break
             pending = {}
-            by_guard: dict[tuple, list[str]] = {}   # one replan per distinct guard position, not per tag
+            # one replan per distinct guard position ((partition, offset) pairs), not per tag
+            by_guard: dict[tuple[tuple[int, int], ...], list[str]] = {}
             for tag, at in conflicts.items():
                 by_guard.setdefault(tuple(sorted(at.items())), []).append(tag)
             # the process that moved a guard may have written newer states than we read
             states = await self.fresher(states, (i.event.user_id for i in batch))
-            for at, tags in by_guard.items():
-                start = {**applied, **{p: max(o, applied.get(p, -1)) for p, o in at}}
+            for guard, tags in by_guard.items():
+                start = {**applied, **{p: max(o, applied.get(p, -1)) for p, o in guard}}
                 again = plan(batch, states, start, categories, cfg, limits)
                 groups = split_by_tag(again.ops)
                 pending.update({tag: groups[tag] for tag in tags if tag in groups})
@@ -271,7 +272,7 @@ class OnlineStore:
         raw = await self.redis.get(self.ns + session_key(user_id))
         return orjson.loads(raw) if raw else []
 
-    async def user_features(self, user_id: str) -> dict | None:
+    async def user_features(self, user_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hgetall(self.ns + features_key(user_id))
         return decode_features(raw) if raw else None
 
@@ -351,7 +352,7 @@ class OnlineStore:
         pop, bought, trend = (np.asarray(c if isinstance(c, list) else [], np.float64) for c in orjson.loads(raw))
         return pop, bought, trend
 
-    def _item_args(self, product_ids: list[str], fields: Sequence[str]) -> list:
+    def _item_args(self, product_ids: list[str], fields: Sequence[str]) -> list[bytes | str]:
         prefix, suffix = keys.item_features("\0").split("\0")
         return [orjson.dumps(product_ids), orjson.dumps(list(fields)), self.ns + prefix, suffix]
 
@@ -404,7 +405,7 @@ class OnlineStore:
             raw = await self._stats(keys=[self.oos], args=self._stats_args(stat_misses, now, window_days, half_life_s))
             return self._stats_result(raw)
 
-        async def per_slot() -> list:
+        async def per_slot() -> list[Any]:
             pipe = self.redis.pipeline(transaction=False)
             for pid in item_misses:
                 pipe.hmget(self.ns + keys.item_features(pid), list(fields))
@@ -419,13 +420,13 @@ class OnlineStore:
         in_stock = [not x for x in res.pop(0)] if product_ids else []
         return self._with_user(RankingReads(rows, in_stock, pop, bought, trend), res if user_id else None)
 
-    def _queue_user_reads(self, pipe, user_id: str, version: str | None) -> None:
+    def _queue_user_reads(self, pipe: Any, user_id: str, version: str | None) -> None:
         pipe.hgetall(self.ns + features_key(user_id))
         pipe.get(self.ns + session_key(user_id))
         pipe.hgetall(self.ns + keys.user_offline(str(version), user_id))
 
     @staticmethod
-    def _with_user(out: "RankingReads", res: list | None) -> "RankingReads":
+    def _with_user(out: "RankingReads", res: list[Any] | None) -> "RankingReads":
         if res is None:
             return out
         feats, session, offline = res[:3]
@@ -459,7 +460,7 @@ class OnlineStore:
         out.anchor_items = [{k.decode(): v.decode() for k, v in h.items()} for h in res[1::2]]
         return out
 
-    async def serving_path(self, forget_after_s: float, now: float) -> tuple[dict[str, dict], dict | None]:
+    async def serving_path(self, forget_after_s: float, now: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
         """The serving agents' reports (keys.AGENTS) and the model pointer, in one round trip; reports
         older than `forget_after_s` are removed."""
         pipe = self.redis.pipeline(transaction=False)
@@ -486,7 +487,7 @@ class OnlineStore:
             pipe.exists(self.ns + keys.item_features(x))
         return {x for x, n in zip(product_ids, await pipe.execute()) if n}
 
-    async def publish_metrics(self, key: str, index: str | None, snapshot: dict, ttl_s: int) -> None:
+    async def publish_metrics(self, key: str, index: str | None, snapshot: dict[str, Any], ttl_s: int) -> None:
         """A worker's metrics snapshot under `key` (expiring), listed in the sorted set `index` if given."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(key, orjson.dumps(snapshot), ex=ttl_s)
@@ -495,7 +496,7 @@ class OnlineStore:
             pipe.expire(index, ttl_s)
         await pipe.execute()
 
-    async def model_pointer(self) -> dict | None:
+    async def model_pointer(self) -> dict[str, Any] | None:
         raw = await self.redis.get(self.ns + keys.MODEL_CURRENT)
         return orjson.loads(raw) if raw else None
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from recstream.data import Dataset
 from recstream.settings import Settings
-from schemas import Record
 from streams.producer import create_producer
 from streams.topics import ensure_topics
 
@@ -32,7 +31,15 @@ class ReplayResult:
         return f"{self.topic}: {self.acked} records acknowledged in {self.seconds:.2f} s ({self.rate:,.0f}/s)"
 
 
-async def publish(producer: AIOKafkaProducer, topic: str, records: Sequence[Record] | Iterable[Record],
+class KeyedRecord(Protocol):
+    """A record a topic binds: its JSON and its Kafka key (schemas' events, exposures, requests, products)."""
+    @property
+    def key(self) -> bytes: ...
+
+    def to_json(self) -> bytes: ...
+
+
+async def publish(producer: AIOKafkaProducer, topic: str, records: Sequence[KeyedRecord] | Iterable[KeyedRecord],
                   *, rate_per_s: float | None = None, progress: bool = True, total: int | None = None) -> ReplayResult:
     """Send records keyed by their `key`; return once every one is acknowledged (acks=all).
 
@@ -41,7 +48,7 @@ async def publish(producer: AIOKafkaProducer, topic: str, records: Sequence[Reco
     total = total if total is not None else (len(records) if isinstance(records, Sequence) else None)
     bar = tqdm(total=total, desc=topic, unit="rec", disable=not progress, mininterval=0.5)
     start = time.perf_counter()
-    pending: list[asyncio.Future] = []
+    pending: list[asyncio.Future[Any]] = []
     acked = 0
     for i, record in enumerate(records):
         if rate_per_s:

@@ -6,6 +6,7 @@ products, order and offsets in time); only `end_s` anchors them to a moment.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ def generate(cfg: ShopConfig = ShopConfig()) -> Shop:
     by_id = {p.product_id: p for p in products}
     tops = list(TOP_CATEGORIES)
     start_s = cfg.end_s - cfg.days * 86_400
-    raw: list[tuple[float, dict]] = []
+    raw: list[tuple[float, dict[str, Any]]] = []
     tastes: dict[str, dict[str, float]] = {}
     for u in range(cfg.users):
         user = f"u{u:05d}"
@@ -111,7 +112,7 @@ def generate(cfg: ShopConfig = ShopConfig()) -> Shop:
     return Shop(products, events, tastes)
 
 
-def _ev(user: str, session: str, p: Product, kind: str, device: str, page: str) -> dict:
+def _ev(user: str, session: str, p: Product, kind: str, device: str, page: str) -> dict[str, Any]:
     priced = kind in ("add_to_cart", "purchase")
     return dict(user_id=user, session_id=session, product_id=p.product_id, event_type=kind, device=device,
                 page=page, price=p.price if priced else None, category=p.category)
@@ -123,7 +124,8 @@ def _singular(name: str) -> str:
     return name[:-1] if name.endswith("s") else name
 
 
-def _catalogue(cfg: ShopConfig, rng: np.random.Generator):
+def _catalogue(cfg: ShopConfig, rng: np.random.Generator
+               ) -> tuple[list[Product], dict[str, list[str]], dict[str, np.ndarray], dict[str, list[str]]]:
     tops = list(TOP_CATEGORIES)
     brands = {top: [BRANDS[(t * 3 + b) % len(BRANDS)] for b in range(cfg.brands_per_top)] for t, top in enumerate(tops)}
     leaves = [(top, leaf) for top in tops for leaf in TOP_CATEGORIES[top]]

@@ -75,7 +75,7 @@ class _Baseline:
             threshold = np.partition(s[ok], ok.size - m)[ok.size - m]
             ok = ok[s[ok] >= threshold]
         top = ok[np.lexsort((self.pop_rank[ok], -s[ok]))][:m]
-        out = self.items[top].tolist()
+        out: list[str] = self.items[top].tolist()
         if q.universe is not None and len(out) < k:   # universe items we know nothing of, by id
             out += sorted(x for x in q.universe - q.exclude if x not in self.idx)[:k - len(out)]
         return out
@@ -113,8 +113,9 @@ class _Baseline:
 class Popularity(_Baseline):
     """Most popular items: summed event weights in training, optionally over its last `window_days` only."""
 
-    def __init__(self, window_days: float | None = None, **kw):
-        super().__init__(**kw)
+    def __init__(self, window_days: float | None = None,
+                 *, seed: int | None = None, weights: Mapping[str, float] | None = None):
+        super().__init__(seed=seed, weights=weights)
         self.window_days = window_days
         self.name = "pop" if window_days is None else f"pop{window_days:g}d"
 
@@ -140,7 +141,8 @@ class SessionPopularity(_Baseline):
             for item in q.history + q.cart:
                 c[item] = c.get(item, 0.0) + 1.0
             counts.append(c)
-        return self._matrix(counts).toarray()
+        scores: np.ndarray = self._matrix(counts).toarray()
+        return scores
 
 
 def _cosine_top(x: sp.csr_matrix, neighbours: int) -> sp.csr_matrix:
@@ -167,8 +169,9 @@ class ItemKNN(_Baseline):
     Cart queries use purchase baskets when training has purchases ("frequently bought together")."""
     name = "iknn"
 
-    def __init__(self, neighbours: int = 100, anchors: int = 5, **kw):
-        super().__init__(**kw)
+    def __init__(self, neighbours: int = 100, anchors: int = 5,
+                 *, seed: int | None = None, weights: Mapping[str, float] | None = None):
+        super().__init__(seed=seed, weights=weights)
         self.neighbours, self.anchors = neighbours, anchors
 
     def _fit(self, split: Split) -> None:
@@ -189,7 +192,8 @@ class ItemKNN(_Baseline):
             is_cart = bool(q.cart) and q.kind == "cart"
             cart.append(a if is_cart else {})
             browse.append({} if is_cart else a)
-        return (self._matrix(cart) @ self.sim_cart + self._matrix(browse) @ self.sim).toarray()
+        scores: np.ndarray = (self._matrix(cart) @ self.sim_cart + self._matrix(browse) @ self.sim).toarray()
+        return scores
 
 
 class SessionKNN(_Baseline):
@@ -200,8 +204,9 @@ class SessionKNN(_Baseline):
     similar are kept; an item scores the summed similarity of the neighbours holding it."""
     name = "vsknn"
 
-    def __init__(self, k: int = 100, sample: int = 500, **kw):
-        super().__init__(**kw)
+    def __init__(self, k: int = 100, sample: int = 500,
+                 *, seed: int | None = None, weights: Mapping[str, float] | None = None):
+        super().__init__(seed=seed, weights=weights)
         self.k, self.sample = k, sample
 
     def _fit(self, split: Split) -> None:
@@ -225,7 +230,8 @@ class SessionKNN(_Baseline):
             c += rows[best].tolist()
             v += vals[best].tolist()
         neighbours = sp.csr_matrix((v, (r, c)), shape=(len(queries), self.x.shape[0]))
-        return (neighbours @ self.x).toarray()
+        scores: np.ndarray = (neighbours @ self.x).toarray()
+        return scores
 
 
 class ImplicitALS(_Baseline):
@@ -237,8 +243,8 @@ class ImplicitALS(_Baseline):
     name = "ials"
 
     def __init__(self, factors: int = 128, regularization: float = 0.01, alpha: float = 10.0,
-                 iterations: int = 15, **kw):
-        super().__init__(**kw)
+                 iterations: int = 15, *, seed: int | None = None, weights: Mapping[str, float] | None = None):
+        super().__init__(seed=seed, weights=weights)
         self.factors, self.regularization, self.alpha, self.iterations = factors, regularization, alpha, iterations
 
     def _fit(self, split: Split) -> None:
@@ -275,7 +281,7 @@ class ImplicitALS(_Baseline):
         if fold:
             with threadpool_limits(1, "blas"):
                 u[fold] = self.model.recalculate_user(np.arange(len(fold)), self._confidence(self._matrix(rows)))
-        scores = (u @ self.model.item_factors.T).astype(float)
+        scores: np.ndarray = (u @ self.model.item_factors.T).astype(float)
         scores[:, self.n_train:] = -1e30   # items never trained on: after every trained one
         return scores
 

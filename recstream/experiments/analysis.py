@@ -16,8 +16,9 @@ Which test each metric uses, and why (recstream.experiments.stats has the tests)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Self, Sequence
 
 from recstream.experiments.definition import Experiment
 from recstream.experiments.stats import (Comparison, SRM_ALPHA, chi2_rates, promotion_decision, srm,
@@ -31,18 +32,26 @@ GUARDRAILS = ("fallback_rate", "error_rate")   # per impression: any fallback; f
 
 
 class Totals(Protocol):
-    """What the attribution keeps per variant (recstream.experiments.attribution.VariantTotals)."""
-    units: int
-    impressions: int
-    units_clicked: int
-    units_carted: int
-    units_bought: int
-    fallback_deadline: int
-    fallback_error: int
+    """What the attribution keeps per variant (recstream.experiments.attribution.VariantTotals): read-only
+    fields (VariantTotals is frozen) and a sum with another of the same class."""
+    @property
+    def units(self) -> int: ...
+    @property
+    def impressions(self) -> int: ...
+    @property
+    def units_clicked(self) -> int: ...
+    @property
+    def units_carted(self) -> int: ...
+    @property
+    def units_bought(self) -> int: ...
+    @property
+    def fallback_deadline(self) -> int: ...
+    @property
+    def fallback_error(self) -> int: ...
 
     def rates(self) -> dict[str, float]: ...
 
-    def __add__(self, other: "Totals") -> "Totals": ...
+    def __add__(self, other: Self) -> Self: ...
 
     def moments(self, metric: str) -> tuple[float, float, float, float, float, float]: ...
 
@@ -80,7 +89,7 @@ def days_run(e: Experiment, now_s: float) -> float:
     return max(0.0, min(now_s, e.end_s) - e.start_s) / DAY_S
 
 
-def analyse(e: Experiment, totals: dict[str, Totals], now_s: float, metric: str = "ctr",
+def analyse(e: Experiment, totals: Mapping[str, Totals], now_s: float, metric: str = "ctr",
             alpha: float = 0.05) -> Analysis:
     """Every variant against the experiment's control; variants without exposures count as 0 units."""
     if metric not in METRICS:
@@ -191,9 +200,10 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-def series(daily_by_variant: dict[str, dict[str, Totals]], metrics: Sequence[str]) -> dict[str, dict[str, list]]:
+def series(daily_by_variant: Mapping[str, Mapping[str, Totals]], metrics: Sequence[str]
+           ) -> dict[str, dict[str, list[tuple[str, float]]]]:
     """metric -> variant -> [(UTC day, value over every day up to it)]: what the report plots."""
-    out: dict[str, dict[str, list]] = {m: {} for m in metrics}
+    out: dict[str, dict[str, list[tuple[str, float]]]] = {m: {} for m in metrics}
     for variant, daily in daily_by_variant.items():
         running = None
         for day in sorted(daily):
@@ -204,7 +214,7 @@ def series(daily_by_variant: dict[str, dict[str, Totals]], metrics: Sequence[str
     return out
 
 
-def plot(an: Analysis, daily_by_variant: dict[str, dict[str, Totals]], path) -> None:
+def plot(an: Analysis, daily_by_variant: Mapping[str, Mapping[str, Totals]], path: str | os.PathLike[str]) -> None:
     """Cumulative metrics by UTC day, one line per variant: a panel per metric and guardrail."""
     import matplotlib
 

@@ -51,7 +51,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import orjson
 
@@ -71,6 +71,8 @@ UnitKey = tuple[str, str, str]      # (experiment, variant, unit)
 ArmKey = tuple[str, str]            # (experiment, variant)
 DayKey = tuple[str, str, str]       # (experiment, variant, "YYYY-MM-DD")
 Logged = Exposure | Event
+# A totals hash as stored (a Redis hash: bytes, or str when decoded) or an increments dict.
+Fields = Mapping[str, object] | Mapping[bytes, object]
 
 
 # -- per unit ------------------------------------------------------------------------------------
@@ -88,10 +90,11 @@ class UnitTotals:
         return {f.name: repr(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def from_fields(cls, data: Mapping) -> UnitTotals:
+    def from_fields(cls, data: Fields) -> UnitTotals:
         d = {_text(k): _text(v) for k, v in data.items()}
-        return cls(*(int(d.get(n, 0)) for n in ("impressions", "clicked", "carted", "bought")),
-                   float(d.get("revenue", 0.0)))
+        return cls(impressions=int(d.get("impressions", 0)), clicked=int(d.get("clicked", 0)),
+                   carted=int(d.get("carted", 0)), bought=int(d.get("bought", 0)),
+                   revenue=float(d.get("revenue", 0.0)))
 
 
 def increments(before: UnitTotals, after: UnitTotals) -> dict[str, float]:
@@ -143,13 +146,13 @@ class VariantTotals:
     latency: tuple[int, ...] = (0,) * BUCKETS   # counts per recstream.stats bucket of latency_ms
 
     @classmethod
-    def from_fields(cls, data: Mapping) -> VariantTotals:
+    def from_fields(cls, data: Fields) -> VariantTotals:
         """From a Redis hash (bytes or str) or an increments dict; unknown fields are ignored."""
-        values: dict[str, float] = {}
+        values: dict[str, Any] = {}   # field -> int or float, as its FLOAT_FIELDS membership says
         latency = [0] * BUCKETS
         names = {f.name for f in fields(cls)} - {"latency"}
-        for k, v in data.items():
-            k = _text(k)
+        for raw, v in data.items():
+            k = _text(raw)
             if k.startswith(LATENCY_FIELD):
                 latency[int(k[len(LATENCY_FIELD):])] += int(float(_text(v)))
             elif k in names:
@@ -188,7 +191,7 @@ class VariantTotals:
 
 def totals_from_units(units: Mapping[UnitKey, UnitTotals]) -> dict[ArmKey, VariantTotals]:
     """The unit-level fields of VariantTotals computed from scratch (the check of `increments`)."""
-    acc: dict[ArmKey, Counter] = defaultdict(Counter)
+    acc: dict[ArmKey, Counter[str]] = defaultdict(Counter)
     for (exp, variant, _), u in units.items():
         acc[(exp, variant)].update(increments(UnitTotals(), u))
     return {k: VariantTotals.from_fields(v) for k, v in acc.items()}
@@ -268,10 +271,10 @@ class Changes:
     new_impressions: set[str] = field(default_factory=set)
     recent: dict[str, list[Recent]] = field(default_factory=dict)     # shoppers whose list changed
     units: dict[UnitKey, UnitTotals] = field(default_factory=dict)    # changed units (their new totals)
-    totals: dict[ArmKey, Counter] = field(default_factory=lambda: defaultdict(Counter))
-    daily: dict[DayKey, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    totals: dict[ArmKey, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    daily: dict[DayKey, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     seen: set[str] = field(default_factory=set)
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
 
     def add(self, arm: ArmKey, day: str, inc: Mapping[str, float]) -> None:
         self.totals[arm].update(inc)
@@ -412,5 +415,5 @@ def _event(ev: Event, state: State, ch: Changes, window_s: float) -> None:
         _unit_change(state, ch, imp, day, change)
 
 
-def _text(v) -> str:
+def _text(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)

@@ -171,7 +171,7 @@ def loads(text: str) -> ExperimentSet:
         raise ExperimentError(f"<file>: not valid TOML: {e}") from None
     problems: list[str] = []
     _unknown_keys(doc, _TOP_KEYS, "", problems)
-    version = doc.get("version")
+    version: Any = doc.get("version")   # a TOML value of any type until checked here
     if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
         problems.append(f"version: must be one of {SUPPORTED_VERSIONS}, got {version!r}")
     revision = doc.get("revision", 0)
@@ -341,7 +341,8 @@ def _experiment(raw: Any, loc: str, problems: list[str],
     if (not isinstance(kinds, list) or not kinds or any(k not in KINDS for k in kinds)
             or len(set(kinds)) != len(kinds)):
         problems.append(f"{loc}.kinds: must be a non-empty list of distinct kinds from {list(KINDS)}, got {kinds!r}")
-    if len(problems) > before:
+    # Every check that returns None has added a problem: the None tests only narrow the types.
+    if len(problems) > before or eid is None or layer is None or start is None or end is None or traffic is None:
         return None
     return Experiment(eid, description, layer, start, end, traffic, variants, control, tuple(kinds))
 
@@ -409,7 +410,7 @@ def _table(raw: Any, known: set[str], loc: str, problems: list[str]) -> bool:
     return True
 
 
-def _unknown_keys(raw: dict, known: set[str], loc: str, problems: list[str]) -> None:
+def _unknown_keys(raw: Mapping[str, object], known: set[str], loc: str, problems: list[str]) -> None:
     for key in sorted(set(raw) - known):
         problems.append(f"{loc + '.' if loc else ''}{key}: unknown key; expected one of {sorted(known)}")
 

@@ -16,10 +16,13 @@ Which test each metric uses, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from scipy import stats
 
 SRM_ALPHA = 0.001  # common SRM threshold (Fabijan et al., "Diagnosing Sample Ratio Mismatch", KDD 2019)
@@ -72,7 +75,11 @@ def chi2_rates(successes_a: int, trials_a: int, successes_b: int, trials_b: int,
                       float(chi2), float(p))
 
 
-def _delta_ratio(n, sy, sx, syy, sxx, sxy):
+# Moment sums: one experiment's (floats) or many experiments' at once (arrays, elementwise).
+_Sums = TypeVar("_Sums", float, npt.NDArray[np.float64])
+
+
+def _delta_ratio(n: _Sums, sy: _Sums, sx: _Sums, syy: _Sums, sxx: _Sums, sxy: _Sums) -> tuple[_Sums, _Sums]:
     """Ratio of sums sum(y)/sum(x) and its delta-method variance from per-user moment sums.
 
     Var(Ybar/Xbar) ~ (s_yy/Xbar^2 - 2 Ybar s_xy/Xbar^3 + Ybar^2 s_xx/Xbar^4) / n
@@ -87,18 +94,20 @@ def _delta_ratio(n, sy, sx, syy, sxx, sxy):
     return r, (vyy - 2 * r * vxy + r * r * vxx) / (n * mx * mx)
 
 
-def _moments(y, x):
+def _moments(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> Moments:
     return len(y), y.sum(), x.sum(), (y * y).sum(), (x * x).sum(), (x * y).sum()
 
 
-def user_level(values_a, values_b, alpha: float = 0.05) -> Comparison:
+def user_level(values_a: npt.ArrayLike | tuple[npt.ArrayLike, npt.ArrayLike],
+               values_b: npt.ArrayLike | tuple[npt.ArrayLike, npt.ArrayLike], alpha: float = 0.05) -> Comparison:
     """User-level test of a per-impression metric, randomised by user: delta method, z-test.
 
     `values_x` is a pair (numerators, denominators) of per-user totals, e.g. (clicks, impressions)
     or (revenue, impressions): the metric is the ratio of sums. A 1-D array of per-user values
     is taken with denominators 1 (a plain mean); then the z statistic equals Welch's t.
     """
-    def split(v):
+    def split(v: npt.ArrayLike | tuple[npt.ArrayLike, npt.ArrayLike]
+              ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         if isinstance(v, tuple):
             y, x = (np.asarray(a, dtype=float) for a in v)
         else:
@@ -137,7 +146,7 @@ def user_level_moments(a: Moments, b: Moments, alpha: float = 0.05) -> Compariso
                       float(stat), float(2 * stats.norm.sf(abs(stat))))
 
 
-def srm(observed_counts: dict, weights: dict) -> tuple[float, bool]:
+def srm(observed_counts: Mapping[str, float], weights: Mapping[str, float]) -> tuple[float, bool]:
     """Sample-ratio-mismatch check: chi-squared goodness of fit of the assignment counts.
 
     Returns (p_value, flagged); flagged when p < 0.001 (Fabijan et al., KDD 2019): a strict
@@ -231,9 +240,9 @@ def analytic_power(impressions: np.ndarray, base_rate: float, lift: float,
     x = np.asarray(impressions, dtype=float)
     n_arm = len(x) / 2
 
-    def var(mu):
+    def var(mu: float) -> float:
         v = mu * (1 - mu) / (concentration + 1)
-        return np.mean(x * (mu - mu * mu - v) + x * x * v) / (n_arm * x.mean() ** 2)
+        return float(np.mean(x * (mu - mu * mu - v) + x * x * v) / (n_arm * x.mean() ** 2))
 
     mu_b = base_rate * (1 + lift)
     shift = (mu_b - base_rate) / math.sqrt(var(base_rate) + var(mu_b))

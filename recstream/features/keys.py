@@ -21,8 +21,9 @@ MODEL_CURRENT = "model:{g}:current"   # JSON pointer to the published model vers
 AGENTS = "agents:{g}"             # hash: serving agent ("role:host:pid") -> JSON {ts, model_version}, every 2 s
 
 
-def metrics(agent: str, host: str, pid: int) -> str:
-    """One worker process's latest metrics snapshot (JSON, expires when the process stops publishing)."""
+def metrics(agent: str, host: str, pid: int | str) -> str:
+    """One worker process's latest metrics snapshot (JSON, expires when the process stops publishing);
+    a str part: a SCAN pattern ('*')."""
     return f"metrics:{agent}:{host}:{pid}"
 
 

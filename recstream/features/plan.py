@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from recstream.features import keys, popularity
 from recstream.features.session import (FeatureConfig, UserState, apply, features_key, features_value, session_key,
@@ -70,7 +70,7 @@ class RedisOps:
     hset: dict[str, tuple[dict[str, str], int]] = field(default_factory=dict)      # key -> (fields, ttl s)
     offsets: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> (lowest, highest) offset counted
 
-    def as_payload(self) -> dict:
+    def as_payload(self) -> dict[str, list[list[Any]]]:
         return {
             "z": [[k, m, d] for (k, m), d in self.incr.items()],
             "xat": [[k, t] for k, t in self.expire_at.items()],
@@ -147,7 +147,8 @@ def plan(batch: list[Incoming], states: Mapping[str, UserState], applied: Mappin
     return BatchPlan(new_states, ops, processed, duplicates)
 
 
-def _count(ops: RedisOps, e: Event, category: str | None, covisits, copurchases, cfg: FeatureConfig,
+def _count(ops: RedisOps, e: Event, category: str | None, covisits: Sequence[tuple[str, str]],
+           copurchases: Sequence[tuple[str, str]], cfg: FeatureConfig,
            limits: Limits) -> None:
     weight = cfg.weights[e.event_type]
     d = popularity.day(e.timestamp)

@@ -54,7 +54,7 @@ def trend_key(lm: int, category: str | None = None) -> str:
 
 
 def trend_increment(weight: float, ts: float, half_life_s: float) -> float:
-    return weight * 2.0 ** ((ts - landmark(ts)) / half_life_s)
+    return weight * float(2.0 ** ((ts - landmark(ts)) / half_life_s))   # float ** float is typed Any
 
 
 def trend_read_weights(now: float, half_life_s: float) -> dict[int, float]:

@@ -54,7 +54,8 @@ class UserState:
     def from_dict(cls, d: dict[str, Any] | None) -> "UserState":
         if not d:
             return cls()
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**values)
 
 
 _FIELDS = tuple(f.name for f in fields(UserState))
