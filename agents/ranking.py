@@ -27,8 +27,9 @@ from recstream.gather import Gather
 from recstream.ranking import FEATURE_NAMES, Columns, Context, ItemFields, matrix, session_view
 from recstream.rules import Rules, best_source, primary, reason, select, source_matrix
 from recstream.settings import Settings
+from recstream.stats import Stages
 from schemas import CandidateSet, Overrides, RecommendationReply, RecommendedItem
-from streams.online_store import OnlineStore
+from streams.online_store import OnlineStore, RankingReads
 
 ITEM_FIELDS = ("title", "category", "brand", "price", "rating", "seller_rating", "in_stock", "created_at")
 UI_DOT = FEATURE_NAMES.index("ui_dot")
@@ -89,8 +90,7 @@ class Scored:
     exclude: frozenset[str]
     recent: list[str]
     arrived: float
-    redis_ms: float
-    features_ms: float
+    stages: Stages                   # ranking_redis, ranking_features (per request)
     X: np.ndarray
     task: str = "home"               # recstream.ordering.task_of_request
     ordering: str = "rules"          # what orders this request: its task's choice in the ranker's version
@@ -139,10 +139,17 @@ class Ranking:
             self.submit([merged])
 
     async def handle(self, sets: list[CandidateSet]) -> list[Outgoing]:
+        """Gather a sharded request's sets; then read and build each set's features (concurrently),
+        score (one booster call per model for the batch), order and explain; each stage timed."""
         sets = self._gathered(sets)
-        arrived = self.clock()
+        arrived, stage = self.clock(), Stages()
         work = await asyncio.gather(*(self._features(cs, arrived) for cs in sets))
-        t0 = time.perf_counter()
+        with stage("ranking_model"):
+            await self._score(work)
+        return [await self._reply(w, stage.ms["ranking_model"]) for w in work]
+
+    async def _score(self, work: list[Scored]) -> None:
+        """The ranker's scores of every set its task orders by the ranker: one predict per booster."""
         by_model: dict[int, list[Scored]] = {}
         for w in work:
             if w.ordering == "ranker" and len(w.cs.product_ids):
@@ -154,12 +161,22 @@ class Ranking:
             at = 0
             for w in group:
                 w.scores, at = y[at:at + len(w.cs.product_ids)], at + len(w.cs.product_ids)
-        model_ms = (time.perf_counter() - t0) * 1000
-        return [await self._reply(w, model_ms) for w in work]
+
+    async def _read(self, ids: list[str], user_id: str | None, model: ServingModel | None,
+                    arrived: float) -> tuple[list[Item], tuple[np.ndarray, np.ndarray, np.ndarray], RankingReads]:
+        """Catalogue fields and popularity from the caches, the misses and the rest from the store:
+        (items, the [popularity, purchases, trending] columns, the store's reads)."""
+        (items, item_misses), (stats, stat_misses) = self.items.lookup(ids), self.stats.lookup(ids)
+        got = await self.store.ranking_reads(ids, item_misses, ITEM_FIELDS, stat_misses, user_id,
+                                             model.version if model else None, arrived, self.s.popularity_window_days,
+                                             self.s.trending_half_life_s)
+        items = self.items.fill(ids, items, item_misses, [_item(row) for row in got.item_rows])
+        stats = self.stats.fill(ids, stats, stat_misses, list(zip(got.popularity_7d, got.purchases_7d, got.trending)))
+        pop, bought, trend = np.array(stats, np.float64).reshape(len(ids), 3).T
+        return items, (pop, bought, trend), got
 
     async def _features(self, cs: CandidateSet, arrived: float) -> Scored:
-        t0 = time.perf_counter()
-        r, s = cs.request, self.s
+        r, stage = cs.request, Stages()
         # ranked on the version that retrieved them; a version this agent has not loaded yet ranks on
         # its current one without the query vector (a different embedding space)
         model = self.models.get(cs.model_version)
@@ -167,15 +184,19 @@ class Ranking:
         if model is None:
             model, query = self.models.current, None
         ids = list(cs.product_ids)
-        (items, item_misses), (stats, stat_misses) = self.items.lookup(ids), self.stats.lookup(ids)
-        got = await self.store.ranking_reads(ids, item_misses, ITEM_FIELDS, stat_misses, r.user_id,
-                                             model.version if model else None, arrived, s.popularity_window_days,
-                                             s.trending_half_life_s)
-        items = self.items.fill(ids, items, item_misses, [_item(row) for row in got.item_rows])
-        stats = self.stats.fill(ids, stats, stat_misses, list(zip(got.popularity_7d, got.purchases_7d, got.trending)))
-        pop, bought, trend = np.array(stats, np.float64).reshape(len(ids), 3).T
+        with stage("ranking_redis"):
+            items, stats, got = await self._read(ids, r.user_id, model, arrived)
+        with stage("ranking_features"):
+            return self._build(cs, model, query, items, stats, got, arrived, stage)
+
+    def _build(self, cs: CandidateSet, model: ServingModel | None, query: np.ndarray | None, items: list[Item],
+               stats: tuple[np.ndarray, np.ndarray, np.ndarray], got: RankingReads, arrived: float,
+               stage: Stages) -> Scored:
+        """The feature matrix (recstream.ranking.matrix, as trained), what is excluded, and the ordering
+        the request's task takes in the scoring version."""
+        r, s = cs.request, self.s
+        ids, (pop, bought, trend) = list(cs.product_ids), stats
         in_stock, feats, recent, affinity, median = got.in_stock, got.features, got.recent, got.affinity, got.median_price
-        t1 = time.perf_counter()
         embeddings = model.item_embeddings(ids) if model is not None else None
         f = [it.fields for it in items]
         cols = Columns(ids=ids, categories=[x.category for x in f], embeddings=embeddings,
@@ -198,9 +219,10 @@ class Ranking:
         task = ordering.task_of_request(r.kind, session_view(ctx).live)
         chosen = ordering.resolve(scorer.orderings, task, scorer.booster is not None) if scorer else "rules"
         return Scored(cs, model, scorer, ctx, cols, items, in_stock, frozenset(exclude), recent, arrived,
-                      (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, X, task, chosen)
+                      stage, X, task, chosen)
 
     async def _reply(self, w: Scored, model_ms: float) -> Outgoing:
+        """Order by the task's ordering, apply the rules (stock, exclusions, per-category caps), explain."""
         t0 = time.perf_counter()
         cs, r = w.cs, w.cs.request
         engaged = np.nan_to_num(w.cols.popularity_7d) + np.nan_to_num(w.cols.purchases_7d)
@@ -209,6 +231,23 @@ class Ranking:
             else self.s.max_per_category
         tier = primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")) if self.s.widget_tiers else None
         rows = select(w.cols.ids, scores, w.cols.categories, w.in_stock, Rules(r.count, per_category, w.exclude), tier)
+        items = await self._explain(w, rows, scores)
+        timings = None
+        if r.debug:
+            timings = {**(cs.timings_ms or {}), "ranking_in": (w.arrived - r.created_at) * 1000,
+                       **w.stages.ms, "ranking_model": model_ms,
+                       "rules": (time.perf_counter() - t0) * 1000, "ranking_out": (time.time() - r.created_at) * 1000}
+        reply = RecommendationReply(
+            request_id=r.request_id, kind=r.kind, items=tuple(items),
+            model_version=w.ranker.version if w.ranker is not None and (w.scores is not None or w.ranker.orderings)
+            else "none",
+            experiments=r.experiments, timings_ms=timings, session_recent=tuple(w.recent[:100]) if r.debug else None)
+        return Outgoing(r.reply_to or self.s.topic("rec.replies"), r.request_id.encode(), reply.to_json())
+
+    async def _explain(self, w: Scored, rows: list[int], scores: np.ndarray) -> list[RecommendedItem]:
+        """The chosen rows as items, each with the source that proposed it and a reason naming it (the
+        anchor product's title for the lists built from one)."""
+        cs, r = w.cs, w.cs.request
         sources = [best_source(i, cs.scores, r.kind) for i in rows]
         anchor_ids = [cs.anchors.get(src, ())[i] if src in ("cobuy", "covis", "als", "session") and src in cs.anchors
                       else None for i, src in zip(rows, sources)]
@@ -227,14 +266,4 @@ class Ranking:
                           brand=it.brand, query_source=cs.query_source)
             items.append(RecommendedItem(product_id=w.cols.ids[i], score=float(scores[i]), reason=text,
                                          source=src or "popular"))
-        timings = None
-        if r.debug:
-            timings = {**(cs.timings_ms or {}), "ranking_in": (w.arrived - r.created_at) * 1000,
-                       "ranking_redis": w.redis_ms, "ranking_features": w.features_ms, "ranking_model": model_ms,
-                       "rules": (time.perf_counter() - t0) * 1000, "ranking_out": (time.time() - r.created_at) * 1000}
-        reply = RecommendationReply(
-            request_id=r.request_id, kind=r.kind, items=tuple(items),
-            model_version=w.ranker.version if w.ranker is not None and (w.scores is not None or w.ranker.orderings)
-            else "none",
-            experiments=r.experiments, timings_ms=timings, session_recent=tuple(w.recent[:100]) if r.debug else None)
-        return Outgoing(r.reply_to or self.s.topic("rec.replies"), r.request_id.encode(), reply.to_json())
+        return items

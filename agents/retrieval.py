@@ -31,6 +31,7 @@ from recstream import candidates
 from recstream.gather import ann_k
 from recstream.rules import Proposals
 from recstream.settings import Settings
+from recstream.stats import Stages
 from schemas import CandidateSet, Product, RecommendationRequest, SchemaError
 from schemas.recommendations import SOURCES
 from streams.online_store import OnlineStore
@@ -107,32 +108,34 @@ class Retrieval:
         self.batcher.close()
 
     async def handle(self, requests: list[RecommendationRequest]) -> list[Outgoing]:
-        t0 = time.perf_counter()
-        model = self.models.current
-        now = self.clock()
-        plans = await asyncio.gather(*(self._read(r, model, now) for r in requests))
-        t1 = time.perf_counter()
+        """One batch of requests: read (Redis), search (FAISS), send (candidate sets), each stage timed."""
+        model, now, stage = self.models.current, self.clock(), Stages()
+        with stage("retrieval_redis"):
+            plans = await asyncio.gather(*(self._read(r, model, now) for r in requests))
+        with stage("retrieval_faiss"):
+            await self._search(plans, model)
+        return [self._send(p, model, now, stage.ms) for p in plans]
+
+    async def _search(self, plans: list[Plan], model: ServingModel | None) -> None:
+        """The ANN candidates of every plan with a query, in the batcher's shared searches."""
         searched = [p for p in plans if p.query is not None]
-        if searched and model is not None and model.index is not None:
-            k = [min(ann_k(p.request, self.s.retrieval_candidates), len(model.index)) for p in searched]
-            found = await asyncio.gather(*(self.batcher.search(model, p.query, n) for p, n in zip(searched, k)))
-            sharded = self.shards > 1   # the on-screen items stay in a shard's top k: ranking's merge drops them
-            for p, (row_ids, row_scores) in zip(searched, found):
-                candidates.add_ann(p.proposals, zip(row_ids, row_scores), p.anchor, keep_excluded=sharded)
-        t2 = time.perf_counter()
-        out = []
-        version = model.version if model else "none"
-        for p in plans:
-            ids, scores, anchors = p.proposals.columns()
-            q = p.rank_query
-            created = p.request.created_at
-            timings = {"retrieval_in": (now - created) * 1000, "retrieval_redis": (t1 - t0) * 1000,
-                       "retrieval_faiss": (t2 - t1) * 1000, "retrieval_out": (time.time() - created) * 1000}
-            cs = CandidateSet(request=p.request, model_version=version, query_source=p.rank_query_source,
-                              query=tuple(q.tolist()) if q is not None else (), product_ids=tuple(ids),
-                              scores=scores, anchors=anchors, timings_ms=timings, shard=self.shard, shards=self.shards)
-            out.append(Outgoing(self.s.topic("rec.candidates"), p.request.key, cs.to_json()))
-        return out
+        if not searched or model is None or model.index is None:
+            return
+        k = [min(ann_k(p.request, self.s.retrieval_candidates), len(model.index)) for p in searched]
+        found = await asyncio.gather(*(self.batcher.search(model, p.query, n) for p, n in zip(searched, k)))
+        sharded = self.shards > 1   # the on-screen items stay in a shard's top k: ranking's merge drops them
+        for p, (row_ids, row_scores) in zip(searched, found):
+            candidates.add_ann(p.proposals, zip(row_ids, row_scores), p.anchor, keep_excluded=sharded)
+
+    def _send(self, p: Plan, model: ServingModel | None, now: float, stages_ms: dict[str, float]) -> Outgoing:
+        ids, scores, anchors = p.proposals.columns()
+        q, created = p.rank_query, p.request.created_at
+        timings = {"retrieval_in": (now - created) * 1000, **stages_ms, "retrieval_out": (time.time() - created) * 1000}
+        cs = CandidateSet(request=p.request, model_version=model.version if model else "none",
+                          query_source=p.rank_query_source, query=tuple(q.tolist()) if q is not None else (),
+                          product_ids=tuple(ids), scores=scores, anchors=anchors, timings_ms=timings,
+                          shard=self.shard, shards=self.shards)
+        return Outgoing(self.s.topic("rec.candidates"), p.request.key, cs.to_json())
 
     # -- Redis reads (two round trips per request) ---------------------------------------------------
     async def _read(self, r: RecommendationRequest, model: ServingModel | None, now: float) -> Plan:

@@ -1,4 +1,5 @@
-"""Streaming statistics (pure): a cumulative latency histogram with log-spaced buckets.
+"""Streaming statistics (pure): a cumulative latency histogram with log-spaced buckets, a stall watch,
+and the timed stages of a request path.
 
 Cumulative like a Prometheus histogram: two snapshots subtract to the histogram of the time
 between them, so a dashboard or a benchmark gets percentiles over exactly its own window.
@@ -6,6 +7,9 @@ between them, so a dashboard or a benchmark gets percentiles over exactly its ow
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -71,3 +75,20 @@ class StallWatch:
             elif now - seen[1] > self.timeout_s:
                 stalled.append(p)
         return stalled
+
+
+class Stages:
+    """The named, timed stages of one request path: `with stage("read"): ...` adds the stage's wall
+    time (awaits included) to `ms[name]`, in milliseconds; debug replies carry them."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.ms[name] = self.ms.get(name, 0.0) + (self.clock() - t0) * 1000

@@ -46,3 +46,27 @@ def test_stall_watch(steps, stalled):
     watch = StallWatch(timeout_s=60)
     result = [watch.check(c, p, t) for c, p, t in steps][-1]
     assert result == stalled
+
+
+def test_stages_time_each_named_stage_and_add_up_repeats():
+    from recstream.stats import Stages
+
+    ticks = iter([0.0, 0.002, 0.010, 0.013, 0.020, 0.021])
+    stage = Stages(clock=lambda: next(ticks))
+    with stage("read"):
+        pass
+    with stage("score"):
+        pass
+    with stage("read"):   # a stage run twice adds up
+        pass
+    assert stage.ms == pytest.approx({"read": 3.0, "score": 3.0})
+
+
+def test_a_stage_that_raises_is_still_timed():
+    from recstream.stats import Stages
+
+    ticks = iter([1.0, 1.5])
+    stage = Stages(clock=lambda: next(ticks))
+    with pytest.raises(KeyError), stage("read"):
+        raise KeyError("x")
+    assert stage.ms == {"read": 500.0}
