@@ -77,6 +77,9 @@ class FeatureAgents:
 
 
 def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
+    """The feature agents on `app`: clickstream -> session table + Redis, catalogue -> item features.
+    Why this long: Faust agents are closures over the app's tables and topics; the fold's steps are
+    named functions of this module and recstream.features.plan, what stays here is their wiring."""
     clickstream = raw_topic(app, s.topic("clickstream"))
     catalogue = raw_topic(app, s.topic("catalogue"))
     dead_letters = raw_topic(app, s.topic("deadletter"))

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+from typing import TYPE_CHECKING, Any
 
 from faust.contrib.asgi import faust_app_running
 
@@ -21,6 +22,10 @@ from recstream.stats import StallWatch
 from streams import lag
 from streams.app import create_app
 from streams.topics import ensure_topics
+
+if TYPE_CHECKING:   # loaded by the serving processes only: a feature worker needs no model code
+    from agents.models import ModelHolder
+    from agents.runner import RequestAgent
 
 log = logging.getLogger(__name__)
 WATCH_EVERY_S = 10.0
@@ -118,14 +123,33 @@ async def _stalled(app, s: Settings, agents: features.FeatureAgents, watch: Stal
     return bool(stalled)
 
 
+def _request_agent(s: Settings, role: str, store: OnlineStore, models: ModelHolder) -> tuple[str, Any, RequestAgent[Any]]:
+    """(consumer group, handler, agent) of a retrieval or ranking process."""
+    from agents.runner import RequestAgent
+    from schemas import CandidateSet, RecommendationRequest
+
+    if role == "retrieval":
+        from agents.retrieval import Retrieval
+
+        retrieval = Retrieval(s, store, models)
+        # one consumer group per shard: every request reaches one process of each
+        name = s.retrieval_agents()[s.retrieval_shard]
+        return name, retrieval, RequestAgent(s, name, s.topic("rec.requests"), RecommendationRequest, retrieval.handle,
+                                             lambda r: r.expired(time.time(), 2 * s.serving_reserve_ms),
+                                             window_ms=s.retrieval_batch_window_ms)
+    from agents.ranking import Ranking
+
+    ranking = Ranking(s, store, models)
+    agent = RequestAgent(s, role, s.topic("rec.candidates"), CandidateSet, ranking.handle,
+                         lambda c: c.request.expired(time.time(), s.serving_reserve_ms))
+    ranking.submit = agent.submit   # a sharded request's merge, after its gather wait
+    return role, ranking, agent
 
 
 async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
                       ready: asyncio.Event | None = None) -> int:
     """Run the retrieval or ranking agent until `stop`, publishing its metrics for on-call."""
     from agents.models import ModelHolder
-    from agents.runner import RequestAgent
-    from schemas import CandidateSet, RecommendationRequest
 
     stop = stop or stop_on_signals()
     await ensure_topics(s)
@@ -133,24 +157,9 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
     store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
     swapped = asyncio.Event()   # a swap is reported at once, not at the next METRICS_EVERY_S
     models = ModelHolder(s, role, on_swap=lambda _: swapped.set())
-    if role == "retrieval":
-        from agents.retrieval import Retrieval
-
-        handler = Retrieval(s, store, models)
-        # one consumer group per shard: every request reaches one process of each
-        name = s.retrieval_agents()[s.retrieval_shard]
-        agent = RequestAgent(s, name, s.topic("rec.requests"), RecommendationRequest, handler.handle,
-                             lambda r: r.expired(time.time(), 2 * s.serving_reserve_ms),
-                             window_ms=s.retrieval_batch_window_ms)
-    else:
-        from agents.ranking import Ranking
-
-        handler = Ranking(s, store, models)
-        agent = RequestAgent(s, role, s.topic("rec.candidates"), CandidateSet, handler.handle,
-                             lambda c: c.request.expired(time.time(), s.serving_reserve_ms))
-        handler.submit = agent.submit   # a sharded request's merge, after its gather wait
+    name, handler, agent = _request_agent(s, role, store, models)
     key = metrics_key(s, role)
-    agent_field = f"{name if role == 'retrieval' else role}:{socket.gethostname()}:{os.getpid()}"
+    agent_field = f"{name}:{socket.gethostname()}:{os.getpid()}"
     prom = start_worker_metrics(s.metrics_port, role)   # Prometheus /metrics (metrics_port 0: off)
     await models.start(store.model_pointer)
     # The model and caches are long-lived objects: move what exists to the permanent generation and

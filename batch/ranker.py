@@ -173,6 +173,9 @@ class Examples:
 
 def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Sequence[Product],
                    cfg: RankerConfig) -> Examples:
+    """The ranker's training examples: the events replayed in time order through the serving path's
+    state (sessions, popularity, trending), each held-out step a group of candidates from the same
+    candidate stage the agents run, labelled by what the shopper did within `label_horizon_s`."""
     table = ItemTable(products, outputs)
     replay = ReplayState(table, Popularity(len(table.ids), cfg.popularity_window_days, cfg.trending_half_life_s,
                                            cfg.features.weights), cfg.trending_half_life_s,
@@ -221,11 +224,17 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
         states[e.user_id] = update.state
         last_request[e.user_id] = (e.device, e.page)
         replay.fold(update.covisits, update.copurchases, row, e)
+    return _examples(groups, blocks, table, targets)
+
+
+def _examples(groups: list[Group], blocks: list[np.ndarray], table: ItemTable, targets: int) -> Examples:
+    """The groups' feature blocks as one matrix, labelled: everything engaged with soon after a
+    target is a positive, graded by how far the shopper went (Group.later)."""
     sizes = np.array([len(g.rows) for g in groups], np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     y = np.zeros(int(offsets[-1]), np.float32)
     for g, start in zip(groups, offsets[:-1]):
-        for pid, grade in g.later.items():   # everything engaged with soon is a positive, graded
+        for pid, grade in g.later.items():
             at = np.flatnonzero(g.rows == table.index.get(pid, -1))
             if len(at):
                 y[start + at] = np.maximum(y[start + at], grade)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import time
 from collections import Counter
 
+import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 from faust.contrib.asgi import faust_app_running
@@ -17,9 +19,11 @@ from agents import features
 from batch.train import Source, TrainingFailed, train_once
 from cli import services
 from recstream.data import Dataset, ShopConfig, generate
+from recstream.data.shop import Shop
+from recstream.experiments.attribution import VariantTotals
 from recstream.features import keys
 from recstream.settings import Settings
-from schemas import Event
+from schemas import Event, Product, RecommendationReply
 from streams import archive, deadletter, lag
 from streams.app import create_app
 from streams.producer import create_producer
@@ -55,6 +59,29 @@ async def run(s: Settings, args: argparse.Namespace, report: dict | None = None)
     _say(f"== 3. generated shop (seed {cfg.seed}): {len(data.products)} products, {cfg.users} shoppers, "
          f"{len(data.events)} events over {cfg.days} days: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common()))
 
+    stats, expected = await _ingest(s, data, shop)
+    letters = await _read_dead_letters(s, since_s=started_at)
+    _say(f"== 7. dead-letter topic {s.topic('deadletter')}: {len(letters)} new "
+         "(each consumer group, the feature agents and the archive, reports the records it refuses)")
+    for letter in letters[-len(MALFORMED):]:
+        _say(f"   partition {letter.partition} offset {letter.offset}: {letter.reason}")
+    trained = await _train(s)
+    ab_size = (args.ab_shoppers, args.ab_visits)
+    served, ab = await _serve(s, data, shop, ab_size, report) if trained else (False, False)
+    checks = {"every acknowledged event reached the features": stats.seen >= expected,
+              "the malformed records reached the dead-letter topic": len(letters) >= len(MALFORMED),
+              "a model was trained and published": trained,
+              "the agents answered every kind of request": served,
+              "the attribution worker counted every exposure": ab}
+    failed = [name for name, passed in checks.items() if not passed]
+    _say(f"== done in {time.perf_counter() - t0:.1f} s: " + ("; ".join(checks) if not failed
+                                                          else "FAILED: not " + "; not ".join(failed)))
+    return 0 if not failed else 1
+
+
+async def _ingest(s: Settings, data: Dataset, shop: Shop) -> tuple[features.FeatureStats, int]:
+    """Steps 4-6: the feature agents and the archive in this process; the shop's catalogue and events,
+    and a few malformed records, published and counted back. (stats, the events the agents must see)."""
     client = aioredis.from_url(s.redis_url)
     app = create_app(s)
     agents = features.register(app, s, client)
@@ -95,23 +122,7 @@ async def run(s: Settings, args: argparse.Namespace, report: dict | None = None)
     finally:
         archive_stop.set()
         await client.aclose()
-    letters = await _read_dead_letters(s, since_s=started_at)
-    _say(f"== 7. dead-letter topic {s.topic('deadletter')}: {len(letters)} new "
-         "(each consumer group, the feature agents and the archive, reports the records it refuses)")
-    for letter in letters[-len(MALFORMED):]:
-        _say(f"   partition {letter.partition} offset {letter.offset}: {letter.reason}")
-    trained = await _train(s)
-    ab_size = (args.ab_shoppers, args.ab_visits)
-    served, ab = await _serve(s, data, shop, ab_size, report) if trained else (False, False)
-    checks = {"every acknowledged event reached the features": stats.seen >= expected,
-              "the malformed records reached the dead-letter topic": len(letters) >= len(MALFORMED),
-              "a model was trained and published": trained,
-              "the agents answered every kind of request": served,
-              "the attribution worker counted every exposure": ab}
-    failed = [name for name, passed in checks.items() if not passed]
-    _say(f"== done in {time.perf_counter() - t0:.1f} s: " + ("; ".join(checks) if not failed
-                                                          else "FAILED: not " + "; not ".join(failed)))
-    return 0 if not failed else 1
+    return stats, expected
 
 
 async def _show_features(s: Settings, store, shop, data: Dataset) -> None:
@@ -223,17 +234,13 @@ async def _ab_test(s: Settings, rec, data: Dataset, shop, shoppers: int, visits:
     the generated shop visit, are assigned, served and logged; they click with a position-biased
     click model driven by their tastes (the shop's ground truth), then cart and buy; the attribution
     worker turns exposures and events into per-variant totals and the report's analysis reads them."""
-    import math
-
-    import numpy as np
-
     from recstream.experiments import analysis
     from recstream.experiments.definition import Changes, Experiment, Variant
     from recstream.experiments.store import ExperimentStore
     from serving.experiments import Experiments, exposure
     from serving.params import parse
     from serving.recommend import status
-    from streams.attribution import read_totals, run_attribution
+    from streams.attribution import run_attribution
 
     now, t0 = time.time(), time.perf_counter()
     eid = time.strftime("demo-%Y%m%d-%H%M%S", time.gmtime(now))
@@ -262,31 +269,13 @@ async def _ab_test(s: Settings, rec, data: Dataset, shop, shoppers: int, visits:
                 ex = exposure(req, reply, status(reply), time.time())
                 await producer.send(s.topic("exposures"), ex.to_json(), key=ex.key)
                 exposures += 1
-                taste = shop.user_taste[u]
-                for k, item in enumerate(reply.items, start=1):
-                    p = products.get(item.product_id)   # (trending may hold products of earlier runs' shops)
-                    if p is None or rng.random() >= 0.4 * taste.get(p.category_path[0], 0.0) / math.log2(k + 1):
-                        continue
-                    steps = ["click"] + (["add_to_cart"] if rng.random() < 0.3 else [])
-                    steps += ["purchase"] if len(steps) == 2 and rng.random() < 0.5 else []
-                    events += [Event(event_id=f"{eid}-{visit}-{u}-{k}-{kind}", user_id=u, session_id=f"{eid}-{u}",
-                                     product_id=p.product_id, event_type=kind, timestamp=time.time(), page="home",
-                                     price=p.price, rec_request_id=reply.request_id) for kind in steps]
+                events += _shopper_acts(eid, visit, u, shop.user_taste[u], reply, products, rng)
             await publish(producer, s.topic("clickstream"), events, progress=False)
             _say(f"   visit {visit + 1} of {visits}: {len(users)} shoppers served, {len(events)} click, cart and "
                  f"purchase events sent [{time.perf_counter() - t0:.1f} s]")
         await producer.flush()
         await asyncio.wait_for(ready.wait(), 60)
-        client = aioredis.from_url(s.redis_url)
-        try:
-            t_wait = time.perf_counter()
-            while time.perf_counter() - t_wait < 60:
-                totals = await read_totals(client, s.redis_namespace, eid)
-                if sum(x.impressions for x in totals.values()) >= exposures:
-                    break
-                await asyncio.sleep(0.3)
-        finally:
-            await client.aclose()
+        totals = await _counted(s, eid, exposures)
     finally:
         stop.set()
         await asyncio.gather(worker, return_exceptions=True)
@@ -302,6 +291,40 @@ async def _ab_test(s: Settings, rec, data: Dataset, shop, shoppers: int, visits:
     _say(f"   {exposures} exposures logged, {counted} counted by the attribution worker "
          f"({time.perf_counter() - t0:.1f} s; `recstream experiments report` prints this, with a plot, for a live test)")
     return counted == exposures
+
+
+def _shopper_acts(eid: str, visit: int, user: str, taste: dict[str, float], reply: RecommendationReply,
+                  products: dict[str, Product], rng: np.random.Generator) -> list[Event]:
+    """The demo's click model: the item at position k is clicked with probability 0.4 x the shopper's
+    taste for its top category / log2(k + 1); a click is carted 30 % of the time, a cart bought half."""
+    events = []
+    for k, item in enumerate(reply.items, start=1):
+        p = products.get(item.product_id)   # (trending may hold products of earlier runs' shops)
+        if p is None or rng.random() >= 0.4 * taste.get(p.category_path[0], 0.0) / math.log2(k + 1):
+            continue
+        steps = ["click"] + (["add_to_cart"] if rng.random() < 0.3 else [])
+        steps += ["purchase"] if len(steps) == 2 and rng.random() < 0.5 else []
+        events += [Event(event_id=f"{eid}-{visit}-{user}-{k}-{kind}", user_id=user, session_id=f"{eid}-{user}",
+                         product_id=p.product_id, event_type=kind, timestamp=time.time(), page="home",
+                         price=p.price, rec_request_id=reply.request_id) for kind in steps]
+    return events
+
+
+async def _counted(s: Settings, eid: str, exposures: int, timeout_s: float = 60) -> dict[str, VariantTotals]:
+    """The experiment's per-variant totals, once the attribution worker has counted every exposure
+    (or after `timeout_s`, as they are)."""
+    from streams.attribution import read_totals
+
+    client = aioredis.from_url(s.redis_url)
+    try:
+        t_wait = time.perf_counter()
+        while True:
+            totals = await read_totals(client, s.redis_namespace, eid)
+            if sum(x.impressions for x in totals.values()) >= exposures or time.perf_counter() - t_wait > timeout_s:
+                return totals
+            await asyncio.sleep(0.3)
+    finally:
+        await client.aclose()
 
 
 async def _read_dead_letters(s: Settings, since_s: float) -> list[deadletter.DeadLetter]:

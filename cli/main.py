@@ -256,6 +256,8 @@ def _settings(args: argparse.Namespace, s: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag. Why this long: it is the command line's reference, one declaration a
+    command, read top to bottom like `recstream --help`; split up, it would only be harder to scan."""
     p = argparse.ArgumentParser(prog="recstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -228,7 +228,10 @@ def _safe_log(x: np.ndarray) -> np.ndarray:
 
 
 def matrix(ctx: Context, cols: Columns) -> np.ndarray:
-    """(n, len(FEATURE_NAMES)) float32 for one request; column j is FEATURE_NAMES[j]."""
+    """(n, len(FEATURE_NAMES)) float32 for one request; column j is FEATURE_NAMES[j].
+
+    Why this long: every feature is computed here, a line or two each, in the order the ranker was
+    trained with; serving and training call this one function, so one place shows all the features."""
     n = len(cols.ids)
     f: dict[str, Any] = {}
     nan = np.full(n, np.nan)

@@ -296,7 +296,9 @@ class RequestMetrics:
 def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommender: Recommender | None = None,
                experiments: Experiments | None = None) -> Starlette:
     """The API app; its lifespan starts and stops `producer` (default: create_producer(s)), the
-    recommender (its reply topic, reply reader and fallback) and the experiments file's follower."""
+    recommender (its reply topic, reply reader and fallback) and the experiments file's follower.
+    Why this long: the route handlers are closures over the app's state and one route table lists
+    them; each handler is a few lines calling serving.params, serving.recommend or serving.ingest."""
     rec = recommender or Recommender(s)
     # one folder per exposures topic: a process recovers only lines meant for its own topic
     sink = EventSink(s, producer, Journal(s.home_dir / "exposures" / s.topic("exposures"), rec.instance))

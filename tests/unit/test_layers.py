@@ -90,3 +90,37 @@ def test_the_core_stays_pure(tmp_path):
 
 def test_stdlib_names_are_never_layers():
     assert not set(LEVEL) & set(sys.stdlib_module_names)
+
+
+LONG = 60   # lines of a function's body, its docstring not counted
+
+
+def long_functions(root: Path) -> list[str]:
+    """Product functions over LONG lines whose docstring does not say "Why this long:"."""
+    out = []
+    for pkg in LEVEL:
+        for path in sorted((root / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                doc = ast.get_docstring(node) or ""
+                first = node.body[0]
+                skip = first.end_lineno - first.lineno + 1 if doc and isinstance(first, ast.Expr) else 0
+                if node.end_lineno - node.lineno + 1 - skip > LONG and "Why this long:" not in doc:
+                    out.append(f"{path.relative_to(root)}:{node.lineno} {node.name}")
+    return out
+
+
+def test_no_long_function_without_a_reason():
+    """A request path reads as named stages; a function over LONG lines says why in its docstring."""
+    assert long_functions(ROOT) == []
+
+
+def test_the_length_check_counts_the_body_and_reads_the_reason(tmp_path):
+    for pkg in LEVEL:
+        (tmp_path / pkg).mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(LONG + 1))
+    (tmp_path / "agents" / "m.py").write_text(
+        f'def long():\n    """doc"""\n{body}\n\ndef explained():\n    """Why this long: a table."""\n{body}\n'
+        f'def short():\n    """{"x" * 10}\n' + "\n" * 80 + f'    """\n{body[: body.index("x3")]}')
+    assert long_functions(tmp_path) == ["agents/m.py:1 long"]
