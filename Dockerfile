@@ -37,6 +37,7 @@ COPY streams ./streams
 COPY agents ./agents
 COPY serving ./serving
 COPY batch ./batch
+COPY models ./models
 COPY cli ./cli
 COPY deploy ./deploy
 RUN pip install --no-cache-dir ".[cpu]" \

@@ -30,10 +30,10 @@ import orjson
 import xgboost as xgb
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from batch import ranker
-from batch.content import ContentModel
-from batch.artifacts import neighbour_columns
-from batch.index import RetrievalIndex, ShardedIndex, load_index
+from models import booster
+from models.content import ContentModel
+from models.artifacts import neighbour_columns
+from models.index import RetrievalIndex, ShardedIndex, load_index
 from recstream.candidates import ItemLists
 from recstream.ranking import FEATURE_NAMES
 from recstream.settings import Settings
@@ -72,7 +72,7 @@ class ServingModel:
 
 
 def load_bundle(folder: Path, version: str, role: str, threads: int, shard: int = 0, shards: int = 1) -> ServingModel:
-    """role 'retrieval' loads the index (the shard it serves of `shards`, batch.index.load_index) and the
+    """role 'retrieval' loads the index (the shard it serves of `shards`, models.index.load_index) and the
     content model; 'ranking' the booster and ALS item vectors."""
     if role == "retrieval":
         content = folder / "content.npz"
@@ -85,11 +85,11 @@ def load_bundle(folder: Path, version: str, role: str, threads: int, shard: int 
                          f"({len(names)} vs {len(FEATURE_NAMES)}); deploy the code it was trained with")
     ids = json.loads((folder / "batch" / "items.ids.json").read_text())
     chosen = folder / "orderings.json"   # absent in versions trained before per-task orderings: the ranker serves all
-    return ServingModel(version, booster=ranker.load((folder / "ranker.ubj").read_bytes(), threads),
+    return ServingModel(version, booster=booster.load((folder / "ranker.ubj").read_bytes(), threads),
                         item_row={x: i for i, x in enumerate(ids)},
                         item_vectors=np.load(folder / "batch" / "items.npy"),
                         orderings=json.loads(chosen.read_text()) if chosen.exists() else {},
-                        task_boosters={f.stem.split("-", 1)[1]: ranker.load(f.read_bytes(), threads)
+                        task_boosters={f.stem.split("-", 1)[1]: booster.load(f.read_bytes(), threads)
                                        for f in folder.glob("ranker-*.ubj")})
 
 
@@ -159,7 +159,7 @@ class ModelHolder:
             self._resolving.discard(ref)
 
     def _alias_version(self, alias: str) -> str:
-        from batch.registry import Registry
+        from models.registry import Registry
 
         return Registry(self.s.mlflow_tracking_uri, self.s.model_name).alias_version(alias)
 
@@ -208,7 +208,7 @@ class ModelHolder:
         return True
 
     def _download_and_load(self, version: str) -> ServingModel:
-        from batch.registry import Registry   # mlflow is slow to import: only when a model is loaded
+        from models.registry import Registry   # mlflow is slow to import: only when a model is loaded
 
         with tempfile.TemporaryDirectory(prefix=f"recstream-{self.role}-") as tmp:
             folder = Registry(self.s.mlflow_tracking_uri, self.s.model_name).download(version, Path(tmp))

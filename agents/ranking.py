@@ -21,7 +21,7 @@ import numpy as np
 
 from agents.models import ModelHolder, ServingModel
 from agents.runner import Outgoing
-from batch import ranker
+from models import booster
 from recstream import ordering
 from recstream.gather import Gather
 from recstream.ranking import FEATURE_NAMES, Columns, Context, ItemFields, matrix, session_view
@@ -156,8 +156,8 @@ class Ranking:
                 by_model.setdefault(id(w.ranker.booster_for(w.task)), []).append(w)
         for group in by_model.values():
             X = np.concatenate([w.X for w in group])
-            booster = group[0].ranker.booster_for(group[0].task)
-            y = await asyncio.get_running_loop().run_in_executor(self._thread, ranker.score, booster, X)
+            model = group[0].ranker.booster_for(group[0].task)
+            y = await asyncio.get_running_loop().run_in_executor(self._thread, booster.score, model, X)
             at = 0
             for w in group:
                 w.scores, at = y[at:at + len(w.cs.product_ids)], at + len(w.cs.product_ids)

@@ -2,7 +2,7 @@
 
 One run reads the clickstream Parquet (the archive, or any file of `schemas.Event` rows), keeps the
 window [end - train_window_days, end] (end: the newest event unless given), drops repeated event_ids
-(at-least-once delivery), and produces `batch.artifacts.BatchOutputs`. Everything runs in Spark's
+(at-least-once delivery), and produces `models.artifacts.BatchOutputs`. Everything runs in Spark's
 JVM (DataFrames and MLlib, no Python UDFs): executors need no Python, only the driver collects the
 final, per-item and per-user results that the contract holds in memory.
 
@@ -43,7 +43,7 @@ from pyspark.sql import Window as W
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from batch.artifacts import BatchOutputs, Embeddings, Neighbours, Window
+from models.artifacts import BatchOutputs, Embeddings, Neighbours, Window
 from batch.spark import session
 from recstream.settings import Settings, load
 from schemas import Event

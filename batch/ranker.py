@@ -21,7 +21,8 @@ import numpy as np
 import xgboost as xgb
 from tqdm import tqdm
 
-from batch.artifacts import BatchOutputs
+from models.artifacts import BatchOutputs
+from models.booster import score
 from recstream import candidates, ordering
 from recstream.features import popularity
 from recstream.features.config import feature_config
@@ -493,17 +494,6 @@ def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offset
 def train(events: Iterable[Event], outputs: BatchOutputs, products: Sequence[Product],
           cfg: RankerConfig) -> RankerResult:
     return fit(build_examples(events, outputs, products, cfg), cfg)
-
-
-def load(model: bytes, nthread: int) -> xgb.Booster:
-    booster = xgb.Booster(model_file=bytearray(model))
-    booster.set_param({"nthread": nthread})
-    return booster
-
-
-def score(booster: xgb.Booster, X: np.ndarray) -> np.ndarray:
-    """Ranker scores for rows of recstream.ranking.matrix (inplace_predict: no DMatrix copy)."""
-    return np.asarray(booster.inplace_predict(X), np.float64)
 
 
 def evaluate(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,12 +18,12 @@ from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 
-from batch import index as faiss_index
+from models import index as faiss_index
 from batch import job, ranker
-from batch.artifacts import BatchOutputs, Embeddings
-from batch.content import ContentModel
+from models.artifacts import BatchOutputs, Embeddings
+from models.content import ContentModel
 from batch.publish import current as serving_pointer, publish, publish_registered
-from batch.registry import CHAMPION, Registry, write_manifest
+from models.registry import CHAMPION, Registry, write_manifest
 from recstream import ordering
 from recstream.data import ShopConfig, load_dataset, shop_dataset
 from recstream.ranking import FEATURE_NAMES

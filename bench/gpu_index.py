@@ -1,4 +1,4 @@
-"""The retrieval index on a GPU: checks that batch/index.py's GPU path gives the CPU's answers, and times it.
+"""The retrieval index on a GPU: checks that models/index.py's GPU path gives the CPU's answers, and times it.
 
 Needs a faiss build with GPU support (faiss-gpu-cu12 / faiss-cuda wheels; `pip install .[gpu]`)
 and a GPU. It checks, with asserts: flat and IVF indexes land on the GPU by themselves
@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 import faiss
 import numpy as np
 
-from batch import index as fx
-from batch.artifacts import Embeddings
+from models import index as fx
+from models.artifacts import Embeddings
 
 K = 200
 

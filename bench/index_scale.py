@@ -18,13 +18,13 @@ ivfpq_refine, the float16 re-ranking copy, / n (the id map is the same for every
 ids_bytes_per_item). rss_bytes_per_item: growth of the resident set over the build / n, freed heap
 handed back (malloc_trim) before and after; includes build()'s 8-byte id pointer array and faiss's
 list over-allocation; indicative, noisy at small n. recall_at_200: tie-aware, against exact search
-(batch.index.recall_against). ms_per_query_b1 / _b64: wall time of RetrievalIndex.search (ids mapped)
+(models.index.recall_against). ms_per_query_b1 / _b64: wall time of RetrievalIndex.search (ids mapped)
 per query at batch 1 and 64, over a --seconds window after a warm-up (bench/gpu_index.py's
 per_query_ms). faiss uses every core (printed); IVF-PQ re-ranking is faiss IndexRefine over the
 float16 copy, on the CPU (in the GPU runs too). HNSW is added in chunks with progress; if its build
 would pass --hnsw-budget-s it stops and is measured on the prefix built (hnsw_items; own exact search).
-The sharded index is --shards IVF indexes over a split by batch.index.shard_of, each tuned on its own
-items, searched in threads and merged (batch.index.merge_topk).
+The sharded index is --shards IVF indexes over a split by models.index.shard_of, each tuned on its own
+items, searched in threads and merged (models.index.merge_topk).
 
 Figures go to --out (bench/results/scale.json), merged into "figures" beside other parts' keys; this
 part's run details go under "index_scale".
@@ -48,8 +48,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from batch import index as fx  # noqa: E402
-from batch.artifacts import Embeddings  # noqa: E402
+from models import index as fx  # noqa: E402
+from models.artifacts import Embeddings  # noqa: E402
 from bench.gpu_index import catalogue, per_query_ms  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"

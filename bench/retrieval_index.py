@@ -1,4 +1,4 @@
-"""Benchmark: the retrieval index (batch/index.py): build time, recall@200 against exact search and
+"""Benchmark: the retrieval index (models/index.py): build time, recall@200 against exact search and
 query time per kind, beside raw FAISS flat search.
 
 Run from the repository root (no services needed):
@@ -18,7 +18,7 @@ Two catalogues:
     topic centres (+ N(0, 0.5^2 I)) and sampled items. HNSW is built on the first --hnsw-items items
     only (its build is ~100 s per million items on 2 cores; STACK_FACTS) with its own exact search.
 
-Recall@200 is tie-aware (batch.index.recall_against) against IndexFlatIP over the same vectors.
+Recall@200 is tie-aware (models.index.recall_against) against IndexFlatIP over the same vectors.
 query_ms is the wall time of one batched RetrievalIndex.search call (ids mapped) over all queries of
 a set, divided by their number; single_query_ms is the median of one-query calls. faiss uses every
 core it is given (2 here, shared with other jobs: the load average is recorded).
@@ -41,8 +41,8 @@ import threadpoolctl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from batch.artifacts import Embeddings  # noqa: E402
-from batch.index import RetrievalIndex, build, recall_against  # noqa: E402
+from models.artifacts import Embeddings  # noqa: E402
+from models.index import RetrievalIndex, build, recall_against  # noqa: E402
 from bench.http_ingest import machine  # noqa: E402
 from recstream.data import import_events  # noqa: E402
 from recstream.settings import load  # noqa: E402
@@ -235,7 +235,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "command": shlex.join([".venv/bin/python", "bench/retrieval_index.py", *sys.argv[1:]]),
-        "parameters": {"k": K, "flat_below": "batch.index.FLAT_BELOW", "nlist_rule": "choose_nlist: round(4*sqrt(n)), <= n//39",
+        "parameters": {"k": K, "flat_below": "models.index.FLAT_BELOW", "nlist_rule": "choose_nlist: round(4*sqrt(n)), <= n//39",
                        "nprobe_rule": "choose_nprobe: max(8, round(2*sqrt(nlist))), <= nlist", "queries": args.queries,
                        "synthetic_items": args.items, "hnsw_items": args.hnsw_items,
                        "faiss_threads": __import__("faiss").omp_get_max_threads(),

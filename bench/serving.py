@@ -28,7 +28,7 @@ Run from the repository root, with Kafka, Redis and MLflow up (`recstream servic
    agent's handle() on real candidate sets against raw `inplace_predict` on those sets' feature
    matrices; a bare aiokafka produce -> consume hop (acks=1, linger 0, fetch_max_wait 100 ms, as
    the agents) against the agents' three hops.
-5. Retrieval at 1M items: bench/retrieval_index.py's synthetic catalogue, IVF as batch/index.py
+5. Retrieval at 1M items: bench/retrieval_index.py's synthetic catalogue, IVF as models/index.py
    builds it, recall@200 against exact search and query time.
 6. Freshness: POST a view, then poll that user's homepage (debug=1) until `session_recent` holds the
    product in a reply that is not cached.
@@ -570,8 +570,8 @@ async def components(s: Settings, client: aioredis.Redis, traffic: Traffic, args
     from agents.models import load_bundle
     from agents.ranking import Ranking
     from agents.retrieval import Retrieval
-    from batch import ranker
-    from batch.registry import Registry
+    from models import booster
+    from models.registry import Registry
     from schemas import CandidateSet
     from serving.params import parse
     from streams.online_store import OnlineStore
@@ -638,7 +638,7 @@ async def components(s: Settings, client: aioredis.Redis, traffic: Traffic, args
     mats = [(await ranking._features(c, time.time())).X for c in sets]
     t = time.perf_counter()
     for X in mats:
-        ranker.score(kmodel.booster, X)
+        booster.score(kmodel.booster, X)
     raw_s = time.perf_counter() - t
     # where handle()'s time goes, over the same sets
     parts = collections.defaultdict(float)
@@ -649,7 +649,7 @@ async def components(s: Settings, client: aioredis.Redis, traffic: Traffic, args
         parts["redis"] += w.redis_ms / 1000
         parts["feature_matrix"] += w.features_ms / 1000
         t = time.perf_counter()
-        w.scores = ranker.score(kmodel.booster, w.X)
+        w.scores = booster.score(kmodel.booster, w.X)
         parts["predict"] += time.perf_counter() - t
         t = time.perf_counter()
         await ranking._reply(w, 0.0)
@@ -714,7 +714,7 @@ async def bare_hop(s: Settings, n: int, rate: float = 200.0) -> dict:
 def million(n: int, queries: int) -> dict:
     import threadpoolctl
 
-    from batch.index import build, exact_search, recall_against
+    from models.index import build, exact_search, recall_against
     from bench.retrieval_index import K, synthetic
 
     log(f"1M: synthetic catalogue of {n:,} x 128")
@@ -789,8 +789,8 @@ async def freshness(port: int, users: list[str], products: list[str], trials: in
 
 async def prepare_swap(s: Settings, info: dict, workdir: Path) -> tuple:
     """Register the serving bundle again as a new version (champion) and compute what publish writes."""
-    from batch.artifacts import BatchOutputs
-    from batch.registry import Registry
+    from models.artifacts import BatchOutputs
+    from models.registry import Registry
     from batch.train import PROMOTION_METRIC, _items_with_cold_start
 
     reg = Registry(s.mlflow_tracking_uri, s.model_name)

@@ -11,7 +11,7 @@ events through the feature worker, one model trained with RECSTREAM_RETRIEVAL_SH
 shard, each "auto": IVF tuned for recall@200 0.95 on its own items, or exact).
 1. The reference, `whole`: the API, one ranking agent and one retrieval process with
    RECSTREAM_RETRIEVAL_SHARDS=1, which loads both shard files and searches them in turn in process
-   (batch.index.ShardedIndex): the candidates of one index over every item.
+   (models.index.ShardedIndex): the candidates of one index over every item.
 2. `sharded`: that retrieval process stopped; two started with RECSTREAM_RETRIEVAL_SHARDS=2 and
    RECSTREAM_RETRIEVAL_SHARD=0 / 1, each its own consumer group on the request topic with half the
    index; ranking gathers their two candidate sets (RECSTREAM_RETRIEVAL_GATHER_MS) and merges the top k.
@@ -143,8 +143,8 @@ def index_files(s: Settings, version: str) -> dict:
     """Bytes of each shard's index file in the version's bundle, and what each holds."""
     import tempfile
 
-    from batch.index import RetrievalIndex, shard_file
-    from batch.registry import Registry
+    from models.index import RetrievalIndex, shard_file
+    from models.registry import Registry
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Registry(s.mlflow_tracking_uri, s.model_name).download(version, Path(tmp))

@@ -232,7 +232,7 @@ def publish_champion(s) -> str | None:
     """Publish the MLflow champion into this namespace; None when there is none (rules only)."""
     try:
         from batch.publish import publish_registered
-        from batch.registry import CHAMPION, Registry
+        from models.registry import CHAMPION, Registry
 
         version = Registry(s.mlflow_tracking_uri, s.model_name).alias_version(CHAMPION)
         publish_registered(s, version, progress=lambda _: None)

@@ -91,7 +91,7 @@ def run(mode: str, cmd: list[str], env: dict[str, str]) -> dict:
 
 def batch_metrics(s) -> dict[str, float]:
     """The Spark job's exact step times (the serving build) and data sizes, from the registered version."""
-    from batch.registry import Registry
+    from models.registry import Registry
 
     m = Registry(s.mlflow_tracking_uri, s.model_name).champion_metrics() or {}
     return {k: v for k, v in sorted(m.items()) if k.startswith("batch_") or k in ("events", "users", "items")}

@@ -113,7 +113,7 @@ def promote(s: Settings, experiment_id: str, variant: str, metric: str = "ctr", 
 
 def _make_champion(s: Settings, ref: str, reason: str, progress: Callable[[str], None]) -> tuple[str | None, str]:
     from batch.publish import publish_registered
-    from batch.registry import Registry
+    from models.registry import Registry
 
     registry = Registry(s.mlflow_tracking_uri, s.model_name)
     version = registry.alias_version(ref)

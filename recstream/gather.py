@@ -2,7 +2,7 @@
 shard, merged into the one set an unsharded index would have given.
 
 Every shard searches its own items with the same query and returns its top k by inner product, so
-the global top k is the best k of their union (batch.index.merge_topk does the same in one process).
+the global top k is the best k of their union (models.index.merge_topk does the same in one process).
 Shard 0 also carries every source besides ANN (session, co-view, co-purchase, trending, brand); the
 others carry ANN candidates only. A shard's ANN answer keeps the request's on-screen items: they take
 their slots in the global top k, then the merge drops them, as retrieval over one index does. ANN

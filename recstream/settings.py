@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 PREFIX = "RECSTREAM_"
-INDEX_KINDS = ("auto", "flat", "flat16", "ivf", "ivfpq", "hnsw")   # batch/index.py KINDS
+INDEX_KINDS = ("auto", "flat", "flat16", "ivf", "ivfpq", "hnsw")   # models/index.py KINDS
 
 
 def _setting(default: Any, doc: str, secret: bool = False) -> Any:

@@ -8,7 +8,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from batch.artifacts import BatchOutputs
+from models.artifacts import BatchOutputs
 from batch.job import TrainingDataError, build, events_to_parquet, load_events
 from batch.spark import session
 from recstream.data import ShopConfig, generate, import_events

@@ -13,8 +13,8 @@ import pytest
 
 from agents.models import ModelHolder, ServingModel
 from agents.retrieval import Retrieval
-from batch import index as faiss_index
-from batch.artifacts import BatchOutputs, Embeddings, Window
+from models import index as faiss_index
+from models.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import publish
 from batch.ranker import ItemTable, Popularity, ReplayState
 from recstream import candidates

@@ -787,7 +787,7 @@ async def test_a_trainer_run_failing_midway_leaves_the_serving_model_unchanged(t
     restarted_s = time.monotonic() - t
     await _serving_unchanged(tr, pointer)
 
-    from batch.registry import Registry
+    from models.registry import Registry
     champion = await asyncio.to_thread(lambda: Registry(s.mlflow_tracking_uri, s.model_name).champion_version())
     figures("trainer_failure", {
         "failed_stages": sorted(failures), "serving_version": tr.version,
@@ -812,7 +812,7 @@ async def _read_all(s: Settings, topic: str) -> list:
 async def test_a_run_failing_in_publish_leaves_the_registry_champion_alone(trained: Trained):
     import batch.publish as publish_mod
     import batch.train as train_mod
-    from batch.registry import Registry
+    from models.registry import Registry
     from batch.train import Source, TrainingFailed, train_once
     from recstream.data import ShopConfig
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from batch.artifacts import BatchOutputs, Embeddings, Window
+from models.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import publish
 from cli import redis_cluster
 from recstream.features import Incoming, keys, plan

@@ -2,7 +2,7 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
-from batch.artifacts import BatchOutputs, Embeddings, Window
+from models.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import current, decode_embedding, publish
 from recstream.features import keys
 from streams.topics import ensure_topics

@@ -1,6 +1,6 @@
 import uuid
 
-from batch.registry import CHALLENGER, CHAMPION, Registry
+from models.registry import CHALLENGER, CHAMPION, Registry
 
 
 def bundle(tmp_path, tag):

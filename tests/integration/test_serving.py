@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from batch.artifacts import BatchOutputs
+from models.artifacts import BatchOutputs
 from batch.publish import current, publish as publish_model
-from batch.registry import CHAMPION, Registry
+from models.registry import CHAMPION, Registry
 from batch.train import PROMOTION_METRIC, Source, train_once
 from recstream.data import Dataset, ShopConfig, shop_dataset
 from recstream.features import keys

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from agents.models import ModelHolder, load_bundle
 from agents.retrieval import Retrieval
-from batch.index import ShardedIndex, shard_file
+from models.index import ShardedIndex, shard_file
 from recstream.data import ShopConfig
 from recstream.gather import ann_k, merge_parts
 from recstream.settings import Settings
@@ -51,7 +51,7 @@ class Stack:
 async def sharded(stack: Settings, tmp_path_factory):
     import httpx
 
-    from batch.registry import Registry
+    from models.registry import Registry
 
     home = tmp_path_factory.mktemp("sharded-retrieval")
     # a gather wait well inside the deadline: on a busy 2-core box one shard's answer can trail the other's

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from batch.artifacts import BatchOutputs
-from batch.registry import CHAMPION, Registry
+from models.artifacts import BatchOutputs
+from models.registry import CHAMPION, Registry
 from cli import spark_cluster
 
 pytestmark = pytest.mark.integration

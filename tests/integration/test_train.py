@@ -8,7 +8,7 @@ import pytest
 
 from agents.models import load_bundle
 from batch.publish import current
-from batch.registry import CHALLENGER, CHAMPION, Registry
+from models.registry import CHALLENGER, CHAMPION, Registry
 from batch.train import Source, TrainingFailed, train_once
 from recstream import ordering
 from recstream.data import ShopConfig

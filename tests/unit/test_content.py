@@ -5,8 +5,8 @@ import pytest
 import scipy.sparse as sp
 import threadpoolctl
 
-from batch.artifacts import Embeddings
-from batch.content import ContentModel, Featurizer, _hash, category_mean, mean_cosine, title_tokens
+from models.artifacts import Embeddings
+from models.content import ContentModel, Featurizer, _hash, category_mean, mean_cosine, title_tokens
 from recstream.data.shop import ShopConfig, generate
 from schemas import Product
 

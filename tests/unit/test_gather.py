@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from agents.ranking import Ranking
-from batch.artifacts import Embeddings
-from batch.index import build, split_by_shard
+from models.artifacts import Embeddings
+from models.index import build, split_by_shard
 from recstream.gather import Gather, merge_parts
 from recstream.rules import Proposals
 from recstream.settings import Settings

@@ -4,9 +4,9 @@ import faiss
 import numpy as np
 import pytest
 
-from batch import index as index_mod
-from batch.artifacts import Embeddings
-from batch.index import RetrievalIndex, build, choose_nlist, choose_nprobe, exact_search, recall_at_k, tune_nprobe
+from models import index as index_mod
+from models.artifacts import Embeddings
+from models.index import RetrievalIndex, build, choose_nlist, choose_nprobe, exact_search, recall_at_k, tune_nprobe
 
 K = 200
 
@@ -193,7 +193,7 @@ def test_gpu_path_copies_to_the_gpu_and_back_for_serialisation(data, monkeypatch
 
 # -- IVF-PQ (compressed) and the sharded index -----------------------------------------------------
 
-from batch.index import (ShardedIndex, add_refine, build_sharded, choose_pq_m, choose_pq_nbits,  # noqa: E402
+from models.index import (ShardedIndex, add_refine, build_sharded, choose_pq_m, choose_pq_nbits,  # noqa: E402
                          merge_topk, shard_of, split_by_shard)
 
 
@@ -388,7 +388,7 @@ def test_training_builds_the_kind_the_settings_name_and_tunes_it(data, kind, bui
 
 # -- a model bundle's index files: one, or one per shard ---------------------------------------------
 
-from batch.index import index_files, load_index, shard_file  # noqa: E402
+from models.index import index_files, load_index, shard_file  # noqa: E402
 
 
 def test_a_sharded_index_is_written_a_file_a_shard_and_each_worker_loads_its_own(data, tmp_path):

@@ -1,9 +1,10 @@
 """The import contract (docs/architecture.md): every package imports only from its own layer or below.
 
-    schemas -> recstream (the pure core) -> edges: streams, batch -> agents -> serving -> cli
+    schemas -> recstream (the pure core) -> edges: streams, models, batch -> agents -> serving -> cli
 
-Within the edges, batch (Spark jobs, publishing) may use streams (the store, topics, producer), never
-the reverse. The core and the schemas import no I/O library: they are tested without a broker, a
+Within the edges, batch (Spark jobs, publishing) may use streams (the store, topics, producer) and
+models (what training writes and serving reads), never the reverse; agents take their model code
+from models, so a serving process never imports the training code in batch. The core and the schemas import no I/O library: they are tested without a broker, a
 Redis, a Spark or an HTTP server. Every import counts: at the top of a module, inside a function (a
 lazy import is still a dependency) and under `if TYPE_CHECKING:`. tests/ and bench/ may import anything.
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYERS = [("schemas",), ("recstream",), ("streams", "batch"), ("agents",), ("serving",), ("cli",)]
+LAYERS = [("schemas",), ("recstream",), ("streams", "models", "batch"), ("agents",), ("serving",), ("cli",)]
 LEVEL = {pkg: i for i, pkgs in enumerate(LAYERS) for pkg in pkgs}
-WITHIN = {("batch", "streams")}   # (importer, imported) allowed inside one layer
+WITHIN = {("batch", "streams"), ("batch", "models")}   # (importer, imported) allowed inside one layer
+NEVER = {("agents", "batch"), ("serving", "batch")}    # below in the order, but training code: not at serve time
 IO_LIBRARIES = {"redis", "aiokafka", "faust", "mode", "pyspark", "starlette", "uvicorn", "mlflow", "prometheus_client",
                 "httpx", "confluent_kafka", "faiss", "xgboost"}
 PURE = {"schemas", "recstream"}
@@ -42,6 +44,8 @@ def violations(root: Path) -> list[str]:
             for line, module in imports(path):
                 top = module.split(".")[0]
                 where = f"{path.relative_to(root)}:{line} imports {module}"
+                if (pkg, top) in NEVER:
+                    out.append(f"{where}: {pkg} serves, {top} trains (serve-time model code is in models)")
                 if top in LEVEL and top != pkg:
                     if LEVEL[top] > level:
                         out.append(f"{where}: {top} is above {pkg}")
@@ -70,6 +74,9 @@ def test_every_top_level_package_has_a_layer():
     ("batch", "streams", True),
     ("serving", "agents", True),     # down a layer
     ("cli", "batch", True),
+    ("agents", "models", True),
+    ("agents", "batch", False),      # training code, never at serve time
+    ("models", "batch", False),
 ])
 def test_the_checker_sees_a_crossing(tmp_path, importer, imported, ok):
     """The checker itself: a planted import is reported exactly when it crosses the order."""

@@ -1,6 +1,6 @@
 import pytest
 
-from batch.registry import decide
+from models.registry import decide
 
 
 @pytest.mark.parametrize("new, champion, promote, says", [

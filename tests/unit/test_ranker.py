@@ -10,8 +10,9 @@ import scipy.sparse as sp
 from implicit.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from batch.artifacts import BatchOutputs, Embeddings, Window
-from batch.ranker import Examples, RankerConfig, RankerResult, build_examples, fit, load, ranker_config, score
+from models.artifacts import BatchOutputs, Embeddings, Window
+from batch.ranker import Examples, RankerConfig, RankerResult, build_examples, fit, ranker_config
+from models.booster import load, score
 from recstream.data import ShopConfig, shop_dataset
 from recstream import ordering
 from recstream.features import keys

@@ -38,7 +38,7 @@ def test_every_setting_is_documented_with_a_unit():
 
 
 def test_the_index_kind_is_checked_against_the_kinds_batch_index_builds():
-    from batch.index import KINDS
+    from models.index import KINDS
     from recstream.settings import INDEX_KINDS, SettingsError, load
 
     assert KINDS == INDEX_KINDS

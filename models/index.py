@@ -44,7 +44,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from batch.artifacts import Embeddings
+from models.artifacts import Embeddings
 from recstream.settings import INDEX_KINDS
 
 Kind = Literal["auto", "flat", "flat16", "ivf", "ivfpq", "hnsw"]

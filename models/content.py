@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from batch.artifacts import Embeddings
+from models.artifacts import Embeddings
 from schemas import Product
 
 TOKEN = re.compile(r"[^\W_]+")
