@@ -69,6 +69,7 @@ from recstream.settings import Settings
 from schemas import Event, Exposure, SchemaError
 from streams.deadletter import DeadLetter
 from streams.producer import create_producer
+from streams.reroute import is_copy
 from streams.worker import METRICS_EVERY_S, METRICS_TTL_S, stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,8 @@ class Attribution:
         for tp in (tp for tp in msgs if tp.topic != self.exposures):
             offsets[tp] = msgs[tp][-1].offset + 1
             for m in msgs[tp]:
+                if is_copy(m.headers):
+                    continue   # a re-routed copy for the feature agents (streams/reroute.py): counted as its original
                 try:
                     e = Event.from_json(m.value or b"")
                 except SchemaError as exc:

@@ -161,3 +161,21 @@ def test_missing_offsets_finds_the_holes_after_the_baseline_and_ignores_redelive
     assert missing_offsets({0: 9}, [(0, 10), (0, 11)]) == {}                   # offsets follow on
     assert missing_offsets({0: -1, 2: -1}, [(0, 40), (2, 7)]) == {}            # no baseline: not checked
     assert missing_offsets({1: 0}, [(1, 4), (1, 4)]) == {1: [(1, 4)]}
+
+
+def test_records_re_routed_elsewhere_move_the_guard_and_fold_nothing():
+    batch = [Incoming(ev(1, pid="a"), 2, 7)]
+    result = plan(batch, {}, {2: 4, 5: 9}, {}, CFG, LIMITS, passed=[(2, 5), (2, 6), (5, 8), (5, 10)])
+    assert result.ops.offsets == {2: (5, 7), 5: (10, 10)}   # offsets Redis already holds are left out
+    assert [i.offset for i in result.processed] == [7]
+    only = plan([], {}, {}, {}, CFG, LIMITS, passed=[(3, 0)])
+    assert only.ops.offsets == {3: (0, 0)} and not only.states and not only.ops.set
+
+
+@pytest.mark.parametrize("headers, copy", [
+    (None, False), ([], False), ([("x-other", b"1")], False),
+    ([("x-recstream-rerouted-from", b"2:7")], True), ({"x-recstream-rerouted-from": b"2:7"}, True),
+])
+def test_a_re_routed_copy_is_recognised_by_its_header(headers, copy):
+    from streams.reroute import is_copy
+    assert is_copy(headers) is copy
