@@ -3,7 +3,9 @@ reach the features whatever their partitioner, their malformed records the dead-
 import asyncio
 import contextlib
 import time
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -132,3 +134,18 @@ async def test_catalogue_upserts_from_librdkafka_reach_item_features(fresh, tmp_
         assert await wait_until(lambda: stocked(b"0", ["p3"]), timeout_s=30)
         assert (await agents.store.item_features("p3"))["title"] == "Item p3"
         assert agents.stats.dead_letters == 1
+
+
+@pytest.mark.parametrize("example", ["publish_aiokafka.py", "publish_confluent.py"])
+async def test_the_python_examples_events_reach_the_features(example, fresh, tmp_path):
+    s = fresh(home_dir=tmp_path, clickstream_partitions=PARTITIONS)
+    script = Path(__file__).resolve().parents[2] / "examples" / "python" / example
+    async with feature_agents(s) as agents:
+        run = await asyncio.create_subprocess_exec(sys.executable, str(script), s.kafka_bootstrap, s.topic("clickstream"))
+        assert await run.wait() == 0
+
+        async def all_seen():
+            return agents.stats.seen == 3
+        assert await wait_until(all_seen), agents.stats
+        assert (await agents.store.user_features("u123"))["cart_items"] == ["p42"]
+        assert await agents.store.user_session("u7") == ["p9"] and agents.stats.dead_letters == 0
