@@ -92,6 +92,7 @@ def _place(items: tuple[str, ...], times: tuple[float, ...], item: str, ts: floa
     ones (written by another producer, on another partition, and re-routed) goes behind them. Items of
     a state written before times were kept are taken to be at `unknown_s` (the state's last event)."""
     times = _aligned(times, len(items), unknown_s)
+    ts = round(ts, 3)   # milliseconds are enough, and 4 bytes less an item in every state write
     if item in items:
         i = items.index(item)
         if times[i] > ts:
