@@ -134,13 +134,12 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                         stats.dead_letters += 1
         return out
 
-    def partitions() -> int:
-        return app.consumer.topic_partitions(clickstream.get_topic_name()) or s.clickstream_partitions
-
     async def reroute(good, skipped) -> tuple[list, list, list[tuple[int, int]]]:
         """(good, skipped) less the records not on their shopper's owner partition, which are copied
         there (acknowledged before this returns), and the (partition, offset) of those records."""
-        n = partitions()
+        # the setting, not the consumer's metadata (the group leader's only): every worker must agree,
+        # and the session table is co-partitioned with the topic, so the two counts are one
+        n = s.clickstream_partitions
         users = {e.user_id for _, e in good} | {i.event.user_id for _, i in skipped}
         owner = {u: owner_partition(u.encode(), n) for u in users}
         out = []
