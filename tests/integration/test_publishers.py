@@ -152,3 +152,33 @@ async def test_the_python_examples_events_reach_the_features(example, fresh, tmp
         assert await wait_until(all_seen), agents.stats
         assert (await agents.store.user_features("u123"))["cart_items"] == ["p42"]
         assert await agents.store.user_session("u7") == ["p9"] and agents.stats.dead_letters == 0
+
+
+async def test_the_archive_holds_each_event_once_though_the_topic_holds_re_routed_copies(fresh, tmp_path):
+    import pyarrow.parquet as pq
+
+    from streams.archive import Archive, dataset_dir, group_id
+    from streams.lag import group_lag
+    from tests.integration.test_archive import files_under
+
+    s = fresh(home_dir=tmp_path, clickstream_partitions=PARTITIONS, archive_flush_interval_s=1.0)
+    events = events_of(misplaced_users(4), 5)
+    async with feature_agents(s) as agents:
+        await asyncio.to_thread(librdkafka_publish, s, s.topic("clickstream"),
+                                [(e.user_id.encode(), e.to_json()) for e in events])
+
+        async def all_seen():
+            return agents.stats.seen == len(events)
+        assert await wait_until(all_seen), agents.stats
+        assert agents.stats.rerouted == len(events)
+    archive, stop = Archive(s), asyncio.Event()
+    task = asyncio.create_task(archive.run(stop))
+
+    async def caught_up():   # past the originals and their copies (some partitions stay empty)
+        lags = await group_lag(s, group_id(s), s.topic("clickstream"))
+        return sum(p.end for p in lags) == 2 * len(events) and all(p.committed == p.end for p in lags if p.end)
+    assert await wait_until(caught_up)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    rows = [r for p in files_under(dataset_dir(s)) for r in pq.read_table(p).column("event_id").to_pylist()]
+    assert sorted(rows) == sorted(e.event_id for e in events) and archive.stats.archived == len(events)
