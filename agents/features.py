@@ -19,6 +19,14 @@ its states (a zombie of the rebalance): its write moves the offset guard, the ne
 then meets it (streams.online_store.OnlineStore.fold) and replans on the states the zombie wrote, so
 neither overwrites the other's events (the new owner may have skipped one the zombie folded).
 
+Partitioners: a shopper's session lives on the partition recstream's own producer picks for the user
+id (murmur2, streams.producer.owner_partition). A record another client put elsewhere (librdkafka's
+CRC32 default, a keyless or mis-keyed producer) is copied to that owner partition and acknowledged
+there before its own offset can be committed, and the copy is folded like any record
+(streams/reroute.py; `recstream_rerouted_records` counts them). Its offset still moves the guard, so
+a redelivery or a refill does not copy it again. The session orders its items by event time
+(recstream.features.session), so a copy that arrives after newer events still takes its place.
+
 Redis down: an agent retries its batch, backing off up to REDIS_RETRY_MAX_S, until Redis answers.
 It never lets the error escape: Faust would restart the agent in-process and go on past the batch,
 whose events would then be lost to the features (and the applied-offset guard would not bring
@@ -32,20 +40,23 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import faust
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from recstream.features import Incoming, UserState
 from recstream.features.config import feature_config, limits
-from recstream.features.plan import missing_offsets
+from recstream.features.plan import BatchPlan, missing_offsets
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
 from schemas import Event, Product, SchemaError
 from streams import deadletter
 from streams.app import raw_topic
 from streams.online_store import OnlineStore
+from streams.producer import owner_partition
 from streams.refill import read_range
+from streams.reroute import forward_all
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_FIRST_S, REDIS_RETRY_MAX_S = 0.1, 5.0
@@ -57,6 +68,7 @@ class FeatureStats:
     duplicates: int = 0
     dead_letters: int = 0
     refilled: int = 0    # records the consumer skipped, read again from Kafka
+    rerouted: int = 0    # records on another partition than their shopper's, copied to the owner partition
     recovered_states: int = 0   # users whose table row was behind Redis' copy (a write lost in a rebalance)
     batches: int = 0
     items: int = 0
@@ -126,6 +138,34 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                         stats.dead_letters += 1
         return out
 
+    async def reroute(good, skipped) -> tuple[list[Any], list[Any], list[tuple[int, int]]]:
+        """(good, skipped) less the records not on their shopper's owner partition, which are copied
+        there (acknowledged before this returns), and the (partition, offset) of those records."""
+        # the setting, not the consumer's metadata (the group leader's only): every worker must agree,
+        # and the session table is co-partitioned with the topic, so the two counts are one
+        n = s.clickstream_partitions
+        users = {e.user_id for _, e in good} | {i.event.user_id for _, i in skipped}
+        owner = {u: owner_partition(u.encode(), n) for u in users}
+        out = []
+        for ev, e in good:
+            m = ev.message
+            if owner[e.user_id] != m.partition:
+                headers = list(m.headers.items()) if isinstance(m.headers, dict) else list(m.headers or [])
+                out.append((e.user_id.encode(), ev.value, owner[e.user_id], m.partition, m.offset, m.timestamp,
+                            headers))
+        for _, inc in skipped:
+            if owner[inc.event.user_id] != inc.partition:
+                out.append((inc.event.user_id.encode(), inc.event.to_json(), owner[inc.event.user_id], inc.partition,
+                            inc.offset, None, []))
+        if not out:
+            return good, skipped, []
+        await forward_all(clickstream, out)
+        stats.rerouted += len(out)
+        passed = [(p, o) for _, _, _, p, o, _, _ in out]
+        moved = set(passed)
+        return ([(ev, e) for ev, e in good if (ev.message.partition, ev.message.offset) not in moved],
+                [(ev, i) for ev, i in skipped if (i.partition, i.offset) not in moved], passed)
+
     async def decode(events, record_type):
         good = []
         for ev in events:
@@ -141,7 +181,8 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
         async for events in stream.take_events(s.feature_batch_max, within=s.feature_batch_within_ms / 1000):
             skipped = await refill(events)
             good = await decode(events, Event)
-            if not good and not skipped:
+            good, skipped, passed = await reroute(good, skipped)
+            if not good and not skipped and not passed:
                 continue
             batch = [inc for _, inc in skipped] + [Incoming(e, ev.message.partition, ev.message.offset) for ev, e in good]
             # each user's newest event in the batch (a skipped record: an event of its partition)
@@ -155,10 +196,10 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                                 "a write lost in a rebalance): folding on Redis' copy", user, table_state.offset,
                                 fresher[user].offset, fresher[user].partition)
             states = fresher
-            result = await _until_redis_answers(lambda: store.fold(batch, states, applied, cfg, lim),
+            result = await _until_redis_answers(lambda: store.fold(batch, states, applied, cfg, lim, passed),
                                                 "session features")  # Redis first: see features/plan.py
             _write_states(stream, sessions, last_event, result.states)
-            _account(stats, result, good)
+            _account(stats, result, good, passed)
 
     @app.agent(catalogue, name="update_item_features")
     async def update_item_features(stream: faust.StreamT) -> None:
@@ -214,7 +255,7 @@ def _write_states(stream: faust.StreamT, sessions: faust.types.TableT, last_even
             sessions[user] = state.to_dict()
 
 
-def _account(stats: FeatureStats, result, good) -> None:
+def _account(stats: FeatureStats, result: BatchPlan, good: list[Any], passed: list[tuple[int, int]]) -> None:
     now = time.time()
     stats.batches += 1
     stats.duplicates += result.duplicates
@@ -222,5 +263,5 @@ def _account(stats: FeatureStats, result, good) -> None:
         stats.processed[inc.event.event_type] += 1
     stats.event_latency.extend([now - inc.event.timestamp for inc in result.processed])
     stats.ingest_latency.extend([now - ev.message.timestamp for ev, _ in good])  # Faust: seconds
-    for ev, _ in good:
-        stats.last_offset[ev.message.partition] = ev.message.offset
+    for p, o in [(ev.message.partition, ev.message.offset) for ev, _ in good] + passed:
+        stats.last_offset[p] = max(o, stats.last_offset.get(p, -1))

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-command -v java >/dev/null || need+=(openjdk-17-jre-headless)
+# a JDK: the Java example (examples/java) runs from source, which needs the compiler (jdk.compiler)
+command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v chromium >/dev/null || need+=(chromium)   # the dashboard's browser test (Playwright)

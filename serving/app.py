@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from recstream.settings import Settings
-from schemas import Event, Exposure
+from schemas import Event, Exposure, jsonschema
 from serving import ingest, params
 from serving.admin import admin_routes
 from serving.experiments import Experiments, exposure
@@ -332,6 +332,12 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
     async def openapi(request: Request) -> Response:
         return OrjsonResponse(params.openapi())
 
+    schema_files = jsonschema.published()
+
+    async def record_schema(request: Request) -> Response:
+        """The Kafka contract's record schemas (docs/publishing.md), as docs/schemas holds them."""
+        return Response(schema_files[request.url.path.rsplit("/", 1)[1]], media_type="application/schema+json")
+
     async def post_events(request: Request) -> Response:
         """Validate the whole request, send it, answer 202 after every ack (see module docstring)."""
         ingest.check_content_type(request.headers.get("content-type"))
@@ -377,6 +383,7 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
     app = Starlette(
         routes=[Route("/api/v1/recommendations/{kind}", recommendations, methods=["GET"]),
                 Route("/api/v1/events", post_events, methods=["POST"]), Route("/openapi.json", openapi, methods=["GET"]),
+                *(Route(f"/schemas/{name}", record_schema, methods=["GET"]) for name in schema_files),
                 Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *admin_routes(s, ab.store),
                 Route("/metrics", metrics, methods=["GET"]), *ops_routes(ops)],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping
 from schemas import Event, RecommendationReply, RecommendationRequest, SchemaError
 from schemas.base import ID_PATTERN, Choice, FieldError, Flag, Id, Invalid, Label, Number, json_schema
 from schemas.events import DEVICES
+from schemas.jsonschema import published as published_schemas
 from schemas.recommendations import MAX_COUNT
 
 # URL path -> request kind
@@ -272,6 +273,11 @@ def openapi(version: str = "1", *, max_events: int = 500, max_body_bytes: int = 
         "503": _json("not ready; status says why (Kafka, no agent alive, no model loaded yet)", ready, _RETRY_AFTER)}}}
     paths["/openapi.json"] = {"get": {"summary": "this description", "responses": {
         "200": _json("OpenAPI 3.0 document", {"type": "object"})}}}
+    for name in published_schemas():
+        paths[f"/schemas/{name}"] = {"get": {"summary": f"JSON Schema of the {name.split('.')[0]} record on Kafka "
+                                                        "(docs/publishing.md)", "responses": {
+            "200": {"description": "JSON Schema, draft 2020-12",
+                    "content": {"application/schema+json": {"schema": {"type": "object"}}}}}}}
     paths.update(_admin_paths())
     return {"openapi": "3.0.3", "info": {"title": "recstream", "version": version}, "paths": paths,
             "components": {"schemas": {"Event": events["event"]},

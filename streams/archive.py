@@ -26,6 +26,7 @@ from schemas import Event, SchemaError
 from schemas.arrow import arrow_schema, to_table
 from streams.deadletter import DeadLetter
 from streams.producer import create_producer
+from streams.reroute import is_copy
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,8 @@ class Archive:
             return
         acks = []
         for msg in msgs:
+            if is_copy(msg.headers):
+                continue   # a re-routed copy for the feature agents (streams/reroute.py): its original is archived
             try:
                 pending.rows.append((msg.offset, Event.from_json(msg.value or b"")))
                 self.stats.buffered += 1

@@ -70,6 +70,7 @@ from recstream.settings import Settings
 from schemas import Event, Exposure, SchemaError
 from streams.deadletter import DeadLetter
 from streams.producer import create_producer
+from streams.reroute import is_copy
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,8 @@ class Attribution:
         for tp in (tp for tp in msgs if tp.topic != self.exposures):
             offsets[tp] = msgs[tp][-1].offset + 1
             for m in msgs[tp]:
+                if is_copy(m.headers):
+                    continue   # a re-routed copy for the feature agents (streams/reroute.py): counted as its original
                 try:
                     e = Event.from_json(m.value or b"")
                 except SchemaError as exc:

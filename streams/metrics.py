@@ -89,6 +89,8 @@ class SnapshotCollector(Collector):
                 ("dead_letters", "recstream_dead_letters", "records sent to the dead-letter topic"),
                 ("duplicates", "recstream_duplicates", "repeated events dropped by event_id"),
                 ("refilled", "recstream_refilled_records", "records the consumer skipped, read again from Kafka"),
+                ("rerouted", "recstream_rerouted_records",
+                 "clickstream records on another partition than their shopper's (another partitioner), copied there"),
                 ("recovered_states", "recstream_recovered_states",
                  "users whose session-table row was behind Redis' copy (a table write lost in a rebalance)"),
                 ("batches", "recstream_batches", "batches handled"),

@@ -137,25 +137,27 @@ class OnlineStore:
             await pipe.execute()
 
     async def fold(self, batch: list[Incoming], states: Mapping[str, UserState], applied: dict[int, int],
-                   cfg: FeatureConfig, limits: Limits) -> BatchPlan:
+                   cfg: FeatureConfig, limits: Limits, passed: Sequence[tuple[int, int]] = ()) -> BatchPlan:
         """Plan a batch over `states` and apply its writes. `applied` (partition -> highest offset whose
         increments Redis holds) is filled in as needed, reloaded on a conflict, and advanced. A conflict
         means another process applied part of the batch meanwhile (the old owner of a partition, still
         folding in a rebalance): the states it wrote are read too, and the result's states are the
-        newest of every user of the batch (what the session table should hold)."""
-        applied.update(await self.applied_offsets({i.partition for i in batch if i.partition not in applied}))
+        newest of every user of the batch (what the session table should hold). `passed`: records
+        re-routed to their owner partition, whose offsets the guard moves past (features/plan.py)."""
+        partitions = {i.partition for i in batch} | {p for p, _ in passed}
+        applied.update(await self.applied_offsets(partitions - applied.keys()))
         categories = await self.categories(i.event.product_id for i in batch if not i.event.category)
         if self.cluster:
-            result = await self._fold_by_tag(batch, states, applied, categories, cfg, limits)
+            result = await self._fold_by_tag(batch, states, applied, categories, cfg, limits, passed)
         else:
             reloaded = False
             for _ in range(3):
-                result = plan(batch, states, applied, categories, cfg, limits)
+                result = plan(batch, states, applied, categories, cfg, limits, passed)
                 try:
                     await self.apply(result.ops)
                     break
                 except OffsetConflict:
-                    applied.update(await self.applied_offsets({i.partition for i in batch}))
+                    applied.update(await self.applied_offsets(partitions))
                     states, reloaded = await self.fresher(states, (i.event.user_id for i in batch)), True
             else:
                 raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
@@ -166,9 +168,10 @@ class OnlineStore:
         return result
 
     async def _fold_by_tag(self, batch: list[Incoming], states: Mapping[str, UserState], applied: dict[int, int],
-                           categories: Mapping[str, str], cfg: FeatureConfig, limits: Limits) -> BatchPlan:
+                           categories: Mapping[str, str], cfg: FeatureConfig, limits: Limits,
+                           passed: Sequence[tuple[int, int]] = ()) -> BatchPlan:
         """Redis Cluster: every hash tag's group under its own guard, then the partition offsets."""
-        result = plan(batch, states, applied, categories, cfg, limits)
+        result = plan(batch, states, applied, categories, cfg, limits, passed)
         pending = split_by_tag(result.ops)
         done: set[str] = set()
         for _ in range(3):
@@ -184,7 +187,7 @@ class OnlineStore:
             states = await self.fresher(states, (i.event.user_id for i in batch))
             for guard, tags in by_guard.items():
                 start = {**applied, **{p: max(o, applied.get(p, -1)) for p, o in guard}}
-                again = plan(batch, states, start, categories, cfg, limits)
+                again = plan(batch, states, start, categories, cfg, limits, passed)
                 groups = split_by_tag(again.ops)
                 pending.update({tag: groups[tag] for tag in tags if tag in groups})
                 for user in set(tags) & set(states):   # a user's hash tag is the user id

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from recstream.settings import Settings
 
@@ -20,3 +21,14 @@ def create_producer(s: Settings, **overrides: Any) -> AIOKafkaProducer:
     )
     options.update(overrides)
     return AIOKafkaProducer(**options)
+
+
+_murmur2 = DefaultPartitioner()
+
+
+def owner_partition(key: bytes, partitions: int) -> int:
+    """The partition this producer writes `key` to (aiokafka's default partitioner: murmur2, as the Java
+    client's): where the feature agents keep a shopper's session. Another client's default may differ
+    (librdkafka's is CRC32); the agents re-route such records here (agents/features.py)."""
+    every = list(range(partitions))
+    return int(_murmur2(key, every, every))

@@ -115,13 +115,21 @@ class BatchPlan:
 
 
 def plan(batch: list[Incoming], states: Mapping[str, UserState], applied: Mapping[int, int],
-         categories: Mapping[str, str], cfg: FeatureConfig, limits: Limits) -> BatchPlan:
+         categories: Mapping[str, str], cfg: FeatureConfig, limits: Limits,
+         passed: Iterable[tuple[int, int]] = ()) -> BatchPlan:
     """Fold a batch into the states; `applied` is the highest offset per partition whose increments
-    Redis already holds; `categories` fills in the category of events that lack one."""
+    Redis already holds; `categories` fills in the category of events that lack one. `passed`: the
+    (partition, offset) of records of the batch that were re-routed to their owner partition (acked
+    there, folded when they come back): nothing to fold, but the guard moves past them like past any
+    applied record, so a redelivery or a refill does not re-route them again."""
     new_states: dict[str, UserState] = {}
     ops = RedisOps()
     processed: list[Incoming] = []
     duplicates = 0
+    for p, o in passed:
+        if o > applied.get(p, -1):
+            lo, hi = ops.offsets.get(p, (o, o))
+            ops.offsets[p] = (min(lo, o), max(hi, o))
     for inc in batch:
         e = inc.event
         state = new_states.get(e.user_id) or states.get(e.user_id) or UserState()

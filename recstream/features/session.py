@@ -36,6 +36,9 @@ class UserState:
     recent: tuple[str, ...] = ()              # viewed or clicked this session, newest first, unique
     touched: tuple[str, ...] = ()             # every event type this session, newest first, unique (item kNN anchors)
     history: tuple[str, ...] = ()             # every event type, across sessions, newest first, unique (re-engagement)
+    recent_s: tuple[float, ...] = ()          # event time (Unix s) of each item of `recent`, `touched`, `history`:
+    touched_s: tuple[float, ...] = ()         # the lists are ordered by event time, not arrival, so an event that
+    history_s: tuple[float, ...] = ()         # arrives late (another partition, re-routed) takes its own place
     categories: dict[str, int] = field(default_factory=dict)  # this session's category counts
     session_purchases: tuple[str, ...] = ()   # bought this session: the "order" for co-purchases
     cart: tuple[str, ...] = ()                # in the cart (outlives sessions until bought), newest first
@@ -79,6 +82,27 @@ def _front(items: tuple[str, ...], item: str, cap: int) -> tuple[str, ...]:
     return (item, *(x for x in items if x != item))[:cap]
 
 
+def _aligned(times: tuple[float, ...], n: int, unknown_s: float) -> tuple[float, ...]:
+    return times[:n] + (unknown_s,) * (n - len(times))
+
+
+def _place(items: tuple[str, ...], times: tuple[float, ...], item: str, ts: float, cap: int,
+           unknown_s: float) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """`item` at its place by event time in a newest-first unique list, each item at its latest touch.
+    In arrival order (the usual case) that is the front, as `_front`; an event that arrives after newer
+    ones (written by another producer, on another partition, and re-routed) goes behind them. Items of
+    a state written before times were kept are taken to be at `unknown_s` (the state's last event)."""
+    times = _aligned(times, len(items), unknown_s)
+    ts = round(ts, 3)   # milliseconds are enough, and 4 bytes less an item in every state write
+    if item in items:
+        i = items.index(item)
+        if times[i] > ts:
+            return items, times          # touched again later: that touch keeps its place
+        items, times = items[:i] + items[i + 1:], times[:i] + times[i + 1:]
+    at = sum(1 for t in times if t > ts)  # newest first; a tie goes before (arrival order)
+    return (*items[:at], item, *items[at:])[:cap], (*times[:at], ts, *times[at:])[:cap]
+
+
 def apply(state: UserState, event: Event, cfg: FeatureConfig, category: str | None = None) -> Update:
     """Fold one event into a user's state. A repeated event_id changes nothing (idempotent)."""
     fp = fingerprint(event.event_id)
@@ -87,21 +111,32 @@ def apply(state: UserState, event: Event, cfg: FeatureConfig, category: str | No
     category = event.category or category
     ts = event.timestamp
     s = state
-    late = ts < s.session_start_s  # an event older than the current session: counters only
-    if not late and (s.session_id != event.session_id or ts - s.last_s > cfg.session_idle_timeout_s):
-        s = replace(s, session_id=event.session_id, session_start_s=ts, recent=(), touched=(), categories={},
-                    session_purchases=())
+    # An event older than the current session counts, but leaves the session as it is; one of this
+    # session that arrives after later ones (another producer's partition, re-routed) takes its place.
+    same = s.session_id == event.session_id
+    late = ts < s.session_start_s and not (same and s.session_start_s - ts <= cfg.session_idle_timeout_s)
+    if not late and (not same or ts - s.last_s > cfg.session_idle_timeout_s):
+        s = replace(s, session_id=event.session_id, session_start_s=ts, recent=(), touched=(), recent_s=(),
+                    touched_s=(), categories={}, session_purchases=())
+    elif not late and ts < s.session_start_s:
+        s = replace(s, session_start_s=ts)
     covisits: tuple[tuple[str, str], ...] = ()
     copurchases: tuple[tuple[str, str], ...] = ()
     pid = event.product_id
     if not late:
-        s = replace(s, touched=_front(s.touched, pid, cfg.session_recent_max), history=_front(s.history, pid, HISTORY_MAX))
+        touched, touched_s = _place(s.touched, s.touched_s, pid, ts, cfg.session_recent_max, s.last_s)
+        history, history_s = _place(s.history, s.history_s, pid, ts, HISTORY_MAX, s.last_s)
+        s = replace(s, touched=touched, touched_s=touched_s, history=history, history_s=history_s)
     if event.event_type in ("view", "click") and not late:
-        covisits = tuple((pid, prev) for prev in s.recent[: cfg.covisit_window] if prev != pid)
+        # pairs with the items viewed before it (in event time): in arrival order, the previous ones
+        older = [x for x, t in zip(s.recent, _aligned(s.recent_s, len(s.recent), s.last_s)) if t <= ts]
+        covisits = tuple((pid, prev) for prev in older[: cfg.covisit_window] if prev != pid)
         categories = dict(s.categories)
         if category:
             categories[category] = categories.get(category, 0) + 1
-        s = replace(s, recent=_front(s.recent, pid, cfg.session_recent_max), categories=categories, last_viewed=pid)
+        recent, recent_s = _place(s.recent, s.recent_s, pid, ts, cfg.session_recent_max, s.last_s)
+        s = replace(s, recent=recent, recent_s=recent_s, categories=categories,
+                    last_viewed=recent[0] if recent else pid)
     elif event.event_type == "add_to_cart":
         s = replace(s, cart=_front(s.cart, pid, CART_MAX))
     elif event.event_type == "purchase":

@@ -143,6 +143,19 @@ async def test_unknown_routes_and_methods_answer_json(fresh):
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
 
 
+async def test_the_kafka_contracts_json_schemas_are_served_as_docs_holds_them(fresh):
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "schemas"
+    async with api(fresh()) as client:
+        for name in ("event.schema.json", "product.schema.json"):
+            got = await client.get(f"/schemas/{name}")
+            assert got.status_code == 200 and got.headers["content-type"] == "application/schema+json"
+            assert got.content == (docs / name).read_bytes()
+        described = (await client.get("/openapi.json")).json()["paths"]
+    assert {"/schemas/event.schema.json", "/schemas/product.schema.json"} <= described.keys()
+
+
 async def test_unreachable_kafka_is_503_with_retry_after_and_the_app_still_serves(fresh):
     s = fresh(produce_timeout_ms=500)
     await ensure_topics(s)

@@ -48,6 +48,42 @@ def test_a_late_event_does_not_reset_the_session_but_still_counts():
     assert state.recent == ("b", "a") and state.events == 3 and updates[-1].covisits == ()
 
 
+@pytest.mark.parametrize("arrival", [
+    (1, 2, 3, 4),     # in order
+    (1, 3, 2, 4),     # two producers, one of them re-routed: its events arrive after newer ones
+    (2, 4, 1, 3),
+    (4, 3, 2, 1),
+])
+def test_the_session_is_in_event_time_order_whatever_the_arrival_order(arrival):
+    events = {i: ev(i, kind="view" if i % 2 else "click", pid=f"q{i}") for i in (1, 2, 3, 4)}
+    state, _ = fold([events[i] for i in arrival])
+    wide = FeatureConfig(session_recent_max=10)
+    full = UserState()
+    for i in arrival:
+        full = apply(full, events[i], wide).state
+    assert state.recent == ("q4", "q3", "q2") and state.last_viewed == "q4" and state.events == 4
+    assert full.touched == full.history == full.recent == ("q4", "q3", "q2", "q1")
+    assert full.recent_s == tuple(T + i for i in (4, 3, 2, 1))
+
+
+def test_a_late_arrival_of_an_item_touched_again_since_keeps_the_newer_touch():
+    state, _ = fold([ev(1, pid="a"), ev(3, pid="b"), ev(4, pid="a"), ev(2, pid="a")])
+    assert state.recent == ("a", "b") and state.recent_s == (T + 4, T + 3)
+
+
+def test_a_late_view_pairs_with_the_items_viewed_before_it():
+    _, updates = fold([ev(1, pid="a"), ev(3, pid="c"), ev(2, pid="b")])
+    assert updates[-1].covisits == (("b", "a"),)
+
+
+def test_a_state_kept_before_event_times_were_kept_still_takes_events():
+    old = UserState(session_id="s1", session_start_s=T, last_s=T + 5, recent=("y", "x"), touched=("y", "x"),
+                    history=("y", "x"))
+    state, _ = fold([ev(6, pid="z"), ev(3, pid="w")], old)
+    assert state.recent == ("z", "y", "x") and state.recent_s == (T + 6, T + 5, T + 5)
+    assert state.history == ("z", "y", "x", "w")   # behind the items of unknown time (at the last event)
+
+
 def test_repeated_event_ids_change_nothing():
     state, _ = fold([ev(1, "add_to_cart", pid="a")])
     again = apply(state, ev(1, "add_to_cart", pid="a"), CFG)
@@ -125,3 +161,21 @@ def test_missing_offsets_finds_the_holes_after_the_baseline_and_ignores_redelive
     assert missing_offsets({0: 9}, [(0, 10), (0, 11)]) == {}                   # offsets follow on
     assert missing_offsets({0: -1, 2: -1}, [(0, 40), (2, 7)]) == {}            # no baseline: not checked
     assert missing_offsets({1: 0}, [(1, 4), (1, 4)]) == {1: [(1, 4)]}
+
+
+def test_records_re_routed_elsewhere_move_the_guard_and_fold_nothing():
+    batch = [Incoming(ev(1, pid="a"), 2, 7)]
+    result = plan(batch, {}, {2: 4, 5: 9}, {}, CFG, LIMITS, passed=[(2, 5), (2, 6), (5, 8), (5, 10)])
+    assert result.ops.offsets == {2: (5, 7), 5: (10, 10)}   # offsets Redis already holds are left out
+    assert [i.offset for i in result.processed] == [7]
+    only = plan([], {}, {}, {}, CFG, LIMITS, passed=[(3, 0)])
+    assert only.ops.offsets == {3: (0, 0)} and not only.states and not only.ops.set
+
+
+@pytest.mark.parametrize("headers, copy", [
+    (None, False), ([], False), ([("x-other", b"1")], False),
+    ([("x-recstream-rerouted-from", b"2:7")], True), ({"x-recstream-rerouted-from": b"2:7"}, True),
+])
+def test_a_re_routed_copy_is_recognised_by_its_header(headers, copy):
+    from streams.reroute import is_copy
+    assert is_copy(headers) is copy
