@@ -60,7 +60,7 @@ def app_settings(tmp_path):
 
 
 def _experiment(start_s: float) -> dict:
-    iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
     return {"layer": "L", "start": iso(start_s), "end": iso(start_s + 86400), "traffic": 0.5,
             "variants": [{"name": "control", "weight": 0.5}, {"name": "b", "weight": 0.5, "changes": {"ranker": "x"}}]}
 
@@ -86,7 +86,7 @@ def failing_requests(s) -> list[tuple[str, str, str, dict, bytes | None]]:
            (f"{admin}/defaults", "PUT", f"{admin}/defaults", AUTH, b'{"nope": 1}'),                             # 400
            ("/api/v1/unknown", "GET", "/api/v1/unknown", {}, None)]                                          # 404 no route
     # and every documented path with a method it does not take: 405
-    for path, operations in params.openapi()["paths"].items():
+    for path in params.openapi()["paths"]:
         url = path.replace("{kind}", "homepage").replace("{id}", "x")
         out.append((path, "PATCH", url, AUTH, None))
     return out
