@@ -152,7 +152,7 @@ async def test_unreachable_kafka_is_503_with_retry_after_and_the_app_still_serve
         assert time.monotonic() - started < 3
         health = await client.get("/healthz")
         response = await client.post("/api/v1/events", json=event(1))
-    assert health.status_code == 503 and health.json() == {"status": "kafka unavailable"}
+    assert health.status_code == 503 and health.json() == {"error": "kafka unavailable", "status": "kafka unavailable"}
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "Kafka is not connected" in response.json()["error"]
     assert await end_offsets(s) == 0
