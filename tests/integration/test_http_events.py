@@ -14,14 +14,14 @@ from schemas import Event
 from serving.app import create_app
 from streams.producer import create_producer
 from streams.topics import ensure_topics
+from tests.factories import bind, event_json
 
 JSON = {"content-type": "application/json"}
 BODY_LIMIT = 1700  # bytes, for the bad-input table
 
 
-def event(i: int = 0, **changes) -> dict:
-    return {"event_id": f"e{i}", "user_id": f"u{i % 7}", "session_id": f"s{i % 7}", "product_id": f"p{i}",
-            "event_type": "view", "timestamp": time.time() - 60, **changes}
+event = bind(event_json, "i", user=lambda f: f"u{f['i'] % 7}", session=lambda f: f"s{f['i'] % 7}",
+             ts=lambda f: time.time() - 60)
 
 
 @contextlib.asynccontextmanager
