@@ -64,7 +64,8 @@ def admin_routes(s: Settings, store: ExperimentStore) -> list[Route]:
         store.refresh()
         es = store.current
         return OrjsonResponse({"revision": es.revision, "defaults": changes_to_json(es.defaults),
-                      "experiments": [_out(es, e, time.time()) for e in es.experiments], "file_error": store.error})
+                               "experiments": [_out(es, e, time.time()) for e in es.experiments],
+                               "file_error": store.error})
 
     async def get_experiment(request: Request) -> Response:
         store.refresh()
@@ -86,7 +87,8 @@ def admin_routes(s: Settings, store: ExperimentStore) -> list[Route]:
         now, force = time.time(), _force(request)
         created = await _write(lambda: store.put(e, force=force, now_s=now))
         es = store.current
-        return OrjsonResponse(_out(es, es.get(eid), now), status_code=HTTPStatus.CREATED if created else HTTPStatus.OK)
+        return OrjsonResponse(_out(es, es.get(eid), now),
+                              status_code=HTTPStatus.CREATED if created else HTTPStatus.OK)
 
     async def delete_experiment(request: Request) -> Response:
         eid = request.path_params["id"]

@@ -222,7 +222,8 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 
 async def _kafka_unavailable(request: Request, exc: Exception) -> Response:
-    return error_response(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return error_response(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}; retry later",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
