@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.soak import machine  # noqa: E402  (one description of the machine for the benches)
+from bench import harness  # noqa: E402
 from cli import demo  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
@@ -63,12 +62,8 @@ def main() -> int:
                "users_clicking_full": users.rate_a, "users_clicking_trending": users.rate_b,
                "p_value_users_clicking": users.p_value, "units": an.units, "impressions": an.impressions,
                "srm_p": an.srm_p, "demo_checks_passed": code == 0, "seconds": round(time.perf_counter() - t0, 1)}
-    out = {"name": "ab_shop", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "machine": machine(), "command": "python bench/ab_shop.py " + " ".join(sys.argv[1:]),
-           "config": {"users": args.users, "products": args.products, "visits": args.visits, "seed": args.seed},
-           "figures": figures}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    harness.write_result("ab_shop", figures, out=args.out, config={"users": args.users, "products": args.products,
+                                                                   "visits": args.visits, "seed": args.seed})
     print(json.dumps(figures, indent=2))
     return 0 if code == 0 else 1
 

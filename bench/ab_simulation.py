@@ -15,10 +15,6 @@ histograms (uniform when the test is calibrated) and the power curves.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import harness  # noqa: E402
 from recstream.experiments.simulation import TESTS, replay_runs  # noqa: E402
 from recstream.experiments.stats import analytic_power, session_impressions  # noqa: E402
 
@@ -69,18 +66,12 @@ def main() -> int:
         analytic.append(analytic_power(imp, BASE_CTR, lift, CONCENTRATION))
         print(f"  {lift:>6.0%} " + " ".join(f"{power[t][-1]:>11.3f}" for t in TESTS) + f" {analytic[-1]:>10.3f}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "name": "ab_simulation",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
-        "command": "python " + " ".join(sys.argv),
-        "figures": {"users": int(len(imp)), "impressions": int(imp.sum()), "aa_runs": args.aa_runs,
-                    "power_runs": args.power_runs, "base_ctr": BASE_CTR, "concentration": CONCENTRATION,
-                    **{f"aa_fpr_{t}": fpr[t] for t in TESTS},
-                    "lifts": lifts, **{f"power_{t}": power[t] for t in TESTS}, "power_analytic_user_level": analytic},
-    }
-    (args.out / "ab_simulation.json").write_text(json.dumps(record, indent=2) + "\n")
+    harness.write_result("ab_simulation", {
+        "users": int(len(imp)), "impressions": int(imp.sum()), "aa_runs": args.aa_runs,
+        "power_runs": args.power_runs, "base_ctr": BASE_CTR, "concentration": CONCENTRATION,
+        **{f"aa_fpr_{t}": fpr[t] for t in TESTS},
+        "lifts": lifts, **{f"power_{t}": power[t] for t in TESTS}, "power_analytic_user_level": analytic},
+        out=args.out / "ab_simulation.json")
     plot(aa, fpr, lifts, power, analytic, args.out / "ab_simulation.png", len(imp))
     print(f"wrote {args.out / 'ab_simulation.json'} and {args.out / 'ab_simulation.png'}")
     return 0

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cli.evaluate import run  # noqa: E402
-from bench.soak import machine  # noqa: E402  (one description of the machine for the benches)
+from bench import harness  # noqa: E402
 from recstream.evaluation.protocols import PROTOCOLS, make_split  # noqa: E402
 from cli.report import metric_names, plot, table, write  # noqa: E402
 from recstream.settings import load  # noqa: E402
@@ -61,10 +61,10 @@ def collect(folder: Path, protocols: list[str], name: str, command: str) -> dict
         plot(rec, folder / f"{p}.png")
         written = datetime.fromtimestamp((folder / f"{p}.json").stat().st_mtime, UTC).isoformat(timespec="seconds")
         dates.append(rec.get("date", written))
-    return {"name": name, "date": min(dates) if dates else None, "machine": machine(),
-            "command": command, "figures": {p: summarise(r) for p, r in records.items()},
-            "methods": {p: {m: x["metrics"] for m, x in r["methods"].items()} for p, r in records.items()},
-            "seconds": {p: sum(x["seconds"] for x in r["methods"].values()) for p, r in records.items()}}
+    return harness.result(name, {p: summarise(r) for p, r in records.items()}, command=command,
+                          date=min(dates) if dates else None,
+                          methods={p: {m: x["metrics"] for m, x in r["methods"].items()} for p, r in records.items()},
+                          seconds={p: sum(x["seconds"] for x in r["methods"].values()) for p, r in records.items()})
 
 
 def main() -> None:
@@ -89,7 +89,7 @@ def main() -> None:
             print(table(ev), flush=True)
             write(ev, out / name, command, protocol)
     result = collect(out / name, protocols, name, command)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    harness.write_json(out / f"{name}.json", result)
     print(json.dumps(result["figures"], indent=2))
     print(markdown(result))
 

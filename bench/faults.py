@@ -11,7 +11,6 @@ train with Spark and register in MLflow); Redis and Kafka faults start private i
 """
 from __future__ import annotations
 
-import datetime
 import json
 import re
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.soak import machine  # noqa: E402  (one description of the machine for the benches)
+from bench import harness  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "faults.json"
 TESTS = "tests/integration/test_faults.py"
@@ -45,17 +44,10 @@ def main(argv: list[str]) -> int:
         if m := OUTCOME.match(line):
             outcomes[m.group(2).split("::", 1)[1]] = m.group(1)
     summary = next((ln.strip("= ") for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed)", ln)), "")
-    result = {
-        "name": "faults",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "command": f".venv/bin/python bench/faults.py {' '.join(argv)}".strip(),
-        "pytest": {"command": " ".join(["python", "-m", "pytest", *cmd[3:]]), "exit_status": proc.returncode,
-                   "summary": summary, "outcomes": outcomes, "wall_s": round(wall_s, 1)},
-        "figures": figures,
-    }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_result(
+        "faults", figures, out=OUT, command=f".venv/bin/python bench/faults.py {' '.join(argv)}".strip(),
+        pytest={"command": " ".join(["python", "-m", "pytest", *cmd[3:]]), "exit_status": proc.returncode,
+                "summary": summary, "outcomes": outcomes, "wall_s": round(wall_s, 1)})
     failures = out.find("= FAILURES =")
     print(out[failures:failures + 6000] if failures >= 0 else summary)
     print(summary)

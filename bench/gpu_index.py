@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
-from datetime import UTC, datetime
+from pathlib import Path
 
 import faiss
 import numpy as np
 
-from models import index as fx
-from models.artifacts import Embeddings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import index as fx  # noqa: E402
+from models.artifacts import Embeddings  # noqa: E402
+from bench import harness  # noqa: E402
 
 K = 200
 
@@ -117,14 +120,10 @@ def main() -> None:
     figures = checks(emb, q)
     print("checks passed:", json.dumps(figures), flush=True)
     figures |= timings(emb, q)
-    gpu = faiss.get_num_gpus()
-    result = {"name": "gpu_index", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": f"{platform.node()}: {gpu} GPU(s), {os.cpu_count()} CPUs, faiss {faiss.__version__}",
-              "command": f"python bench/gpu_index.py --n {args.n} --dim {args.dim}",
-              "n": args.n, "dim": args.dim, "k": K, "figures": figures, "wall_s": time.perf_counter() - t0}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    result = harness.write_result(
+        "gpu_index", figures, out=Path(args.out), command=f"python bench/gpu_index.py --n {args.n} --dim {args.dim}",
+        machine_facts={"gpus": faiss.get_num_gpus(), "faiss": faiss.__version__},
+        n=args.n, dim=args.dim, k=K, wall_s=time.perf_counter() - t0)
     print(json.dumps(result, indent=2))
 
 

@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import os
-import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +33,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from bench import harness  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from schemas import Event  # noqa: E402
 from streams.producer import create_producer  # noqa: E402
@@ -62,8 +60,7 @@ class Run:
         return self.events / self.seconds if self.seconds else 0.0
 
     def pct(self, q: float) -> float:
-        lat = sorted(self.latencies_ms)
-        return lat[min(len(lat) - 1, round(q * (len(lat) - 1)))] if lat else float("nan")
+        return harness.pct(self.latencies_ms, q)
 
 
 def make_batches(tag: str, batch: int, requests: int) -> list[list[Event]]:
@@ -71,11 +68,6 @@ def make_batches(tag: str, batch: int, requests: int) -> list[list[Event]]:
     return [[Event(event_id=f"{tag}-{r}-{i}", user_id=f"u{(r * batch + i) % 5000}", session_id=f"s{r % 997}",
                    product_id=f"p{(r * 31 + i) % 20000}", event_type="view", timestamp=now, device="mobile",
                    page="product", price=19.9) for i in range(batch)] for r in range(requests)]
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 async def drive(path: str, batch: int, items: list, send, concurrency: int, max_seconds: float,
@@ -96,11 +88,11 @@ async def drive(path: str, batch: int, items: list, send, concurrency: int, max_
             latencies.append((time.perf_counter() - t0) * 1000)
             errors += not ok
 
-    cpu0, server_cpu0 = time.process_time(), process_cpu_s(server_pid) if server_pid else 0.0
+    cpu0, server_cpu0 = time.process_time(), harness.cpu_s(server_pid) if server_pid else 0.0
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
-    server_cpu = process_cpu_s(server_pid) - server_cpu0 if server_pid else None
+    server_cpu = harness.cpu_s(server_pid) - server_cpu0 if server_pid else None
     done = len(latencies)
     return Run(path, batch, done, (done - errors) * batch, seconds, latencies, errors,
                time.process_time() - cpu0, server_cpu)
@@ -138,17 +130,9 @@ async def bare_case(s: Settings, batch: int, requests: int, concurrency: int, ma
         await producer.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(s: Settings, port: int, log_path: Path) -> subprocess.Popen:
     code = f"from recstream.settings import load; from serving.app import serve; serve(load(), '127.0.0.1', {port})"
-    env = {**os.environ, "RECSTREAM_TOPIC_PREFIX": s.topic_prefix}
-    with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return harness.start_process(["-c", code], log_path, env={**os.environ, "RECSTREAM_TOPIC_PREFIX": s.topic_prefix})
 
 
 async def wait_healthy(base_url: str, server: subprocess.Popen, log_path: Path, timeout_s: float = 30) -> None:
@@ -167,12 +151,7 @@ async def wait_healthy(base_url: str, server: subprocess.Popen, log_path: Path, 
 
 
 def stop_server(server: subprocess.Popen) -> None:
-    server.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully: the lifespan flushes the producer
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    harness.stop_process(server, signal.SIGINT, 15)  # uvicorn shuts down gracefully: the lifespan flushes the producer
 
 
 async def delete_topics(s: Settings) -> None:
@@ -184,17 +163,10 @@ async def delete_topics(s: Settings) -> None:
         await admin.close()
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
-    return {"hostname": subprocess.run(["uname", "-n"], capture_output=True, text=True).stdout.strip(),
-            "nproc": len(os.sched_getaffinity(0)), "cpu_model": model}
-
-
 async def run(args: argparse.Namespace) -> dict:
     s = dataclasses.replace(load(), topic_prefix=f"bench{uuid.uuid4().hex[:8]}")
     await ensure_topics(s)
-    port = free_port()
+    port = harness.free_port()
     base_url = f"http://127.0.0.1:{port}"
     cases = [(1, args.requests_batch1), (100, args.requests_batch100)]
     runs: list[Run] = []
@@ -240,17 +212,11 @@ def report(args: argparse.Namespace, s: Settings, runs: list[Run]) -> dict:
             round(by["http", 100].server_cpu_s / max(1, by["http", 100].events) * 1e6, 1),
         "http_client_cpu_share_batch1": round(by["http", 1].own_cpu_s / by["http", 1].seconds, 2),
     }
-    return {
-        "name": "http_ingest",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-        "parameters": {"concurrency": args.concurrency, "max_seconds_per_case": args.max_seconds,
-                       "requests_batch1": args.requests_batch1, "requests_batch100": args.requests_batch100,
-                       "producer_linger_ms": s.producer_linger_ms, "errors": sum(r.errors for r in runs),
-                       "bare_producer_events_per_s_is": "the batch-100 bare run"},
-        "figures": figures,
-    }
+    return harness.result("http_ingest", figures, parameters={
+        "concurrency": args.concurrency, "max_seconds_per_case": args.max_seconds,
+        "requests_batch1": args.requests_batch1, "requests_batch100": args.requests_batch100,
+        "producer_linger_ms": s.producer_linger_ms, "errors": sum(r.errors for r in runs),
+        "bare_producer_events_per_s_is": "the batch-100 bare run"})
 
 
 def main() -> int:
@@ -261,8 +227,7 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=15.0, help="a case stops after this long (seconds)")
     args = p.parse_args()
     result = uvloop.run(run(args))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    harness.write_json(RESULTS, result)
     print(f"\nwrote {RESULTS.relative_to(ROOT)}")
     return 1 if result["parameters"]["errors"] else 0
 

@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import gc
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,18 +48,13 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from models import index as fx  # noqa: E402
 from models.artifacts import Embeddings  # noqa: E402
+from bench import harness  # noqa: E402
 from bench.gpu_index import catalogue, per_query_ms  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 K = 200
 BATCHES = (1, 64)
 EF_SWEEP = (64, 128, 256, 512, 1024)
-
-
-def machine() -> dict:
-    import platform
-    return {"host": platform.node(), "cpus": os.cpu_count(), "arch": platform.machine(),
-            "python": platform.python_version(), "faiss": faiss.__version__, "gpus": faiss.get_num_gpus()}
 
 
 def rss_bytes() -> int:
@@ -266,8 +259,7 @@ def write(out: Path, run: Run, extra: dict) -> None:
     data["index_scale"] = extra
     for key in ("date", "machine", "command"):   # the record's own fields: kept if another part wrote them
         data.setdefault(key, extra[key])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    harness.write_json(out, data)
 
 
 def main() -> None:
@@ -310,9 +302,9 @@ def main() -> None:
             run.log("--gpu: faiss sees no GPU (faiss-cpu build or no device): GPU kinds skipped")
     wall = time.perf_counter() - run.started
     print(f"\n{args.n} x {args.dim}, {len(q)} queries, k = {K}, {threads} threads\n" + table(run.figures, kinds))
-    extra = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "machine": {**machine(), "faiss": faiss.__version__, "gpus": faiss.get_num_gpus()},
-             "command": shlex.join([".venv/bin/python", "bench/index_scale.py", *sys.argv[1:]]),
+    extra = {"date": harness.now_iso(),
+             "machine": {**harness.machine(), "faiss": faiss.__version__, "gpus": faiss.get_num_gpus()},
+             "command": harness.command_line(),
              "n": args.n, "dim": args.dim, "k": K, "queries": len(q), "tune_queries": args.tune_queries,
              "target": args.target, "threads": threads, "settings": run.settings, "wall_s": wall,
              "load_average_at_end": os.getloadavg(),

@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import itertools
 import os
 import pstats
-import shlex
 import signal
 import socket
 import subprocess
@@ -50,7 +48,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.http_ingest import machine, process_cpu_s  # noqa: E402
+from bench import harness  # noqa: E402
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features import Incoming, UserState, keys  # noqa: E402
 from recstream.features.config import feature_config, limits  # noqa: E402
@@ -114,28 +112,11 @@ def start(s: Settings, argv: list[str], log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "RECSTREAM_TOPIC_PREFIX": s.topic_prefix, "RECSTREAM_APP_ID": s.app_id,
            "RECSTREAM_HOME_DIR": str(s.home_dir), "RECSTREAM_REDIS_NAMESPACE": s.redis_namespace,
            "RECSTREAM_CLICKSTREAM_PARTITIONS": str(s.clickstream_partitions)}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return harness.start_process(argv, log_path, env)
 
 
 def worker_argv(profile: Path | None = None) -> list[str]:
     return [*(["-m", "cProfile", "-o", str(profile)] if profile else []), "-m", "cli.main", "worker", "features"]
-
-
-def stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def check_alive(proc: subprocess.Popen, log_path: Path) -> None:
-    if proc.poll() is not None:
-        raise RuntimeError(f"{log_path.name} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
 
 
 async def cleanup(base: Settings, prefixes: list[str], app_ids: list[str], namespaces: list[str]) -> tuple[int, int]:
@@ -181,7 +162,7 @@ def cpu_mark(pids: dict[str, int]) -> dict:
     cpu = {}
     for name, pid in pids.items():
         try:
-            cpu[name] = process_cpu_s(pid)
+            cpu[name] = harness.cpu_s(pid)
         except OSError:   # the process ended
             pass
     return {"t": time.perf_counter(), "cpu": cpu, "machine": machine_jiffies()}
@@ -225,21 +206,21 @@ async def throughput(base: Settings, s: Settings, label: str, argv: list[str], n
     try:
         deadline = time.monotonic() + 120  # start-up, group join, first batch
         while (done0 := await applied_total(client, s, s.app_id)) == 0:
-            check_alive(proc, log_path)
+            harness.check_alive(proc, log_path)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{label}: nothing applied after 120 s:\n{log_path.read_text()[-3000:]}")
             await asyncio.sleep(POLL_S)
         first, done = meter.mark(), done0
         bar.update(done)
         while done < n and first["t"] + cap_s > time.perf_counter():
-            check_alive(proc, log_path)
+            harness.check_alive(proc, log_path)
             await asyncio.sleep(POLL_S)
             done = await applied_total(client, s, s.app_id)
             bar.update(done - bar.n)
         last = meter.mark()
     finally:
         bar.close()
-        rc = stop(proc)
+        rc = harness.stop_process(proc)
         await client.aclose()
     seconds = last["t"] - first["t"]
     return {"label": label, "events": done - done0, "seconds": seconds, "events_per_s": (done - done0) / seconds,
@@ -276,7 +257,7 @@ async def wait_snapshot(client: aioredis.Redis, key: str, proc, log_path: Path, 
     """The worker's first snapshot that counts `want` processed events with no lag (or the last one seen)."""
     deadline, snap = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        check_alive(proc, log_path)
+        harness.check_alive(proc, log_path)
         raw = await client.get(key)
         if raw:
             snap = orjson.loads(raw)
@@ -309,7 +290,7 @@ async def latency(base: Settings, s: Settings, events: list[Event], rate: float,
         after = await wait_snapshot(client, key, proc, log_path, warm_n + sent.acked, drain_s)
     finally:
         await producer.stop()
-        rc = stop(proc)
+        rc = harness.stop_process(proc)
         await client.aclose()
     window = np.asarray(after["event_latency_counts"]) - np.asarray(before["event_latency_counts"])
     pct = percentiles_ms(window, (50, 99, 99.9))
@@ -413,22 +394,14 @@ def report(args: argparse.Namespace, s: Settings, preload_rate: float, phases: d
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"\n(HTTP figures from {HTTP_RESULTS.relative_to(ROOT)}, run {http['date']}: {http['command']})")
-    return {
-        "name": "ingest",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-        "parameters": {"events": args.events, "users": args.users, "products": args.products,
+    return harness.result("ingest", figures, phases=phases, parameters={"events": args.events, "users": args.users, "products": args.products,
                        "partitions": s.clickstream_partitions, "feature_batch_max": s.feature_batch_max,
                        "feature_batch_within_ms": s.feature_batch_within_ms, "table_store": s.table_store,
                        "throughput_cap_s": args.cap_seconds, "preload_events_per_s": preload_rate,
                        "latency_rate_per_s": args.rate, "latency_seconds": args.seconds,
                        "warmup_seconds": args.warm_seconds, "load_average_at_end": os.getloadavg(),
                        "http_figures_from": {"file": str(HTTP_RESULTS.relative_to(ROOT)), "date": http["date"],
-                                             "command": http["command"]}},
-        "figures": figures,
-        "phases": phases,
-    }
+                                             "command": http["command"]}})
 
 
 def main() -> int:
@@ -450,8 +423,7 @@ def main() -> int:
     result = uvloop.run(run(args))
     if result is None:
         return 0
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    harness.write_json(RESULTS, result)
     print(f"\nwrote {RESULTS.relative_to(ROOT)}")
     return 0
 

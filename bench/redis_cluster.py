@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import hashlib
 import re
 import subprocess
@@ -30,7 +29,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.soak import machine  # noqa: E402
+from bench import harness  # noqa: E402
 from cli import redis_cluster  # noqa: E402
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features import Incoming, plan  # noqa: E402
@@ -97,9 +96,7 @@ async def main(args: argparse.Namespace) -> dict:
     batch = incoming(data.events)
     size = base.feature_batch_max
     planning = plan_only(base, batch, size)
-    out = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": machine(),
-           "command": " ".join(sys.argv), "events": len(batch), "batch": size,
-           "plan_only_events_per_s": round(len(batch) / planning)}
+    out = {"events": len(batch), "batch": size, "plan_only_events_per_s": round(len(batch) / planning)}
     for label, s in (("single", base), ("cluster", cluster)):
         await fold_all(s, batch[: size], size)   # warm-up: scripts loaded, connections open
         runs = [await fold_all(s, batch, size) for _ in range(args.repeat)]
@@ -120,6 +117,5 @@ if __name__ == "__main__":
     ap.add_argument("--bench-requests", type=int, default=200_000, help="redis-benchmark requests per test (count)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    result = asyncio.run(main(args))
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    result = harness.write_result("redis_cluster", asyncio.run(main(args)), out=args.out)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())

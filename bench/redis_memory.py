@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import datetime
-import json
 import sys
 import time
 import uuid
@@ -31,8 +29,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import down  # noqa: E402  (figures truncated, never rounded up)
-from bench.soak import machine  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.harness import down  # noqa: E402  (figures truncated, never rounded up)
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features.config import feature_config, limits  # noqa: E402
 from recstream.features.plan import Incoming  # noqa: E402
@@ -161,11 +159,9 @@ async def run(args: argparse.Namespace) -> dict:
           f"{figures['bytes_per_item']} B (fields, neighbours, vector); popularity and the rest {figures['shared_mb']} MB")
     print(f"MEMORY USAGE total {figures['memory_usage_total_mb']} MB against used_memory growth "
           f"{figures['used_memory_growth_mb']} MB (the reference; {removed:,} keys removed after)")
-    return {"name": "redis_memory", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(), "command": " ".join([".venv/bin/python", "bench/redis_memory.py", *sys.argv[1:]]),
-            "parameters": {"users": args.users, "products": args.products, "dim": DIM, "batch": args.batch,
-                           "partitions": args.partitions, "sample": args.sample},
-            "figures": figures}
+    return harness.result("redis_memory", figures, parameters={
+        "users": args.users, "products": args.products, "dim": DIM, "batch": args.batch,
+        "partitions": args.partitions, "sample": args.sample})
 
 
 def main() -> int:
@@ -178,7 +174,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes (path)")
     args = p.parse_args()
     res = asyncio.run(run(args))
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    harness.write_json(args.out, res)
     print(f"wrote {args.out}")
     return 0
 

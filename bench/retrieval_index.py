@@ -26,10 +26,7 @@ core it is given (2 here, shared with other jobs: the load average is recorded).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from models.artifacts import Embeddings  # noqa: E402
 from models.index import RetrievalIndex, build, recall_against  # noqa: E402
-from bench.http_ingest import machine  # noqa: E402
+from bench import harness  # noqa: E402
 from recstream.data import import_events  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
@@ -230,21 +227,12 @@ def main() -> None:
     figures[label] = bench_catalogue(label, emb, {"users": user_vecs[:args.queries], "items": item_q},
                                      args.hnsw_items, log)
     print(table(figures))
-    result = {
-        "name": "retrieval_index",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "command": shlex.join([".venv/bin/python", "bench/retrieval_index.py", *sys.argv[1:]]),
-        "parameters": {"k": K, "flat_below": "models.index.FLAT_BELOW", "nlist_rule": "choose_nlist: round(4*sqrt(n)), <= n//39",
+    harness.write_result("retrieval_index", figures, out=args.out, parameters={"k": K, "flat_below": "models.index.FLAT_BELOW", "nlist_rule": "choose_nlist: round(4*sqrt(n)), <= n//39",
                        "nprobe_rule": "choose_nprobe: max(8, round(2*sqrt(nlist))), <= nlist", "queries": args.queries,
                        "synthetic_items": args.items, "hnsw_items": args.hnsw_items,
                        "faiss_threads": __import__("faiss").omp_get_max_threads(),
                        "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
-                       "wall_s": time.perf_counter() - started},
-        "figures": figures,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+                       "wall_s": time.perf_counter() - started})
     log(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
 
 

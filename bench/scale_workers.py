@@ -34,10 +34,8 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import datetime
 import json
 import os
-import shlex
 import signal
 import socket
 import sys
@@ -53,8 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench import ingest, serving as srv  # noqa: E402
-from bench.http_ingest import free_port  # noqa: E402
-from bench.soak import machine  # noqa: E402
+from bench import harness  # noqa: E402
 from recstream.features import keys, popularity  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from schemas import Event  # noqa: E402
@@ -105,7 +102,7 @@ async def drain(base: Settings, s: Settings, workers: int, n: int, cap_s: float,
         deadline = time.monotonic() + 180
         while True:
             for p, path in zip(procs, logs):
-                ingest.check_alive(p, path)
+                harness.check_alive(p, path)
             done0 = await ingest.applied_total(client, s, s.app_id)
             parts = await split(client, s, [p.pid for p in procs])
             if parts and done0 > 0:
@@ -118,7 +115,7 @@ async def drain(base: Settings, s: Settings, workers: int, n: int, cap_s: float,
         done, last_log = done0, time.monotonic()
         while done < n and first["t"] + cap_s > time.perf_counter():
             for p, path in zip(procs, logs):
-                ingest.check_alive(p, path)
+                harness.check_alive(p, path)
             await asyncio.sleep(ingest.POLL_S)
             done = await ingest.applied_total(client, s, s.app_id)
             if time.monotonic() - last_log > 5:
@@ -127,7 +124,7 @@ async def drain(base: Settings, s: Settings, workers: int, n: int, cap_s: float,
         last = ingest.cpu_mark(pids)
         parts_end = await split(client, s, [p.pid for p in procs])
     finally:
-        codes = [ingest.stop(p) for p in procs]
+        codes = [harness.stop_process(p) for p in procs]
         await client.aclose()
     seconds = last["t"] - first["t"]
     cores = srv.Cpu.cores(first, last)
@@ -208,7 +205,7 @@ def serving_settings(args: argparse.Namespace) -> Settings:
                                app_id=f"bench-{TAG}", model_name=f"bench-{TAG}", home_dir=ROOT / ".local" / TAG)
 
 
-async def agents_ready(s: Settings, client: aioredis.Redis, procs: srv.Procs, per_role: int,
+async def agents_ready(s: Settings, client: aioredis.Redis, procs: harness.Procs, per_role: int,
                        timeout_s: float = 240) -> None:
     """Until `per_role` live snapshots of each serving role report the published model."""
     want = await srv.serving_pointer(s, client)
@@ -303,7 +300,7 @@ def window(outcomes: list[Outcome], a: float, b: float) -> dict:
             "p99_ms": down(pct([o.latency_ms for o in xs], 0.99))}
 
 
-async def rebalance_phase(args: argparse.Namespace, base: Settings, s: Settings, procs: srv.Procs, port: int,
+async def rebalance_phase(args: argparse.Namespace, base: Settings, s: Settings, procs: harness.Procs, port: int,
                           traffic: srv.Traffic, events: list[Event], logdir: Path, client: aioredis.Redis) -> dict:
     fs = ingest.fresh(base, f"{uuid.uuid4().hex[:8]}rb", home_dir=logdir / "home-rb")
     await ensure_topics(fs, [spec(fs, "clickstream"), spec(fs, "catalogue"), spec(fs, "deadletter")])
@@ -318,7 +315,7 @@ async def rebalance_phase(args: argparse.Namespace, base: Settings, s: Settings,
     try:
         deadline = time.monotonic() + 120
         while await split(fclient, fs, [fw["fw1"].pid]) is None:
-            ingest.check_alive(fw["fw1"], logdir / "rb-fw1.log")
+            harness.check_alive(fw["fw1"], logdir / "rb-fw1.log")
             if time.monotonic() > deadline:
                 raise RuntimeError("rebalance: the first feature worker did not take the topic within 120 s")
             await asyncio.sleep(0.3)
@@ -366,7 +363,7 @@ async def rebalance_phase(args: argparse.Namespace, base: Settings, s: Settings,
         ends = await end_offsets(fs)
         deadline = time.monotonic() + 180
         while (applied := await store.applied_offsets(ends)) != {p: e - 1 for p, e in ends.items()}:
-            ingest.check_alive(fw["fw2"], logdir / "rb-fw2.log")
+            harness.check_alive(fw["fw2"], logdir / "rb-fw2.log")
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
@@ -379,7 +376,7 @@ async def rebalance_phase(args: argparse.Namespace, base: Settings, s: Settings,
         parts_after = await split(fclient, fs, [fw["fw2"].pid])
     finally:
         for p in fw.values():
-            ingest.stop(p)
+            harness.stop_process(p)
         await fclient.aclose()
         await ingest.cleanup(base, [fs.topic_prefix], [fs.app_id], [fs.redis_namespace])
     # the serving stack back to one pair under the original names, for whatever runs next
@@ -425,7 +422,7 @@ async def end_offsets(s: Settings) -> dict[int, int]:
 async def serving_phases(args: argparse.Namespace, base: Settings, events: list[Event], logdir: Path) -> dict:
     s = serving_settings(args)
     client = aioredis.from_url(s.redis_url)
-    procs = srv.Procs(s, logdir)
+    procs = srv.procs_for(s, logdir)
     out: dict = {}
     try:
         await ensure_topics(s)
@@ -433,7 +430,7 @@ async def serving_phases(args: argparse.Namespace, base: Settings, events: list[
         out["setup"] = {k: info.get(k) for k in ("done_at", "events", "products", "users", "version", "cached",
                                                  "setup_s")}
         traffic = srv.traffic_of(info)
-        port = free_port()
+        port = harness.free_port()
         await srv.start_serving(s, procs, client, port)
         for pairs in (1, 2):
             if pairs == 2:
@@ -508,9 +505,9 @@ def write(out: Path, details: dict, figures: dict, command: str) -> None:
     data = json.loads(out.read_text()) if out.exists() else {}
     data.setdefault("name", "scale")
     data.setdefault("figures", {}).update(figures)
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    date = harness.now_iso()
     part = data.setdefault("scale_workers", {})   # a run of some phases keeps the others' details
-    part.update({"date": date, "command": command, "machine": machine(), "loadavg_end": os.getloadavg(),
+    part.update({"date": date, "command": command, "machine": harness.machine(), "loadavg_end": os.getloadavg(),
                  **{k: ({**v, "date": date, "command": command} if k in ("features", "serving") else v)
                     for k, v in details.items()}})
     commands = data.setdefault("commands", {})
@@ -519,10 +516,9 @@ def write(out: Path, details: dict, figures: dict, command: str) -> None:
     for phase in ("features", "serving"):
         if phase in details:
             commands[f"scale_workers:{phase}"] = command
-    for key, value in (("date", date), ("machine", machine()), ("command", command)):
+    for key, value in (("date", date), ("machine", harness.machine()), ("command", command)):
         data.setdefault(key, value)   # the record's own fields: kept if another part wrote them
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    harness.write_json(out, data)
 
 
 def main() -> int:
@@ -553,7 +549,7 @@ def main() -> int:
     details = uvloop.run(_run(args, feature_args, serving_args))
     figures = figures_of(details)
     print_table(details, figures)
-    command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
+    command = harness.command_line()
     write(args.out, details, figures, command)
     print(f"\nwrote {args.out}")
     return 0

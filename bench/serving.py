@@ -51,8 +51,6 @@ import json
 import math
 import os
 import random
-import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -67,7 +65,7 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.http_ingest import free_port, machine  # noqa: E402
+from bench import harness  # noqa: E402
 from bench.ingest import cpu_mark, service_pids  # noqa: E402
 from recstream.features import keys  # noqa: E402
 from streams.online_store import unlink_matching  # noqa: E402
@@ -81,28 +79,7 @@ GOALS = {"p99_ms": 50.0, "qps": 200.0, "retrieval_ratio": 0.8, "ranking_ratio": 
 MIX = (("homepage", 0.70), ("similar", 0.12), ("also-viewed", 0.10), ("cart", 0.08))
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def down(x: float, nd: int = 2) -> float:
-    """Truncate toward zero: a figure is never rounded up."""
-    if x is None or not math.isfinite(x):
-        return x
-    f = 10 ** nd
-    return math.floor(x * f) / f if x >= 0 else math.ceil(x * f) / f
-
-
-def pct(values, q: float) -> float:
-    """Nearest-rank percentile (the value at or above q of the sorted values)."""
-    if len(values) == 0:
-        return float("nan")
-    v = np.sort(np.asarray(values, dtype=np.float64))
-    return float(v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))])
-
-
-def p50_p99(values) -> dict:
-    return {"n": len(values), "p50": down(pct(values, 0.50)), "p99": down(pct(values, 0.99))}
+log, down, pct, p50_p99 = harness.log, harness.down, harness.pct, harness.p50_p99
 
 
 # -- settings, processes ---------------------------------------------------------------------------
@@ -121,46 +98,9 @@ def env_for(s: Settings) -> dict:
             "RECSTREAM_RANKER_TARGET_SAMPLE": str(s.ranker_target_sample)}
 
 
-class Procs:
-    """The subprocesses this bench starts; stop_all() stops every one (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, s: Settings, logdir: Path):
-        self.s, self.logdir = s, logdir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        """`recstream argv...` with the bench's settings, plus `env` (RECSTREAM_* variables of this process)."""
-        log_path = self.logdir / f"{name}.log"
-        with open(log_path, "ab") as f:
-            p = subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=ROOT,
-                                 env={**env_for(self.s), **(env or {})}, stdout=f, stderr=subprocess.STDOUT)
-        self.procs[name] = p
-        log(f"started {name} (pid {p.pid}, log {log_path})")
-        return p
-
-    def check(self) -> None:
-        for name, p in self.procs.items():
-            if p.poll() is not None:
-                tail = (self.logdir / f"{name}.log").read_text()[-3000:]
-                raise RuntimeError(f"{name} exited with {p.returncode}:\n{tail}")
-
-    def stop(self, name: str) -> None:
-        p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGINT if name == "api" else signal.SIGTERM)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs)[::-1]:
-            self.stop(name)
-
-    def pids(self) -> dict[str, int]:
-        return {n: p.pid for n, p in self.procs.items()}
+def procs_for(s: Settings, logdir: Path) -> harness.Procs:
+    """The bench's supervisor: `recstream` processes with the bench's settings."""
+    return harness.Procs(env_for(s), logdir)
 
 
 class Cpu:
@@ -193,7 +133,7 @@ def setup_marker(args: argparse.Namespace) -> dict:
             "features": hashlib.blake2b(",".join(FEATURE_NAMES).encode(), digest_size=6).hexdigest()}
 
 
-async def setup(s: Settings, args: argparse.Namespace, procs: Procs, client: aioredis.Redis) -> dict:
+async def setup(s: Settings, args: argparse.Namespace, procs: harness.Procs, client: aioredis.Redis) -> dict:
     from streams import lag
     from streams.replay import publish_dataset
     from streams.topics import ensure_topics
@@ -294,7 +234,7 @@ async def cleanup(s: Settings, client: aioredis.Redis) -> None:
     shutil.rmtree(s.home_dir, ignore_errors=True)
 
 
-async def start_serving(s: Settings, procs: Procs, client: aioredis.Redis, port: int) -> None:
+async def start_serving(s: Settings, procs: harness.Procs, client: aioredis.Redis, port: int) -> None:
     if "features" not in procs.procs:
         procs.start("features", ["worker", "features"])
     procs.start("retrieval", ["worker", "retrieval"])
@@ -839,7 +779,7 @@ async def run(args: argparse.Namespace) -> dict:
     base = load()
     client = aioredis.from_url(s.redis_url)
     logdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    procs = Procs(s, logdir)
+    procs = procs_for(s, logdir)
     figures: dict = {}
     details: dict = {"logs": str(logdir)}
     try:
@@ -848,7 +788,7 @@ async def run(args: argparse.Namespace) -> dict:
         details["setup"] = info
         info["version_now"] = await serving_pointer(s, client)
         traffic = traffic_of(info)
-        port = free_port()
+        port = harness.free_port()
         await start_serving(s, procs, client, port)
         pids = {**procs.pids(), **service_pids(base)}
         cpu = Cpu(pids)
@@ -974,21 +914,13 @@ async def run(args: argparse.Namespace) -> dict:
         log(f"all subprocesses stopped; logs in {logdir}")
     if "p99_ms_at_200qps" not in figures and "load" in args.phases:
         figures["p99_ms_at_200qps"] = None
-    return {
-        "name": "serving",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine(), "loadavg_end": os.getloadavg()},
-        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-        "parameters": {"products": args.products, "users": args.users, "seed": args.seed,
+    return harness.result("serving", figures, machine_facts={"loadavg_end": os.getloadavg()}, details=details,
+                          goals=GOALS, parameters={"products": args.products, "users": args.users, "seed": args.seed,
                        "ranker_trees": args.ranker_trees, "ranker_depth": 8,
                        "ranker_target_sample": args.ranker_target_sample, "seconds": args.seconds, "rates": args.rates,
                        "mix": dict(MIX), "debug": True, "serving_deadline_ms": s.serving_deadline_ms,
                        "retrieval_batch_window_ms": s.retrieval_batch_window_ms, "serving_threads": s.serving_threads,
-                       "homepage_cache": "emptied before each run; users in a shuffled cycle"},
-        "goals": GOALS,
-        "figures": figures,
-        "details": details,
-    }
+                       "homepage_cache": "emptied before each run; users in a shuffled cycle"})
 
 
 def main() -> int:
@@ -1023,8 +955,7 @@ def main() -> int:
     import uvloop
 
     result = uvloop.run(run(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS) + b"\n")
+    harness.write_json(args.out, result)
     print(f"\nwrote {args.out}")
     print(json.dumps(result["figures"], indent=1))
     return 0

@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import json
 import os
-import shlex
 import signal
 import sys
 import time
@@ -45,10 +43,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench import ingest, serving as srv  # noqa: E402
-from bench.http_ingest import free_port  # noqa: E402
+from bench import harness, ingest, serving as srv  # noqa: E402
 from bench.scale_workers import ladder, timed_load  # noqa: E402
-from bench.soak import machine, rss_mb  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
 
@@ -81,7 +77,7 @@ async def snapshots(s: Settings, client: aioredis.Redis, role: str, pids: set[in
     return out
 
 
-async def ready(s: Settings, client: aioredis.Redis, procs: srv.Procs, retrieval: list[str],
+async def ready(s: Settings, client: aioredis.Redis, procs: harness.Procs, retrieval: list[str],
                 timeout_s: float = 240) -> None:
     """Until every named retrieval process and the ranking agent report the published model."""
     want = await srv.serving_pointer(s, client)
@@ -97,7 +93,7 @@ async def ready(s: Settings, client: aioredis.Redis, procs: srv.Procs, retrieval
     raise RuntimeError(f"{retrieval} and ranking did not serve model {want} within {timeout_s} s")
 
 
-async def partial(s: Settings, client: aioredis.Redis, procs: srv.Procs) -> int:
+async def partial(s: Settings, client: aioredis.Redis, procs: harness.Procs) -> int:
     await asyncio.sleep(2.2)   # the agent publishes its snapshot every 2 s
     snap = await snapshots(s, client, "ranking", {procs.pids()["ranking"]})
     return snap[0].get("gather_partial", 0) if snap else -1
@@ -112,7 +108,7 @@ async def phase(label: str, args, s, procs, client, port, traffic, retrieval: li
     before = await partial(s, client, procs)
     out = await ladder(port, traffic, cpu, client, s, args.rates, args.step_seconds, label)
     out["gather_partial"] = await partial(s, client, procs) - before
-    out["retrieval_rss_mb"] = {n: down(rss_mb(procs.pids()[n]), 1) for n in retrieval}
+    out["retrieval_rss_mb"] = {n: down(harness.rss_mb(procs.pids()[n]), 1) for n in retrieval}
     return out
 
 
@@ -163,7 +159,7 @@ async def run(args: argparse.Namespace) -> dict:
     logdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(shard_env(0))   # the set-up's training child builds an index per shard
     client = aioredis.from_url(s.redis_url)
-    procs = srv.Procs(s, logdir)
+    procs = srv.procs_for(s, logdir)
     out: dict = {}
     try:
         await ensure_topics(s)
@@ -173,7 +169,7 @@ async def run(args: argparse.Namespace) -> dict:
         out["train_index"] = {k: v for k, v in (info.get("train") or {}).get("metrics", {}).items() if "faiss" in k}
         out["index_files"] = await asyncio.to_thread(index_files, s, str(info["version"]))
         traffic = srv.traffic_of(info)
-        port = free_port()
+        port = harness.free_port()
         if "features" not in procs.procs:
             procs.start("features", ["worker", "features"])
         procs.start("ranking", ["worker", "ranking"])
@@ -230,7 +226,7 @@ def main() -> int:
     p.add_argument("--down-seconds", type=float, default=30.0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
-    command = ".venv/bin/python bench/sharded_retrieval.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    command = harness.command_line()
     details = asyncio.run(run(args))
     figures = figures_of(details)
     for name in ("whole", "sharded"):
@@ -242,11 +238,7 @@ def main() -> int:
                   f"cores {r['cpu_cores']}")
     print(f"\nshard down: {details['shard_down']}\nindex files: {details['index_files']}")
     print("\n" + json.dumps(figures, indent=1))
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"name": "sharded_retrieval", "date": date, "machine": machine(),
-                                    "command": command, "figures": figures, "details": details},
-                                   indent=2, default=str) + "\n")
+    harness.write_result("sharded_retrieval", figures, out=args.out, command=command, details=details)
     print(f"wrote {args.out}")
     return 0
 

@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -48,44 +47,12 @@ from recstream.features import keys  # noqa: E402
 from recstream.settings import load  # noqa: E402
 from streams.online_store import unlink_matching  # noqa: E402
 from streams.replay import publish_dataset  # noqa: E402
-from tests.integration.serving_stack import Processes  # noqa: E402
-from bench.serving import down  # noqa: E402  (figures truncated, never rounded up)
+from bench import harness  # noqa: E402
+from bench.harness import Processes, cpu_s, down, rss_mb  # noqa: E402  (figures truncated, never rounded up)
 
 WORKERS = ("features", "archive", "attribution", "retrieval", "ranking", "api")
 OUT = REPO / "bench" / "results" / "soak.json"
 MIX = ("homepage_user", "homepage_anon", "similar", "also_viewed", "cart")
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"hostname": platform.node(), "nproc": len(os.sched_getaffinity(0)), "cpu_model": model,
-            "python": platform.python_version()}
-
-
-def rss_mb(pid: int) -> float:
-    """VmRSS of a process in MiB (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 class Tally:
@@ -261,10 +228,6 @@ async def warm_up(procs: Processes, http: httpx.AsyncClient, timeout_s: float, w
     return served
 
 
-def pct(values: list[float], q: float) -> float | None:
-    return down(float(np.percentile(values, q)) * 1000, 2) if values else None
-
-
 async def soak(args: argparse.Namespace) -> dict:
     tag = uuid.uuid4().hex[:8]
     home = Path(tempfile.mkdtemp(prefix="recstream-soak-"))
@@ -296,7 +259,7 @@ async def soak(args: argparse.Namespace) -> dict:
             rss_start = {name: down(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
             rss_start["driver"] = down(rss_mb(os.getpid()), 1)
             pids = {**{name: p.pid for name, p in procs.procs.items()}, "driver": os.getpid()}
-            cpu_start = {name: cpu_s(pid) for name, pid in pids.items()}
+            cpu_start = {name: cpu_s(pid, 0.0) for name, pid in pids.items()}
             print(f"soak: stack up (agents serving: {served}); {args.seconds:.0f} s at {args.qps:g} req/s "
                   f"+ {args.events:g} events/s")
             seq = iter(range(10 ** 9))
@@ -313,7 +276,7 @@ async def soak(args: argparse.Namespace) -> dict:
             healthy = (await http.get("/healthz")).status_code == 200
         rss_end = {name: down(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
         rss_end["driver"] = down(rss_mb(os.getpid()), 1)
-        cpu_share = {name: down((cpu_s(pid) - cpu_start[name]) / elapsed, 2) for name, pid in pids.items()}
+        cpu_share = {name: down((cpu_s(pid, 0.0) - cpu_start[name]) / elapsed, 2) for name, pid in pids.items()}
         for name, mb in rss_end.items():
             peak[name] = max(peak.get(name, 0.0), mb)
         alive = {name: procs.alive(name) for name in WORKERS}
@@ -328,32 +291,28 @@ async def soak(args: argparse.Namespace) -> dict:
                         "rss_peak_mb": down(peak.get(name, 0.0), 1),
                         "growth_mb": down(rss_end.get(name, 0) - rss_start.get(name, 0), 1),
                         "cpu_cores": cpu_share.get(name)} for name in rss_start}
-    return {
-        "name": "soak",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "machine": machine(),
-        "command": " ".join([".venv/bin/python", "bench/soak.py", *sys.argv[1:]]),
-        "parameters": {"seconds": args.seconds, "target_qps": args.qps, "target_events_per_s": args.events,
-                       "batch": args.batch, "connections": args.connections, "probe_every_s": args.probe_s,
-                       "serving_deadline_ms": s.serving_deadline_ms, "model_version": version,
-                       "agents_serving_at_start": served, "mix": list(MIX)},
-        "figures": {
-            "errors": t.errors + t.event_errors, "request_errors": t.errors, "event_errors": t.event_errors,
-            "errors_by": t.errors_by, "error_samples": t.error_samples, "requests": t.requests, "fallbacks": t.fallbacks,
-            "fallback_share": down(t.fallbacks / t.requests, 4) if t.requests else None,
-            "events": t.events, "latency_p50_ms": pct(t.latency, 50), "latency_p99_ms": pct(t.latency, 99),
-            "lag_max_s": down(max(samples), 3) if samples else None,
-            "lag_p50_s": down(float(np.median(samples)), 3) if samples else None, "lag_samples": len(samples),
-            "worker_lag_records_max": max(lag_records) if lag_records else None,
-            "processes": processes, "alive_at_end": alive, "healthz_at_end": healthy,
-            # the reference, side by side: what the load generator achieved against the targets
-            "requests_per_s": down(t.requests / elapsed, 1), "target_requests_per_s": args.qps,
-            "events_per_s": down(t.events / elapsed, 1), "target_events_per_s": args.events,
-            "ticks_skipped_behind": t.behind, "elapsed_s": down(elapsed, 1),
-        },
-        "series": {"lag_s": [[down(a, 1), down(b, 3)] for a, b in t.lag_series],
-                   "rss_mb": [[down(a, 1), m] for a, m in t.rss_series]},
+    figures = {
+        "errors": t.errors + t.event_errors, "request_errors": t.errors, "event_errors": t.event_errors,
+        "errors_by": t.errors_by, "error_samples": t.error_samples, "requests": t.requests, "fallbacks": t.fallbacks,
+        "fallback_share": down(t.fallbacks / t.requests, 4) if t.requests else None,
+        "events": t.events,
+        "latency_p50_ms": harness.pct_ms(t.latency, 0.50), "latency_p99_ms": harness.pct_ms(t.latency, 0.99),
+        "lag_max_s": down(max(samples), 3) if samples else None,
+        "lag_p50_s": down(float(np.median(samples)), 3) if samples else None, "lag_samples": len(samples),
+        "worker_lag_records_max": max(lag_records) if lag_records else None,
+        "processes": processes, "alive_at_end": alive, "healthz_at_end": healthy,
+        # the reference, side by side: what the load generator achieved against the targets
+        "requests_per_s": down(t.requests / elapsed, 1), "target_requests_per_s": args.qps,
+        "events_per_s": down(t.events / elapsed, 1), "target_events_per_s": args.events,
+        "ticks_skipped_behind": t.behind, "elapsed_s": down(elapsed, 1),
     }
+    series = {"lag_s": [[down(a, 1), down(b, 3)] for a, b in t.lag_series],
+              "rss_mb": [[down(a, 1), m] for a, m in t.rss_series]}
+    return harness.result("soak", figures, series=series, parameters={
+        "seconds": args.seconds, "target_qps": args.qps, "target_events_per_s": args.events,
+        "batch": args.batch, "connections": args.connections, "probe_every_s": args.probe_s,
+        "serving_deadline_ms": s.serving_deadline_ms, "model_version": version,
+        "agents_serving_at_start": served, "mix": list(MIX)})
 
 
 def plot(r: dict, path: Path) -> None:
@@ -429,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     r = asyncio.run(soak(args))
     print(table(r))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(r, indent=2) + "\n")
+    harness.write_json(args.out, r)
     plot(r, args.out.with_suffix(".png"))
     print(f"soak: written {args.out} and {args.out.with_suffix('.png')}")
     f = r["figures"]

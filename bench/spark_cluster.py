@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
-import math
 import os
 import re
 import shlex
@@ -44,10 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-try:
-    from bench.soak import machine  # noqa: E402
-except ImportError:  # bench.soak pulls in the serving stack; the figures are the same
-    from bench.http_ingest import machine  # noqa: E402
+from bench import harness  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "spark_cluster.json"
 STAGES = re.compile(r"stages (.+)$", re.M)
@@ -56,11 +51,6 @@ STEP = re.compile(r"^batch (load|als|cooccurrence|aggregates): .*\[(\d+\.\d) s\]
 
 def log(msg: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
-def down(x: float) -> float:
-    """Truncate to 0.1 (never round a figure up)."""
-    return math.floor(x * 10) / 10
 
 
 def parse(stdout: str) -> dict:
@@ -84,7 +74,7 @@ def run(mode: str, cmd: list[str], env: dict[str, str]) -> dict:
     wall = time.perf_counter() - t
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    out = {"wall_s": down(wall), **parse(done.stdout), "load_average_after": os.getloadavg()}
+    out = {"wall_s": harness.down(wall, 1), **parse(done.stdout), "load_average_after": os.getloadavg()}
     log(f"{mode}: {out['wall_s']} s; stages {out['stage_s']}")
     return out
 
@@ -149,20 +139,16 @@ def main() -> int:
     f["local_wall_s"], f["standalone_wall_s"] = f["local"]["wall_s"], f["standalone"]["wall_s"]
     f["local_spark_stage_s"] = f["local"]["stage_s"].get("spark")
     f["standalone_spark_stage_s"] = f["standalone"]["stage_s"].get("spark")
-    result = {"name": "spark_cluster", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "machine": machine(), "command": "flock /tmp/recstream-heavy.lock .venv/bin/python bench/spark_cluster.py "
-                                                + shlex.join(sys.argv[1:]),
-              "parameters": {"shop_users": args.shop_users, "shop_products": args.shop_products,
+    harness.write_result(
+        "spark_cluster", f, out=args.out, command=harness.command_line("flock", "/tmp/recstream-heavy.lock"),
+        parameters={"shop_users": args.shop_users, "shop_products": args.shop_products,
                              "shop_seed": args.shop_seed, "ranker_trees": args.ranker_trees,
                              "als_rank": base.als_rank, "als_iterations": base.als_iterations,
                              "local_master": base.spark_master, "standalone_master": spark_cluster.master_url(base),
                              "spark_driver_memory": base.spark_driver_memory,
                              "spark_worker_cores": base.spark_worker_cores,
                              "spark_worker_memory": base.spark_worker_memory,
-                             "standalone_command": shlex.join(spark_cluster.submit_command(base, train))},
-              "figures": f}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+                             "standalone_command": shlex.join(spark_cluster.submit_command(base, train))})
     log(f"local[*] {f['local_wall_s']} s, standalone {f['standalone_wall_s']} s; wrote {args.out}")
     return 0
 

@@ -46,7 +46,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.http_ingest import machine  # noqa: E402
+from bench import harness  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "training.json"
 INDEX_RESULTS = ROOT / "bench" / "results" / "retrieval_index.json"
@@ -674,19 +673,10 @@ def main() -> None:
                 "baseline_novel_ndcg_at_8": tb["metrics"].get("baseline_novel_ndcg_at_8"),
                 "shop_spark_job_s": figures["shop"]["metrics"]["total_s"],
                 "shop_spark_jvm_peak_rss_mb": figures["shop"]["java_peak_rss_mb"]}
-    result = {
-        "name": "training",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "command": shlex.join([".venv/bin/python", "bench/training.py", *sys.argv[1:]]),
-        "parameters": {"taobao": str(args.taobao), "ranker_trees": args.ranker_trees, "shop_users": args.shop_users,
+    harness.write_result("training", {**headline, **figures}, out=args.out, parameters={"taobao": str(args.taobao), "ranker_trees": args.ranker_trees, "shop_users": args.shop_users,
                        "shop_products": args.shop_products, "shop_rank": args.shop_rank, "k": K,
                        "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
-                       "wall_s": time.perf_counter() - started},
-        "figures": {**headline, **figures},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+                       "wall_s": time.perf_counter() - started})
     log(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "
         f"in {time.perf_counter() - started:.0f} s")
 

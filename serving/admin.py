@@ -11,7 +11,8 @@ the API is off (403). Experiments are JSON in the file's shape (recstream.experi
 experiment_to_json), with "slice" and "active" added on the way out. Changes go through
 ExperimentStore's one write path (locked, validated, atomic, revision + 1); a running experiment may
 only change its description and end, and may not be deleted, unless `?force=1`. A rejected request
-writes nothing.
+writes nothing. Refusals carry the API's one error body (serving/errors.py), each problem of an
+experiment as a field: {"error": "invalid experiment", "fields": [{"field": "variants", "reason": ...}]}.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from recstream.experiments.definition import (Experiment, ExperimentError, ExperimentSet, UnknownExperiment,
@@ -31,6 +32,7 @@ from recstream.experiments.definition import (Experiment, ExperimentError, Exper
                                               experiment_to_json)
 from recstream.experiments.store import ExperimentStore
 from recstream.settings import Settings
+from serving.errors import ApiError, OrjsonResponse, located
 
 PREFIX = "/api/v1/admin"
 MAX_BODY_BYTES = 64 * 1024
@@ -39,42 +41,38 @@ _TRUE = {"1", "true", "yes"}
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class _Json(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-class _Refused(Exception):
-    """A request answered with an error status and body."""
+class _Refused(ApiError):
+    """A request answered with an error status and the one error body (serving/errors.py); `problems`,
+    the experiments' 'location: message' lines, become its fields."""
 
     def __init__(self, status: int, error: str, problems: list[str] | None = None,
                  headers: dict[str, str] | None = None):
-        self.status, self.headers = status, headers
-        self.body: dict[str, Any] = {"error": error}
-        if problems is not None:
-            self.body["problems"] = problems
+        super().__init__(status, error, located(problems or []), headers)
 
 
 def admin_routes(s: Settings, store: ExperimentStore) -> list[Route]:
+    """The admin API's routes, each behind the bearer token. Why this long: the handlers are closures
+    over the settings and the experiments' store, each a few lines, and end in one route table."""
     def guarded(handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
             try:
                 _authorize(s.admin_token, request.headers.get("authorization", ""))
                 return await handler(request)
             except _Refused as r:
-                return _Json(r.body, status_code=r.status, headers=r.headers)
+                return r.response()
         return endpoint
 
     async def list_experiments(request: Request) -> Response:
         store.refresh()
         es = store.current
-        return _Json({"revision": es.revision, "defaults": changes_to_json(es.defaults),
-                      "experiments": [_out(es, e, time.time()) for e in es.experiments], "file_error": store.error})
+        return OrjsonResponse({"revision": es.revision, "defaults": changes_to_json(es.defaults),
+                               "experiments": [_out(es, e, time.time()) for e in es.experiments],
+                               "file_error": store.error})
 
     async def get_experiment(request: Request) -> Response:
         store.refresh()
         es = store.current
-        return _Json(_out(es, _lookup(es, request.path_params["id"]), time.time()))
+        return OrjsonResponse(_out(es, _lookup(es, request.path_params["id"]), time.time()))
 
     async def put_experiment(request: Request) -> Response:
         eid = request.path_params["id"]
@@ -91,13 +89,14 @@ def admin_routes(s: Settings, store: ExperimentStore) -> list[Route]:
         now, force = time.time(), _force(request)
         created = await _write(lambda: store.put(e, force=force, now_s=now))
         es = store.current
-        return _Json(_out(es, es.get(eid), now), status_code=HTTPStatus.CREATED if created else HTTPStatus.OK)
+        return OrjsonResponse(_out(es, es.get(eid), now),
+                              status_code=HTTPStatus.CREATED if created else HTTPStatus.OK)
 
     async def delete_experiment(request: Request) -> Response:
         eid = request.path_params["id"]
         force = _force(request)
         await _write(lambda: store.delete(eid, force=force))
-        return _Json({"deleted": eid})
+        return OrjsonResponse({"deleted": eid})
 
     async def put_defaults(request: Request) -> Response:
         body = await _json_body(request)
@@ -106,7 +105,7 @@ def admin_routes(s: Settings, store: ExperimentStore) -> list[Route]:
         except ExperimentError as exc:
             raise _Refused(HTTPStatus.BAD_REQUEST, "invalid defaults", exc.problems) from None
         es = await _write(lambda: store.set_defaults(changes))
-        return _Json({"revision": es.revision, "defaults": changes_to_json(es.defaults)})
+        return OrjsonResponse({"revision": es.revision, "defaults": changes_to_json(es.defaults)})
 
     one = PREFIX + "/experiments/{id}"
     return [Route(PREFIX + "/experiments", guarded(list_experiments), methods=["GET"]),

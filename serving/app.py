@@ -22,22 +22,22 @@ import contextlib
 import logging
 import time
 from http import HTTPStatus
-from typing import Any, AsyncIterator, cast
+from typing import AsyncIterator, cast
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from recstream.settings import Settings
 from schemas import Event, Exposure, jsonschema
 from serving import ingest, params
 from serving.admin import admin_routes
+from serving.errors import ApiError, OrjsonResponse, error_response
 from serving.experiments import Experiments, exposure
 from serving.journal import RECOVER_S, Journal, Segment
 from serving.ops import OpsMonitor, ops_routes
@@ -52,11 +52,6 @@ CONNECT_BACKOFF_S = (0.2, 5.0)  # first and longest wait between producer start 
 
 class KafkaUnavailable(Exception):
     """Kafka could not take a request's events in the bounded time: the client should retry."""
-
-
-class OrjsonResponse(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
 
 
 class EventSink:
@@ -222,36 +217,36 @@ async def _read_body(request: Request, max_body_bytes: int) -> bytes:
 
 # -- the one place where exceptions become HTTP statuses -----------------------------------------
 
-async def _ingest_error(request: Request, exc: Exception) -> Response:
-    error = cast(ingest.IngestError, exc)
-    return OrjsonResponse(error.to_dict(), status_code=error.status)
+async def _api_error(request: Request, exc: Exception) -> Response:
+    return cast(ApiError, exc).response()   # IngestError, ParamError: status, message, fields
 
 
 async def _kafka_unavailable(request: Request, exc: Exception) -> Response:
-    return OrjsonResponse({"error": f"{exc}; retry later"}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+    return error_response(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}; retry later",
                           headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-async def _param_error(request: Request, exc: Exception) -> Response:
-    error = cast(params.ParamError, exc)
-    return OrjsonResponse(error.to_dict(), status_code=error.status)
-
-
 async def _http_exception(request: Request, exc: Exception) -> Response:
-    error = cast(HTTPException, exc)
-    return OrjsonResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+    error = cast(HTTPException, exc)   # Starlette's own: 404 no route, 405 method not allowed
+    return error_response(error.status_code, error.detail, headers=error.headers)
 
 
 async def _client_disconnect(request: Request, exc: Exception) -> Response:
-    return Response(status_code=HTTPStatus.BAD_REQUEST)  # nobody is listening; keeps it out of the 500 log
+    # nobody is listening; keeps it out of the 500 log
+    return error_response(HTTPStatus.BAD_REQUEST, "client disconnected")
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    # Starlette's ServerErrorMiddleware answers with this, then re-raises for uvicorn's log
+    return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "Internal Server Error")
 
 
 EXCEPTION_HANDLERS = {
-    ingest.IngestError: _ingest_error,
-    params.ParamError: _param_error,
+    ApiError: _api_error,
     KafkaUnavailable: _kafka_unavailable,
     HTTPException: _http_exception,
     ClientDisconnect: _client_disconnect,
+    Exception: _server_error,
 }
 
 RECOMMENDATION_PREFIX = "/api/v1/recommendations/"
@@ -349,8 +344,8 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
     async def healthz(request: Request) -> Response:
         if sink.connected:
             return OrjsonResponse({"status": "ok"})
-        return OrjsonResponse({"status": "kafka unavailable"}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
-                              headers={"Retry-After": str(RETRY_AFTER_S)})
+        return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "kafka unavailable",
+                              headers={"Retry-After": str(RETRY_AFTER_S)}, status="kafka unavailable")
 
     async def readyz(request: Request) -> Response:
         """Liveness says the process is up; readiness says a request would be answered by the agents."""
@@ -359,9 +354,10 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
             status = "kafka unavailable"
         else:
             status = "ready" if path.ready else path.reason
-        return OrjsonResponse({"status": status, "model_version": path.model_version},
-                              status_code=HTTPStatus.OK if status == "ready" else HTTPStatus.SERVICE_UNAVAILABLE,
-                              headers=None if status == "ready" else {"Retry-After": str(RETRY_AFTER_S)})
+        if status == "ready":
+            return OrjsonResponse({"status": status, "model_version": path.model_version})
+        return error_response(HTTPStatus.SERVICE_UNAVAILABLE, status, headers={"Retry-After": str(RETRY_AFTER_S)},
+                              status=status, model_version=path.model_version)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

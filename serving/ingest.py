@@ -7,24 +7,16 @@ from typing import Any
 import orjson
 
 from schemas import Event, FieldError, SchemaError
+from serving.errors import ApiError
 
 MEDIA_TYPE = "application/json"
 
 
-class IngestError(Exception):
+class IngestError(ApiError):
     """A request the endpoint refuses: the HTTP status, a message, and the bad fields (for 422)."""
 
     def __init__(self, status: HTTPStatus, message: str, fields: list[FieldError] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.fields = fields or []
-
-    def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"error": self.message}
-        if self.fields:
-            body["fields"] = [{"field": f.field, "reason": f.reason} for f in self.fields]
-        return body
+        super().__init__(status, message, fields or [])
 
 
 def check_content_type(value: str | None) -> None:

@@ -1,5 +1,6 @@
-"""On-call: GET /dashboard (one self-contained HTML page, charts drawn by hand on <canvas>) and
-GET /api/v1/ops/summary (the JSON it polls every 2 s), from the API process itself.
+"""On-call: GET /dashboard (one self-contained HTML page, charts drawn by hand on <canvas>, kept in
+serving/static/dashboard.html and installed as package data) and GET /api/v1/ops/summary (the JSON
+it polls every 2 s), from the API process itself.
 
 `OpsMonitor` lives in the API process. Every `ops_sample_s` it snapshots its own request latency
 histogram and fallback counters, reads the feature workers' Redis snapshots (event-to-feature
@@ -19,6 +20,7 @@ import logging
 import math
 import time
 from collections import deque
+from importlib.resources import files
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -298,133 +300,20 @@ class OpsMonitor:
         }
 
 
+def dashboard_html() -> str:
+    """The dashboard page, read from the package (serving/static/dashboard.html)."""
+    return files("serving").joinpath("static", "dashboard.html").read_text(encoding="utf-8")
+
+
 def ops_routes(monitor: OpsMonitor) -> list[Route]:
+    page = dashboard_html()   # once per app: a missing file fails at start, not at the first visit
+
     async def summary(request: Request) -> Response:
         return Response(orjson.dumps(monitor.summary()), media_type="application/json",
                         headers={"Cache-Control": "no-store"})
 
     async def dashboard(request: Request) -> Response:
-        return HTMLResponse(DASHBOARD_HTML, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     return [Route("/api/v1/ops/summary", summary, methods=["GET"]), Route("/dashboard", dashboard, methods=["GET"])]
 
-
-DASHBOARD_HTML = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>recstream on-call</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
-<style>
-body{font:14px system-ui,sans-serif;margin:0;background:#f4f5f7;color:#222}
-header{padding:10px 16px;background:#1f2937;color:#fff;display:flex;justify-content:space-between;align-items:center}
-#alert{padding:10px 16px;font-weight:600;background:#1f9d55;color:#fff}
-#alert.on{background:#d32f2f}
-main{display:grid;grid-template-columns:repeat(auto-fill,minmax(460px,1fr));gap:12px;padding:12px}
-section{background:#fff;border-radius:6px;padding:10px 12px;box-shadow:0 1px 2px #0002}
-h2{font-size:14px;margin:0 0 6px}
-.value{font-size:13px;color:#555;min-height:18px}
-canvas{width:100%;height:180px;display:block}
-.big{font-size:26px;font-weight:600}
-table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:2px 6px;border-bottom:1px solid #eee}
-.legend span{display:inline-block;margin-right:10px;font-size:12px}
-</style></head><body>
-<header><span><b>recstream</b> on-call</span><span id="updated">waiting for data</span></header>
-<div id="alert" data-active="unknown">alert state: waiting for data</div>
-<main>
-<section><h2>Consumer lag per group (records)</h2><div class="value" id="lag-records-value"></div>
-<canvas id="lag-records" data-points="0"></canvas><div class="legend" id="lag-records-legend"></div></section>
-<section><h2>Consumer lag per group (seconds)</h2><div class="value" id="lag-seconds-value"></div>
-<canvas id="lag-seconds" data-points="0"></canvas><div class="legend" id="lag-seconds-legend"></div></section>
-<section><h2>Event-to-feature latency (ms, p50 / p99)</h2><div class="value" id="feature-latency-value"></div>
-<canvas id="feature-latency" data-points="0"></canvas></section>
-<section><h2>Serving latency (ms, p50 / p99)</h2><div class="value" id="serving-latency-value"></div>
-<canvas id="serving-latency" data-points="0"></canvas></section>
-<section><h2>Fallback rate (%)</h2><div class="value" id="fallback-value"></div>
-<canvas id="fallback" data-points="0"></canvas></section>
-<section><h2>Model</h2><div class="big" id="model-version">-</div><div class="value" id="model-age"></div>
-<h2 style="margin-top:14px">CTR by variant</h2><div id="ctr"><div class="value">no experiment data</div></div></section>
-</main>
-<script>
-"use strict";
-const COLORS = ["#2563eb","#dc2626","#16a34a","#9333ea","#ea580c","#0891b2","#4b5563"];
-window.__ops = {summary: null, polls: 0, errors: 0};
-function fmt(v, d){ return (v === null || v === undefined) ? "-" : Number(v).toFixed(d === undefined ? 1 : d); }
-function draw(id, series, opts){
-  // series: [{name, points: [[t, v], ...]}]; nulls are gaps; opts.threshold draws a dashed red line
-  const c = document.getElementById(id), dpr = window.devicePixelRatio || 1;
-  const w = c.clientWidth, h = c.clientHeight; c.width = w * dpr; c.height = h * dpr;
-  const g = c.getContext("2d"); g.scale(dpr, dpr); g.clearRect(0, 0, w, h);
-  const pad = {l: 52, r: 8, t: 8, b: 20};
-  let t0 = Infinity, t1 = -Infinity, vmax = 0, n = 0;
-  for (const s of series) for (const [t, v] of s.points) { if (v === null) continue;
-    t0 = Math.min(t0, t); t1 = Math.max(t1, t); vmax = Math.max(vmax, v); n++; }
-  // the threshold line is drawn when within reach of the data (a far one would flatten the chart)
-  const limit = (opts && opts.threshold && opts.threshold <= Math.max(vmax * 5, 100)) ? opts.threshold : null;
-  if (limit !== null) vmax = Math.max(vmax, limit * 1.2);
-  c.dataset.points = String(n);
-  g.strokeStyle = "#ccc"; g.lineWidth = 1; g.strokeRect(pad.l, pad.t, w - pad.l - pad.r, h - pad.t - pad.b);
-  if (!n) { g.fillStyle = "#999"; g.fillText("no data yet", pad.l + 10, pad.t + 20); return; }
-  if (vmax <= 0) vmax = 1;
-  if (t1 === t0) t0 = t1 - 1;
-  const x = t => pad.l + (t - t0) / (t1 - t0) * (w - pad.l - pad.r);
-  const y = v => h - pad.b - v / vmax * (h - pad.t - pad.b);
-  g.fillStyle = "#666"; g.font = "11px system-ui";
-  for (let i = 0; i <= 4; i++) { const v = vmax * i / 4; g.fillText(fmt(v, vmax < 10 ? 2 : 0), 4, y(v) + 4);
-    g.strokeStyle = "#f0f0f0"; g.beginPath(); g.moveTo(pad.l, y(v)); g.lineTo(w - pad.r, y(v)); g.stroke(); }
-  g.fillText(new Date(t0 * 1000).toLocaleTimeString(), pad.l, h - 5);
-  g.fillText(new Date(t1 * 1000).toLocaleTimeString(), w - pad.r - 60, h - 5);
-  if (limit !== null) { g.strokeStyle = "#d32f2f"; g.setLineDash([5, 4]); g.beginPath();
-    g.moveTo(pad.l, y(limit)); g.lineTo(w - pad.r, y(limit)); g.stroke(); g.setLineDash([]); }
-  series.forEach((s, i) => { g.strokeStyle = s.color || COLORS[i % COLORS.length]; g.lineWidth = 2; g.beginPath();
-    let pen = false; for (const [t, v] of s.points) { if (v === null) { pen = false; continue; }
-      if (pen) g.lineTo(x(t), y(v)); else { g.moveTo(x(t), y(v)); pen = true; } }
-    g.stroke();
-    g.fillStyle = g.strokeStyle; for (const [t, v] of s.points) if (v !== null) g.fillRect(x(t) - 1.5, y(v) - 1.5, 3, 3); });
-}
-function legend(id, names){ document.getElementById(id).innerHTML = names.map((n, i) =>
-  `<span style="color:${COLORS[i % COLORS.length]}">&#9632; ${n}</span>`).join(""); }
-function render(s){
-  const a = document.getElementById("alert");
-  a.className = s.alert.active ? "on" : ""; a.dataset.active = String(s.alert.active);
-  a.textContent = s.alert.active ? "ALERT: " + s.alert.reasons.join("; ")
-    : `OK: feature consumer under ${s.thresholds.lag_s} s behind, serving p99 under ${s.thresholds.p99_ms} ms`;
-  const groups = Object.keys(s.lag.series).sort();
-  draw("lag-records", groups.map(g => ({name: g, points: s.lag.series[g].map(p => [p[0], p[1]])})));
-  draw("lag-seconds", groups.map(g => ({name: g, points: s.lag.series[g].map(p => [p[0], p[2]])})),
-       {threshold: s.thresholds.lag_s});
-  legend("lag-records-legend", groups); legend("lag-seconds-legend", groups);
-  const fg = s.lag.groups[s.lag.feature_group];
-  document.getElementById("lag-records-value").textContent = Object.entries(s.lag.groups)
-    .map(([g, v]) => `${g}: ${v.records}`).join("  ") || "no sample yet";
-  document.getElementById("lag-seconds-value").textContent = fg
-    ? `feature group ${s.lag.feature_group}: ${fmt(fg.seconds)} s behind (${fg.records} records)` : "no sample yet";
-  const fl = s.feature_latency;
-  draw("feature-latency", [{name: "p50", points: fl.series.map(p => [p[0], p[1]])},
-                           {name: "p99", points: fl.series.map(p => [p[0], p[2]])}]);
-  document.getElementById("feature-latency-value").textContent =
-    `last minute p50 ${fmt(fl.p50_ms)} ms, p99 ${fmt(fl.p99_ms)} ms (${fl.workers} worker(s))`;
-  const sv = s.serving;
-  draw("serving-latency", [{name: "p50", points: sv.series.map(p => [p[0], p[1]])},
-                           {name: "p99", points: sv.series.map(p => [p[0], p[2]])}], {threshold: s.thresholds.p99_ms});
-  document.getElementById("serving-latency-value").textContent =
-    `last minute p50 ${fmt(sv.p50_ms)} ms, p99 ${fmt(sv.p99_ms)} ms; ${sv.requests} requests`;
-  draw("fallback", [{name: "fallback %", points: sv.fallback_series.map(p => [p[0], p[1] === null ? null : p[1] * 100])}]);
-  document.getElementById("fallback-value").textContent = sv.fallback_rate === null ? "no requests in the last minute"
-    : `last minute ${fmt(sv.fallback_rate * 100, 2)} % (${sv.fallbacks} fallbacks in ${sv.requests} requests)`;
-  const m = s.model;
-  document.getElementById("model-version").textContent = m ? `${m.name} v${m.version}` : "no model published";
-  document.getElementById("model-age").textContent = m ? `age ${fmt(m.age_s, 0)} s (published ${new Date(m.published_at * 1000).toLocaleString()})` : "";
-  const rows = [];
-  for (const [exp, variants] of Object.entries(s.ctr)) for (const [v, t] of Object.entries(variants))
-    rows.push(`<tr><td>${exp}</td><td>${v}</td><td>${t.ctr === null ? "-" : (t.ctr * 100).toFixed(2) + " %"}</td><td>${t.impressions}</td></tr>`);
-  document.getElementById("ctr").innerHTML = rows.length
-    ? `<table><tr><th>experiment</th><th>variant</th><th>CTR</th><th>impressions</th></tr>${rows.join("")}</table>`
-    : `<div class="value">no experiment data</div>`;
-  document.getElementById("updated").textContent = "updated " + new Date(s.ts * 1000).toLocaleTimeString();
-}
-async function poll(){
-  try { const r = await fetch("/api/v1/ops/summary", {cache: "no-store"}); const s = await r.json();
-        window.__ops.summary = s; window.__ops.polls++; render(s); }
-  catch (e) { window.__ops.errors++; document.getElementById("updated").textContent = "update failed: " + e; }
-}
-poll(); setInterval(poll, 2000);
-</script></body></html>
-"""

@@ -14,6 +14,8 @@ from schemas.base import ID_PATTERN, Choice, FieldError, Flag, Id, Invalid, Labe
 from schemas.events import DEVICES
 from schemas.jsonschema import published as published_schemas
 from schemas.recommendations import MAX_COUNT
+from serving import errors
+from serving.errors import ApiError
 
 # URL path -> request kind
 PATHS = {"homepage": "homepage", "similar": "similar", "cart": "cart", "also-viewed": "also_viewed"}
@@ -74,15 +76,15 @@ RULES = {p.name: p.rule for p in PARAMS}
 CONTEXT = ("page", "device", "category")
 
 
-class ParamError(Exception):
+class ParamError(ApiError):
     """A bad parameter: HTTP `status` with the field and the reason."""
 
     def __init__(self, errors: list[FieldError], status: int = 400, title: str = "invalid request"):
-        self.errors, self.status, self.title = errors, status, title
-        super().__init__("; ".join(map(str, errors)))
+        super().__init__(status, title, errors)
+        self.errors, self.title = self.fields, title
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": self.title, "fields": [{"field": e.field, "reason": e.reason} for e in self.errors]}
+    def __str__(self) -> str:
+        return "; ".join(map(str, self.errors))
 
 
 def parse(path_kind: str, query: Mapping[str, str] | Iterable[tuple[str, str]],
@@ -158,12 +160,7 @@ def _check(name: str, value: Any, errors: list[FieldError], rule: Any = None) ->
 
 ADMIN_PREFIX = "/api/v1/admin"
 EXPERIMENT_ID = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$", "maxLength": 64}  # recstream.experiments.definition
-_FIELD_ERRORS = {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"},
-                                                                             "reason": {"type": "string"}}}}
-_ERROR = {"type": "object", "required": ["error"],
-          "properties": {"error": {"type": "string"}, "fields": _FIELD_ERRORS}}
-_ADMIN_ERROR = {"type": "object", "required": ["error"],
-                "properties": {"error": {"type": "string"}, "problems": {"type": "array", "items": {"type": "string"}}}}
+_ERROR = {"$ref": "#/components/schemas/Error"}   # every route's error body (serving/errors.py)
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
 
 
@@ -198,14 +195,14 @@ def _admin_paths() -> dict[str, Any]:
     force = [{"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"},
               "description": "1: allow changing or deleting a running experiment"}]
     refusals = {
-        "401": _json("missing or wrong token (Authorization: Bearer <token>)", _ADMIN_ERROR,
+        "401": _json("missing or wrong token (Authorization: Bearer <token>)", _ERROR,
                      {"WWW-Authenticate": {"schema": {"type": "string"}}}),
-        "403": _json("admin API disabled: no admin token configured", _ADMIN_ERROR),
+        "403": _json("admin API disabled: no admin token configured", _ERROR),
     }
     body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
-    bad = {"400": _json("invalid body or not JSON; `problems` locates each", _ADMIN_ERROR),
-           "409": _json("conflicts with the stored experiments (running, overlapping layer, ...)", _ADMIN_ERROR),
-           "413": _json("body too large", _ADMIN_ERROR)}
+    bad = {"400": _json("invalid body or not JSON; `fields` locates each problem", _ERROR),
+           "409": _json("conflicts with the stored experiments (running, overlapping layer, ...)", _ERROR),
+           "413": _json("body too large", _ERROR)}
     obj = {"type": "object"}
     return {
         f"{ADMIN_PREFIX}/experiments": {"get": {
@@ -214,13 +211,13 @@ def _admin_paths() -> dict[str, Any]:
         f"{ADMIN_PREFIX}/experiments/{{id}}": {
             "get": {"summary": "one experiment", "security": secured, "parameters": id_param,
                     "responses": {"200": _json("the experiment", obj), **refusals,
-                                  "404": _json("no such experiment", _ADMIN_ERROR)}},
+                                  "404": _json("no such experiment", _ERROR)}},
             "put": {"summary": "create or replace an experiment", "security": secured, "parameters": id_param + force,
                     "requestBody": body,
                     "responses": {"200": _json("replaced", obj), "201": _json("created", obj), **refusals, **bad}},
             "delete": {"summary": "delete an experiment", "security": secured, "parameters": id_param + force,
                        "responses": {"200": _json("deleted", obj), **refusals,
-                                     "404": _json("no such experiment", _ADMIN_ERROR),
+                                     "404": _json("no such experiment", _ERROR),
                                      "409": bad["409"]}}},
         f"{ADMIN_PREFIX}/defaults": {"put": {
             "summary": "set the serving defaults every request runs with", "security": secured, "requestBody": body,
@@ -262,15 +259,16 @@ def openapi(version: str = "1", *, max_events: int = 500, max_body_bytes: int = 
             "503": _json("Kafka unavailable; retry", _ERROR, _RETRY_AFTER)}}}
     paths["/healthz"] = {"get": {"summary": "liveness: 200 once the Kafka producer is connected", "responses": {
         "200": _json("ok", {"type": "object", "properties": {"status": {"type": "string"}}}),
-        "503": _json("Kafka not connected yet", {"type": "object", "properties": {"status": {"type": "string"}}},
-                     _RETRY_AFTER)}}}
+        "503": _json("Kafka not connected yet", {"allOf": [_ERROR, {"type": "object", "properties": {
+            "status": {"type": "string"}}}]}, _RETRY_AFTER)}}}
     ready = {"type": "object", "required": ["status", "model_version"],
              "properties": {"status": {"type": "string"}, "model_version": {"type": "string"}}}
     paths["/readyz"] = {"get": {"summary": "readiness: 200 when the agents can answer (every retrieval shard and the "
                                            "ranking agents reported within 10 s, with a model once one is published)",
                                 "responses": {
         "200": _json("ready; model_version: the version the agents serve", ready),
-        "503": _json("not ready; status says why (Kafka, no agent alive, no model loaded yet)", ready, _RETRY_AFTER)}}}
+        "503": _json("not ready; error and status say why (Kafka, no agent alive, no model loaded yet)",
+                     {"allOf": [_ERROR, ready]}, _RETRY_AFTER)}}}
     paths["/openapi.json"] = {"get": {"summary": "this description", "responses": {
         "200": _json("OpenAPI 3.0 document", {"type": "object"})}}}
     for name in published_schemas():
@@ -279,7 +277,10 @@ def openapi(version: str = "1", *, max_events: int = 500, max_body_bytes: int = 
             "200": {"description": "JSON Schema, draft 2020-12",
                     "content": {"application/schema+json": {"schema": {"type": "object"}}}}}}}
     paths.update(_admin_paths())
+    for operations in paths.values():
+        for operation in operations.values():
+            operation["responses"]["500"] = _json("internal error (a bug: the log has it)", _ERROR)
     return {"openapi": "3.0.3", "info": {"title": "recstream", "version": version}, "paths": paths,
-            "components": {"schemas": {"Event": events["event"]},
+            "components": {"schemas": {"Event": events["event"], "Error": errors.SCHEMA},
                            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                                           "description": "RECSTREAM_ADMIN_TOKEN"}}}}

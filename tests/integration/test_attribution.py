@@ -8,26 +8,20 @@ import redis.asyncio as aioredis
 
 from recstream.experiments.attribution import VariantTotals
 from recstream.stats import LatencyHistogram
-from schemas import Event, Exposure
 from streams.attribution import read_daily, read_offsets, read_totals, run_attribution
 from streams.deadletter import DeadLetter
 from streams.producer import create_producer
 from streams.topics import ensure_topics
+from tests import factories
+from tests.factories import bind
 from tests.integration.conftest import read_topic
 
 T = time.time() - 7200
 BAD = b'{"event_id":"bad-1","user_id":"ua","event_type":"teleport"}'
 
 
-def exposure(rid, user, exp, items, ts, status="ok", latency_ms=10.0):
-    return Exposure(request_id=rid, ts=ts, kind="homepage", unit=f"u:{user}", user_id=user,
-                    experiments=exp, items=items, positions=tuple(range(1, len(items) + 1)),
-                    status=status, latency_ms=latency_ms)
-
-
-def event(eid, user, kind, product, ts, rid=None, price=None, quantity=1):
-    return Event(event_id=eid, user_id=user, session_id=f"s-{user}", product_id=product, event_type=kind,
-                 timestamp=ts, price=price, quantity=quantity, rec_request_id=rid)
+exposure = bind(factories.exposure, "rid", "user", "experiments", "items", "ts")
+event = bind(factories.event, "i", "user", "kind", "product", "ts", session=lambda f: f"s-{f['user_id']}")
 
 
 def latency(*ms) -> tuple[int, ...]:

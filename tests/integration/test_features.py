@@ -6,25 +6,20 @@ from faust.contrib.asgi import faust_app_running
 
 from agents import features
 from recstream.features import keys
-from schemas import Event, Product
 from streams.app import create_app
 from streams.online_store import OnlineStore
 from streams.producer import create_producer
 from streams.replay import publish
 from streams.topics import ensure_topics
+from tests import factories
+from tests.factories import bind, event
 from tests.integration.conftest import read_topic
 
 T0 = time.time() - 600
 
 
-def ev(i, user, kind, pid, category=None, session="s1", dt=10.0):
-    return Event(event_id=f"e{i}", user_id=user, session_id=session, product_id=pid, event_type=kind,
-                 timestamp=T0 + i * dt, category=category)
-
-
-def product(pid, category, in_stock=True):
-    return Product(product_id=pid, title=f"Item {pid}", category_path=("Shop", category), brand="Nova",
-                   price=10.0, in_stock=in_stock, created_at=T0 - 86400)
+ev = bind(event, "i", "user", "kind", "pid", "category", t0=T0, dt=10.0)
+product = bind(factories.product, "pid", "category", "in_stock", created_at=T0 - 86400)
 
 
 async def wait_until(cond, timeout_s=60):

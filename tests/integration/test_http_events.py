@@ -14,14 +14,14 @@ from schemas import Event
 from serving.app import create_app
 from streams.producer import create_producer
 from streams.topics import ensure_topics
+from tests.factories import bind, event_json
 
 JSON = {"content-type": "application/json"}
 BODY_LIMIT = 1700  # bytes, for the bad-input table
 
 
-def event(i: int = 0, **changes) -> dict:
-    return {"event_id": f"e{i}", "user_id": f"u{i % 7}", "session_id": f"s{i % 7}", "product_id": f"p{i}",
-            "event_type": "view", "timestamp": time.time() - 60, **changes}
+event = bind(event_json, "i", user=lambda f: f"u{f['i'] % 7}", session=lambda f: f"s{f['i'] % 7}",
+             ts=lambda f: time.time() - 60)
 
 
 @contextlib.asynccontextmanager
@@ -165,7 +165,7 @@ async def test_unreachable_kafka_is_503_with_retry_after_and_the_app_still_serve
         assert time.monotonic() - started < 3
         health = await client.get("/healthz")
         response = await client.post("/api/v1/events", json=event(1))
-    assert health.status_code == 503 and health.json() == {"status": "kafka unavailable"}
+    assert health.status_code == 503 and health.json() == {"error": "kafka unavailable", "status": "kafka unavailable"}
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "Kafka is not connected" in response.json()["error"]
     assert await end_offsets(s) == 0

@@ -22,11 +22,12 @@ from recstream.features.config import feature_config, limits
 from recstream.features.plan import split_by_tag
 from streams.redisconn import connect
 from recstream.settings import Settings
-from schemas import Event, Product
 from streams.online_store import OnlineStore, unlink_matching
 from streams.producer import create_producer
 from streams.replay import publish as publish_records
 from streams.topics import ensure_topics
+from tests import factories
+from tests.factories import bind, event
 
 pytestmark = pytest.mark.integration
 
@@ -63,14 +64,8 @@ async def store(backend: Settings):
     await client.aclose()
 
 
-def ev(i: int, user: str, kind: str, pid: str, category: str | None = "Audio", session: str = "s1") -> Event:
-    return Event(event_id=f"e{i}", user_id=user, session_id=session, product_id=pid, event_type=kind,
-                 timestamp=T0 + i, category=category)
-
-
-def product(pid: str, category: str, in_stock: bool = True, brand: str = "Nova") -> Product:
-    return Product(product_id=pid, title=f"Item {pid}", category_path=("Shop", category), brand=brand,
-                   price=10.0, in_stock=in_stock, rating=4.0, created_at=T0 - 86400)
+ev = bind(event, "i", "user", "kind", "pid", "category", t0=T0, category="Audio")
+product = bind(factories.product, "pid", "category", "in_stock", "brand", rating=4.0, created_at=T0 - 86400)
 
 
 def events(n_users: int = 30, per_user: int = 6) -> list[Incoming]:

@@ -394,7 +394,7 @@ async def test_ab_variants_change_serving_and_are_logged_attributed_reported_and
     bad = _experiment("ab-bad", "retrieval", trending={"sources": ["popular"]})
     bad["variants"][0]["weight"] = 0.7
     r = await _admin(srv, "PUT", "/experiments/ab-bad", bad)
-    assert r.status_code == 400 and any("weights must sum to 1" in p for p in r.json()["problems"]), r.text
+    assert r.status_code == 400 and any("weights must sum to 1" in f["reason"] for f in r.json()["fields"]), r.text
     r = await _admin(srv, "PUT", "/experiments/ab-sources",
                      _experiment("ab-sources", "retrieval", trending={"sources": ["popular"]}))
     assert r.status_code == 201, r.text

@@ -24,6 +24,11 @@ HOUR = 3600
 NOW = int(time.time())   # one clock for every body, also those built at collection
 
 
+def problems(r) -> list[str]:
+    """The refusal's fields as the experiments' 'location: message' lines (serving/errors.py located)."""
+    return [f"{f['field']}: {f['reason']}" for f in r.json()["fields"]]
+
+
 def iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -114,7 +119,7 @@ def test_rejected_puts_leave_the_file_unchanged(client, file, path, payload, sta
     before = file.read_bytes()
     r = client.put(URL + path, json=payload, headers=AUTH)
     assert r.status_code == status, r.json()
-    assert r.json()["error"] and any(problem in p for p in r.json()["problems"]), r.json()
+    assert r.json()["error"] and any(problem in p for p in problems(r)), r.json()
     assert file.read_bytes() == before
 
 
@@ -134,7 +139,7 @@ def test_delete_of_a_running_experiment_needs_force(client, file):
     client.put(URL + "/a", json=body(), headers=AUTH)
     before = file.read_bytes()
     r = client.delete(URL + "/a", headers=AUTH)
-    assert r.status_code == 409 and "is running" in r.json()["problems"][0]
+    assert r.status_code == 409 and "is running" in problems(r)[0]
     assert file.read_bytes() == before
 
 
@@ -153,7 +158,7 @@ def test_defaults(client, file):
     assert client.get(URL, headers=AUTH).json()["defaults"] == {"sources": ["als"], "ranker": "champion"}
     before = file.read_bytes()
     r = client.put("/api/v1/admin/defaults", json={"candidates": 0, "nope": 1}, headers=AUTH)
-    assert r.status_code == 400 and r.json()["error"] == "invalid defaults" and len(r.json()["problems"]) == 2
+    assert r.status_code == 400 and r.json()["error"] == "invalid defaults" and len(r.json()["fields"]) == 2
     assert file.read_bytes() == before
 
 
@@ -163,5 +168,5 @@ def test_a_broken_file_is_reported_and_not_written_over(client, file):
     listing = client.get(URL, headers=AUTH).json()
     assert [e["id"] for e in listing["experiments"]] == ["a"] and "array of tables" in listing["file_error"]
     r = client.put("/api/v1/admin/defaults", json={}, headers=AUTH)
-    assert r.status_code == 409 and "file is invalid" in r.json()["problems"][0]
+    assert r.status_code == 409 and "file is invalid" in problems(r)[0]
     assert file.read_text() == "version = 1\nexperiments = 3\n"

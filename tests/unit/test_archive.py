@@ -3,13 +3,13 @@ import pytest
 from schemas import Event
 from schemas.arrow import arrow_schema
 from streams.archive import file_name, first_per_key, hour_folder, plan_files, read_archive, write_batch
+from tests import factories
+from tests.factories import bind
 
 NOW = 1_764_000_000.0  # 2025-11-24T16:00:00Z
 
 
-def event(i: int, ts: float, **changes) -> Event:
-    return Event(event_id=f"e{i}", user_id="u1", session_id="s1", product_id=f"p{i}", event_type="view",
-                 timestamp=ts, **changes)
+event = bind(factories.event, "i", "ts")
 
 
 @pytest.mark.parametrize("ts, folder", [

@@ -8,6 +8,7 @@ import pytest
 from schemas import Event, Product, RecommendationReply, RecommendationRequest, RecommendedItem
 from schemas.arrow import META_SCHEMA, META_VERSION, arrow_schema, arrow_type, to_table
 from schemas.base import Choice, Flag, ListOf, Nested, Number, NumMap, StrMap, Text, Timestamp
+from tests.factories import event_json
 
 NOW = 1_764_000_000.0
 
@@ -56,8 +57,8 @@ def test_every_record_has_an_arrow_schema(record):
 
 
 def sample_event(i: int, **changes) -> Event:
-    data = {"event_id": f"e{i}", "user_id": "u1", "session_id": "s1", "product_id": f"p{i}",
-            "event_type": "purchase", "timestamp": NOW - i, "price": 9.5, "quantity": 2, **changes}
+    """Validated as a consumer reads it (a field given as None is left out)."""
+    data = event_json(i, t0=NOW, dt=-1, **{"kind": "purchase", "price": 9.5, "quantity": 2, **changes})
     return Event.from_dict({k: v for k, v in data.items() if v is not None}, now=NOW)
 
 

@@ -12,21 +12,17 @@ from recstream.experiments.attribution import (
 from recstream.experiments.stats import user_level, user_level_moments
 from recstream.stats import BUCKETS, LatencyHistogram
 from schemas import Event, Exposure
+from tests import factories
+from tests.factories import bind
 
 T0 = 1_764_000_000.0
 WINDOW = 1800
 ALL = (ALL_EXPERIMENT, ALL_VARIANT)
 
 
-def exposure(rid, user="u1", ts=T0, items=("p1", "p2"), experiments=None, status="ok", latency_ms=20.0):
-    return Exposure(request_id=rid, ts=ts, kind="homepage", unit=f"u:{user}", user_id=user, session_id="s1",
-                    experiments=experiments, items=tuple(items), positions=tuple(range(1, len(items) + 1)),
-                    status=status, latency_ms=latency_ms)
-
-
-def event(eid, kind="click", user="u1", product="p1", ts=T0 + 10, rid=None, price=None, quantity=1):
-    return Event(event_id=eid, user_id=user, session_id="s1", product_id=product, event_type=kind, timestamp=ts,
-                 price=price, quantity=quantity, rec_request_id=rid)
+exposure = bind(factories.exposure, "rid", "user", "ts", "items", "experiments", "status", "latency_ms", ts=T0,
+                session_id="s1", latency_ms=20.0)
+event = bind(factories.event, "i", "kind", "user", "product", "ts", kind="click", product="p1", ts=T0 + 10)
 
 
 def run(records, state=None, window=WINDOW):

@@ -5,6 +5,7 @@ from recstream.evaluation.baselines import (GenreProfile, ImplicitALS, ItemKNN, 
                                             SessionPopularity)
 from recstream.evaluation.core import Query, Split
 from schemas import Event, Product
+from tests.factories import event, product
 
 T0 = 1_700_000_000.0
 DAY = 86_400.0
@@ -18,8 +19,7 @@ class Events:
 
     def add(self, user: str, session: str, item: str, kind: str = "click", t: float | None = None) -> None:
         t = T0 + len(self.events) if t is None else t
-        self.events.append(Event(event_id=f"e{len(self.events)}", user_id=user, session_id=session,
-                                 product_id=item, event_type=kind, timestamp=t))
+        self.events.append(event(len(self.events), user=user, session=session, item=item, kind=kind, ts=t))
 
     def session(self, user: str, session: str, items: str, kind: str = "click") -> None:
         for item in items.split():
@@ -139,7 +139,7 @@ def test_als_is_deterministic_for_a_seed():
 
 
 def movie(pid: str, *genres: str) -> Product:
-    return Product(product_id=pid, title=pid, category_path=genres, price=0.0, created_at=T0)
+    return product(pid, title=pid, category_path=genres, brand="unknown", price=0.0, created_at=T0)
 
 
 def test_genre_profile_ranks_new_items_by_cosine_to_the_users_genres():

@@ -9,13 +9,13 @@ import pytest
 
 from recstream.rules import Proposals
 from schemas import CandidateSet, Overrides, RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError
+from tests import factories
+from tests.factories import bind
 
 NOW = time.time()
 
 
-def request(**kw) -> RecommendationRequest:
-    d = {"request_id": "r1", "kind": "similar", "created_at": NOW, "product_id": "p0", **kw}
-    return RecommendationRequest.from_dict(d)
+request = bind(factories.request, kind="similar", created_at=NOW, product_id="p0")
 
 
 def candidate_dict(**kw) -> dict:

@@ -151,8 +151,9 @@ def test_admin_refuses_experiment_times_out_of_range(tmp_path, field, value):
             "variants": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.5, "changes": {"ranker": "x"}}]}
     r = client.put("/api/v1/admin/experiments/e1", json={**body, field: value}, headers={"Authorization": "Bearer t"})
     assert r.status_code == 400, r.text
-    problems = r.json()["problems"]
-    assert len(problems) == 1 and problems[0].startswith(f"body.{field}: must be from 2000-01-01")
+    fields = r.json()["fields"]
+    assert len(fields) == 1 and fields[0]["field"] == f"body.{field}"
+    assert fields[0]["reason"].startswith("must be from 2000-01-01")
     assert not s.experiments_file.exists()
     assert client.put("/api/v1/admin/experiments/e1", json=body, headers={"Authorization": "Bearer t"}).status_code == 201
 

@@ -5,7 +5,7 @@ import pytest
 from recstream.features import FeatureConfig, Incoming, Limits, UserState, apply, plan
 from recstream.features import keys, popularity
 from recstream.features.session import SEEN_MAX, decode_features, decode_state, features_value, newest
-from schemas import Event
+from tests.factories import bind, event
 
 CFG = FeatureConfig(session_idle_timeout_s=1800, session_recent_max=3, covisit_window=2)
 LIMITS = Limits(session_ttl_s=1800, user_features_ttl_s=86400, window_days=7, trending_half_life_s=3600,
@@ -13,9 +13,7 @@ LIMITS = Limits(session_ttl_s=1800, user_features_ttl_s=86400, window_days=7, tr
 T = 1_764_000_000.0
 
 
-def ev(i, kind="view", pid="p1", t=None, session="s1", category="c"):
-    return Event(event_id=f"e{i}", user_id="u", session_id=session, product_id=pid, event_type=kind,
-                 timestamp=T + i if t is None else t, category=category)
+ev = bind(event, "i", "kind", "pid", "t", "session", "category", t0=T, user="u", pid="p1", category="c")
 
 
 def fold(events, state=None):

@@ -17,11 +17,11 @@ from recstream.gather import Gather, merge_parts
 from recstream.rules import Proposals
 from recstream.settings import Settings
 from schemas import CandidateSet, RecommendationRequest
+from tests import factories
+from tests.factories import bind
 
 
-def request(rid: str = "r1", deadline_ms: int = 500) -> RecommendationRequest:
-    return RecommendationRequest(request_id=rid, kind="homepage", created_at=time.time(), user_id="u1",
-                                 deadline_ms=deadline_ms)
+request = bind(factories.request, "request_id", "deadline_ms", user_id="u1", deadline_ms=500)
 
 
 def part(shard: int, shards: int, proposals: Proposals, version: str = "7", rid: str = "r1",

@@ -4,15 +4,13 @@ import orjson
 import pytest
 
 from serving.ingest import IngestError, check_body_size, check_content_length, check_content_type, parse_events
+from tests.factories import bind, event_json
 
 NOW = 1_764_000_000.0
 LIMIT = 5  # events per request in these tests
 
 
-def event(i: int = 0, **changes) -> dict:
-    data = {"event_id": f"e{i}", "user_id": f"u{i % 3}", "session_id": "s1", "product_id": f"p{i}",
-            "event_type": "view", "timestamp": NOW - 10, **changes}
-    return {k: v for k, v in data.items() if v is not ...}
+event = bind(event_json, "i", user=lambda f: f"u{f['i'] % 3}", ts=NOW - 10)
 
 
 def body(value) -> bytes:

@@ -4,7 +4,7 @@ import pytest
 from recstream.features import Incoming, Limits, keys, plan
 from recstream.features.plan import RedisOps, split_by_tag
 from recstream.features.session import FeatureConfig
-from schemas import Event
+from tests.factories import bind, event
 
 CFG = FeatureConfig(session_idle_timeout_s=1800, session_recent_max=5, covisit_window=2)
 LIMITS = Limits(session_ttl_s=1800, user_features_ttl_s=86400, window_days=7, trending_half_life_s=3600,
@@ -39,9 +39,7 @@ def test_one_users_keys_share_a_tag_and_so_do_one_items_and_the_global_ones():
     assert len(set(user + item + glob)) == len(user + item + glob)
 
 
-def ev(i, user, kind, pid):
-    return Event(event_id=f"e{i}", user_id=user, session_id="s", product_id=pid, event_type=kind,
-                 timestamp=T + i, category="Audio")
+ev = bind(event, "i", "user", "kind", "pid", t0=T, session="s", category="Audio")
 
 
 def test_split_by_tag_partitions_the_writes_and_every_group_carries_the_offsets():

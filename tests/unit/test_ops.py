@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 from prometheus_client import generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import StarletteDeprecationWarning
+
+with warnings.catch_warnings():   # the venv pins httpx, which this starlette still supports but warns about
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
 
 from streams.metrics import ApiMetrics, LagSample, fold_histogram, worker_registry
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
-from serving.ops import OpsMonitor, Ring, alerts, group_totals, window_percentiles, window_rate
+from serving.ops import OpsMonitor, Ring, alerts, dashboard_html, group_totals, ops_routes, window_percentiles, window_rate
 
 
 def test_ring_drops_samples_older_than_its_span():
@@ -142,3 +149,13 @@ def test_worker_registry_from_snapshot():
     empty = generate_latest(worker_registry("archive", lambda: None)).decode()
     assert 'recstream_worker_up{worker="archive"} 0.0' in empty
     assert np.asarray(h.counts).sum() == 4
+
+
+def test_dashboard_page_is_package_data_served_as_is():
+    page = dashboard_html()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    ops = OpsMonitor(Settings())
+    with TestClient(Starlette(routes=ops_routes(ops))) as client:
+        r = client.get("/dashboard")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.headers["cache-control"] == "no-store" and r.text == page

@@ -8,6 +8,7 @@ from recstream.evaluation.protocols import (
 )
 from recstream.settings import load
 from schemas import Event, Product
+from tests.factories import bind, event
 
 DAY = 86_400.0
 D0 = 1_699_920_000.0   # 2023-11-14 00:00 UTC
@@ -15,9 +16,8 @@ H = 3_600.0
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-def ev(user, item, t, kind="view", session=None):
-    return Event(event_id=f"{user}-{item}-{t}", user_id=user, session_id=session or f"{user}-s", product_id=item,
-                 event_type=kind, timestamp=float(t))
+ev = bind(event, "user", "item", "t", "kind", "session", eid=lambda f: f"{f['user_id']}-{f['product_id']}-{f['timestamp']}",
+          session=lambda f: f"{f['user_id']}-s")
 
 
 def assert_leak_free(split):

@@ -8,8 +8,9 @@ import pytest
 
 from recstream.features.session import FeatureConfig, UserState, apply, decode_features, features_value
 from recstream.ranking import FEATURE_NAMES, Candidate, Context, ItemFields, features
-from schemas import Event, Product
+from schemas import Product
 from streams.online_store import item_fields
+from tests.factories import event
 
 T0 = 1_764_000_000.0          # 2025-11-24 16:00 UTC, a Monday
 NAN = float("nan")
@@ -63,8 +64,7 @@ def test_category_match_is_the_cosine_with_the_items_one_hot_category(affinity, 
 def _events(*rows) -> UserState:
     state = UserState()
     for i, (kind, pid, cat, dt) in enumerate(rows):
-        e = Event(event_id=f"e{i}", user_id="u", session_id="s", product_id=pid, event_type=kind,
-                  timestamp=T0 + dt, category=cat)
+        e = event(i, user="u", session="s", pid=pid, kind=kind, ts=T0 + dt, category=cat)
         state = apply(state, e, FeatureConfig()).state
     return state
 

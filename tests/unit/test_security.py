@@ -176,7 +176,7 @@ def test_openapi_is_derived_from_the_schemas():
     by_name = {p["name"]: p["schema"] for p in get["parameters"]}
     assert by_name["count"] == {"type": "integer", "minimum": 1, "maximum": 100}
     assert by_name["device"]["enum"] == ["desktop", "mobile", "tablet", "app", "unknown"]
-    assert set(get["responses"]) == {"200", "400", "404"}
+    assert set(get["responses"]) == {"200", "400", "404", "500"}
     post = doc["paths"]["/api/v1/events"]["post"]
     assert {"202", "400", "413", "415", "422", "503"} <= set(post["responses"])
     assert "Retry-After" in post["responses"]["503"]["headers"]

@@ -7,9 +7,11 @@ import pytest
 from recstream.experiments.definition import Changes, ExperimentError, loads
 from recstream.experiments.store import ExperimentStore
 from recstream.settings import load
-from schemas import Exposure, Overrides, RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError
+from schemas import Exposure, Overrides, RecommendationReply, RecommendedItem, SchemaError
 from serving.experiments import Experiments, exposure, overrides_of
 from serving.recommend import DEADLINE_MISSED, _variant_tag, status
+from tests import factories
+from tests.factories import bind
 
 NOW = time.time()
 FILE = f"""
@@ -56,8 +58,7 @@ def ab(tmp_path) -> Experiments:
     return Experiments(s, ExperimentStore(path))
 
 
-def request(**kw) -> RecommendationRequest:
-    return RecommendationRequest.from_dict({"request_id": "r" * 32, "kind": "homepage", "created_at": NOW, **kw})
+request = bind(factories.request, request_id="r" * 32, created_at=NOW)
 
 
 def test_a_user_gets_one_variant_per_experiment_with_its_changes_over_the_defaults(ab):

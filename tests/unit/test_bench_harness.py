@@ -1,0 +1,50 @@
+"""The benchmarks' shared harness (bench/harness.py): percentiles, truncation, the result record, and
+its process supervisor."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import harness
+
+
+@pytest.mark.parametrize("values, q, expected", [
+    ([], 0.5, None), ([3.0], 0.99, 3.0), ([1, 2, 3, 4], 0.5, 2.0), ([1, 2, 3, 4], 0.51, 3.0),
+    (list(range(1, 101)), 0.99, 99.0), (list(range(1, 101)), 1.0, 100.0), ([5, 1, 4], 0.0, 1.0),
+])
+def test_pct_is_nearest_rank(values, q, expected):
+    got = harness.pct(values, q)
+    assert (got != got) if expected is None else got == expected
+
+
+@pytest.mark.parametrize("x, nd, expected", [(1.239, 2, 1.23), (-1.239, 2, -1.23), (0.19, 1, 0.1), (None, 2, None)])
+def test_down_never_rounds_up(x, nd, expected):
+    assert harness.down(x, nd) == expected
+
+
+def test_pct_ms_and_p50_p99():
+    assert harness.pct_ms([0.001, 0.002, 0.0031], 0.99) == 3.1 and harness.pct_ms([], 0.5) is None
+    assert harness.p50_p99([1.0, 2.0, 3.0]) == {"n": 3, "p50": 2.0, "p99": 3.0}
+
+
+def test_write_result_records_name_date_machine_command_and_figures(tmp_path):
+    out = tmp_path / "x.json"
+    record = harness.write_result("x", {"a": 1.5}, out=out, parameters={"n": 3})
+    data = json.loads(out.read_text())
+    assert data == record and set(data) == {"name", "date", "machine", "command", "parameters", "figures"}
+    assert data["name"] == "x" and data["figures"] == {"a": 1.5} and data["machine"]["nproc"] >= 1
+    assert {"hostname", "cpu_model", "python"} <= set(data["machine"])
+
+
+def test_procs_start_check_and_stop(tmp_path):
+    procs = harness.Procs({}, tmp_path)
+    p = procs.start("settings", ["settings"])   # `recstream settings` prints and exits 0
+    assert p.wait(timeout=60) == 0
+    with pytest.raises(RuntimeError, match="settings exited with 0"):
+        procs.check()
+    assert "RECSTREAM_" in (tmp_path / "settings.log").read_text()
+    procs.stop_all()
+    assert procs.pids() == {}
+    slow = harness.start_process(["-c", "import time; time.sleep(60)"], tmp_path / "slow.log")
+    assert harness.stop_process(slow, timeout_s=10) != 0   # ended by SIGTERM
