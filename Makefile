@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.
 # Both install what is missing first and start the local services (idempotent).
-.PHONY: install up down demo test
+.PHONY: install up down demo test lint
 
 install:
 	bash scripts/install.sh
@@ -16,3 +16,9 @@ demo: up
 
 test: up
 	.venv/bin/pytest
+
+# ruff (pyproject [tool.ruff]) and mypy: strict on schemas/ and the core, elsewhere nothing beyond
+# mypy-baseline.txt (scripts/mypy_gate.py). CI runs it after the tests.
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/python scripts/mypy_gate.py

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recstream.features import Incoming, UserState
 from recstream.features.config import feature_config, limits

@@ -20,10 +20,10 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping
 
 import numpy as np
 import orjson
@@ -31,8 +31,8 @@ import xgboost as xgb
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from models import booster
-from models.content import ContentModel
 from models.artifacts import neighbour_columns
+from models.content import ContentModel
 from models.index import RetrievalIndex, ShardedIndex, load_index
 from recstream.candidates import ItemLists
 from recstream.ranking import FEATURE_NAMES
@@ -208,7 +208,7 @@ class ModelHolder:
         return True
 
     def _download_and_load(self, version: str) -> ServingModel:
-        from models.registry import Registry   # mlflow is slow to import: only when a model is loaded
+        from models.registry import Registry  # mlflow is slow to import: only when a model is loaded
 
         with tempfile.TemporaryDirectory(prefix=f"recstream-{self.role}-") as tmp:
             folder = Registry(self.s.mlflow_tracking_uri, self.s.model_name).download(version, Path(tmp))

@@ -36,6 +36,7 @@ from schemas import CandidateSet, Product, RecommendationRequest, SchemaError
 from schemas.recommendations import SOURCES
 from streams.online_store import OnlineStore
 
+
 @dataclass
 class Plan:
     """One request's retrieval: what Redis said, the FAISS query, the proposals so far."""

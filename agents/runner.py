@@ -10,7 +10,8 @@ deadline, so offsets are auto-committed, an agent given a partition (at start, o
 moves one to it) starts at the log's end rather than decode a backlog nobody waits for, and a
 request already past its deadline is dropped unanswered (the API has answered it from the fallback
 by then), as is one with too little time left to make it (`serving_reserve_ms`): under overload
-the agents then spend their time on requests that can still be answered. The cost: the few requests in flight on a partition that moves are answered by the fallback.
+the agents then spend their time on requests that can still be answered. The cost: the few requests in flight
+on a partition that moves are answered by the fallback.
 Deadlines compare the API host's clock with the agent's: keep hosts' clocks in sync (NTP), well
 inside the deadline.
 A record that does not decode goes to the dead-letter topic and the loop goes on.
@@ -21,8 +22,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord
 
@@ -97,7 +99,7 @@ class RequestAgent(Generic[T]):
         await consumer.start()
         self._producer = producer
         try:
-            while not consumer.assignment() and not stop.is_set():   # joined the group: requests reach us
+            while not consumer.assignment() and not stop.is_set():  # noqa: ASYNC110  (no event for a join)
                 await asyncio.sleep(0.05)
             for tp in consumer.assignment():   # resolve the start positions now: later requests are ours
                 await consumer.position(tp)

@@ -14,13 +14,13 @@ from faust.contrib.asgi import faust_app_running
 
 from agents import features
 from recstream.features import keys
-from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, start_worker_metrics, stop_on_signals
-from streams.online_store import OnlineStore
-from streams.redisconn import connect
 from recstream.settings import Settings
 from recstream.stats import StallWatch
 from streams import lag
 from streams.app import create_app
+from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, start_worker_metrics, stop_on_signals
+from streams.online_store import OnlineStore
+from streams.redisconn import connect
 from streams.topics import ensure_topics
 
 if TYPE_CHECKING:   # loaded by the serving processes only: a feature worker needs no model code

@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +43,8 @@ from pyspark.sql import Window as W
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from models.artifacts import BatchOutputs, Embeddings, Neighbours, Window
 from batch.spark import session
+from models.artifacts import BatchOutputs, Embeddings, Neighbours, Window
 from recstream.settings import Settings, load
 from schemas import Event
 from schemas.arrow import arrow_schema, to_table

@@ -19,19 +19,19 @@ import asyncio
 import contextlib
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import orjson
 
 from models.artifacts import BatchOutputs, Embeddings
 from recstream.features import keys
-from streams.redisconn import AnyRedis, connect
 from recstream.settings import Settings
 from streams.online_store import unlink_keys, unlink_matching
 from streams.producer import create_producer
+from streams.redisconn import AnyRedis, connect
 
 CHUNK = 1000  # commands per pipeline round trip: small enough not to stall Redis for serving reads
 
@@ -116,7 +116,7 @@ def publish_registered(s: Settings, version: str, progress: Callable[[str], None
     """Publish a version already in the registry (A/B promotion of another version's ranker): its
     bundle's ALS vectors and offline features, then the pointer and the announcement. Products the
     model has no vector for get content-model vectors at request time, as for any new product."""
-    from models.registry import Registry   # mlflow is slow to import: only here
+    from models.registry import Registry  # mlflow is slow to import: only here
 
     with tempfile.TemporaryDirectory(prefix="recstream-publish-") as tmp:
         folder = Registry(s.mlflow_tracking_uri, s.model_name).download(version, Path(tmp))

@@ -11,18 +11,19 @@ import json
 import resource
 import tempfile
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 
-from models import index as faiss_index
 from batch import job, ranker
+from batch.publish import current as serving_pointer
+from batch.publish import publish, publish_registered
+from models import index as faiss_index
 from models.artifacts import BatchOutputs, Embeddings
 from models.content import ContentModel
-from batch.publish import current as serving_pointer, publish, publish_registered
 from models.registry import CHAMPION, Registry, write_manifest
 from recstream import ordering
 from recstream.data import ShopConfig, load_dataset, shop_dataset
@@ -152,7 +153,7 @@ def _quiet_stage(name: str) -> Iterator[None]:
 
 
 def fit(s: Settings, events: list[Event], products: list[Product], work: Path, progress: Callable[[str], None] = print,
-        stage: Callable[[str], ContextManager[None]] = _quiet_stage) -> Fitted:
+        stage: Callable[[str], AbstractContextManager[None]] = _quiet_stage) -> Fitted:
     """Train every model of a version on `events` (time-ordered): `recstream train` and `recstream evaluate`."""
     with stage("spark"):
         from batch.spark import session

@@ -18,10 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cli.evaluate import run  # noqa: E402
 from bench import harness  # noqa: E402
-from recstream.evaluation.protocols import PROTOCOLS, make_split  # noqa: E402
+from cli.evaluate import run  # noqa: E402
 from cli.report import metric_names, plot, table, write  # noqa: E402
+from recstream.evaluation.protocols import PROTOCOLS, make_split  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
 

@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import harness  # noqa: E402
 from models import index as fx  # noqa: E402
 from models.artifacts import Embeddings  # noqa: E402
-from bench import harness  # noqa: E402
 
 K = 200
 

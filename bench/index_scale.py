@@ -46,10 +46,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from models import index as fx  # noqa: E402
-from models.artifacts import Embeddings  # noqa: E402
 from bench import harness  # noqa: E402
 from bench.gpu_index import catalogue, per_query_ms  # noqa: E402
+from models import index as fx  # noqa: E402
+from models.artifacts import Embeddings  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 K = 200

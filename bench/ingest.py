@@ -394,7 +394,8 @@ def report(args: argparse.Namespace, s: Settings, preload_rate: float, phases: d
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"\n(HTTP figures from {HTTP_RESULTS.relative_to(ROOT)}, run {http['date']}: {http['command']})")
-    return harness.result("ingest", figures, phases=phases, parameters={"events": args.events, "users": args.users, "products": args.products,
+    return harness.result("ingest", figures, phases=phases, parameters={
+                       "events": args.events, "users": args.users, "products": args.products,
                        "partitions": s.clickstream_partitions, "feature_batch_max": s.feature_batch_max,
                        "feature_batch_within_ms": s.feature_batch_within_ms, "table_store": s.table_store,
                        "throughput_cap_s": args.cap_seconds, "preload_events_per_s": preload_rate,

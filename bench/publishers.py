@@ -152,7 +152,7 @@ async def main(args) -> dict:
         print(f"{row['client']:20s} p50 {row['p50']:7.1f} ms  p99 {row['p99']:7.1f} ms  "
               f"re-routed {row['rerouted']} of {row['events']}", flush=True)
         rows.append(row)
-    return {"benchmark": "publishers", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"benchmark": "publishers", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": machine(), "command": " ".join(sys.argv), "rows": rows}
 
 

@@ -34,9 +34,9 @@ from cli import redis_cluster  # noqa: E402
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features import Incoming, plan  # noqa: E402
 from recstream.features.config import feature_config, limits  # noqa: E402
-from streams.redisconn import connect  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
+from streams.redisconn import connect  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "redis_cluster.json"
 PARTITIONS = 8

@@ -38,9 +38,9 @@ import threadpoolctl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from bench import harness  # noqa: E402
 from models.artifacts import Embeddings  # noqa: E402
 from models.index import RetrievalIndex, build, recall_against  # noqa: E402
-from bench import harness  # noqa: E402
 from recstream.data import import_events  # noqa: E402
 from recstream.settings import load  # noqa: E402
 
@@ -227,7 +227,8 @@ def main() -> None:
     figures[label] = bench_catalogue(label, emb, {"users": user_vecs[:args.queries], "items": item_q},
                                      args.hnsw_items, log)
     print(table(figures))
-    harness.write_result("retrieval_index", figures, out=args.out, parameters={"k": K, "flat_below": "models.index.FLAT_BELOW", "nlist_rule": "choose_nlist: round(4*sqrt(n)), <= n//39",
+    harness.write_result("retrieval_index", figures, out=args.out, parameters={
+                       "k": K, "flat_below": "models.index.FLAT_BELOW", "nlist_rule": "choose_nlist: round(4*sqrt(n)), <= n//39",
                        "nprobe_rule": "choose_nprobe: max(8, round(2*sqrt(nlist))), <= nlist", "queries": args.queries,
                        "synthetic_items": args.items, "hnsw_items": args.hnsw_items,
                        "faiss_threads": __import__("faiss").omp_get_max_threads(),

@@ -50,8 +50,12 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench import ingest, serving as srv  # noqa: E402
-from bench import harness  # noqa: E402
+from agents.worker import metrics_index  # noqa: E402
+from bench import (  # noqa: E402
+    harness,  # noqa: E402
+    ingest,
+)
+from bench import serving as srv  # noqa: E402
 from recstream.features import keys, popularity  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from schemas import Event  # noqa: E402
@@ -59,7 +63,6 @@ from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
 from streams.producer import create_producer  # noqa: E402
 from streams.replay import publish  # noqa: E402
 from streams.topics import ensure_topics, spec  # noqa: E402
-from agents.worker import metrics_index  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 TAG = "benchscale"

@@ -67,10 +67,10 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench import harness  # noqa: E402
 from bench.ingest import cpu_mark, service_pids  # noqa: E402
-from recstream.features import keys  # noqa: E402
-from streams.online_store import unlink_matching  # noqa: E402
 from recstream.data import ShopConfig, generate  # noqa: E402
+from recstream.features import keys  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
+from streams.online_store import unlink_matching  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serving.json"
 TAG = "benchsrv"
@@ -134,10 +134,10 @@ def setup_marker(args: argparse.Namespace) -> dict:
 
 
 async def setup(s: Settings, args: argparse.Namespace, procs: harness.Procs, client: aioredis.Redis) -> dict:
+    from recstream.data import Dataset
     from streams import lag
     from streams.replay import publish_dataset
     from streams.topics import ensure_topics
-    from recstream.data import Dataset
 
     marker = setup_marker(args)
     raw = await client.get(f"{s.redis_namespace}bench:setup")
@@ -188,7 +188,7 @@ async def setup(s: Settings, args: argparse.Namespace, procs: harness.Procs, cli
         raise RuntimeError(f"training child exited with {child.returncode}")
     train = json.loads(report_path.read_text())
     train_s = time.perf_counter() - t
-    info = {"marker": marker, "done_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    info = {"marker": marker, "done_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "events": result.acked, "products": args.products, "users": args.users,
             "end_s": cfg.end_s, "version": train["version"], "generate_s": down(gen_s, 1),
             "replay_and_features_s": down(feature_s, 1), "train_s": down(train_s, 1), "train": train,
@@ -318,7 +318,7 @@ class Http:
         self.idle.clear()
 
 
-def traffic_of(info: dict) -> "Traffic":
+def traffic_of(info: dict) -> Traffic:
     """The request mix over the set-up's shop (generated again from its seed): users the model knows,
     products weighted by their events, carts from what was added or bought."""
     shop = generate(ShopConfig(users=info["users"], products=info["products"], seed=info["marker"]["seed"],
@@ -654,8 +654,8 @@ async def bare_hop(s: Settings, n: int, rate: float = 200.0) -> dict:
 def million(n: int, queries: int) -> dict:
     import threadpoolctl
 
-    from models.index import build, exact_search, recall_against
     from bench.retrieval_index import K, synthetic
+    from models.index import build, exact_search, recall_against
 
     log(f"1M: synthetic catalogue of {n:,} x 128")
     emb, users = synthetic(n)
@@ -697,7 +697,7 @@ async def freshness(port: int, users: list[str], products: list[str], trials: in
     http = Http(port)
     rng = random.Random(9)
     delays, polls, misses = [], [], 0
-    for i in range(trials):
+    for _i in range(trials):
         user = rng.choice(users)
         product = rng.choice(products)
         ev = {"event_id": f"fresh-{uuid.uuid4().hex}", "user_id": user, "session_id": f"{user}-bench",
@@ -729,9 +729,9 @@ async def freshness(port: int, users: list[str], products: list[str], trials: in
 
 async def prepare_swap(s: Settings, info: dict, workdir: Path) -> tuple:
     """Register the serving bundle again as a new version (champion) and compute what publish writes."""
+    from batch.train import PROMOTION_METRIC, _items_with_cold_start
     from models.artifacts import BatchOutputs
     from models.registry import Registry
-    from batch.train import PROMOTION_METRIC, _items_with_cold_start
 
     reg = Registry(s.mlflow_tracking_uri, s.model_name)
     version = info["version_now"]

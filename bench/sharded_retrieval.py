@@ -43,7 +43,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench import harness, ingest, serving as srv  # noqa: E402
+from bench import harness, ingest  # noqa: E402
+from bench import serving as srv  # noqa: E402
 from bench.scale_workers import ladder, timed_load  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402

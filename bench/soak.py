@@ -42,13 +42,13 @@ import redis.asyncio as aioredis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import harness  # noqa: E402
+from bench.harness import Processes, cpu_s, down, rss_mb  # noqa: E402  (figures truncated, never rounded up)
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features import keys  # noqa: E402
 from recstream.settings import load  # noqa: E402
 from streams.online_store import unlink_matching  # noqa: E402
 from streams.replay import publish_dataset  # noqa: E402
-from bench import harness  # noqa: E402
-from bench.harness import Processes, cpu_s, down, rss_mb  # noqa: E402  (figures truncated, never rounded up)
 
 WORKERS = ("features", "archive", "attribution", "retrieval", "ranking", "api")
 OUT = REPO / "bench" / "results" / "soak.json"

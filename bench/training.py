@@ -673,7 +673,8 @@ def main() -> None:
                 "baseline_novel_ndcg_at_8": tb["metrics"].get("baseline_novel_ndcg_at_8"),
                 "shop_spark_job_s": figures["shop"]["metrics"]["total_s"],
                 "shop_spark_jvm_peak_rss_mb": figures["shop"]["java_peak_rss_mb"]}
-    harness.write_result("training", {**headline, **figures}, out=args.out, parameters={"taobao": str(args.taobao), "ranker_trees": args.ranker_trees, "shop_users": args.shop_users,
+    harness.write_result("training", {**headline, **figures}, out=args.out, parameters={
+                       "taobao": str(args.taobao), "ranker_trees": args.ranker_trees, "shop_users": args.shop_users,
                        "shop_products": args.shop_products, "shop_rank": args.shop_rank, "k": K,
                        "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
                        "wall_s": time.perf_counter() - started})

@@ -189,9 +189,9 @@ async def _serve(s: Settings, data: Dataset, shop, ab_size: tuple[int, int],
                  report: dict | None) -> tuple[bool, bool]:
     """Start the retrieval and ranking agents and the API's recommender here; ask for each kind, then
     run the A/B test. (whether the agents answered each kind, whether the A/B test counted all)"""
-    from serving.recommend import Recommender
-    from serving.params import parse
     from agents.worker import run_serving
+    from serving.params import parse
+    from serving.recommend import Recommender
 
     _say("== 9. serving: API -> Kafka -> retrieval agent (FAISS + rules) -> ranking agent (XGBoost + rules) -> API")
     stop = asyncio.Event()
@@ -210,7 +210,7 @@ async def _serve(s: Settings, data: Dataset, shop, ab_size: tuple[int, int],
         served = 0
         for path, query in asks:
             await rec.recommend(await rec.check_products(parse(path, query)))   # warm: first use of each path
-            for attempt in range(3):   # a busy 2-core box can miss the 40 ms deadline: that is the fallback's job
+            for _attempt in range(3):   # a busy 2-core box can miss the 40 ms deadline: that is the fallback's job
                 t = time.perf_counter()
                 reply = await rec.recommend(await rec.check_products(parse(path, query)))
                 ms = (time.perf_counter() - t) * 1000

@@ -23,9 +23,9 @@ import math
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -37,16 +37,17 @@ from batch import train as training
 from batch.publish import publish
 from recstream.evaluation import baselines as bl
 from recstream.evaluation.core import Method, Query, Split
-from recstream.evaluation.metrics import evaluate as score_lists, set_recall
+from recstream.evaluation.metrics import evaluate as score_lists
+from recstream.evaluation.metrics import set_recall
 from recstream.evaluation.protocols import PROTOCOLS, catalogue_from_events
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import Incoming, plan
 from recstream.features.session import UserState
-from streams.redisconn import connect
 from recstream.settings import Settings
 from schemas import CandidateSet, Event, RecommendationReply, RecommendationRequest
 from schemas.recommendations import MAX_COUNT, SOURCES
 from streams.online_store import OnlineStore, unlink_matching
+from streams.redisconn import connect
 
 Progress = Callable[[str], None]
 OURS = ("ours_als", "ours_als_rules", "ours_full")

@@ -162,8 +162,8 @@ def _train(args: argparse.Namespace, s: Settings) -> int:
 
 def _evaluate(args: argparse.Namespace, s: Settings) -> int:
     from cli.evaluate import RedisUnavailable, run
-    from recstream.evaluation.protocols import PROTOCOLS, make_split, summary
     from cli.report import table, write
+    from recstream.evaluation.protocols import PROTOCOLS, make_split, summary
 
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
     for name in protocols:

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from typing import Callable
+from collections.abc import Callable
 
 import redis
 
 from cli.services import Service, ServiceError, port_open, wait_for
 from recstream.settings import Settings
-
 
 BUS_OFFSET = 10_000   # a cluster node also listens on its port + 10000 (the cluster bus)
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection, Sequence
+from typing import TYPE_CHECKING
 
 from recstream.evaluation.protocols import summary
 
@@ -27,12 +28,12 @@ def metric_names(protocol: str, primary: str, ks: Sequence[int], present: Collec
     return names
 
 
-def columns(ev: "Evaluation") -> list[str]:
+def columns(ev: Evaluation) -> list[str]:
     present = {k for r in ev.results for k in r.metrics}
     return metric_names(ev.split.protocol, ev.split.primary, ev.split.ks, present)
 
 
-def table(ev: "Evaluation") -> str:
+def table(ev: Evaluation) -> str:
     cols = columns(ev)
     primary = ev.split.primary
     head = f"{'method':<16}" + "".join(f"{c:>15}" for c in cols) + f"{'seconds':>9}"
@@ -52,7 +53,7 @@ def table(ev: "Evaluation") -> str:
     return "\n".join(lines)
 
 
-def record(ev: "Evaluation", command: str = "") -> dict:
+def record(ev: Evaluation, command: str = "") -> dict:
     best, full = ev.best_baseline, ev.full_pipeline
     p = ev.split.primary
     return {"protocol": ev.split.protocol, "command": command, "seed": ev.split.seed, "primary": p,
@@ -94,7 +95,7 @@ def plot(rec: dict, path: Path) -> Path:
     return path
 
 
-def write(ev: "Evaluation", out_dir: Path, command: str = "", name: str | None = None) -> tuple[Path, Path]:
+def write(ev: Evaluation, out_dir: Path, command: str = "", name: str | None = None) -> tuple[Path, Path]:
     """{out_dir}/{name}.json and .png; name defaults to the protocol's."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or ev.split.protocol

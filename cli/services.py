@@ -11,9 +11,9 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from recstream.settings import Settings
 
@@ -304,7 +304,7 @@ def down(s: Settings, say: Callable[[str], None] = print) -> None:
     """Stop only what `up` started (pid files); services found already running are left alone."""
     for svc in reversed(services(s)):
         say(f"{svc.name}: {'stopped' if svc.stop() else 'not started by us, left alone'}")
-    from cli.redis_cluster import nodes   # the tests' Redis Cluster (cluster-up), if we started it
+    from cli.redis_cluster import nodes  # the tests' Redis Cluster (cluster-up), if we started it
     for svc in nodes(s):
         if svc.own_pid() is not None and svc.stop():
             say(f"{svc.name}: stopped")

@@ -13,8 +13,8 @@ import json
 import os
 import sys
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from cli.services import REPO_ROOT, Service, port_open, wait_for
 from recstream.settings import PREFIX, Settings

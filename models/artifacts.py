@@ -71,7 +71,7 @@ class BatchOutputs:
         (folder / "aggregates.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, folder: Path) -> "BatchOutputs":
+    def load(cls, folder: Path) -> BatchOutputs:
         emb = {}
         for name in ("users", "items"):
             emb[name] = Embeddings(json.loads((folder / f"{name}.ids.json").read_text()), np.load(folder / f"{name}.npy"))

@@ -31,8 +31,8 @@ import io
 import json
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -73,7 +73,7 @@ class Featurizer:
     title_dim: int
 
     @classmethod
-    def fit(cls, products: Sequence[Product], title_dim: int = 256, price_bands: int = 8) -> "Featurizer":
+    def fit(cls, products: Sequence[Product], title_dim: int = 256, price_bands: int = 8) -> Featurizer:
         cats = sorted({k for p in products for k in _category_keys(p.category_path or ())})
         brands = sorted({p.brand for p in products if p.brand})
         prices = np.array([_log_price(p.price) for p in products], dtype=np.float64)
@@ -130,7 +130,7 @@ class ContentModel:
 
     @classmethod
     def fit(cls, products: Iterable[Product], emb: Embeddings, *, lam: float | Sequence[float] = LAM_GRID,
-            lam_category: float = 1.0, title_dim: int = 256, price_bands: int = 8) -> "ContentModel":
+            lam_category: float = 1.0, title_dim: int = 256, price_bands: int = 8) -> ContentModel:
         """Fit on the products that have an embedding in emb. lam: the ridge penalty on brand, price
         and title columns, or a grid to choose it from on a held-out fifth; lam_category: on categories."""
         grid = [float(lam)] if isinstance(lam, (int, float)) else [float(v) for v in lam]
@@ -155,7 +155,7 @@ class ContentModel:
 
     @classmethod
     def _fit(cls, train: list[Product], y: np.ndarray, lam: float, lam_category: float, title_dim: int,
-             price_bands: int) -> "ContentModel":
+             price_bands: int) -> ContentModel:
         mean = y.mean(axis=0)
         featurizer = Featurizer.fit(train, title_dim=title_dim, price_bands=price_bands)
         penalty = np.full(featurizer.dim, lam)
@@ -183,7 +183,7 @@ class ContentModel:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ContentModel":
+    def from_bytes(cls, data: bytes) -> ContentModel:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
             if meta.get("format") != FORMAT:

@@ -9,7 +9,8 @@ HNSW searches by inner product directly (the ip-NSW of Morozov & Babenko, "Non-m
 graphs for maximum inner product search", NeurIPS 2018). On our ALS and clustered vectors, faiss's
 default efConstruction 40 gave better recall@200 than 64 or 128 (0.97 vs 0.68 on Taobao item
 queries at efSearch 256; why was not established: a likely cause is that with inner product a
-wider construction search links more items to the few long vectors, so the graph loses reach), and the Euclidean transform of Bachrach et al.
+wider construction search links more items to the few long vectors, so the graph loses reach), and the
+Euclidean transform of Bachrach et al.
 (RecSys 2014: an extra coordinate sqrt(max|x|^2 - |x|^2), then L2) gave 0.2-0.4 on ALS vectors,
 whose norms vary widely.
 
@@ -236,7 +237,7 @@ class RetrievalIndex:
         return int(faiss.serialize_index(cpu).nbytes) + refine
 
     @classmethod
-    def from_bytes(cls, data: bytes, use_gpu: bool | None = None) -> "RetrievalIndex":
+    def from_bytes(cls, data: bytes, use_gpu: bool | None = None) -> RetrievalIndex:
         """Load what to_bytes wrote; onto the GPU when one exists (use_gpu=None) or when asked."""
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
@@ -366,7 +367,8 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     return rows, scores
 
 
-def recall_at_k(index: "RetrievalIndex | ShardedIndex", exact_vectors: np.ndarray | Embeddings, queries: np.ndarray, k: int) -> float:
+def recall_at_k(index: RetrievalIndex | ShardedIndex, exact_vectors: np.ndarray | Embeddings, queries: np.ndarray,
+                k: int) -> float:
     """Recall@k of the index against exact search (IndexFlatIP) over the same rows, for the same queries.
 
     Tie-aware, as ann-benchmarks counts it: a returned item is a hit when its exact inner product
@@ -388,7 +390,7 @@ def recall_at_k(index: "RetrievalIndex | ShardedIndex", exact_vectors: np.ndarra
     return recall_against(x, q, rows, exact_search(x, q, k)[1])
 
 
-def _vectors(exact_vectors: np.ndarray | Embeddings, index: "RetrievalIndex | ShardedIndex") -> np.ndarray:
+def _vectors(exact_vectors: np.ndarray | Embeddings, index: RetrievalIndex | ShardedIndex) -> np.ndarray:
     x = exact_vectors.vectors if isinstance(exact_vectors, Embeddings) else np.asarray(exact_vectors, np.float32)
     if len(x) != len(index):
         raise ValueError(f"exact vectors have {len(x)} rows, the index {len(index)}")

@@ -116,7 +116,8 @@ class Registry:
 
     def download(self, alias_or_version: str, dest: Path) -> Path:
         """The bundle of `models:/name@alias` (or a version number) as a local folder."""
-        uri = f"models:/{self.name}/{alias_or_version}" if alias_or_version.isdigit() else f"models:/{self.name}@{alias_or_version}"
+        uri = (f"models:/{self.name}/{alias_or_version}" if alias_or_version.isdigit()
+               else f"models:/{self.name}@{alias_or_version}")
         dest.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # not in agents' logs
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))

@@ -3,7 +3,8 @@
 Sources (schemas.recommendations.SOURCES): on the homepage, the session's recent items themselves,
 then the user's items of earlier sessions ("session": shoppers come back to what they looked at);
 co-view ("covis") and co-purchase ("cobuy") neighbours of the session's, cart's and this session's
-basket items, or of the product's or cart's items, as the feature agents count them live; item kNN ("knn": the served version's item-to-item
+basket items, or of the product's or cart's items, as the feature agents count them live; item kNN ("knn":
+the served version's item-to-item
 cosine over training sessions, every event type, summed over the anchors as item kNN does: the
 session's last items of any event type, weighted 1/position); trending in the session's main
 category ("popular"; homepage and cart) or in the anchors' categories ("same_category"); the
@@ -21,8 +22,9 @@ two stores.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -87,7 +89,7 @@ class Shopper:
     history: tuple[str, ...] = ()      # the user's items of every event type across sessions, newest first
 
     @classmethod
-    def from_state(cls, state: UserState, now: float, idle_s: float) -> "Shopper":
+    def from_state(cls, state: UserState, now: float, idle_s: float) -> Shopper:
         """From the session table's value (the batch replay)."""
         if not is_live(state.last_s, state.events, now, idle_s):
             return cls(cart=tuple(state.cart), history=tuple(state.history))
@@ -96,7 +98,7 @@ class Shopper:
 
     @classmethod
     def from_redis(cls, recent: Sequence[str] | None, features: Mapping[str, Any] | None, now: float,
-                   idle_s: float) -> "Shopper":
+                   idle_s: float) -> Shopper:
         """From user_session and decode_features(user_features) (serving); None: the key is absent."""
         f = features or {}
         cart, history = tuple(f.get("cart_items") or ()), tuple(f.get("history") or ())
@@ -195,7 +197,7 @@ class ItemLists:
                     [float(sc) for ns in neighbours.values() for _, sc in ns])
 
     @classmethod
-    def from_columns(cls, items: Sequence[str], neighbours: Sequence[str], scores: Sequence[float]) -> "ItemLists":
+    def from_columns(cls, items: Sequence[str], neighbours: Sequence[str], scores: Sequence[float]) -> ItemLists:
         """From rows (item, neighbour, score) grouped by item, each item's best first (a saved table's
         columns), without a dict of lists in between."""
         out = cls.__new__(cls)

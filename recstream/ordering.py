@@ -13,7 +13,7 @@ choice, with the same functions.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -9,8 +9,9 @@ values are NaN, which XGBoost routes down each split's learned default branch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,14 +65,14 @@ class ItemFields:
     created_at: float = NAN
 
     @classmethod
-    def from_product(cls, p: Product) -> "ItemFields":
+    def from_product(cls, p: Product) -> ItemFields:
         return cls(price=float(p.price), category=p.category, brand=p.brand,
                    rating=NAN if p.rating is None else float(p.rating),
                    seller_rating=NAN if p.seller_rating is None else float(p.seller_rating),
                    in_stock=1.0 if p.in_stock else 0.0, created_at=float(p.created_at))
 
     @classmethod
-    def from_redis(cls, raw: Mapping[str, str] | Mapping[bytes, bytes]) -> "ItemFields":
+    def from_redis(cls, raw: Mapping[str, str] | Mapping[bytes, bytes]) -> ItemFields:
         """From the hash streams.online_store.item_fields writes (bytes or str, as the client returns)."""
         d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
              for k, v in raw.items()}

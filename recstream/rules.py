@@ -7,8 +7,8 @@ No Kafka, no Redis, no model: the retrieval agent feeds `Proposals`, the ranking
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt

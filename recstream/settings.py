@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PREFIX = "RECSTREAM_"
 INDEX_KINDS = ("auto", "flat", "flat16", "ivf", "ivfpq", "hnsw")   # models/index.py KINDS

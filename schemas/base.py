@@ -5,8 +5,9 @@ import dataclasses
 import math
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, Self
+from typing import Any, ClassVar, Self
 
 import orjson
 
@@ -214,9 +215,9 @@ class ListOf:
 
 @dataclass(frozen=True, slots=True)
 class Nested:
-    record: type["Record"]
+    record: type[Record]
 
-    def __call__(self, v: Any, now: float) -> "Record":
+    def __call__(self, v: Any, now: float) -> Record:
         try:
             return self.record.from_dict(v, now=now)
         except SchemaError as exc:

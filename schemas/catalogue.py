@@ -12,7 +12,8 @@ class Product(Record):
 
     product_id: str = check(Id(), doc="catalogue product id")
     title: str = check(Text(max_len=512), doc="display title")
-    category_path: tuple[str, ...] = check(ListOf(Label(), min_items=1, max_items=16), doc="root-to-leaf category names (or a list of genres)")
+    category_path: tuple[str, ...] = check(ListOf(Label(), min_items=1, max_items=16),
+                                           doc="root-to-leaf category names (or a list of genres)")
     brand: str = check(Text(), default="unknown", doc="brand name")
     price: float = check(Number(lo=0, hi=1e9), doc="current unit price (shop currency)")
     in_stock: bool = check(Flag(), default=True, doc="false hides the product from recommendations")

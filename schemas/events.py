@@ -24,7 +24,8 @@ class Event(Record):
     price: float | None = check(Number(lo=0, hi=1e9), default=None, doc="unit price paid or shown (shop currency)")
     quantity: int = check(Number(lo=1, hi=10_000, integer=True), default=1, doc="units (add_to_cart, purchase)")
     category: str | None = check(Label(), default=None, doc="product's leaf category, when the producer knows it")
-    rec_request_id: str | None = check(Id(max_len=64), default=None, doc="recommendation request this action came from (attribution)")
+    rec_request_id: str | None = check(Id(max_len=64), default=None,
+                                       doc="recommendation request this action came from (attribution)")
 
     @property
     def key(self) -> bytes:

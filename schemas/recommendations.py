@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.base import (Choice, Flag, Id, Invalid, ListOf, Nested, Number, NumMap, Record, StrMap, Text,
-                          Timestamp, check)
+from schemas.base import Choice, Flag, Id, Invalid, ListOf, Nested, Number, NumMap, Record, StrMap, Text, Timestamp, check
 
 KINDS = ("homepage", "similar", "cart", "also_viewed")
 MAX_COUNT = 100

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import orjson
 from starlette.concurrency import run_in_threadpool
@@ -27,9 +28,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from recstream.experiments.definition import (Experiment, ExperimentError, ExperimentSet, UnknownExperiment,
-                                              changes_from_json, changes_to_json, experiment_from_json,
-                                              experiment_to_json)
+from recstream.experiments.definition import (
+    Experiment,
+    ExperimentError,
+    ExperimentSet,
+    UnknownExperiment,
+    changes_from_json,
+    changes_to_json,
+    experiment_from_json,
+    experiment_to_json,
+)
 from recstream.experiments.store import ExperimentStore
 from recstream.settings import Settings
 from serving.errors import ApiError, OrjsonResponse, located

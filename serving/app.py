@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import AsyncIterator, cast
+from typing import cast
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -380,7 +381,8 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
         routes=[Route("/api/v1/recommendations/{kind}", recommendations, methods=["GET"]),
                 Route("/api/v1/events", post_events, methods=["POST"]), Route("/openapi.json", openapi, methods=["GET"]),
                 *(Route(f"/schemas/{name}", record_schema, methods=["GET"]) for name in schema_files),
-                Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *admin_routes(s, ab.store),
+                Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]),
+                *admin_routes(s, ab.store),
                 Route("/metrics", metrics, methods=["GET"]), *ops_routes(ops)],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(RequestMetrics, ops=ops)],

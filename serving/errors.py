@@ -9,7 +9,8 @@ readiness probes' 503 (which add their own `status`), and Starlette's own 404/40
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 from starlette.responses import JSONResponse

@@ -16,9 +16,9 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Journal:
                     continue
                 if not path.exists():     # finished by the process that held it a moment ago
                     continue
-                with open(fd, "rb", closefd=False) as f:
+                with open(fd, "rb", closefd=False) as f:  # noqa: ASYNC230  (a small local file, at start-up)
                     lines = [x for x in f.read().split(b"\n") if x.strip()]
                 for line in lines:
                     await send(line)

@@ -20,8 +20,9 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from importlib.resources import files
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -31,10 +32,10 @@ from starlette.routing import Route
 
 from recstream.features import keys
 from recstream.features.keys import MODEL_CURRENT
-from streams.metrics import METRICS_TTL_S, ApiMetrics, LagSample, LagSampler, cancelling, sample_forever
-from streams.redisconn import is_cluster
 from recstream.settings import Settings
 from recstream.stats import BUCKETS, LatencyHistogram, percentiles_ms
+from streams.metrics import METRICS_TTL_S, ApiMetrics, LagSample, LagSampler, cancelling, sample_forever
+from streams.redisconn import is_cluster
 
 log = logging.getLogger(__name__)
 

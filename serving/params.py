@@ -6,8 +6,9 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from schemas import Event, RecommendationReply, RecommendationRequest, SchemaError
 from schemas.base import ID_PATTERN, Choice, FieldError, Flag, Id, Invalid, Label, Number, json_schema

@@ -24,20 +24,20 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.runner import serving_producer
-from streams.redisconn import AnyRedis, connect
 from recstream.rules import Rules, select
 from recstream.settings import Settings
 from schemas import RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError
 from schemas.base import FieldError
 from serving.params import ParamError
 from streams.online_store import OnlineStore
+from streams.redisconn import AnyRedis, connect
 from streams.topics import delete_topics, ensure_topics, reply_spec
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class Recommender:
                         return dataclasses.replace(reply, request_id=req.request_id, cached=True,
                                                    timings_ms=_total(req) if req.debug else None)
                 reply = await self._ask(req)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return self._fallback(req, f"{DEADLINE_MISSED} {self.s.serving_deadline_ms} ms")
         except Exception as exc:  # Kafka, Redis, a bad reply: the shopper still gets items
             return self._fallback(req, f"{type(exc).__name__}: {exc}")

@@ -20,11 +20,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 
-from streams.metrics import serve_metrics, worker_registry
 from recstream.settings import Settings
 from schemas import Event, SchemaError
 from schemas.arrow import arrow_schema, to_table
 from streams.deadletter import DeadLetter
+from streams.metrics import serve_metrics, worker_registry
 from streams.producer import create_producer
 from streams.reroute import is_copy
 

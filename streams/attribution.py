@@ -53,22 +53,34 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from recstream.features import keys
 from recstream.experiments.attribution import (
-    FLOAT_FIELDS, SEEN_TTL_S, Changes, Impression, State, UnitTotals, VariantTotals, is_outcome,
-    needed_impressions, needed_recent, recent_from_json, recent_to_json, step)
-from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, SnapshotHolder, serve_metrics, stop_on_signals, worker_registry
+    FLOAT_FIELDS,
+    SEEN_TTL_S,
+    Changes,
+    Impression,
+    State,
+    UnitTotals,
+    VariantTotals,
+    is_outcome,
+    needed_impressions,
+    needed_recent,
+    recent_from_json,
+    recent_to_json,
+    step,
+)
+from recstream.features import keys
 from recstream.settings import Settings
 from schemas import Event, Exposure, SchemaError
 from streams.deadletter import DeadLetter
+from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, SnapshotHolder, serve_metrics, stop_on_signals, worker_registry
 from streams.producer import create_producer
 from streams.reroute import is_copy
 

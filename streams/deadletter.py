@@ -32,7 +32,7 @@ class DeadLetter:
                 (H_REASON, self.reason.encode()[:1024])]
 
     @classmethod
-    def from_headers(cls, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> "DeadLetter":
+    def from_headers(cls, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> DeadLetter:
         h = {k: v.decode() for k, v in headers}
         return cls(h[H_SOURCE], int(h[H_PARTITION]), int(h[H_OFFSET]), h[H_FIELD], h[H_REASON], key, value)
 

@@ -46,7 +46,7 @@ async def _committed(admin: AIOKafkaAdminClient, group: str, partitions: list[To
                      ) -> dict[TopicPartition, Any]:
     # The first coordinator lookup on a fresh broker creates __consumer_offsets: wait for it.
     offsets: dict[TopicPartition, Any]   # partition -> OffsetAndMetadata (aiokafka ships no types)
-    for attempt in range(40):
+    for _attempt in range(40):
         try:
             offsets = await admin.list_consumer_group_offsets(group, partitions=partitions)
             return offsets

@@ -14,8 +14,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -327,7 +328,8 @@ class LagSampler:
         out = []
         consumer = self._consumer
         now = time.time()
-        offsets: dict[str, tuple[list[Any], dict[Any, int], dict[Any, int]]] = {}   # topic -> (partitions, ends, begins): once per topic
+        # topic -> (partitions, ends, begins): once per topic
+        offsets: dict[str, tuple[list[Any], dict[Any, int], dict[Any, int]]] = {}
         for group, topic in self.groups:
             if topic not in offsets:
                 parts = sorted(consumer.partitions_for_topic(topic) or ())

@@ -6,7 +6,8 @@ one item's keys share a slot, and the global keys share the slot of {g}. One lay
   user_session:{u1}          string, JSON list of the session's last products, newest first; TTL = session idle
   user_features:{u1}         hash (session_id, last_viewed, session_categories, cart_items, purchases, ...)
   user_state:{u1}            string, JSON: the feature agents' whole session state (the session table's row)
-  homecache:{u1}:{variants}:{count}:{device}:{page}  a homepage reply, valid while the user's event count and the model version are unchanged
+  homecache:{u1}:{variants}:{count}:{device}:{page}  a homepage reply, valid while the user's event count
+                             and the model version are unchanged
   item_features:{p9}         hash (title, category, category_path, brand, price, in_stock, rating, ...)
   covis:{p9}                 zset product -> co-views in a session ("customers also viewed"), bounded
   cobuy:{p9}                 zset product -> co-purchases in a session ("frequently bought together"), bounded
@@ -33,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -44,10 +46,9 @@ from redis.exceptions import NoScriptError
 from recstream.candidates import Read
 from recstream.features import keys, popularity
 from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan, split_by_tag
-from recstream.features.session import (FeatureConfig, UserState, decode_features, decode_state, features_key,
-                                        newest, session_key)
-from streams.redisconn import AnyRedis, is_cluster
+from recstream.features.session import FeatureConfig, UserState, decode_features, decode_state, features_key, newest, session_key
 from schemas import Product
+from streams.redisconn import AnyRedis, is_cluster
 
 GUARD_TTL_S = 30 * 86400   # a tag's guard outlives any redelivery by far (a replay starts at the committed offset)
 
@@ -221,7 +222,8 @@ class OnlineStore:
                                      orjson.dumps(groups[tag].as_payload()), self.guard_field, self.ns, GUARD_TTL_S)
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                await self.redis.script_load(self._apply_group.script)   # every master; the groups applied meanwhile answer 'done'
+                # every master; the groups applied meanwhile answer 'done'
+                await self.redis.script_load(self._apply_group.script)
                 continue
             break
         conflicts = {}
@@ -376,7 +378,7 @@ class OnlineStore:
 
     async def ranking_reads(self, product_ids: list[str], item_misses: list[str], fields: Sequence[str],
                             stat_misses: list[str], user_id: str | None, version: str | None, now: float,
-                            window_days: int, half_life_s: float) -> "RankingReads":
+                            window_days: int, half_life_s: float) -> RankingReads:
         """Everything the ranking agent reads for one candidate set, in one round trip: stock of every
         candidate; catalogue fields and popularity counts of those its caches miss; the user's state."""
         if self.cluster:
@@ -400,7 +402,7 @@ class OnlineStore:
 
     async def _ranking_reads_by_slot(self, product_ids: list[str], item_misses: list[str], fields: Sequence[str],
                                      stat_misses: list[str], user_id: str | None, version: str | None, now: float,
-                                     window_days: int, half_life_s: float) -> "RankingReads":
+                                     window_days: int, half_life_s: float) -> RankingReads:
         """Redis Cluster: the global-slot script and a pipeline of per-slot reads, concurrently."""
         async def stats() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             if not stat_misses:
@@ -429,7 +431,7 @@ class OnlineStore:
         pipe.hgetall(self.ns + keys.user_offline(str(version), user_id))
 
     @staticmethod
-    def _with_user(out: "RankingReads", res: list[Any] | None) -> "RankingReads":
+    def _with_user(out: RankingReads, res: list[Any] | None) -> RankingReads:
         if res is None:
             return out
         feats, session, offline = res[:3]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic

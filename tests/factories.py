@@ -13,7 +13,8 @@ An event's default may be a function of its other fields and its number `i`
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from schemas import Event, Exposure, Product, RecommendationRequest
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from recstream.data.importers import FORMATS, Dataset, DataError, RowError, import_events
+from recstream.data.importers import FORMATS, DataError, Dataset, RowError, import_events
 from recstream.data.shop import ShopConfig, generate
 
 __all__ = ["FORMATS", "DataError", "Dataset", "RowError", "ShopConfig", "generate", "load_dataset", "shop_dataset"]

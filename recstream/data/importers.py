@@ -8,10 +8,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from schemas import Event, Product, SchemaError
 
@@ -151,7 +152,7 @@ def groceries_rows(path: Path) -> list[Row]:
     for line, r in _read_csv(path):
         member, day, item = r.get("Member_number"), r.get("Date") or "", r.get("itemDescription") or ""
         try:
-            ts: Any = datetime.strptime(day, "%d-%m-%Y").replace(hour=12, tzinfo=timezone.utc).timestamp()
+            ts: Any = datetime.strptime(day, "%d-%m-%Y").replace(hour=12, tzinfo=UTC).timestamp()
         except ValueError:
             ts = day  # the schema refuses it, naming the field
         rows.append((line, {"event_id": event_id("gr", line, member, day, item), "user_id": member,

@@ -1,7 +1,7 @@
 """Baseline recommenders for offline evaluation (`Method`s): popularity, S-POP, item/session kNN, iALS, genre, random."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -248,7 +248,7 @@ class ImplicitALS(_Baseline):
         self.factors, self.regularization, self.alpha, self.iterations = factors, regularization, alpha, iterations
 
     def _fit(self, split: Split) -> None:
-        from implicit.cpu.als import AlternatingLeastSquares   # imported here: only this baseline needs it
+        from implicit.cpu.als import AlternatingLeastSquares  # imported here: only this baseline needs it
         r = sp.csr_matrix((self.ev_weight, (self.ev_user, self.ev_item)), shape=(len(self.users), len(self.items)))
         self.r = r.tocsr()   # duplicates summed
         with threadpool_limits(1, "blas"):   # implicit warns (an error under pytest) when BLAS threads itself

@@ -7,8 +7,9 @@ ours and the baselines, answers the same queries over the same item universe wit
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from schemas import Event, Product
 

@@ -1,7 +1,7 @@
 """Offline ranking metrics: per-query Recall, NDCG, HitRate and MRR at K, catalogue coverage, 95% CIs."""
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 

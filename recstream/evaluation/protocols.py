@@ -5,10 +5,11 @@ import math
 import random
 import statistics
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from recstream.data.importers import import_events
 from recstream.evaluation.core import Query, Split

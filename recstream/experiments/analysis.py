@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Self, Sequence
+from typing import Protocol, Self
 
 from recstream.experiments.definition import Experiment
-from recstream.experiments.stats import (Comparison, SRM_ALPHA, chi2_rates, promotion_decision, srm,
-                                         user_level_moments)
+from recstream.experiments.stats import SRM_ALPHA, Comparison, chi2_rates, promotion_decision, srm, user_level_moments
 
 DAY_S = 86_400.0
 # metric -> (impression numerator, per-user "at least once" counter); revenue has no chi-squared
@@ -189,7 +189,8 @@ def table(an: Analysis) -> str:
         lines.append(f"{t.metric:32} {t.variant[:12]:12} {t.test:26} {on:22} {_fmt(c.diff):>12} {ci:>24} "
                      f"{c.p_value:>9.4g}")
     lines.append("")
-    lines.append(f"SRM: p={an.srm_p:.4g}{' FLAGGED: assignment is broken, do not trust the results' if an.srm_flagged else ' (ok)'}; "
+    srm = " FLAGGED: assignment is broken, do not trust the results" if an.srm_flagged else " (ok)"
+    lines.append(f"SRM: p={an.srm_p:.4g}{srm}; "
                  f"{an.days_run:.2f} days run; promotion metric {an.metric}")
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ USER_PREFIX, COOKIE_PREFIX, SESSION_PREFIX = "u:", "c:", "s:"
 def bucket(unit_id: str, salt: str) -> float:
     """A uniform, stable point in [0, 1) for (unit_id, salt), from an 8-byte blake2b digest."""
     # Length-prefixing the salt keeps ("ab", "c") and ("a", "bc") distinct.
-    digest = hashlib.blake2b(f"{len(salt)}:{salt}|{unit_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{len(salt)}:{salt}|{unit_id}".encode(), digest_size=8).digest()
     # Top 53 bits only: a 64-bit integer divided by 2**64 can round up to exactly 1.0 as a float.
     return (int.from_bytes(digest, "big") >> 11) / float(1 << 53)
 

@@ -54,9 +54,10 @@ import datetime as dt
 import math
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from schemas.recommendations import KINDS, SOURCES
 
@@ -245,7 +246,7 @@ def changes_to_json(c: Changes) -> dict[str, Any]:
 def _utc(t: float) -> dt.datetime | None:
     """t as a UTC datetime when that represents it exactly, else None (write the number instead)."""
     try:
-        d = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+        d = dt.datetime.fromtimestamp(t, dt.UTC)
     except (OverflowError, OSError, ValueError):
         return None
     return d if d.timestamp() == t else None

@@ -20,11 +20,10 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from recstream.experiments.definition import (SUPPORTED_VERSIONS, Changes, Experiment, ExperimentError, ExperimentSet,
-                                              dumps, loads)
+from recstream.experiments.definition import SUPPORTED_VERSIONS, Changes, Experiment, ExperimentError, ExperimentSet, dumps, loads
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,22 @@ committing its offsets.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from recstream.features import keys, popularity
-from recstream.features.session import (FeatureConfig, UserState, apply, features_key, features_value, session_key,
-                                        session_value, state_key, state_value)
+from recstream.features.session import (
+    FeatureConfig,
+    UserState,
+    apply,
+    features_key,
+    features_value,
+    session_key,
+    session_value,
+    state_key,
+    state_value,
+)
 from schemas import Event
 
 

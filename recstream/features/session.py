@@ -54,7 +54,7 @@ class UserState:
         return {f: getattr(self, f) for f in _FIELDS}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "UserState":
+    def from_dict(cls, d: dict[str, Any] | None) -> UserState:
         if not d:
             return cls()
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from recstream.data import Dataset, ShopConfig, shop_dataset
 from cli.processes import Processes, free_port  # noqa: F401  (the tests import them from here)
+from recstream.data import Dataset, ShopConfig, shop_dataset
 from recstream.settings import Settings
 from streams.online_store import OnlineStore
 

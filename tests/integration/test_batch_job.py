@@ -8,9 +8,9 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from models.artifacts import BatchOutputs
 from batch.job import TrainingDataError, build, events_to_parquet, load_events
 from batch.spark import session
+from models.artifacts import BatchOutputs
 from recstream.data import ShopConfig, generate, import_events
 from recstream.data.shop import COMPLEMENTS, TOP_CATEGORIES
 from recstream.settings import Settings

@@ -13,20 +13,20 @@ import pytest
 
 from agents.models import ModelHolder, ServingModel
 from agents.retrieval import Retrieval
-from models import index as faiss_index
-from models.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import publish
 from batch.ranker import ItemTable, Popularity, ReplayState
+from models import index as faiss_index
+from models.artifacts import BatchOutputs, Embeddings, Window
 from recstream import candidates
 from recstream.data import ShopConfig, shop_dataset
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import Incoming, plan
 from recstream.features.session import UserState, apply
 from recstream.gather import ann_k
-from streams.redisconn import connect
 from schemas import CandidateSet, RecommendationRequest
 from schemas.recommendations import SOURCES
 from streams.online_store import OnlineStore, unlink_matching
+from streams.redisconn import connect
 
 RANK = 16
 

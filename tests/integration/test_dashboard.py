@@ -70,7 +70,8 @@ async def _traffic(srv, stop: asyncio.Event, counts: dict) -> None:
 @pytest.mark.timeout(900)
 async def test_dashboard_draws_live_charts_and_raises_the_lag_alert(served, tmp_path):  # noqa: F811
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing: install Debian's chromium package (no browser downloads)"
-    from playwright.async_api import TimeoutError as PlaywrightTimeout, async_playwright
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+    from playwright.async_api import async_playwright
 
     srv = served
     # a running experiment and the attribution worker: the CTR panel shows its variants
@@ -97,7 +98,7 @@ async def test_dashboard_draws_live_charts_and_raises_the_lag_alert(served, tmp_
                 except PlaywrightTimeout:
                     drawn = {c: await page.get_attribute(f"#{c}", "data-points") for c in CHARTS}
                     last = await page.evaluate("JSON.stringify(window.__ops.summary)")
-                    raise AssertionError(f"charts not drawn from live data: {drawn}\nsummary: {(last or '')[:3000]}")
+                    raise AssertionError(f"charts not drawn from live data: {drawn}\nsummary: {(last or '')[:3000]}") from None
                 summary = await page.evaluate("window.__ops.summary")
                 points = {c: int(await page.get_attribute(f"#{c}", "data-points")) for c in CHARTS}
                 assert all(n >= 3 for n in points.values()), points
@@ -130,7 +131,7 @@ async def test_dashboard_draws_live_charts_and_raises_the_lag_alert(served, tmp_
                         arg=EXPERIMENT, timeout=60_000, polling=500)
                 except PlaywrightTimeout:
                     last = await page.evaluate("JSON.stringify(window.__ops.summary.ctr)")
-                    raise AssertionError(f"no CTR by variant for {EXPERIMENT}: {last}\n{srv.procs.tail('attribution')}")
+                    raise AssertionError(f"no CTR by variant for {EXPERIMENT}: {last}\n{srv.procs.tail('attribution')}") from None
                 ctr_text = await page.inner_text("#ctr")
                 assert EXPERIMENT in ctr_text and "control" in ctr_text and "strict" in ctr_text, ctr_text
                 # the charts refresh live: more points a few polls later

@@ -26,6 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agents.worker import STALLED
 from cli import services
 from recstream.features import Incoming, keys, plan
 from recstream.features.config import feature_config, limits
@@ -33,9 +34,9 @@ from recstream.features.session import features_value
 from recstream.settings import Settings
 from schemas import Event
 from streams import lag
-from streams.archive import dataset_dir, group_id as archive_group, read_archive
+from streams.archive import dataset_dir, read_archive
+from streams.archive import group_id as archive_group
 from streams.topics import ensure_topics
-from agents.worker import STALLED
 from tests.integration.serving_stack import Processes, free_port, get_json, small_deployment, wait_for
 
 pytestmark = pytest.mark.integration
@@ -295,7 +296,7 @@ async def test_redis_down_feature_worker_resumes_and_features_converge(private: 
             procs.start(role)
         async with httpx.AsyncClient(base_url=procs.base_url, timeout=10) as http:
             await wait_for(lambda: healthy(http), 60, "the API's /healthz", interval_s=0.3, check=check)
-            for i in range(4):
+            for _i in range(4):
                 batch = make_events("f", len(sent), 100)
                 assert await _post(http, batch) == 202
                 sent += batch
@@ -311,7 +312,7 @@ async def test_redis_down_feature_worker_resumes_and_features_converge(private: 
             t_start = time.monotonic()
             await asyncio.to_thread(services.redis_up, s, lambda _: None)
             applied_at_restart = await _applied(client, s)
-            for i in range(2):   # and events after the restart
+            for _i in range(2):   # and events after the restart
                 batch = make_events("f", len(sent), 50)
                 assert await _post(http, batch) == 202
                 sent += batch
@@ -812,8 +813,8 @@ async def _read_all(s: Settings, topic: str) -> list:
 async def test_a_run_failing_in_publish_leaves_the_registry_champion_alone(trained: Trained):
     import batch.publish as publish_mod
     import batch.train as train_mod
-    from models.registry import Registry
     from batch.train import Source, TrainingFailed, train_once
+    from models.registry import Registry
     from recstream.data import ShopConfig
 
     tr, s = trained, trained.s

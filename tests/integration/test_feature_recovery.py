@@ -11,6 +11,7 @@ from collections import defaultdict
 import orjson
 import redis.asyncio as aioredis
 
+from agents.worker import STALLED
 from recstream.data import ShopConfig, shop_dataset
 from recstream.features import Incoming, UserState, keys, plan
 from recstream.features.config import feature_config, limits
@@ -18,7 +19,6 @@ from recstream.features.session import features_value
 from streams import lag
 from streams.producer import create_producer
 from streams.replay import publish
-from agents.worker import STALLED
 from streams.topics import ensure_topics
 from tests.integration.conftest import read_changelog
 

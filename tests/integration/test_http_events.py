@@ -3,7 +3,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import httpx
 import orjson

@@ -14,16 +14,16 @@ import time
 import numpy as np
 import pytest
 
-from models.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import publish
 from cli import redis_cluster
+from models.artifacts import BatchOutputs, Embeddings, Window
 from recstream.features import Incoming, keys, plan
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import split_by_tag
-from streams.redisconn import connect
 from recstream.settings import Settings
 from streams.online_store import OnlineStore, unlink_matching
 from streams.producer import create_producer
+from streams.redisconn import connect
 from streams.replay import publish as publish_records
 from streams.topics import ensure_topics
 from tests import factories

@@ -2,8 +2,8 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
-from models.artifacts import BatchOutputs, Embeddings, Window
 from batch.publish import current, decode_embedding, publish
+from models.artifacts import BatchOutputs, Embeddings, Window
 from recstream.features import keys
 from streams.topics import ensure_topics
 from tests.integration.conftest import read_topic
@@ -24,7 +24,8 @@ async def test_versions_switch_atomically_and_old_ones_go(fresh):
     try:
         first = await publish(s, "m", "1", outputs(1.0), progress=lambda _: None)
         assert first.keys == 2 + 3 + 1 + 1 and (await current(s))["version"] == "1"
-        assert np.array_equal(decode_embedding(await client.get(ns + keys.embedding("user", "1", "u2"))), np.arange(4, 8, dtype=np.float32))
+        got = decode_embedding(await client.get(ns + keys.embedding("user", "1", "u2")))
+        assert np.array_equal(got, np.arange(4, 8, dtype=np.float32))
         assert await client.hget(ns + keys.user_offline("1", "u1"), "median_price") == b"19.5"
         await publish(s, "m", "2", outputs(2.0), progress=lambda _: None)
         assert (await current(s))["version"] == "2"

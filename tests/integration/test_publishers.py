@@ -2,8 +2,8 @@
 reach the features whatever their partitioner, their malformed records the dead-letter topic."""
 import asyncio
 import contextlib
-import time
 import sys
+import time
 import zlib
 from pathlib import Path
 

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agents.worker import metrics_index
 from recstream.data import ShopConfig, shop_dataset
 from recstream.features import Incoming, UserState, plan
 from recstream.features.config import feature_config, limits
@@ -26,7 +27,6 @@ from streams.online_store import OnlineStore
 from streams.producer import create_producer
 from streams.replay import publish
 from streams.topics import ensure_topics
-from agents.worker import metrics_index
 from tests.integration.conftest import read_changelog
 from tests.integration.serving_stack import Processes, request_cases, small_deployment, trained_shop, wait_for
 
@@ -204,8 +204,8 @@ async def test_a_feature_worker_whose_app_crashes_exits_for_a_restart(fresh, tmp
     would hold it: the worker's app crashes on its first assignment and the process exits CRASHED."""
     from rocksdict import Rdict
 
-    from streams.app import claim_datadir
     from agents.worker import CRASHED
+    from streams.app import claim_datadir
 
     s = fresh(home_dir=tmp_path, clickstream_partitions=1)
     await ensure_topics(s)

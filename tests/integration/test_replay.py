@@ -40,7 +40,7 @@ async def test_replayed_events_come_back_whole_keyed_by_user_in_order(fresh):
         partitions[e.user_id].add(m.partition)
     assert all(len(p) == 1 for p in partitions.values())  # one user, one partition
     per_user = defaultdict(list)
-    for m, e in sorted(zip(msgs, back), key=lambda x: (x[0].partition, x[0].offset)):
+    for _m, e in sorted(zip(msgs, back), key=lambda x: (x[0].partition, x[0].offset)):
         per_user[e.user_id].append(e.timestamp)
     assert all(ts == sorted(ts) for ts in per_user.values())  # a user's events stay in order
     catalogue = await consume_all(s, s.topic("catalogue"), len(data.products))

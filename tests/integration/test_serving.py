@@ -17,10 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from models.artifacts import BatchOutputs
-from batch.publish import current, publish as publish_model
-from models.registry import CHAMPION, Registry
+from batch.publish import current
+from batch.publish import publish as publish_model
 from batch.train import PROMOTION_METRIC, Source, train_once
+from models.artifacts import BatchOutputs
+from models.registry import CHAMPION, Registry
 from recstream.data import Dataset, ShopConfig, shop_dataset
 from recstream.features import keys
 from recstream.settings import Settings
@@ -203,7 +204,7 @@ async def test_each_endpoint_answers_valid_in_stock_items_and_a_sold_out_one_lea
 
         async def left_everywhere():
             still[:] = []
-            for path, params, exclude in srv.cases():
+            for path, params, _exclude in srv.cases():
                 r, body, _ = await srv.ask(path, **params)
                 if gone in [it["product_id"] for it in body["items"]]:
                     still.append((path, params, "cached" if body["cached"] else "computed"))
@@ -349,7 +350,7 @@ async def test_malformed_requests_go_to_the_dead_letter_topic_and_serving_goes_o
     assert letters[(s.topic("rec.candidates"), bad_candidates)].field == "query_source"
     assert all(letters[k].key == tag.encode() for k in sent)
     srv.procs.check_alive(*SERVING)
-    for path, params, exclude in srv.cases():
+    for path, params, _exclude in srv.cases():
         r, body, _ = await srv.ask(path, **params)
         assert r.status_code == 200 and body["fallback"] is False, body
 
@@ -732,6 +733,6 @@ async def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(s
     assert versions[0] == old and all(v == new for v in versions[-20:]), versions
     assert len(results) > 60, len(results)
     # every reply still a full, valid one
-    for status, body, _ in results[switch:][-8:]:
+    for _status, body, _ in results[switch:][-8:]:
         assert len(body["items"]) == (4 if body["kind"] == "cart" else 8)
 

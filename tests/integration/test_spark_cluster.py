@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from cli import spark_cluster
 from models.artifacts import BatchOutputs
 from models.registry import CHAMPION, Registry
-from cli import spark_cluster
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import pytest
 
 from agents.models import load_bundle
 from batch.publish import current
-from models.registry import CHALLENGER, CHAMPION, Registry
 from batch.train import Source, TrainingFailed, train_once
+from models.registry import CHALLENGER, CHAMPION, Registry
 from recstream import ordering
 from recstream.data import ShopConfig
 from recstream.features import keys

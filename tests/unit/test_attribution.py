@@ -7,8 +7,23 @@ import numpy as np
 import pytest
 
 from recstream.experiments.attribution import (
-    ALL_EXPERIMENT, ALL_VARIANT, Impression, Recent, State, UnitTotals, VariantTotals, increments, latency_bucket,
-    needed_impressions, needed_recent, order, recent_from_json, recent_to_json, step, totals_from_units)
+    ALL_EXPERIMENT,
+    ALL_VARIANT,
+    Impression,
+    Recent,
+    State,
+    UnitTotals,
+    VariantTotals,
+    increments,
+    latency_bucket,
+    needed_impressions,
+    needed_recent,
+    order,
+    recent_from_json,
+    recent_to_json,
+    step,
+    totals_from_units,
+)
 from recstream.experiments.stats import user_level, user_level_moments
 from recstream.stats import BUCKETS, LatencyHistogram
 from schemas import Event, Exposure

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from recstream.evaluation.baselines import (GenreProfile, ImplicitALS, ItemKNN, Popularity, Random, SessionKNN,
-                                            SessionPopularity)
+from recstream.evaluation.baselines import GenreProfile, ImplicitALS, ItemKNN, Popularity, Random, SessionKNN, SessionPopularity
 from recstream.evaluation.core import Query, Split
 from schemas import Event, Product
 from tests.factories import event, product

@@ -60,7 +60,8 @@ def app_settings(tmp_path):
 
 
 def _experiment(start_s: float) -> dict:
-    iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    def iso(t: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
     return {"layer": "L", "start": iso(start_s), "end": iso(start_s + 86400), "traffic": 0.5,
             "variants": [{"name": "control", "weight": 0.5}, {"name": "b", "weight": 0.5, "changes": {"ranker": "x"}}]}
 

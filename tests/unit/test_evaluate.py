@@ -6,8 +6,8 @@ import math
 import pytest
 
 from cli.evaluate import Evaluation, MethodResult, _als_only, _filtered, _shift
-from recstream.evaluation.core import Query, Split
 from cli.report import record, table, write
+from recstream.evaluation.core import Query, Split
 from schemas import CandidateSet, Event, RecommendationRequest
 
 DAY = 86_400.0

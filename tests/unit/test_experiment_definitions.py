@@ -5,12 +5,24 @@ import datetime as dt
 
 import pytest
 
-from recstream.experiments.definition import (Changes, Experiment, ExperimentError, ExperimentSet, UnknownExperiment,
-                                              Variant, changes_from_json, changes_to_json, dumps, experiment_from_json,
-                                              experiment_to_json, load, loads)
+from recstream.experiments.definition import (
+    Changes,
+    Experiment,
+    ExperimentError,
+    ExperimentSet,
+    UnknownExperiment,
+    Variant,
+    changes_from_json,
+    changes_to_json,
+    dumps,
+    experiment_from_json,
+    experiment_to_json,
+    load,
+    loads,
+)
 
-JAN = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc).timestamp()
-FEB = dt.datetime(2025, 2, 1, tzinfo=dt.timezone.utc).timestamp()
+JAN = dt.datetime(2025, 1, 1, tzinfo=dt.UTC).timestamp()
+FEB = dt.datetime(2025, 2, 1, tzinfo=dt.UTC).timestamp()
 
 FULL = """
 version = 1

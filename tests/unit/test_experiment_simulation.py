@@ -24,7 +24,8 @@ from recstream.experiments import analysis
 from recstream.experiments.assignment import unit_for
 from recstream.experiments.attribution import ALL_EXPERIMENT, State, VariantTotals, step
 from recstream.experiments.definition import loads
-from recstream.experiments.simulation import clicks as draw_clicks, in_b, replay_runs
+from recstream.experiments.simulation import clicks as draw_clicks
+from recstream.experiments.simulation import in_b, replay_runs
 from recstream.experiments.stats import analytic_power, chi2_rates, session_impressions, user_level
 from schemas import Event, Exposure
 

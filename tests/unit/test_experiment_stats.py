@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from recstream.experiments.stats import (analytic_power, chi2_rates, promotion_decision,
-                                         session_impressions, simulate, srm, user_level)
+from recstream.experiments.stats import (
+    analytic_power,
+    chi2_rates,
+    promotion_decision,
+    session_impressions,
+    simulate,
+    srm,
+    user_level,
+)
 
 DATA = (Path(__file__).resolve().parents[2].parent / "shared" / "data"
         / "yoochoose-clicks-100k" / "yoochoose-clicks-100k_train_full.txt")

@@ -7,8 +7,7 @@ import threading
 
 import pytest
 
-from recstream.experiments.definition import (Changes, Experiment, ExperimentError, UnknownExperiment, Variant, dumps,
-                                              loads)
+from recstream.experiments.definition import Changes, Experiment, ExperimentError, UnknownExperiment, Variant, dumps, loads
 from recstream.experiments.store import HISTORY_KEEP, ExperimentStore
 
 NOW = 1_000.0

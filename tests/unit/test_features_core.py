@@ -2,8 +2,7 @@ import math
 
 import pytest
 
-from recstream.features import FeatureConfig, Incoming, Limits, UserState, apply, plan
-from recstream.features import keys, popularity
+from recstream.features import FeatureConfig, Incoming, Limits, UserState, apply, keys, plan, popularity
 from recstream.features.session import SEEN_MAX, decode_features, decode_state, features_value, newest
 from tests.factories import bind, event
 
@@ -125,7 +124,8 @@ def test_plan_counts_once_and_skips_offsets_redis_already_holds():
     assert full.ops.incr[(popularity.count_key("view", day), "p0")] == 3
     assert skipped.ops.incr[(popularity.count_key("view", day), "p0")] == 1  # only offset 4
     assert skipped.ops.offsets == {0: (4, 5)} and skipped.states == full.states  # state still folds all
-    assert set(full.ops.set) == {keys.user_session("u"), keys.user_state("u")} and full.ops.trim[keys.neighbours("covis", "p0")] == 10
+    assert set(full.ops.set) == {keys.user_session("u"), keys.user_state("u")}
+    assert full.ops.trim[keys.neighbours("covis", "p0")] == 10
 
 
 def test_redis_keeps_the_whole_state_and_the_fold_takes_whichever_copy_folded_more():

@@ -20,7 +20,6 @@ from schemas import CandidateSet, RecommendationRequest
 from tests import factories
 from tests.factories import bind
 
-
 request = bind(factories.request, "request_id", "deadline_ms", user_id="u1", deadline_ms=500)
 
 

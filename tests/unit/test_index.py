@@ -193,8 +193,16 @@ def test_gpu_path_copies_to_the_gpu_and_back_for_serialisation(data, monkeypatch
 
 # -- IVF-PQ (compressed) and the sharded index -----------------------------------------------------
 
-from models.index import (ShardedIndex, add_refine, build_sharded, choose_pq_m, choose_pq_nbits,  # noqa: E402
-                         merge_topk, shard_of, split_by_shard)
+from models.index import (  # noqa: E402
+    ShardedIndex,
+    add_refine,
+    build_sharded,
+    choose_pq_m,
+    choose_pq_nbits,
+    merge_topk,
+    shard_of,
+    split_by_shard,
+)
 
 
 @pytest.fixture(scope="module")

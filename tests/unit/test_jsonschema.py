@@ -2,7 +2,7 @@
 import time
 from pathlib import Path
 
-import jsonschema_rs   # schemathesis' validator (dev extra)
+import jsonschema_rs  # schemathesis' validator (dev extra)
 import orjson
 import pytest
 
@@ -52,5 +52,5 @@ def test_the_schema_accepts_what_the_record_accepts(record, base, change, valid)
 
 
 def test_the_schema_is_a_valid_draft_2020_12_schema():
-    for name, body in published().items():
+    for _name, body in published().items():
         jsonschema_rs.meta.validate(orjson.loads(body))

@@ -4,7 +4,8 @@
 
 Within the edges, batch (Spark jobs, publishing) may use streams (the store, topics, producer) and
 models (what training writes and serving reads), never the reverse; agents take their model code
-from models, so a serving process never imports the training code in batch. The core and the schemas import no I/O library: they are tested without a broker, a
+from models, so a serving process never imports the training code in batch. The core and the schemas import
+no I/O library: they are tested without a broker, a
 Redis, a Spark or an HTTP server. Every import counts: at the top of a module, inside a function (a
 lazy import is still a dependency) and under `if TYPE_CHECKING:`. tests/ and bench/ may import anything.
 """

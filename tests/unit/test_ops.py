@@ -14,10 +14,10 @@ with warnings.catch_warnings():   # the venv pins httpx, which this starlette st
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from starlette.testclient import TestClient
 
-from streams.metrics import ApiMetrics, LagSample, fold_histogram, worker_registry
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
 from serving.ops import OpsMonitor, Ring, alerts, dashboard_html, group_totals, ops_routes, window_percentiles, window_rate
+from streams.metrics import ApiMetrics, LagSample, fold_histogram, worker_registry
 
 
 def test_ring_drops_samples_older_than_its_span():

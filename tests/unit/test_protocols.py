@@ -4,7 +4,15 @@ from pathlib import Path
 import pytest
 
 from recstream.evaluation.protocols import (
-    PROTOCOLS, catalogue_from_events, fbt, homepage, make_split, movielens, new_items, session, session_from_parts,
+    PROTOCOLS,
+    catalogue_from_events,
+    fbt,
+    homepage,
+    make_split,
+    movielens,
+    new_items,
+    session,
+    session_from_parts,
 )
 from recstream.settings import load
 from schemas import Event, Product
@@ -162,7 +170,8 @@ def test_fbt_hides_one_known_item_per_test_basket():
 
 
 def test_fbt_is_seeded():
-    hidden = lambda s: [tuple(q.targets) for q in s.queries]
+    def hidden(s):
+        return [tuple(q.targets) for q in s.queries]
     assert hidden(fbt(baskets(), seed=1)) == hidden(fbt(baskets(), seed=1))
     assert any(hidden(fbt(baskets(), seed=s)) != hidden(fbt(baskets(), seed=1)) for s in range(2, 6))
     assert "random.Random(7)" in " ".join(fbt(baskets(), seed=7).notes)

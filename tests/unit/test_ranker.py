@@ -10,11 +10,11 @@ import scipy.sparse as sp
 from implicit.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from models.artifacts import BatchOutputs, Embeddings, Window
 from batch.ranker import Examples, RankerConfig, RankerResult, build_examples, fit, ranker_config
+from models.artifacts import BatchOutputs, Embeddings, Window
 from models.booster import load, score
-from recstream.data import ShopConfig, shop_dataset
 from recstream import ordering
+from recstream.data import ShopConfig, shop_dataset
 from recstream.features import keys
 from recstream.features.session import FeatureConfig, UserState, apply, decode_features, features_value, session_value
 from recstream.ranking import FEATURE_NAMES, SOURCES, Candidate, Context, ItemFields, features

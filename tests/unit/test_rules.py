@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from recstream.ranking import SOURCES
-from recstream.rules import (REASON_ORDER, Proposals, Rules, best_source, heuristic_scores, primary, reason, select,
-                             source_matrix)
+from recstream.rules import REASON_ORDER, Proposals, Rules, best_source, heuristic_scores, primary, reason, select, source_matrix
 
 NAN = float("nan")
 
