@@ -33,7 +33,7 @@ from recstream.rules import Proposals
 from recstream.settings import Settings
 from schemas import CandidateSet, Product, RecommendationRequest, SchemaError
 from schemas.recommendations import SOURCES
-from streams.online_store import OnlineStore
+from streams.store import Store
 
 @dataclass
 class Plan:
@@ -97,7 +97,7 @@ class SearchBatcher:
 
 
 class Retrieval:
-    def __init__(self, s: Settings, store: OnlineStore, models: ModelHolder):
+    def __init__(self, s: Settings, store: Store, models: ModelHolder):
         self.s, self.store, self.models = s, store, models
         self.batcher = SearchBatcher(s.serving_threads)
         self.clock = time.time     # "now" for trending reads; offline evaluation sets the moment of its query

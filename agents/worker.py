@@ -14,7 +14,7 @@ from faust.contrib.asgi import faust_app_running
 from agents import features
 from recstream.features import keys
 from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, start_worker_metrics, stop_on_signals
-from streams.online_store import OnlineStore
+from streams.online_store import open_store
 from streams.redisconn import connect
 from recstream.settings import Settings
 from recstream.stats import StallWatch
@@ -68,7 +68,7 @@ async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: as
     next_watch = time.monotonic() + WATCH_EVERY_S
     await ensure_topics(s)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     app = create_app(s)
     agents = features.register(app, s, client)
     key = metrics_key(s, "features")
@@ -130,7 +130,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
     stop = stop or stop_on_signals()
     await ensure_topics(s)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     swapped = asyncio.Event()   # a swap is reported at once, not at the next METRICS_EVERY_S
     models = ModelHolder(s, role, on_swap=lambda _: swapped.set())
     if role == "retrieval":

@@ -236,7 +236,7 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
 
 class ReplayState:
     """What the feature agents' Redis keys hold at a moment of the replay, answering the candidate
-    stage's reads (recstream.candidates.plan) as streams.online_store.OnlineStore.candidate_reads does:
+    stage's reads (recstream.candidates.plan) as streams.online_store.RedisStore.candidate_reads does:
     neighbour lists best count first, ties by member descending (ZREVRANGE); trending as the current
     and previous landmark's scores, each read 2n deep, summed and cut to n; a brand's items by rating."""
 

@@ -19,7 +19,7 @@ import httpx
 
 from recstream.data import Dataset, ShopConfig, shop_dataset
 from recstream.settings import PREFIX, Settings
-from streams.online_store import OnlineStore
+from streams.online_store import RedisStore
 
 RECSTREAM = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "recstream"
 REPO = Path(__file__).resolve().parents[2]
@@ -135,7 +135,7 @@ async def get_json(client: httpx.AsyncClient, path: str, **params) -> tuple[http
     return r, r.json(), time.perf_counter() - t
 
 
-async def trained_shop(s: Settings, cfg: ShopConfig, procs: Processes, store: OnlineStore):
+async def trained_shop(s: Settings, cfg: ShopConfig, procs: Processes, store: RedisStore):
     """A generated shop through a feature worker (`procs`' "features") while a model trains on the same
     shop; returns (the dataset, the training report) once the model is published and every event is
     applied in Redis."""

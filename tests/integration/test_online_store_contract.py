@@ -23,7 +23,7 @@ from recstream.features.plan import split_by_tag
 from streams.redisconn import connect
 from recstream.settings import Settings
 from schemas import Event, Product
-from streams.online_store import OnlineStore, unlink_matching
+from streams.online_store import RedisStore, open_store, unlink_matching
 from streams.producer import create_producer
 from streams.replay import publish as publish_records
 from streams.topics import ensure_topics
@@ -57,7 +57,7 @@ def backend(request, fresh, cluster: Settings):
 @pytest.fixture
 async def store(backend: Settings):
     client = connect(backend)
-    yield OnlineStore(client, backend.redis_namespace, backend.app_id, backend.topic("clickstream"))
+    yield open_store(backend, client)
     assert await unlink_matching(client, backend.redis_namespace + "*") > 0
     assert [k async for k in client.scan_iter(match=backend.redis_namespace + "*")] == []   # every master's
     await client.aclose()
@@ -87,7 +87,7 @@ def events(n_users: int = 30, per_user: int = 6) -> list[Incoming]:
     return out
 
 
-async def fold_all(store: OnlineStore, s: Settings, batch: list[Incoming], size: int, states: dict | None = None,
+async def fold_all(store: RedisStore, s: Settings, batch: list[Incoming], size: int, states: dict | None = None,
                    applied: dict | None = None) -> dict:
     states = {} if states is None else states
     applied = {} if applied is None else applied
@@ -97,7 +97,7 @@ async def fold_all(store: OnlineStore, s: Settings, batch: list[Incoming], size:
     return states
 
 
-async def dump(store: OnlineStore) -> dict:
+async def dump(store: RedisStore) -> dict:
     """Every key of the namespace and its value (scores rounded: sums of floats in another order)."""
     out = {}
     r = store.redis
@@ -118,7 +118,7 @@ async def dump(store: OnlineStore) -> dict:
 
 # -- reads after writes ---------------------------------------------------------------------------
 
-async def test_folded_batches_read_back(store: OnlineStore, backend: Settings):
+async def test_folded_batches_read_back(store: RedisStore, backend: Settings):
     s = backend
     await store.write_items([product("p1", "Audio"), product("p2", "Audio", brand="Vox"),
                              product("p3", "Phones", in_stock=False), product("p4", "Cables")])
@@ -148,7 +148,7 @@ async def test_folded_batches_read_back(store: OnlineStore, backend: Settings):
     assert await store.categories(["p1", "p3", "p9"]) == {"p1": "Audio", "p3": "Phones"}
 
 
-async def test_ranking_reads_embeddings_and_the_homepage_cache(store: OnlineStore, backend: Settings):
+async def test_ranking_reads_embeddings_and_the_homepage_cache(store: RedisStore, backend: Settings):
     s = backend
     await store.write_items([product("p1", "Audio"), product("p2", "Phones", in_stock=False)])
     await fold_all(store, s, [Incoming(ev(1, "u1", "view", "p1"), 0, 0), Incoming(ev(2, "u1", "purchase", "p1"), 0, 1)], 10)
@@ -185,7 +185,7 @@ async def test_ranking_reads_embeddings_and_the_homepage_cache(store: OnlineStor
 
 # -- exactly once ---------------------------------------------------------------------------------
 
-async def test_a_batch_applied_twice_or_replayed_with_other_boundaries_counts_once(store: OnlineStore,
+async def test_a_batch_applied_twice_or_replayed_with_other_boundaries_counts_once(store: RedisStore,
                                                                                    backend: Settings):
     batch = events()
     await fold_all(store, backend, batch, size=len(batch))
@@ -199,7 +199,7 @@ async def test_a_batch_applied_twice_or_replayed_with_other_boundaries_counts_on
     assert await dump(store) == once
 
 
-async def test_a_zombie_writing_between_our_read_and_our_write_does_not_regress_the_state(store: OnlineStore,
+async def test_a_zombie_writing_between_our_read_and_our_write_does_not_regress_the_state(store: RedisStore,
                                                                                           backend: Settings):
     """A rebalance: the old owner of a partition, still folding (a zombie), applies offsets 0-5 after the
     new owner read its states and before it writes; the new owner's consumer skipped offset 3 (faust's
@@ -222,8 +222,8 @@ async def test_a_half_applied_batch_on_the_cluster_completes_exactly_once(cluste
     exactly those. (A single Redis applies a batch in one script: there is no half to test.)"""
     s = dataclasses.replace(fresh(), redis_url=cluster.redis_url, redis_cluster=True)
     client = connect(s)
-    once_store = OnlineStore(client, s.redis_namespace + "once:", s.app_id, s.topic("clickstream"))
-    half_store = OnlineStore(client, s.redis_namespace + "half:", s.app_id, s.topic("clickstream"))
+    once_store = open_store(s, client, namespace=s.redis_namespace + "once:")
+    half_store = open_store(s, client, namespace=s.redis_namespace + "half:")
     try:
         batch = events()
         await fold_all(once_store, s, batch, size=len(batch))
@@ -244,7 +244,7 @@ async def test_a_half_applied_batch_on_the_cluster_completes_exactly_once(cluste
 async def test_one_users_keys_share_a_slot_and_the_keys_spread_over_the_masters(cluster, fresh):
     s = dataclasses.replace(fresh(), redis_url=cluster.redis_url, redis_cluster=True)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     try:
         await store.write_items([product(f"p{i}", "Audio") for i in range(40)])
         await fold_all(store, s, events(), size=100)
@@ -288,7 +288,7 @@ async def test_the_feature_worker_on_the_cluster(cluster, fresh, tmp_path):
     worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "features"], env=env,
                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     producer = create_producer(s)
     await producer.start()
     try:
