@@ -28,6 +28,7 @@ applies a batch per hash tag, each group under its own guard (streams/cluster_st
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -43,12 +44,22 @@ from recstream.features.session import UserState, decode_features, decode_state,
 from recstream.settings import Settings
 from schemas import Product
 from streams.redisconn import AnyRedis, is_cluster
-from streams.store import BatchFold, OffsetConflict, RankingReads, RetrievalReads, decode_vector, item_fields
+from streams.store import (
+    PUBLISHED,
+    BatchFold,
+    OffsetConflict,
+    RankingReads,
+    RetrievalReads,
+    decode_vector,
+    item_fields,
+    published_version,
+)
 
 __all__ = ["OffsetConflict", "RankingReads", "RedisStore", "RetrievalReads", "decode_vector", "item_fields",
            "open_store", "unlink_keys", "unlink_matching"]
 
 LUA = Path(__file__).resolve().parent / "lua"
+PUBLISH_CHUNK = 1000   # commands per round trip of a publish: small enough not to stall Redis for serving reads
 
 
 def lua(name: str) -> str:
@@ -114,6 +125,51 @@ class RedisStore(BatchFold):
             n += 1
         await pipe.execute()
         return n
+
+    # -- the trainer's publication ------------------------------------------------------------------
+    async def write_version(self, version: str, vectors: Iterable[tuple[str, str, bytes]],
+                            offline: Iterable[tuple[str, str, dict[str, str]]]) -> int:
+        """Every key of `version` but the pointer: `vectors` (kind 'user' or 'item', id, float32 bytes) and
+        `offline` features (kind, id, hash fields); PUBLISH_CHUNK commands a round trip. The number written."""
+        n = 0
+        pipe = self.redis.pipeline(transaction=False)
+        writes: Iterable[tuple[str, str, bytes | dict[str, str]]] = itertools.chain(vectors, offline)
+        for kind, entity, value in writes:
+            if isinstance(value, bytes):
+                pipe.set(self.ns + keys.embedding(kind, version, entity), value)
+            else:
+                offline_key = keys.user_offline if kind == "user" else keys.item_offline
+                pipe.hset(self.ns + offline_key(version, entity), mapping=value)
+            n += 1
+            if len(pipe) >= PUBLISH_CHUNK:
+                await pipe.execute()
+                pipe = self.redis.pipeline(transaction=False)
+        await pipe.execute()
+        return n
+
+    async def set_model_pointer(self, pointer: dict[str, Any]) -> None:
+        await self.redis.set(self.ns + keys.MODEL_CURRENT, orjson.dumps(pointer))
+
+    async def remove_version(self, version: str) -> None:
+        """Every key of `version` but the pointer (a publish that failed half way)."""
+        for pattern in PUBLISHED:
+            await unlink_matching(self.redis, self.ns + pattern.format(version=version))
+
+    async def remove_versions_except(self, keep: set[str | None]) -> list[str]:
+        """The keys of every published version not in `keep`; the versions removed."""
+        removed: set[str] = set()
+        for pattern in PUBLISHED:
+            batch = []
+            async for key in self.redis.scan_iter(self.ns + pattern.format(version="*"), count=5000):
+                version = published_version(key.decode()[len(self.ns):])
+                if version not in keep:
+                    batch.append(key)
+                    removed.add(version)
+                if len(batch) >= PUBLISH_CHUNK:
+                    await unlink_keys(self.redis, batch)
+                    batch = []
+            await unlink_keys(self.redis, batch)
+        return sorted(removed)
 
     # -- reads -----------------------------------------------------------------------------------
     async def categories(self, product_ids: Iterable[str]) -> dict[str, str]:

@@ -65,6 +65,16 @@ def item_fields(p: Product) -> dict[str, str]:
     }
 
 
+# the keys of a published version (the pointer aside), as SCAN patterns (recstream/features/keys.py names them)
+PUBLISHED = ("emb:user:{version}:*", "emb:item:{version}:*", "uoff:{version}:*", "ioff:{version}:*")
+
+
+def published_version(key: str) -> str:
+    """The version in a published key's name (no namespace): emb:kind:{version}:..., uoff|ioff:{version}:..."""
+    parts = key.split(":")
+    return parts[2] if parts[0] == "emb" else parts[1]
+
+
 class Store(Protocol):
     """The online store as its users see it (no key, client or pipeline shows through)."""
 
@@ -102,6 +112,13 @@ class Store(Protocol):
     async def report_agent(self, name: str, ts: float, model_version: str | None) -> None: ...
     async def forget_agent(self, name: str) -> None: ...
     async def publish_metrics(self, key: str, index: str | None, snapshot: dict[str, Any], ttl_s: int) -> None: ...
+
+    # -- the trainer's publication (batch/publish.py): a version's keys, then the pointer, then the old ones go
+    async def write_version(self, version: str, vectors: Iterable[tuple[str, str, bytes]],
+                            offline: Iterable[tuple[str, str, dict[str, str]]]) -> int: ...
+    async def set_model_pointer(self, pointer: dict[str, Any]) -> None: ...
+    async def remove_version(self, version: str) -> None: ...
+    async def remove_versions_except(self, keep: set[str | None]) -> list[str]: ...
 
     # -- read back: the demo (cli/demo.py) and the contract suite
     async def user_session(self, user_id: str) -> list[str]: ...
