@@ -1,6 +1,6 @@
-"""The retrieval agent and the API's fallback and readiness over the memory store: their logic on what the
-store holds, without Redis or Kafka (the same paths over Redis: tests/integration/test_candidates.py,
-test_serving.py)."""
+"""The retrieval and ranking agents and the API's fallback and readiness over the memory store: their
+logic on what the store holds, without Redis or Kafka (the same paths over Redis:
+tests/integration/test_candidates.py, test_serving.py)."""
 from __future__ import annotations
 
 import time
@@ -10,6 +10,7 @@ import pytest
 
 import recstream.settings
 from agents.models import ModelHolder, ServingModel
+from agents.ranking import Ranking
 from agents.retrieval import Retrieval
 from batch import index as faiss_index
 from batch.artifacts import BatchOutputs, Embeddings, Window
@@ -17,7 +18,7 @@ from batch.publish import publish
 from recstream import candidates
 from recstream.features import Incoming
 from recstream.settings import Settings
-from schemas import CandidateSet, RecommendationRequest
+from schemas import CandidateSet, RecommendationReply, RecommendationRequest
 from serving import recommend
 from streams.memory_store import MemoryStore
 from tests.store_contract import ev, fold_all, product
@@ -46,12 +47,16 @@ async def shop(s: Settings) -> MemoryStore:
     return store
 
 
-async def test_retrieval_answers_from_the_store(s: Settings):
-    store = await shop(s)
+def retrieval_agent(s: Settings, store: MemoryStore) -> Retrieval:
     holder = ModelHolder(s, "retrieval")
     holder.current = ServingModel("7", index=faiss_index.build(Embeddings(ITEMS, np.eye(8, dtype=np.float32)), "flat"),
                                   knn=candidates.ItemLists({"p3": [("p6", 0.9)]}))
-    retrieval = Retrieval(s, store, holder)
+    return Retrieval(s, store, holder)
+
+
+async def test_retrieval_answers_from_the_store(s: Settings):
+    store = await shop(s)
+    retrieval = retrieval_agent(s, store)
     now = time.time()
     retrieval.clock = lambda: now
     try:
@@ -78,6 +83,28 @@ async def test_retrieval_answers_from_the_store(s: Settings):
     # no user, no session: no query vector, trending only
     assert theirs.query_source == "none" and "als" not in theirs.scores
     assert set(theirs.product_ids) == {"p1", "p2", "p3", "p7"} == set(proposed(theirs, "popular"))
+
+
+async def test_ranking_orders_retrievals_candidates_by_the_rules_and_drops_what_is_out_of_stock(s: Settings):
+    store = await shop(s)
+    retrieval = retrieval_agent(s, store)
+    holder = ModelHolder(s, "ranking")
+    holder.current = ServingModel("7")   # no booster: the rules order
+    ranking = Ranking(s, store, holder)
+    now = time.time()
+    try:
+        request = RecommendationRequest(request_id="r1", kind="homepage", created_at=now, user_id="u1", count=10)
+        [sent] = await retrieval.handle([request])
+        candidate_set = CandidateSet.from_json(sent.value, now=now)
+        [replied] = await ranking.handle([candidate_set])
+    finally:
+        retrieval.close()
+        ranking.close()
+    reply = RecommendationReply.from_json(replied.value)
+    assert replied.key == b"r1" and reply.request_id == "r1" and not reply.fallback
+    got = [i.product_id for i in reply.items]
+    assert set(got) == set(candidate_set.product_ids) - {"p7"}   # every candidate but the one out of stock
+    assert all(i.reason and i.source in candidate_set.scores for i in reply.items)
 
 
 async def test_the_fallback_serves_trending_in_stock_items_by_category(s: Settings):
