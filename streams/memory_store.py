@@ -21,15 +21,7 @@ from recstream.features import keys, popularity
 from recstream.features.plan import RedisOps
 from recstream.features.session import UserState, decode_features, decode_state, features_key, session_key
 from schemas import Product
-from streams.store import (
-    BatchFold,
-    OffsetConflict,
-    RankingReads,
-    RetrievalReads,
-    decode_vector,
-    item_fields,
-    published_version,
-)
+from streams.store import BatchFold, OffsetConflict, RankingReads, RetrievalReads, decode_vector, item_fields
 
 
 def _best(z: dict[str, float], n: int) -> list[tuple[str, float]]:
@@ -150,7 +142,7 @@ class MemoryStore(BatchFold):
     def _published(self) -> list[tuple[str, str]]:
         """(key, version) of every published key but the pointer."""
         names = [*self.strings, *self.hashes]
-        return [(k, published_version(k)) for k in names if k.split(":")[0] in ("emb", "uoff", "ioff")]
+        return [(k, v) for k in names if (v := keys.published_version(k)) is not None]
 
     async def remove_version(self, version: str) -> None:
         for key, v in self._published():

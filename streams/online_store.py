@@ -44,16 +44,7 @@ from recstream.features.session import UserState, decode_features, decode_state,
 from recstream.settings import Settings
 from schemas import Product
 from streams.redisconn import AnyRedis, is_cluster
-from streams.store import (
-    PUBLISHED,
-    BatchFold,
-    OffsetConflict,
-    RankingReads,
-    RetrievalReads,
-    decode_vector,
-    item_fields,
-    published_version,
-)
+from streams.store import BatchFold, OffsetConflict, RankingReads, RetrievalReads, decode_vector, item_fields
 
 __all__ = ["OffsetConflict", "RankingReads", "RedisStore", "RetrievalReads", "decode_vector", "item_fields",
            "open_store", "unlink_keys", "unlink_matching"]
@@ -152,17 +143,17 @@ class RedisStore(BatchFold):
 
     async def remove_version(self, version: str) -> None:
         """Every key of `version` but the pointer (a publish that failed half way)."""
-        for pattern in PUBLISHED:
-            await unlink_matching(self.redis, self.ns + pattern.format(version=version))
+        for pattern in keys.published(version):
+            await unlink_matching(self.redis, self.ns + pattern)
 
     async def remove_versions_except(self, keep: set[str | None]) -> list[str]:
         """The keys of every published version not in `keep`; the versions removed."""
         removed: set[str] = set()
-        for pattern in PUBLISHED:
+        for pattern in keys.published():
             batch = []
-            async for key in self.redis.scan_iter(self.ns + pattern.format(version="*"), count=5000):
-                version = published_version(key.decode()[len(self.ns):])
-                if version not in keep:
+            async for key in self.redis.scan_iter(self.ns + pattern, count=5000):
+                version = keys.published_version(key.decode()[len(self.ns):])
+                if version is not None and version not in keep:   # (every key the pattern matches has one)
                     batch.append(key)
                     removed.add(version)
                 if len(batch) >= PUBLISH_CHUNK:

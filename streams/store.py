@@ -65,16 +65,6 @@ def item_fields(p: Product) -> dict[str, str]:
     }
 
 
-# the keys of a published version (the pointer aside), as SCAN patterns (recstream/features/keys.py names them)
-PUBLISHED = ("emb:user:{version}:*", "emb:item:{version}:*", "uoff:{version}:*", "ioff:{version}:*")
-
-
-def published_version(key: str) -> str:
-    """The version in a published key's name (no namespace): emb:kind:{version}:..., uoff|ioff:{version}:..."""
-    parts = key.split(":")
-    return parts[2] if parts[0] == "emb" else parts[1]
-
-
 class Store(Protocol):
     """The online store as its users see it (no key, client or pipeline shows through)."""
 
