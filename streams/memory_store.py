@@ -274,7 +274,7 @@ class MemoryStore(BatchFold):
         reports = {k: orjson.loads(v) for k, v in agents.items()}
         for k, rep in reports.items():
             if now - float(rep.get("ts") or 0.0) > forget_after_s:
-                agents.pop(k)
+                await self.forget_agent(k)
         return reports, await self.model_pointer()
 
     async def report_agent(self, name: str, ts: float, model_version: str | None) -> None:
@@ -283,7 +283,10 @@ class MemoryStore(BatchFold):
         self.hashes.setdefault(keys.AGENTS, {})[name] = report
 
     async def forget_agent(self, name: str) -> None:
-        self._hash(keys.AGENTS).pop(name, None)
+        agents = self._hash(keys.AGENTS)
+        agents.pop(name, None)
+        if not agents:   # Redis drops a hash with its last field
+            self._delete(keys.AGENTS)
 
     async def publish_metrics(self, key: str, index: str | None, snapshot: dict[str, Any], ttl_s: int) -> None:
         self._set(key, orjson.dumps(snapshot), ttl_s)
