@@ -16,7 +16,7 @@ users and folds on whichever of table row and copy has taken in more of the part
 (recstream.features.session.newest): the table lags at most until that user's next event, and
 nothing the features hold is lost. The old owner may also still be folding after the new one read
 its states (a zombie of the rebalance): its write moves the offset guard, the new owner's write
-then meets it (streams.online_store.OnlineStore.fold) and replans on the states the zombie wrote, so
+then meets it (streams.store.BatchFold.fold) and replans on the states the zombie wrote, so
 neither overwrites the other's events (the new owner may have skipped one the zombie folded).
 
 Partitioners: a shopper's session lives on the partition recstream's own producer picks for the user
@@ -54,10 +54,11 @@ from recstream.stats import LatencyHistogram
 from schemas import Event, Product, SchemaError
 from streams import deadletter
 from streams.app import raw_topic
-from streams.online_store import OnlineStore
+from streams.online_store import open_store
 from streams.producer import owner_partition
 from streams.refill import read_range
 from streams.reroute import forward_all
+from streams.store import Store
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_FIRST_S, REDIS_RETRY_MAX_S = 0.1, 5.0
@@ -85,7 +86,7 @@ class FeatureStats:
 @dataclass
 class FeatureAgents:
     sessions: faust.types.TableT
-    store: OnlineStore
+    store: Store
     stats: FeatureStats
 
 
@@ -102,7 +103,7 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                          options={"write_buffer_size": s.table_write_buffer_mb << 20, "max_write_buffer_number": 2,
                                   "block_cache_size": s.table_block_cache_mb << 20,
                                   "block_cache_compressed_size": s.table_block_cache_mb << 20})
-    store = OnlineStore(store_client, s.redis_namespace, s.app_id, clickstream.get_topic_name())
+    store = open_store(s, store_client, topic=clickstream.get_topic_name())
     stats = FeatureStats()
     cfg, lim = feature_config(s), limits(s)
     applied: dict[int, int] = {}

@@ -29,7 +29,8 @@ from recstream.rules import Rules, best_source, primary, reason, select, source_
 from recstream.settings import Settings
 from recstream.stats import Stages
 from schemas import CandidateSet, Overrides, RecommendationReply, RecommendedItem
-from streams.online_store import OnlineStore, RankingReads
+from streams.online_store import RankingReads
+from streams.store import Store
 
 ITEM_FIELDS = ("title", "category", "brand", "price", "rating", "seller_rating", "in_stock", "created_at")
 UI_DOT = FEATURE_NAMES.index("ui_dot")
@@ -98,7 +99,7 @@ class Scored:
 
 
 class Ranking:
-    def __init__(self, s: Settings, store: OnlineStore, models: ModelHolder):
+    def __init__(self, s: Settings, store: Store, models: ModelHolder):
         self.s, self.store, self.models = s, store, models
         # Catalogue fields and popularity counts are read through short-lived caches: both change
         # slowly, and reading 7 days x 3 event types of counts for 200 candidates cost Redis ~3 ms a

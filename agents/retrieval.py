@@ -34,7 +34,7 @@ from recstream.settings import Settings
 from recstream.stats import Stages
 from schemas import CandidateSet, Product, RecommendationRequest, SchemaError
 from schemas.recommendations import SOURCES
-from streams.online_store import OnlineStore
+from streams.store import Store
 
 
 @dataclass
@@ -99,7 +99,7 @@ class SearchBatcher:
 
 
 class Retrieval:
-    def __init__(self, s: Settings, store: OnlineStore, models: ModelHolder):
+    def __init__(self, s: Settings, store: Store, models: ModelHolder):
         self.s, self.store, self.models = s, store, models
         self.batcher = SearchBatcher(s.serving_threads)
         self.clock = time.time     # "now" for trending reads; offline evaluation sets the moment of its query

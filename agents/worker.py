@@ -19,8 +19,9 @@ from recstream.stats import StallWatch
 from streams import lag
 from streams.app import create_app
 from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, start_worker_metrics, stop_on_signals
-from streams.online_store import OnlineStore
+from streams.online_store import open_store
 from streams.redisconn import connect
+from streams.store import Store
 from streams.topics import ensure_topics
 
 if TYPE_CHECKING:   # loaded by the serving processes only: a feature worker needs no model code
@@ -73,7 +74,7 @@ async def run_features(s: Settings, stop: asyncio.Event | None = None, ready: as
     next_watch = time.monotonic() + WATCH_EVERY_S
     await ensure_topics(s)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     app = create_app(s)
     agents = features.register(app, s, client)
     key = metrics_key(s, "features")
@@ -123,7 +124,7 @@ async def _stalled(app, s: Settings, agents: features.FeatureAgents, watch: Stal
     return bool(stalled)
 
 
-def _request_agent(s: Settings, role: str, store: OnlineStore, models: ModelHolder) -> tuple[str, Any, RequestAgent[Any]]:
+def _request_agent(s: Settings, role: str, store: Store, models: ModelHolder) -> tuple[str, Any, RequestAgent[Any]]:
     """(consumer group, handler, agent) of a retrieval or ranking process."""
     from agents.runner import RequestAgent
     from schemas import CandidateSet, RecommendationRequest
@@ -154,7 +155,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
     stop = stop or stop_on_signals()
     await ensure_topics(s)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     swapped = asyncio.Event()   # a swap is reported at once, not at the next METRICS_EVERY_S
     models = ModelHolder(s, role, on_swap=lambda _: swapped.set())
     name, handler, agent = _request_agent(s, role, store, models)

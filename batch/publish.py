@@ -1,4 +1,4 @@
-"""Publish a trained version to serving: Redis under versioned keys, then one pointer swap, then a
+"""Publish a trained version to serving: the online store (Redis) under versioned keys, then one pointer swap, then a
 message on the model-updates topic.
 
 Readers read `model:{g}:current` first and then only keys of that version, so a half-finished publish
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,11 @@ import numpy as np
 import orjson
 
 from models.artifacts import BatchOutputs, Embeddings
-from recstream.features import keys
 from recstream.settings import Settings
-from streams.online_store import unlink_keys, unlink_matching
+from streams.online_store import open_store
 from streams.producer import create_producer
-from streams.redisconn import AnyRedis, connect
-
-CHUNK = 1000  # commands per pipeline round trip: small enough not to stall Redis for serving reads
+from streams.redisconn import connect
+from streams.store import Store
 
 
 @dataclass(frozen=True)
@@ -44,72 +43,56 @@ class Published:
     removed_versions: list[str]
 
 
-def _embedding_writes(key: Callable[[str], str], emb: Embeddings):
-    """(key(id), float32 bytes) for every vector of `emb`."""
+def _vectors(kind: str, emb: Embeddings) -> Iterator[tuple[str, str, bytes]]:
+    """(kind, id, float32 bytes) for every vector of `emb`."""
     for i, x in enumerate(emb.ids):
-        yield key(x), emb.vectors[i].tobytes()
+        yield kind, x, emb.vectors[i].tobytes()
 
 
-async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_embeddings: Embeddings | None = None,
-                  progress: Callable[[str], None] = print, announce: bool = True) -> Published:
-    """announce=False: Redis only, no model-updates message (offline evaluation, whose agents are in-process)."""
-    t0 = time.perf_counter()
-    ns = s.redis_namespace
-    client = connect(s)
-    items = item_embeddings or out.item_embeddings
-    try:
-        previous = await client.get(ns + keys.MODEL_CURRENT)
-        try:
-            n = await _write_version(client, ns, version, out, items, progress)
-        except Exception:   # nothing of a half-written version is left for a later pointer to name
-            with contextlib.suppress(Exception):
-                await _remove_version(client, ns, version)
-            raise
-        pointer = {"name": name, "version": version, "published_at": time.time(), "rank": items.rank}
-        await client.set(ns + keys.MODEL_CURRENT, orjson.dumps(pointer))
-        removed = await _remove_old_versions(client, ns, keep={version, _version_of(previous)})
-    finally:
-        await client.aclose()
-    if announce:
-        await _announce(s, pointer)
-    return Published(version, n, time.perf_counter() - t0, removed)
-
-
-async def _write_version(client: AnyRedis, ns: str, version: str, out: BatchOutputs, items: Embeddings,
-                         progress: Callable[[str], None]) -> int:
-    """Every key of `version` (not the pointer); the number written."""
-    n = 0
-    pipe = client.pipeline(transaction=False)
-
-    async def flush_if_full(force: bool = False) -> None:
-        nonlocal pipe
-        if force or len(pipe) >= CHUNK:
-            await pipe.execute()
-            pipe = client.pipeline(transaction=False)
-
-    for key, value in (*_embedding_writes(lambda u: ns + keys.embedding("user", version, u), out.user_embeddings),
-                       *_embedding_writes(lambda p: ns + keys.embedding("item", version, p), items)):
-        pipe.set(key, value)
-        n += 1
-        await flush_if_full()
-    users = set(out.category_affinity) | set(out.user_median_price)
-    for user in users:
+def _offline(out: BatchOutputs) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """(kind, id, fields) of every user's and item's offline features."""
+    for user in set(out.category_affinity) | set(out.user_median_price):
         fields = {"category_affinity": orjson.dumps(out.category_affinity.get(user, {})).decode()}
         if user in out.user_median_price:
             fields["median_price"] = repr(out.user_median_price[user])
-        pipe.hset(ns + keys.user_offline(version, user), mapping=fields)
-        n += 1
-        await flush_if_full()
+        yield "user", user, fields
     for item in set(out.item_popularity) | set(out.item_category):
         fields = {"popularity_7d": repr(out.item_popularity.get(item, 0.0))}
         if item in out.item_category:
             fields["category"] = out.item_category[item]
-        pipe.hset(ns + keys.item_offline(version, item), mapping=fields)
-        n += 1
-        await flush_if_full()
-    await flush_if_full(force=True)
-    progress(f"publish: {n} keys of version {version} written; switching the model pointer")
-    return n
+        yield "item", item, fields
+
+
+async def publish(s: Settings, name: str, version: str, out: BatchOutputs, item_embeddings: Embeddings | None = None,
+                  progress: Callable[[str], None] = print, announce: bool = True,
+                  store: Store | None = None) -> Published:
+    """announce=False: the store only, no model-updates message (offline evaluation, whose agents are
+    in-process). `store`: where to publish (tests pass a MemoryStore), else the settings' Redis."""
+    t0 = time.perf_counter()
+    client = None
+    if store is None:
+        client = connect(s)
+        store = open_store(s, client)
+    items = item_embeddings or out.item_embeddings
+    try:
+        previous = await store.model_pointer()
+        try:
+            n = await store.write_version(version, itertools.chain(_vectors("user", out.user_embeddings),
+                                                                    _vectors("item", items)), _offline(out))
+        except Exception:   # nothing of a half-written version is left for a later pointer to name
+            with contextlib.suppress(Exception):
+                await store.remove_version(version)
+            raise
+        progress(f"publish: {n} keys of version {version} written; switching the model pointer")
+        pointer = {"name": name, "version": version, "published_at": time.time(), "rank": items.rank}
+        await store.set_model_pointer(pointer)
+        removed = await store.remove_versions_except({version, previous["version"] if previous else None})
+    finally:
+        if client is not None:
+            await client.aclose()
+    if announce:
+        await _announce(s, pointer)
+    return Published(version, n, time.perf_counter() - t0, removed)
 
 
 def publish_registered(s: Settings, version: str, progress: Callable[[str], None] = print) -> Published:
@@ -124,32 +107,6 @@ def publish_registered(s: Settings, version: str, progress: Callable[[str], None
     return asyncio.run(publish(s, s.model_name, version, out, progress=progress))
 
 
-async def _remove_version(client: AnyRedis, ns: str, version: str) -> None:
-    for pattern in (f"emb:user:{version}:*", f"emb:item:{version}:*", f"uoff:{version}:*", f"ioff:{version}:*"):
-        await unlink_matching(client, ns + pattern)
-
-
-def _version_of(pointer: bytes | None) -> str | None:
-    return orjson.loads(pointer)["version"] if pointer else None
-
-
-async def _remove_old_versions(client: AnyRedis, ns: str, keep: set[str | None]) -> list[str]:
-    removed: set[str] = set()
-    for pattern in ("emb:user:*", "emb:item:*", "uoff:*", "ioff:*"):
-        batch = []
-        async for key in client.scan_iter(f"{ns}{pattern}", count=5000):
-            parts = key.decode()[len(ns):].split(":")
-            version = parts[2] if parts[0] == "emb" else parts[1]
-            if version not in keep:
-                batch.append(key)
-                removed.add(version)
-            if len(batch) >= CHUNK:
-                await unlink_keys(client, batch)
-                batch = []
-        await unlink_keys(client, batch)
-    return sorted(removed)
-
-
 async def _announce(s: Settings, pointer: dict) -> None:
     producer = create_producer(s)
     await producer.start()
@@ -162,7 +119,7 @@ async def _announce(s: Settings, pointer: dict) -> None:
 async def current(s: Settings) -> dict | None:
     client = connect(s)
     try:
-        return orjson.loads(raw) if (raw := await client.get(s.redis_namespace + keys.MODEL_CURRENT)) else None
+        return await open_store(s, client).model_pointer()
     finally:
         await client.aclose()
 

@@ -246,7 +246,7 @@ def _examples(groups: list[Group], blocks: list[np.ndarray], table: ItemTable, t
 
 class ReplayState:
     """What the feature agents' Redis keys hold at a moment of the replay, answering the candidate
-    stage's reads (recstream.candidates.plan) as streams.online_store.OnlineStore.candidate_reads does:
+    stage's reads (recstream.candidates.plan) as streams.online_store.RedisStore.candidate_reads does:
     neighbour lists best count first, ties by member descending (ZREVRANGE); trending as the current
     and previous landmark's scores, each read 2n deep, summed and cut to n; a brand's items by rating."""
 

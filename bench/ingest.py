@@ -12,7 +12,7 @@ Run from the repository root, with Kafka and Redis up (`recstream services up`):
    every 0.2 s): events/s = events applied in that window / its length.
 2. The reference: `bench/ingest.py --bare-loop`, a subprocess too, drains the same topic with a plain
    AIOKafkaConsumer (own group, getmany batches of feature_batch_max) and the same pure plan +
-   OnlineStore.apply, user states in a dict (no table, no changelog), into its own Redis namespace.
+   RedisStore.fold, user states in a dict (no table, no changelog), into its own Redis namespace.
 3. Latency: a fresh topic and worker, 2 s of warm-up traffic, then a producer paced at --rate for
    --seconds with each event stamped time.time() as it is serialised for the send. The worker's
    cumulative event_latency_counts (agents/worker.py snapshot) before and after the window, once
@@ -55,7 +55,7 @@ from recstream.features.config import feature_config, limits  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from recstream.stats import percentiles_ms  # noqa: E402
 from schemas import Event, SchemaError  # noqa: E402
-from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
+from streams.online_store import open_store, unlink_matching  # noqa: E402
 from streams.producer import create_producer  # noqa: E402
 from streams.replay import publish  # noqa: E402
 from streams.topics import ensure_topics, spec  # noqa: E402
@@ -75,7 +75,7 @@ async def bare_loop(s: Settings) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     client = aioredis.from_url(s.redis_url)
     topic = s.topic("clickstream")
-    store = OnlineStore(client, s.redis_namespace, s.app_id, topic)
+    store = open_store(s, client, topic=topic)
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=s.kafka_bootstrap, group_id=s.app_id,
                                 auto_offset_reset="earliest", enable_auto_commit=True, auto_commit_interval_ms=1000)
     cfg, lim = feature_config(s), limits(s)

@@ -5,7 +5,7 @@ is not (`recstream services cluster-up`, idempotent):
 
     .venv/bin/python bench/redis_cluster.py        # bench/results/redis_cluster.json
 
-The shop's events (seeded), in batches of RECSTREAM_FEATURE_BATCH_MAX, go through OnlineStore.fold
+The shop's events (seeded), in batches of RECSTREAM_FEATURE_BATCH_MAX, go through RedisClusterStore.fold
 in this process (pure plan + writes; no Kafka, no Faust): events/s = events / wall time, per backend,
 each into a fresh namespace removed after. Planning alone is timed too, so the Redis share shows.
 The reference: `redis-benchmark` on the same servers (SET and ZADD, 50 clients, pipeline 16; with
@@ -35,7 +35,10 @@ from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features import Incoming, plan  # noqa: E402
 from recstream.features.config import feature_config, limits  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
-from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
+from streams.online_store import (  # noqa: E402
+    open_store,  # noqa: E402
+    unlink_matching,
+)
 from streams.redisconn import connect  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "redis_cluster.json"
@@ -56,7 +59,7 @@ def incoming(events) -> list[Incoming]:
 async def fold_all(s: Settings, batch: list[Incoming], size: int) -> dict:
     client = connect(s)
     ns = f"bench-rc-{uuid.uuid4().hex[:8]}:"
-    store = OnlineStore(client, ns, "bench", "recs.clickstream")
+    store = open_store(s, client, namespace=ns, group="bench", topic="recs.clickstream")
     cfg, lim = feature_config(s), limits(s)
     states, applied = {}, {}
     try:

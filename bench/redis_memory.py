@@ -5,7 +5,7 @@ Run from the repository root with Redis up (`recstream services up`):
     .venv/bin/python bench/redis_memory.py            # bench/results/redis_memory.json
 
 A generated shop's events are folded into a fresh namespace of the local Redis exactly as the feature
-agent does it (the pure plan, then OnlineStore.apply in batches), its catalogue written as the catalogue
+agent does it (the pure plan, then RedisStore.apply in batches), its catalogue written as the catalogue
 agent does, and one 128-dimension float32 vector per user and per item stored as the trainer publishes
 them. Then every key of the namespace is classified by its kind (the key's first segment) and measured
 with MEMORY USAGE (keys, value, Redis's own overhead; no allocator fragmentation). The reference beside
@@ -35,7 +35,7 @@ from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features.config import feature_config, limits  # noqa: E402
 from recstream.features.plan import Incoming  # noqa: E402
 from recstream.settings import load  # noqa: E402
-from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
+from streams.online_store import RedisStore, open_store, unlink_matching  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "redis_memory.json"
 DIM = 128
@@ -51,7 +51,7 @@ def kind_of(key: str, ns: str) -> str:
     return parts[0]
 
 
-async def fold_shop(store: OnlineStore, s, events, partitions: int, batch: int) -> float:
+async def fold_shop(store: RedisStore, s, events, partitions: int, batch: int) -> float:
     cfg, lim = feature_config(s), limits(s)
     states, applied, offsets = {}, {}, collections.Counter()
     incoming = []
@@ -125,7 +125,7 @@ async def run(args: argparse.Namespace) -> dict:
     s = load()
     ns = f"mem{uuid.uuid4().hex[:8]}:"
     client = aioredis.from_url(s.redis_url)
-    store = OnlineStore(client, ns, "bench", "clickstream")
+    store = open_store(s, client, namespace=ns, group="bench", topic="clickstream")
     t0 = time.perf_counter()
     data = shop_dataset(ShopConfig(users=args.users, products=args.products, end_s=float(int(time.time()) - 60)))
     print(f"shop: {len(data.events):,} events, {args.users:,} users, {args.products:,} products "

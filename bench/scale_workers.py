@@ -59,7 +59,7 @@ from bench import serving as srv  # noqa: E402
 from recstream.features import keys, popularity  # noqa: E402
 from recstream.settings import Settings, load  # noqa: E402
 from schemas import Event  # noqa: E402
-from streams.online_store import OnlineStore, unlink_matching  # noqa: E402
+from streams.online_store import open_store, unlink_matching  # noqa: E402
 from streams.producer import create_producer  # noqa: E402
 from streams.replay import publish  # noqa: E402
 from streams.topics import ensure_topics, spec  # noqa: E402
@@ -140,7 +140,7 @@ async def drain(base: Settings, s: Settings, workers: int, n: int, cap_s: float,
 async def redis_state(s: Settings, events: list[Event]) -> dict:
     """What the run left in Redis: every user's features, and the popularity counts per event type."""
     client = aioredis.from_url(s.redis_url)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     try:
         users = sorted({e.user_id for e in events})
         pipe = client.pipeline(transaction=False)
@@ -362,7 +362,7 @@ async def rebalance_phase(args: argparse.Namespace, base: Settings, s: Settings,
         await producer.stop()
         log(f"  load done: {len(outcomes)} requests; {sent.acked:,} events acknowledged in {sent.seconds:.1f} s")
         # exactly once: every partition applied to its last offset, each user's events counted once
-        store = OnlineStore(fclient, fs.redis_namespace, fs.app_id, fs.topic("clickstream"))
+        store = open_store(fs, fclient)
         ends = await end_offsets(fs)
         deadline = time.monotonic() + 180
         while (applied := await store.applied_offsets(ends)) != {p: e - 1 for p, e in ends.items()}:

@@ -514,7 +514,7 @@ async def components(s: Settings, client: aioredis.Redis, traffic: Traffic, args
     from models.registry import Registry
     from schemas import CandidateSet
     from serving.params import parse
-    from streams.online_store import OnlineStore
+    from streams.online_store import open_store
 
     faiss.omp_set_num_threads(s.serving_threads)
     version = await serving_pointer(s, client)
@@ -522,7 +522,7 @@ async def components(s: Settings, client: aioredis.Redis, traffic: Traffic, args
         folder = await asyncio.to_thread(Registry(s.mlflow_tracking_uri, s.model_name).download, version, Path(tmp))
         rmodel = load_bundle(folder, version, "retrieval", s.serving_threads)
         kmodel = load_bundle(folder, version, "ranking", s.serving_threads)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     retrieval = Retrieval(dataclasses.replace(s, retrieval_shards=1, retrieval_shard=0), store, Holder(rmodel))
     ranking = Ranking(s, store, Holder(kmodel))
     k = min(s.retrieval_candidates + 1, len(rmodel.index))

@@ -28,6 +28,7 @@ from streams import archive, deadletter, lag
 from streams.app import create_app
 from streams.producer import create_producer
 from streams.replay import publish
+from streams.store import Store
 from streams.topics import ensure_topics
 
 MALFORMED = [  # what a buggy producer might send: each must reach the dead-letter topic, named
@@ -125,7 +126,7 @@ async def _ingest(s: Settings, data: Dataset, shop: Shop) -> tuple[features.Feat
     return stats, expected
 
 
-async def _show_features(s: Settings, store, shop, data: Dataset) -> None:
+async def _show_features(s: Settings, store: Store, shop, data: Dataset) -> None:
     titles = {p.product_id: f"{p.title} [{p.category}]" for p in data.products}
     last = data.events[-1]
     user = last.user_id

@@ -46,8 +46,9 @@ from recstream.features.session import UserState
 from recstream.settings import Settings
 from schemas import CandidateSet, Event, RecommendationReply, RecommendationRequest
 from schemas.recommendations import MAX_COUNT, SOURCES
-from streams.online_store import OnlineStore, unlink_matching
+from streams.online_store import open_store, unlink_matching
 from streams.redisconn import connect
+from streams.store import Store
 
 Progress = Callable[[str], None]
 OURS = ("ours_als", "ours_als_rules", "ours_full")
@@ -223,7 +224,7 @@ Lists = dict[str, list[list[str]]]
 async def _serve(s: Settings, split: Split, fitted: training.Fitted, bundle: Path,
                  progress: Progress) -> tuple[Lists, Lists]:
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, f"{s.app_id}-evaluate", s.topic("clickstream"))
+    store = open_store(s, client, group=f"{s.app_id}-evaluate")
     version = "eval"
     try:
         await store.write_items(catalogue_from_events(split.train, split.products))
@@ -252,7 +253,7 @@ def _holder(s: Settings, role: str, model: ServingModel) -> ModelHolder:
     return holder
 
 
-async def _fold_training(s: Settings, store: OnlineStore, events: list[Event], progress: Progress) -> dict[str, UserState]:
+async def _fold_training(s: Settings, store: Store, events: list[Event], progress: Progress) -> dict[str, UserState]:
     """The feature agents' writes for the training events, in time order. Expiry times are dropped:
     they are absolute (a past day's counts would expire at once), and the namespace goes at the end."""
     cfg, lim = feature_config(s), dataclasses.replace(limits(s), session_ttl_s=7 * 86_400)
@@ -271,7 +272,7 @@ async def _fold_training(s: Settings, store: OnlineStore, events: list[Event], p
     return states
 
 
-async def _answer(s: Settings, split: Split, store: OnlineStore, states: dict[str, UserState], retrieval: Retrieval,
+async def _answer(s: Settings, split: Split, store: Store, states: dict[str, UserState], retrieval: Retrieval,
                   full: Ranking, rules: Ranking, progress: Progress) -> tuple[Lists, Lists]:
     """Ours' ranked lists per variant, and the candidate sets retrieval proposed, whole ("all") and per source."""
     cfg, lim = feature_config(s), dataclasses.replace(limits(s), session_ttl_s=7 * 86_400)

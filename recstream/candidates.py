@@ -14,7 +14,7 @@ at serving), queried with the user's ALS vector, else the mean vector of the ses
 
 Two steps around one round trip to the store: `plan` says what to read (neighbour lists, trending
 lists, a brand's list), `propose` turns the answers into the proposals. The retrieval agent answers
-the reads from Redis (streams.online_store.OnlineStore.candidate_reads), the "knn" reads from the
+the reads from Redis (streams.online_store.RedisStore.candidate_reads), the "knn" reads from the
 version it serves (`ItemLists`) and the ANN query with FAISS; the ranker's example builder answers
 them from the history it replays and the lists of a batch run that never saw its targets
 (batch.ranker.ReplayState). So the ranker trains on the candidates serving proposes: one function,

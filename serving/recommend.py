@@ -36,8 +36,9 @@ from recstream.settings import Settings
 from schemas import RecommendationReply, RecommendationRequest, RecommendedItem, SchemaError
 from schemas.base import FieldError
 from serving.params import ParamError
-from streams.online_store import OnlineStore
+from streams.online_store import open_store
 from streams.redisconn import AnyRedis, connect
+from streams.store import Store
 from streams.topics import delete_topics, ensure_topics, reply_spec
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Fallback:
     named it for FALLBACK_CATEGORY_AGE_S. Made-up categories thus cost one lookup each and never push
     out a real one's list."""
 
-    def __init__(self, s: Settings, store: OnlineStore):
+    def __init__(self, s: Settings, store: Store):
         self.s, self.store = s, store
         self.overall: list[tuple[str, float, str | None]] = []          # (product, weight, category)
         self.by_category: dict[str, list[tuple[str, float, str | None]]] = {}
@@ -166,12 +167,13 @@ class Fallback:
 
 
 class Recommender:
-    def __init__(self, s: Settings, client: AnyRedis | None = None):
+    def __init__(self, s: Settings, client: AnyRedis | None = None, store: Store | None = None):
+        """`store`: the online store (tests pass a MemoryStore), else one on `client` (else one connected here)."""
         self.s = s
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".lower()
         self.reply_topic = reply_spec(s, self.instance).name
         self.client = client or connect(s, socket_timeout=1.0, socket_connect_timeout=1.0)
-        self.store = OnlineStore(self.client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+        self.store: Store = store or open_store(s, self.client)
         self.fallback = Fallback(s, self.store)
         self.pending: dict[str, asyncio.Future] = {}
         self.producer = None

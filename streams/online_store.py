@@ -1,4 +1,5 @@
-"""The online feature store in Redis: atomic, offset-guarded batch writes and the reads serving needs.
+"""The online store on one Redis (RedisStore): atomic, offset-guarded batch writes and the reads serving
+needs; open_store picks it or its Redis Cluster subclass (streams/cluster_store.py) for a client.
 
 Key layout (built by recstream/features/keys.py, the single source; each behind the settings'
 namespace). Braces are literal: they are Redis Cluster hash tags, so one user's keys share a slot,
@@ -22,37 +23,35 @@ one item's keys share a slot, and the global keys share the slot of {g}. One lay
 Written by the trainer (batch/publish.py): model:{g}:current, emb:user|item:{version}:{id}, uoff:{version}:{u1},
 ioff:{version}:{p9} (each vector in its user's or item's slot).
 
-Writes, exactly once. Single Redis: one script per batch checks and advances the partitions'
-applied offsets with all the increments. Redis Cluster: a script may only touch one slot, so the
-batch is split by hash tag (features/plan.py split_by_tag) and each group is applied by one script
-that checks and advances its own guard, applied:{tag}, in the same slot; the groups go pipelined.
-A group whose guard is past the batch is skipped, one partly past is replanned from its guard (as
-the single-Redis path replans from the partition offsets); the partition offsets advance last.
-So a batch replayed after a crash between groups applies exactly the groups that were missing.
+Writes, exactly once: one script per batch checks and advances the partitions' applied offsets with
+all the increments (apply_batch.lua). On a cluster a script may only touch one slot: RedisClusterStore
+applies a batch per hash tag, each group under its own guard (streams/cluster_store.py).
 """
 from __future__ import annotations
 
-import asyncio
+import itertools
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
-from redis.exceptions import NoScriptError
 
 from recstream.candidates import Read
 from recstream.features import keys, popularity
-from recstream.features.plan import BatchPlan, Incoming, Limits, RedisOps, plan, split_by_tag
-from recstream.features.session import FeatureConfig, UserState, decode_features, decode_state, features_key, newest, session_key
+from recstream.features.plan import RedisOps
+from recstream.features.session import UserState, decode_features, decode_state, features_key, session_key
+from recstream.settings import Settings
 from schemas import Product
 from streams.redisconn import AnyRedis, is_cluster
+from streams.store import BatchFold, OffsetConflict, RankingReads, RetrievalReads, decode_vector, item_fields
 
-GUARD_TTL_S = 30 * 86400   # a tag's guard outlives any redelivery by far (a replay starts at the committed offset)
+__all__ = ["OffsetConflict", "RankingReads", "RedisStore", "RetrievalReads", "decode_vector", "item_fields",
+           "open_store", "unlink_keys", "unlink_matching"]
 
 LUA = Path(__file__).resolve().parent / "lua"
+PUBLISH_CHUNK = 1000   # commands per round trip of a publish: small enough not to stall Redis for serving reads
 
 
 def lua(name: str) -> str:
@@ -60,189 +59,45 @@ def lua(name: str) -> str:
     return (LUA / name).read_text().replace("-- @writes\n", (LUA / "writes.lua").read_text())
 
 
-@dataclass
-class RankingReads:
-    item_rows: list[list[str | None]]     # for the item-cache misses, in their order
-    in_stock: list[bool]                  # for every candidate
-    popularity_7d: np.ndarray             # for the stats-cache misses, in their order
-    purchases_7d: np.ndarray
-    trending: np.ndarray
-    features: dict[str, Any] | None = None
-    recent: list[str] = field(default_factory=list)
-    affinity: dict[str, float] = field(default_factory=dict)
-    median_price: float | None = None
+def open_store(s: Settings, client: AnyRedis, *, namespace: str | None = None, group: str | None = None,
+               topic: str | None = None) -> RedisStore:
+    """The store on `client`: RedisClusterStore on a cluster client, else RedisStore. Offsets are those of
+    consumer group `group` (the app id) on `topic` (the clickstream); keys under `namespace` (the settings')."""
+    from streams.cluster_store import RedisClusterStore  # (it subclasses RedisStore: imported here, not above)
+
+    args = (s.redis_namespace if namespace is None else namespace, group or s.app_id, topic or s.topic("clickstream"))
+    return RedisClusterStore(client, *args) if is_cluster(client) else RedisStore(client, *args)
 
 
-@dataclass
-class RetrievalReads:
-    """What retrieval reads for one request in one round trip (None or empty where nothing is stored)."""
-    user_vector: np.ndarray | None = None
-    session: list[str] = field(default_factory=list)
-    features: dict[str, Any] | None = None
-    anchor_vectors: list[np.ndarray | None] = field(default_factory=list)   # in the anchors' order
-    anchor_items: list[dict[str, str]] = field(default_factory=list)        # item features, decoded
+class RedisStore(BatchFold):
+    """The store on one Redis: a batch's writes and its partition offsets in one script (apply_batch.lua)."""
 
-
-def decode_vector(raw: object) -> np.ndarray | None:
-    """A published embedding's value: float32 bytes (batch/publish.py writes them); None if absent."""
-    return np.frombuffer(raw, dtype=np.float32) if isinstance(raw, bytes) and raw else None
-
-
-class OffsetConflict(Exception):
-    """Redis already holds increments at or past this batch's offsets (another worker, or a stale cache)."""
-
-
-def item_fields(p: Product) -> dict[str, str]:
-    return {
-        "title": p.title, "category": p.category, "category_path": orjson.dumps(list(p.category_path)).decode(),
-        "brand": p.brand, "price": repr(p.price), "in_stock": "1" if p.in_stock else "0",
-        "rating": "" if p.rating is None else repr(p.rating),
-        "seller_rating": "" if p.seller_rating is None else repr(p.seller_rating),
-        "created_at": repr(p.created_at),
-    }
-
-
-class OnlineStore:
     def __init__(self, client: AnyRedis, namespace: str, group: str, topic: str):
         self.redis = client
         self.ns = namespace
-        self.cluster = is_cluster(client)
         self.offsets_prefix = namespace + keys.applied_prefix(group, topic)
-        self.guard_field = keys.guard_field(group, topic, 0)[:-1]   # + partition
         self.oos = namespace + keys.OOS   # also the routing key of the global-slot scripts
         self._apply = client.register_script(lua("apply_batch.lua"))
-        self._apply_group = client.register_script(lua("apply_group.lua"))
         self._stats = client.register_script(lua("candidate_stats.lua"))
         self._item_rows = client.register_script(lua("item_rows.lua"))
 
     # -- writes ----------------------------------------------------------------------------------
     async def apply(self, ops: RedisOps) -> None:
-        """A batch's writes, atomically with its offsets: single Redis, one script; a cluster, one per tag."""
-        if self.cluster:
-            conflicts = await self.apply_groups(split_by_tag(ops))
-            if conflicts:
-                tag, at = next(iter(conflicts.items()))
-                raise OffsetConflict(f"{len(conflicts)} hash tags already applied in part, e.g. {tag!r} up to {at}")
-            await self._advance(ops.offsets)
-            return
+        """A batch's writes, atomically with its offsets (one script)."""
         result = await self._apply(args=[orjson.dumps(ops.as_payload()), self.offsets_prefix, self.ns])
         if result[0] == b"conflict":
             raise OffsetConflict(f"partition {result[1].decode()} already applied up to {result[2].decode()}")
-
-    async def _advance(self, offsets: Mapping[int, tuple[int, int]]) -> None:
-        """Cluster: the partition offsets, once every group is in (all in the {g} slot)."""
-        if offsets:
-            pipe = self.redis.pipeline(transaction=False)
-            for p, (_, hi) in offsets.items():
-                pipe.set(self.offsets_prefix + str(p), hi)
-            await pipe.execute()
-
-    async def fold(self, batch: list[Incoming], states: Mapping[str, UserState], applied: dict[int, int],
-                   cfg: FeatureConfig, limits: Limits, passed: Sequence[tuple[int, int]] = ()) -> BatchPlan:
-        """Plan a batch over `states` and apply its writes. `applied` (partition -> highest offset whose
-        increments Redis holds) is filled in as needed, reloaded on a conflict, and advanced. A conflict
-        means another process applied part of the batch meanwhile (the old owner of a partition, still
-        folding in a rebalance): the states it wrote are read too, and the result's states are the
-        newest of every user of the batch (what the session table should hold). `passed`: records
-        re-routed to their owner partition, whose offsets the guard moves past (features/plan.py)."""
-        partitions = {i.partition for i in batch} | {p for p, _ in passed}
-        applied.update(await self.applied_offsets(partitions - applied.keys()))
-        categories = await self.categories(i.event.product_id for i in batch if not i.event.category)
-        if self.cluster:
-            result = await self._fold_by_tag(batch, states, applied, categories, cfg, limits, passed)
-        else:
-            reloaded = False
-            for _ in range(3):
-                result = plan(batch, states, applied, categories, cfg, limits, passed)
-                try:
-                    await self.apply(result.ops)
-                    break
-                except OffsetConflict:
-                    applied.update(await self.applied_offsets(partitions))
-                    states, reloaded = await self.fresher(states, (i.event.user_id for i in batch)), True
-            else:
-                raise OffsetConflict("could not apply a batch after 3 reloads of the applied offsets")
-            if reloaded:
-                result.states = {**states, **result.states}
-        for p, (_, hi) in result.ops.offsets.items():
-            applied[p] = hi
-        return result
-
-    async def _fold_by_tag(self, batch: list[Incoming], states: Mapping[str, UserState], applied: dict[int, int],
-                           categories: Mapping[str, str], cfg: FeatureConfig, limits: Limits,
-                           passed: Sequence[tuple[int, int]] = ()) -> BatchPlan:
-        """Redis Cluster: every hash tag's group under its own guard, then the partition offsets."""
-        result = plan(batch, states, applied, categories, cfg, limits, passed)
-        pending = split_by_tag(result.ops)
-        done: set[str] = set()
-        for _ in range(3):
-            conflicts = await self.apply_groups(pending, done)
-            if not conflicts:
-                break
-            pending = {}
-            # one replan per distinct guard position ((partition, offset) pairs), not per tag
-            by_guard: dict[tuple[tuple[int, int], ...], list[str]] = {}
-            for tag, at in conflicts.items():
-                by_guard.setdefault(tuple(sorted(at.items())), []).append(tag)
-            # the process that moved a guard may have written newer states than we read
-            states = await self.fresher(states, (i.event.user_id for i in batch))
-            for guard, tags in by_guard.items():
-                start = {**applied, **{p: max(o, applied.get(p, -1)) for p, o in guard}}
-                again = plan(batch, states, start, categories, cfg, limits, passed)
-                groups = split_by_tag(again.ops)
-                pending.update({tag: groups[tag] for tag in tags if tag in groups})
-                for user in set(tags) & set(states):   # a user's hash tag is the user id
-                    result.states[user] = again.states.get(user, states[user])
-        else:
-            raise OffsetConflict("could not apply a batch's groups after 3 replans from their guards")
-        if stale := done & {i.event.user_id for i in batch}:   # skipped: another process wrote those users
-            result.states.update(await self.fresher({u: states.get(u, UserState()) for u in stale}))
-        await self._advance(result.ops.offsets)
-        return result
-
-    async def fresher(self, states: Mapping[str, UserState], users: Iterable[str] = ()) -> dict[str, UserState]:
-        """`states` (and `users`, absent from it: no state) with each user's Redis copy (user_state)
-        where that copy took in more of the partition."""
-        wanted = sorted(set(states) | set(users))
-        stored = await self.user_states(wanted)
-        return {u: newest(states.get(u, UserState()), stored.get(u)) for u in wanted}
-
-    async def apply_groups(self, groups: Mapping[str, RedisOps], done: set[str] | None = None) -> dict[str, dict[int, int]]:
-        """Apply each tag's group by its guarded script, pipelined (split by node); the groups in
-        conflict, each with its guard (partition -> offset). Applied and skipped groups are left out;
-        the tags of skipped ones (the guard already past the batch) go into `done`."""
-        tags = list(groups)
-        if not tags:
-            return {}
-        for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            for tag in tags:
-                # (redis-py blocks ClusterPipeline.evalsha by name; the command itself routes by its key)
-                pipe.execute_command("EVALSHA", self._apply_group.sha, 1, self.ns + keys.guard(tag),
-                                     orjson.dumps(groups[tag].as_payload()), self.guard_field, self.ns, GUARD_TTL_S)
-            replies = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                # every master; the groups applied meanwhile answer 'done'
-                await self.redis.script_load(self._apply_group.script)
-                continue
-            break
-        conflicts = {}
-        for tag, r in zip(tags, replies):
-            if isinstance(r, Exception):
-                raise r
-            if r[0] == b"conflict":
-                conflicts[tag] = {int(r[i]): int(r[i + 1]) for i in range(1, len(r), 2)}
-            elif r[0] == b"done" and done is not None:
-                done.add(tag)
-        return conflicts
 
     async def user_states(self, user_ids: Sequence[str]) -> dict[str, UserState]:
         """The session states Redis holds (user_state), for the users that have one."""
         if not user_ids:
             return {}
         names = [self.ns + keys.user_state(u) for u in user_ids]
-        raw = await (self.redis.mget_nonatomic(names) if self.cluster else self.redis.mget(names))
+        raw = await self._mget(names)
         return {u: st for u, r in zip(user_ids, raw) if (st := decode_state(r)) is not None}
+
+    async def _mget(self, names: list[str]) -> list[Any]:
+        return await self.redis.mget(names)
 
     async def applied_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
         parts = sorted(set(partitions))
@@ -262,6 +117,51 @@ class OnlineStore:
             n += 1
         await pipe.execute()
         return n
+
+    # -- the trainer's publication ------------------------------------------------------------------
+    async def write_version(self, version: str, vectors: Iterable[tuple[str, str, bytes]],
+                            offline: Iterable[tuple[str, str, dict[str, str]]]) -> int:
+        """Every key of `version` but the pointer: `vectors` (kind 'user' or 'item', id, float32 bytes) and
+        `offline` features (kind, id, hash fields); PUBLISH_CHUNK commands a round trip. The number written."""
+        n = 0
+        pipe = self.redis.pipeline(transaction=False)
+        writes: Iterable[tuple[str, str, bytes | dict[str, str]]] = itertools.chain(vectors, offline)
+        for kind, entity, value in writes:
+            if isinstance(value, bytes):
+                pipe.set(self.ns + keys.embedding(kind, version, entity), value)
+            else:
+                offline_key = keys.user_offline if kind == "user" else keys.item_offline
+                pipe.hset(self.ns + offline_key(version, entity), mapping=value)
+            n += 1
+            if len(pipe) >= PUBLISH_CHUNK:
+                await pipe.execute()
+                pipe = self.redis.pipeline(transaction=False)
+        await pipe.execute()
+        return n
+
+    async def set_model_pointer(self, pointer: dict[str, Any]) -> None:
+        await self.redis.set(self.ns + keys.MODEL_CURRENT, orjson.dumps(pointer))
+
+    async def remove_version(self, version: str) -> None:
+        """Every key of `version` but the pointer (a publish that failed half way)."""
+        for pattern in keys.published(version):
+            await unlink_matching(self.redis, self.ns + pattern)
+
+    async def remove_versions_except(self, keep: set[str | None]) -> list[str]:
+        """The keys of every published version not in `keep`; the versions removed."""
+        removed: set[str] = set()
+        for pattern in keys.published():
+            batch = []
+            async for key in self.redis.scan_iter(self.ns + pattern, count=5000):
+                version = keys.published_version(key.decode()[len(self.ns):])
+                if version is not None and version not in keep:   # (every key the pattern matches has one)
+                    batch.append(key)
+                    removed.add(version)
+                if len(batch) >= PUBLISH_CHUNK:
+                    await unlink_keys(self.redis, batch)
+                    batch = []
+            await unlink_keys(self.redis, batch)
+        return sorted(removed)
 
     # -- reads -----------------------------------------------------------------------------------
     async def categories(self, product_ids: Iterable[str]) -> dict[str, str]:
@@ -369,11 +269,6 @@ class OnlineStore:
         """HMGET of `fields` for each product's item_features, in one round trip."""
         if not product_ids:
             return []
-        if self.cluster:   # items live in many slots: one HMGET each, pipelined by node
-            pipe = self.redis.pipeline(transaction=False)
-            for pid in product_ids:
-                pipe.hmget(self.ns + keys.item_features(pid), list(fields))
-            return [[v.decode() if v is not None else None for v in row] for row in await pipe.execute()]
         return self._item_result(await self._item_rows(args=self._item_args(product_ids, fields)), len(fields))
 
     async def ranking_reads(self, product_ids: list[str], item_misses: list[str], fields: Sequence[str],
@@ -381,9 +276,6 @@ class OnlineStore:
                             window_days: int, half_life_s: float) -> RankingReads:
         """Everything the ranking agent reads for one candidate set, in one round trip: stock of every
         candidate; catalogue fields and popularity counts of those its caches miss; the user's state."""
-        if self.cluster:
-            return await self._ranking_reads_by_slot(product_ids, item_misses, fields, stat_misses, user_id,
-                                                     version, now, window_days, half_life_s)
         pipe = self.redis.pipeline(transaction=False)
         pipe.scripts.update((self._item_rows, self._stats))   # loaded first if Redis lost them (restart)
         if item_misses:
@@ -398,31 +290,6 @@ class OnlineStore:
         rows = self._item_result(res.pop(0), len(fields)) if item_misses else []
         in_stock = [not x for x in res.pop(0)] if product_ids else []
         pop, bought, trend = self._stats_result(res.pop(0)) if stat_misses else (np.zeros(0),) * 3
-        return self._with_user(RankingReads(rows, in_stock, pop, bought, trend), res if user_id else None)
-
-    async def _ranking_reads_by_slot(self, product_ids: list[str], item_misses: list[str], fields: Sequence[str],
-                                     stat_misses: list[str], user_id: str | None, version: str | None, now: float,
-                                     window_days: int, half_life_s: float) -> RankingReads:
-        """Redis Cluster: the global-slot script and a pipeline of per-slot reads, concurrently."""
-        async def stats() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            if not stat_misses:
-                return (np.zeros(0),) * 3
-            raw = await self._stats(keys=[self.oos], args=self._stats_args(stat_misses, now, window_days, half_life_s))
-            return self._stats_result(raw)
-
-        async def per_slot() -> list[Any]:
-            pipe = self.redis.pipeline(transaction=False)
-            for pid in item_misses:
-                pipe.hmget(self.ns + keys.item_features(pid), list(fields))
-            if product_ids:
-                pipe.smismember(self.oos, product_ids)
-            if user_id:
-                self._queue_user_reads(pipe, user_id, version)
-            return await pipe.execute() if (item_misses or product_ids or user_id) else []
-
-        (pop, bought, trend), res = await asyncio.gather(stats(), per_slot())
-        rows = [[v.decode() if v is not None else None for v in res.pop(0)] for _ in item_misses]
-        in_stock = [not x for x in res.pop(0)] if product_ids else []
         return self._with_user(RankingReads(rows, in_stock, pop, bought, trend), res if user_id else None)
 
     def _queue_user_reads(self, pipe: Any, user_id: str, version: str | None) -> None:
@@ -510,8 +377,7 @@ class OnlineStore:
         if not ids:
             return []
         names = [self.ns + keys.embedding(kind, version, x) for x in ids]
-        # a cluster cannot MGET across slots: mget_nonatomic sends one MGET per slot, pipelined by node
-        raw = await (self.redis.mget_nonatomic(names) if self.cluster else self.redis.mget(names))
+        raw = await self._mget(names)
         return [decode_vector(r) for r in raw]
 
     def homepage_key(self, user_id: str, variants: str, count: int, device: str, page: str) -> str:

@@ -1,7 +1,7 @@
 """The one way to open the feature store's Redis connection: a single node or a Redis Cluster (settings)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -19,5 +19,5 @@ def connect(s: Settings, **kwargs: Any) -> AnyRedis:
     return aioredis.from_url(s.redis_url, **kwargs)
 
 
-def is_cluster(client: Any) -> bool:
+def is_cluster(client: Any) -> TypeGuard[RedisCluster]:
     return isinstance(client, RedisCluster)

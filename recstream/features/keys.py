@@ -88,6 +88,19 @@ def item_offline(version: str, product_id: str) -> str:
     return f"ioff:{version}:{{{product_id}}}"
 
 
+def published(version: str = "*") -> tuple[str, ...]:
+    """SCAN patterns of every key of a published version but the pointer ('*': of any version)."""
+    return (f"emb:user:{version}:*", f"emb:item:{version}:*", f"uoff:{version}:*", f"ioff:{version}:*")
+
+
+def published_version(key: str) -> str | None:
+    """The version a published key (no namespace) belongs to; None for any other key."""
+    parts = key.split(":")
+    if parts[0] == "emb" and len(parts) > 3:
+        return parts[2]
+    return parts[1] if parts[0] in ("uoff", "ioff") and len(parts) > 2 else None
+
+
 # -- global: tag {g} ------------------------------------------------------------------------------
 
 def popularity(kind: str, day: int) -> str:

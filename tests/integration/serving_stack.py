@@ -15,7 +15,7 @@ import httpx
 from cli.processes import Processes, free_port  # noqa: F401  (the tests import them from here)
 from recstream.data import Dataset, ShopConfig, shop_dataset
 from recstream.settings import Settings
-from streams.online_store import OnlineStore
+from streams.online_store import RedisStore
 
 
 def small_deployment(stack: Settings, home: Path, name: str, deadline_ms: int, **extra) -> Settings:
@@ -50,7 +50,7 @@ async def get_json(client: httpx.AsyncClient, path: str, **params) -> tuple[http
     return r, r.json(), time.perf_counter() - t
 
 
-async def trained_shop(s: Settings, cfg: ShopConfig, procs: Processes, store: OnlineStore):
+async def trained_shop(s: Settings, cfg: ShopConfig, procs: Processes, store: RedisStore):
     """A generated shop through a feature worker (`procs`' "features") while a model trains on the same
     shop; returns (the dataset, the training report) once the model is published and every event is
     applied in Redis."""

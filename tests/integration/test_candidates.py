@@ -25,7 +25,7 @@ from recstream.features.session import UserState, apply
 from recstream.gather import ann_k
 from schemas import CandidateSet, RecommendationRequest
 from schemas.recommendations import SOURCES
-from streams.online_store import OnlineStore, unlink_matching
+from streams.online_store import open_store, unlink_matching
 from streams.redisconn import connect
 
 RANK = 16
@@ -55,7 +55,7 @@ async def test_the_replay_and_redis_propose_identical_candidates(shop_state):
     s, data, events, out = shop_state
     cfg, lim = feature_config(s), dataclasses.replace(limits(s), session_ttl_s=30 * 86_400)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, f"{s.app_id}-features", s.topic("clickstream"))
+    store = open_store(s, client, group=f"{s.app_id}-features")
     try:
         # serving's state: the feature agents' writes (expiry dropped: the shop's clock is in the past)
         await store.write_items(data.products)

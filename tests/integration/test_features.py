@@ -7,7 +7,7 @@ from faust.contrib.asgi import faust_app_running
 from agents import features
 from recstream.features import keys
 from streams.app import create_app
-from streams.online_store import OnlineStore
+from streams.online_store import open_store
 from streams.producer import create_producer
 from streams.replay import publish
 from streams.topics import ensure_topics
@@ -170,7 +170,7 @@ async def test_records_the_consumer_skipped_are_read_again_from_kafka(fresh, tmp
     await ensure_topics(s)
     events = [ev(i, "u1", "view", f"p{i}") for i in range(1, 9)]
     client = aioredis.from_url(s.redis_url)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     producer = create_producer(s)
     await producer.start()
     procs = Processes(s, tmp_path)

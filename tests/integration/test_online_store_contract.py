@@ -1,4 +1,5 @@
-"""One contract for the feature store, run on a single Redis and on a three-master Redis Cluster.
+"""The store's contract (tests/store_contract.py) on a single Redis and on a three-master Redis Cluster,
+with what only Redis shows: the keys themselves, and the cluster's slots and half-applied batches.
 
 The cluster is started by the project's own script (cli.redis_cluster.cluster_up, idempotent),
 like every other service: never skipped. Each test writes under a namespace of its own."""
@@ -10,29 +11,24 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
-import numpy as np
 import pytest
 
-from batch.publish import publish
 from cli import redis_cluster
-from models.artifacts import BatchOutputs, Embeddings, Window
 from recstream.features import Incoming, keys, plan
 from recstream.features.config import feature_config, limits
 from recstream.features.plan import split_by_tag
 from recstream.settings import Settings
-from streams.online_store import OnlineStore, unlink_matching
+from streams.online_store import RedisStore, open_store, unlink_matching
 from streams.producer import create_producer
 from streams.redisconn import connect
 from streams.replay import publish as publish_records
 from streams.topics import ensure_topics
-from tests import factories
-from tests.factories import bind, event
+from tests import store_contract as contract
+from tests.store_contract import events, fold_all, product
 
 pytestmark = pytest.mark.integration
-
-T0 = time.time() - 600
-FIELDS = ("category", "brand", "price")
 
 
 @pytest.fixture(scope="session")
@@ -58,41 +54,13 @@ def backend(request, fresh, cluster: Settings):
 @pytest.fixture
 async def store(backend: Settings):
     client = connect(backend)
-    yield OnlineStore(client, backend.redis_namespace, backend.app_id, backend.topic("clickstream"))
+    yield open_store(backend, client)
     assert await unlink_matching(client, backend.redis_namespace + "*") > 0
     assert [k async for k in client.scan_iter(match=backend.redis_namespace + "*")] == []   # every master's
     await client.aclose()
 
 
-ev = bind(event, "i", "user", "kind", "pid", "category", t0=T0, category="Audio")
-product = bind(factories.product, "pid", "category", "in_stock", "brand", rating=4.0, created_at=T0 - 86400)
-
-
-def events(n_users: int = 30, per_user: int = 6) -> list[Incoming]:
-    """Users on four partitions viewing, carting and buying among 40 products, interleaved."""
-    out = []
-    offsets = [0, 0, 0, 0]
-    for j in range(per_user):
-        for u in range(n_users):
-            kind = ("view", "view", "click", "add_to_cart", "purchase", "purchase")[j % 6]
-            p = u % 4
-            out.append(Incoming(ev(j * n_users + u, f"u{u}", kind, f"p{(u * 7 + j * 3) % 40}",
-                                   category=("Audio", "Phones")[(u + j) % 2]), p, offsets[p]))
-            offsets[p] += 1
-    return out
-
-
-async def fold_all(store: OnlineStore, s: Settings, batch: list[Incoming], size: int, states: dict | None = None,
-                   applied: dict | None = None) -> dict:
-    states = {} if states is None else states
-    applied = {} if applied is None else applied
-    for i in range(0, len(batch), size):
-        result = await store.fold(batch[i:i + size], states, applied, feature_config(s), limits(s))
-        states.update(result.states)
-    return states
-
-
-async def dump(store: OnlineStore) -> dict:
+async def dump(store: RedisStore) -> dict[str, Any]:
     """Every key of the namespace and its value (scores rounded: sums of floats in another order)."""
     out = {}
     r = store.redis
@@ -111,105 +79,24 @@ async def dump(store: OnlineStore) -> dict:
     return out
 
 
-# -- reads after writes ---------------------------------------------------------------------------
+# -- the contract (tests/store_contract.py, also run over the memory store) -------------------------
 
-async def test_folded_batches_read_back(store: OnlineStore, backend: Settings):
-    s = backend
-    await store.write_items([product("p1", "Audio"), product("p2", "Audio", brand="Vox"),
-                             product("p3", "Phones", in_stock=False), product("p4", "Cables")])
-    batch = [Incoming(e, p, o) for o, (p, e) in enumerate([
-        (0, ev(1, "u1", "view", "p1", category=None)),   # category filled in from item_features
-        (0, ev(2, "u1", "view", "p2")),
-        (1, ev(3, "u2", "view", "p2")),
-        (1, ev(4, "u2", "view", "p1")),
-        (0, ev(5, "u1", "click", "p3", "Phones")),
-        (0, ev(6, "u1", "purchase", "p2")),
-        (0, ev(7, "u1", "purchase", "p4", "Cables")),
-    ])]
-    await fold_all(store, s, batch, size=3)
-    now = time.time()
-    assert await store.user_session("u1") == ["p3", "p2", "p1"]
-    f = await store.user_features("u1")
-    assert f["purchases"] == ["p4", "p2"] and f["session_categories"] == {"Audio": 2, "Phones": 1}
-    assert await store.user_features("nobody") is None
-    assert (await store.item_features("p3"))["category"] == "Phones"
-    assert dict(await store.neighbours("covis", "p2")) == {"p1": 2.0, "p3": 1.0}
-    assert dict(await store.neighbours("cobuy", "p4")) == {"p2": 1.0}
-    assert await store.popularity("view", now, 7, ["p1", "p2", "p3"]) == {"p1": 2.0, "p2": 2.0, "p3": 0.0}
-    assert [p for p, _ in await store.trending(now, s.trending_half_life_s, n=2)][0] == "p2"
-    assert {p for p, _ in await store.trending(now, s.trending_half_life_s, category="Audio")} == {"p1", "p2"}
-    assert await store.in_stock(["p1", "p3", "p9"]) == [True, False, True]
-    assert await store.item_rows(["p2", "p9"], FIELDS) == [["Audio", "Vox", "10.0"], [None, None, None]]
-    assert await store.categories(["p1", "p3", "p9"]) == {"p1": "Audio", "p3": "Phones"}
+CHECKS = [contract.folded_batches_read_back, contract.ranking_reads_embeddings_and_the_homepage_cache,
+          contract.a_zombie_does_not_regress_the_state, contract.the_serving_path]
 
 
-async def test_ranking_reads_embeddings_and_the_homepage_cache(store: OnlineStore, backend: Settings):
-    s = backend
-    await store.write_items([product("p1", "Audio"), product("p2", "Phones", in_stock=False)])
-    await fold_all(store, s, [Incoming(ev(1, "u1", "view", "p1"), 0, 0), Incoming(ev(2, "u1", "purchase", "p1"), 0, 1)], 10)
-    users = Embeddings(["u1"], np.arange(4, dtype=np.float32).reshape(1, 4))
-    items = Embeddings(["p1", "p2"], np.ones((2, 4), dtype=np.float32))
-    out = BatchOutputs(Window(0, 1, 10), users, items, {}, {}, {"u1": {"Audio": 1.0}}, {"p1": 3.0},
-                       {"u1": 19.5}, {"p1": "Audio"})
-    await publish(s, "m", "7", out, progress=lambda _: None, announce=False)
-    assert (await store.model_pointer())["version"] == "7"
-    vecs = await store.embeddings("item", "7", ["p1", "p9", "p2"])
-    assert vecs[0].tolist() == [1.0] * 4 and vecs[1] is None and vecs[2].tolist() == [1.0] * 4
-    assert (await store.embeddings("user", "7", ["u1"]))[0].tolist() == [0.0, 1.0, 2.0, 3.0]
-
-    now = time.time()
-    reads = await store.ranking_reads(["p1", "p2", "p9"], ["p1", "p9"], FIELDS, ["p1", "p2"], "u1", "7", now,
-                                      s.popularity_window_days, s.trending_half_life_s)
-    assert reads.in_stock == [True, False, True]
-    assert reads.item_rows == [["Audio", "Nova", "10.0"], [None, None, None]]
-    assert reads.popularity_7d.tolist() == [1.0, 0.0] and reads.purchases_7d.tolist() == [1.0, 0.0]
-    assert reads.trending[0] > 0 and reads.trending[1] == 0
-    assert reads.features["purchases"] == ["p1"] and reads.recent == ["p1"]
-    assert reads.affinity == {"Audio": 1.0} and reads.median_price == 19.5
-    empty = await store.ranking_reads([], [], FIELDS, [], None, None, now, 7, 3600.0)
-    assert empty.in_stock == [] and empty.item_rows == [] and empty.features is None
-
-    key = store.homepage_key("u1", "-", 10, "web", "home")
-    assert (await store.homepage_cached(key, "u1"))[0] is None
-    _, tag = await store.homepage_cached(key, "u1")
-    await store.cache_homepage(key, tag, b"reply", 60)
-    assert await store.homepage_cached(key, "u1") == (b"reply", tag)
-    await fold_all(store, s, [Incoming(ev(3, "u1", "view", "p2"), 0, 2)], 10, applied={0: 1})
-    assert (await store.homepage_cached(key, "u1"))[0] is None   # a new event invalidates it
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
+async def test_the_store_keeps_the_contract(check, store: RedisStore, backend: Settings):
+    await check(store, backend)
 
 
-# -- exactly once ---------------------------------------------------------------------------------
-
-async def test_a_batch_applied_twice_or_replayed_with_other_boundaries_counts_once(store: OnlineStore,
+async def test_a_batch_applied_twice_or_replayed_with_other_boundaries_counts_once(store: RedisStore,
                                                                                    backend: Settings):
-    batch = events()
-    await fold_all(store, backend, batch, size=len(batch))
-    once = await dump(store)
-    await fold_all(store, backend, batch, size=len(batch))          # the same batch again (a fresh worker)
-    assert await dump(store) == once
-    await fold_all(store, backend, batch, size=37)                  # again, in other batches
-    assert await dump(store) == once
-    await fold_all(store, backend, batch[:50], size=50)             # a worker died after 50 ...
-    await fold_all(store, backend, batch, size=64)                  # ... and its successor starts over
-    assert await dump(store) == once
+    """Through the reads, and key by key."""
+    await contract.replays_count_once(store, backend, raw=lambda: dump(store))
 
 
-async def test_a_zombie_writing_between_our_read_and_our_write_does_not_regress_the_state(store: OnlineStore,
-                                                                                          backend: Settings):
-    """A rebalance: the old owner of a partition, still folding (a zombie), applies offsets 0-5 after the
-    new owner read its states and before it writes; the new owner's consumer skipped offset 3 (faust's
-    seek), so its batch alone would fold a state without that event. Its write meets the moved guard, and
-    it replans from the applied offsets *and* the states the zombie wrote: every event is in the state."""
-    s = backend
-    cfg, lim = feature_config(s), limits(s)
-    batch = [Incoming(ev(i, "u1", ("view", "add_to_cart")[i == 3], f"p{i}"), 0, i) for i in range(6)]
-    zombie = await store.fold(batch, {}, {}, cfg, lim)     # the old owner: every event
-    mine = await store.fold([b for b in batch if b.offset != 3], {}, {0: -1}, cfg, lim)   # read before its write
-    assert mine.states["u1"] == zombie.states["u1"] and mine.states["u1"].cart == ("p3",)
-    assert (await store.user_states(["u1"]))["u1"] == zombie.states["u1"]
-    assert (await store.user_features("u1"))["cart_items"] == ["p3"]
-
-
+# -- exactly once on the cluster ------------------------------------------------------------------
 
 @pytest.mark.parametrize("applied_share", [0.0, 0.3, 1.0])
 async def test_a_half_applied_batch_on_the_cluster_completes_exactly_once(cluster, fresh, applied_share):
@@ -217,8 +104,8 @@ async def test_a_half_applied_batch_on_the_cluster_completes_exactly_once(cluste
     exactly those. (A single Redis applies a batch in one script: there is no half to test.)"""
     s = dataclasses.replace(fresh(), redis_url=cluster.redis_url, redis_cluster=True)
     client = connect(s)
-    once_store = OnlineStore(client, s.redis_namespace + "once:", s.app_id, s.topic("clickstream"))
-    half_store = OnlineStore(client, s.redis_namespace + "half:", s.app_id, s.topic("clickstream"))
+    once_store = open_store(s, client, namespace=s.redis_namespace + "once:")
+    half_store = open_store(s, client, namespace=s.redis_namespace + "half:")
     try:
         batch = events()
         await fold_all(once_store, s, batch, size=len(batch))
@@ -239,7 +126,7 @@ async def test_a_half_applied_batch_on_the_cluster_completes_exactly_once(cluste
 async def test_one_users_keys_share_a_slot_and_the_keys_spread_over_the_masters(cluster, fresh):
     s = dataclasses.replace(fresh(), redis_url=cluster.redis_url, redis_cluster=True)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     try:
         await store.write_items([product(f"p{i}", "Audio") for i in range(40)])
         await fold_all(store, s, events(), size=100)
@@ -283,7 +170,7 @@ async def test_the_feature_worker_on_the_cluster(cluster, fresh, tmp_path):
     worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "features"], env=env,
                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
     client = connect(s)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     producer = create_producer(s)
     await producer.start()
     try:

@@ -23,7 +23,7 @@ from recstream.features.config import feature_config, limits
 from recstream.features.session import decode_features, features_value, newest
 from recstream.settings import Settings
 from schemas import Event
-from streams.online_store import OnlineStore
+from streams.online_store import open_store
 from streams.producer import create_producer
 from streams.replay import publish
 from streams.topics import ensure_topics
@@ -101,7 +101,7 @@ async def _join_and_leave(fresh, tmp_path):
     probes = [f"probe-{i}" for i in range(16)]
     phases = {"a": data.products[0:3], "b": data.products[3:6], "c": data.products[6:9]}
     client = aioredis.from_url(s.redis_url)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     parts = set(range(s.clickstream_partitions))
     procs = Processes(s, tmp_path)
     producer = create_producer(s)
@@ -252,7 +252,7 @@ async def serving_stack(stack: Settings, tmp_path_factory):
     await ensure_topics(s)
     procs = Processes(s, home)
     client = aioredis.from_url(s.redis_url)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     try:
         data, report = await trained_shop(s, ShopConfig(users=80, products=200, seed=4,
                                                         end_s=float(int(time.time()) - 60)), procs, store)

@@ -24,7 +24,7 @@ from recstream.data import ShopConfig
 from recstream.gather import ann_k, merge_parts
 from recstream.settings import Settings
 from schemas import CandidateSet, RecommendationRequest
-from streams.online_store import OnlineStore
+from streams.online_store import RedisStore, open_store
 from streams.topics import ensure_topics
 from tests.integration.serving_stack import Processes, request_cases, small_deployment, trained_shop, wait_for
 
@@ -40,7 +40,7 @@ class Stack:
     procs: Processes
     http: object
     redis: aioredis.Redis
-    store: OnlineStore
+    store: RedisStore
     version: str
     bundle: Path
     products: set[str]
@@ -59,7 +59,7 @@ async def sharded(stack: Settings, tmp_path_factory):
     await ensure_topics(s)
     procs = Processes(s, home)
     client = aioredis.from_url(s.redis_url)
-    store = OnlineStore(client, s.redis_namespace, s.app_id, s.topic("clickstream"))
+    store = open_store(s, client)
     try:
         data, report = await trained_shop(s, ShopConfig(users=80, products=300, seed=11,
                                                         end_s=float(int(time.time()) - 60)), procs, store)

@@ -161,7 +161,7 @@ def test_admin_refuses_experiment_times_out_of_range(tmp_path, field, value):
 # -- the fallback's categories -----------------------------------------------------------------------
 
 class Trending:
-    """The OnlineStore reads the fallback makes: trending lists per category (None: overall)."""
+    """The store reads the fallback makes: trending lists per category (None: overall)."""
 
     def __init__(self, lists: dict[str | None, list[tuple[str, float]]]):
         self.lists, self.lookups = lists, []

@@ -66,3 +66,14 @@ def test_split_by_tag_partitions_the_writes_and_every_group_carries_the_offsets(
 
 def test_split_of_nothing_is_nothing():
     assert split_by_tag(RedisOps()) == {}
+
+
+def test_a_published_keys_version_is_read_back_from_its_name():
+    import fnmatch
+
+    named = [keys.embedding("user", "7", "u1"), keys.embedding("item", "7", "p:9"), keys.user_offline("7", "u1"),
+             keys.item_offline("7", "p9")]
+    assert [keys.published_version(k) for k in named] == ["7"] * 4
+    assert all(any(fnmatch.fnmatchcase(k, p) for p in keys.published("7")) for k in named)
+    assert not any(fnmatch.fnmatchcase(k, p) for k in named for p in keys.published("8"))
+    assert keys.published_version(keys.MODEL_CURRENT) is None and keys.published_version(keys.user_state("u1")) is None
