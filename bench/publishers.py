@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from agents import features  # noqa: E402
-from bench.http_ingest import machine  # noqa: E402
+from bench import harness  # noqa: E402
 from cli import services  # noqa: E402
 from recstream.settings import load  # noqa: E402
 from recstream.stats import percentiles_ms  # noqa: E402
@@ -146,14 +145,15 @@ async def measure(client: str, args) -> dict:
 
 
 async def main(args) -> dict:
-    rows = []
+    """Figures per client: end-to-end p50 and p99 (ms), records re-routed, events sent."""
+    figures = {}
     for client in args.clients:
         row = await measure(client, args)
         print(f"{row['client']:20s} p50 {row['p50']:7.1f} ms  p99 {row['p99']:7.1f} ms  "
               f"re-routed {row['rerouted']} of {row['events']}", flush=True)
-        rows.append(row)
-    return {"benchmark": "publishers", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": machine(), "command": " ".join(sys.argv), "rows": rows}
+        figures[client] = {"p50_ms": row["p50"], "p99_ms": row["p99"], "rerouted": row["rerouted"],
+                           "events": row["events"], "measured": row["count"]}
+    return figures
 
 
 if __name__ == "__main__":
@@ -164,6 +164,7 @@ if __name__ == "__main__":
     p.add_argument("--clients", nargs="+", default=list(CLIENTS), choices=CLIENTS)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "publishers.json")
     a = p.parse_args()
-    result = asyncio.run(main(a))
-    a.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    figures = asyncio.run(main(a))
+    harness.write_result("publishers", figures, out=a.out, parameters={"events": a.events, "rate": a.rate,
+                                                                          "users": a.users})
     print(f"wrote {a.out}")
