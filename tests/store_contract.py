@@ -20,6 +20,7 @@ from tests import factories
 from tests.factories import bind, event
 
 T0 = time.time() - 600
+NOW = T0 + 600   # "now" for reads and folds: ten minutes after the events, however late the test runs
 FIELDS = ("category", "brand", "price")
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 
@@ -90,7 +91,7 @@ async def folded_batches_read_back(store: Store, s: Settings) -> None:
         (0, ev(7, "u1", "purchase", "p4", "Cables")),
     ])]
     await fold_all(store, s, batch, size=3)
-    now = time.time()
+    now = NOW
     assert await store.user_session("u1") == ["p3", "p2", "p1"]
     f = await store.user_features("u1")
     assert f is not None
@@ -137,7 +138,7 @@ async def ranking_reads_embeddings_and_the_homepage_cache(store: Store, s: Setti
     assert [v is not None for v in got.anchor_vectors] == [True, False]
     assert got.anchor_items[0]["category"] == "Audio" and got.anchor_items[1] == {}
 
-    now = time.time()
+    now = NOW
     reads = await store.ranking_reads(["p1", "p2", "p9"], ["p1", "p9"], FIELDS, ["p1", "p2"], "u1", "7", now,
                                       s.popularity_window_days, s.trending_half_life_s)
     assert reads.in_stock == [True, False, True]
@@ -170,7 +171,7 @@ async def replays_count_once(store: Store, s: Settings,
                              raw: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
     """`raw`: a dump of the store's keys, compared too where there is one (Redis)."""
     batch = events()
-    now = time.time()
+    now = NOW
 
     async def readback_and_raw() -> tuple[dict[str, Any], dict[str, Any] | None]:
         return await readback(store, s, batch, now), await raw() if raw else None
@@ -205,7 +206,7 @@ async def a_zombie_does_not_regress_the_state(store: Store, s: Settings) -> None
 
 async def the_serving_path(store: Store, s: Settings) -> None:
     """Agents report; the API reads the reports and the pointer, and forgets agents gone long enough."""
-    now = time.time()
+    now = NOW
     assert await store.serving_path(60.0, now) == ({}, None)
     await store.report_agent("retrieval:h:1", now - 100, "7")
     await store.report_agent("ranking:h:2", now - 1, None)

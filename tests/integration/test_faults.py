@@ -753,14 +753,14 @@ async def test_a_trainer_run_failing_midway_leaves_the_serving_model_unchanged(t
     source = Source(dataset="shop", shop=ShopConfig(users=80, products=200, seed=4, end_s=float(int(time.time()) - 60)))
     written = 0
 
-    def failing_writes(prefix, emb):
+    def failing_writes(kind, emb):
         nonlocal written
-        for i, kv in enumerate(publish_mod_real_writes(prefix, emb)):
+        for i, kv in enumerate(publish_mod_real_writes(kind, emb)):
             if i == 40:   # some keys of the new version are in Redis already
                 raise ConnectionError("simulated: Redis connection lost while publishing")
             written += 1
             yield kv
-    publish_mod_real_writes = publish_mod._embedding_writes
+    publish_mod_real_writes = publish_mod._vectors
 
     failures = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -771,7 +771,7 @@ async def test_a_trainer_run_failing_midway_leaves_the_serving_model_unchanged(t
         await _serving_unchanged(tr, pointer)
 
         mp.setattr(train_mod, "fit", lambda *a, **k: tr.fitted)
-        mp.setattr(publish_mod, "_embedding_writes", failing_writes)
+        mp.setattr(publish_mod, "_vectors", failing_writes)
         with pytest.raises(TrainingFailed, match=f"training failed at publish: ConnectionError: .*; .*{tr.version}") as e2:
             await asyncio.to_thread(train_once, s, source, lambda _: None)
         failures["publish"] = e2.value
@@ -822,12 +822,12 @@ async def test_a_run_failing_in_publish_leaves_the_registry_champion_alone(train
     before = await asyncio.to_thread(registry.champion_version)
     pointer = await tr.redis.get(s.redis_namespace + keys.MODEL_CURRENT)
 
-    def failing_writes(prefix, emb):
+    def failing_writes(kind, emb):
         raise ConnectionError("simulated: Redis connection lost while publishing")
         yield
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod, "fit", lambda *a, **k: tr.fitted)
-        mp.setattr(publish_mod, "_embedding_writes", failing_writes)
+        mp.setattr(publish_mod, "_vectors", failing_writes)
         source = Source(dataset="shop", shop=ShopConfig(users=80, products=200, seed=4,
                                                         end_s=float(int(time.time()) - 60)))
         with pytest.raises(TrainingFailed, match="training failed at publish"):

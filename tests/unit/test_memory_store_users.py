@@ -21,7 +21,7 @@ from recstream.settings import Settings
 from schemas import CandidateSet, RecommendationReply, RecommendationRequest
 from serving import recommend
 from streams.memory_store import MemoryStore
-from tests.store_contract import ev, fold_all, product
+from tests.store_contract import NOW, ev, fold_all, product
 
 ITEMS = [f"p{i}" for i in range(8)]
 
@@ -57,7 +57,7 @@ def retrieval_agent(s: Settings, store: MemoryStore) -> Retrieval:
 async def test_retrieval_answers_from_the_store(s: Settings):
     store = await shop(s)
     retrieval = retrieval_agent(s, store)
-    now = time.time()
+    now = NOW
     retrieval.clock = lambda: now
     try:
         known = RecommendationRequest(request_id="r1", kind="homepage", created_at=now, user_id="u1")
@@ -91,7 +91,7 @@ async def test_ranking_orders_retrievals_candidates_by_the_rules_and_drops_what_
     holder = ModelHolder(s, "ranking")
     holder.current = ServingModel("7")   # no booster: the rules order
     ranking = Ranking(s, store, holder)
-    now = time.time()
+    now = NOW
     try:
         request = RecommendationRequest(request_id="r1", kind="homepage", created_at=now, user_id="u1", count=10)
         [sent] = await retrieval.handle([request])
@@ -113,7 +113,7 @@ async def test_the_fallback_serves_trending_in_stock_items_by_category(s: Settin
     await fallback.refresh()
     assert {p for p, _, _ in fallback.overall} == {"p1", "p2", "p3"}        # p7 trends, but is out of stock
     assert dict((p, c) for p, _, c in fallback.overall) == {"p1": "Phones", "p2": "Audio", "p3": "Phones"}
-    req = RecommendationRequest(request_id="r1", kind="homepage", created_at=time.time(), count=2,
+    req = RecommendationRequest(request_id="r1", kind="homepage", created_at=NOW, count=2,
                                 context={"category": "Phones"})
     first = fallback.reply(req, "no reply within 40 ms")   # Phones is not looked up yet: trending overall
     assert first.fallback and len(first.items) == 2 and first.error == "no reply within 40 ms"
@@ -127,7 +127,7 @@ async def test_readiness_reads_the_agents_reports_from_the_store(s: Settings):
     store = MemoryStore()
     rec = recommend.Recommender(s, store=store)
     try:
-        now = time.time()
+        now = time.time()   # the reports' time: check_path compares it with the clock
         assert not (await rec.check_path()).ready
         for role in [*s.retrieval_agents(), "ranking"]:
             await store.report_agent(f"{role}:host:1", now, None)
