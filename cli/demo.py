@@ -314,7 +314,7 @@ def _shopper_acts(eid: str, visit: int, user: str, taste: dict[str, float], repl
 async def _counted(s: Settings, eid: str, exposures: int, timeout_s: float = 60) -> dict[str, VariantTotals]:
     """The experiment's per-variant totals, once the attribution worker has counted every exposure
     (or after `timeout_s`, as they are)."""
-    from streams.attribution import read_totals
+    from streams.attribution_store import read_totals
 
     client = aioredis.from_url(s.redis_url)
     try:

@@ -28,7 +28,7 @@ from recstream.settings import Settings
 
 
 async def _read(s: Settings, experiment_id: str) -> tuple[dict, dict]:
-    from streams.attribution import read_daily, read_totals
+    from streams.attribution_store import read_daily, read_totals
 
     client = aioredis.from_url(s.redis_url, socket_connect_timeout=2.0)
     try:

@@ -246,7 +246,7 @@ class OpsMonitor:
         self.ctr = self.metrics.ctr = await self._read_ctr()
 
     async def _read_ctr(self) -> dict[str, dict[str, dict]]:
-        from streams.attribution import read_totals
+        from streams.attribution_store import read_totals
 
         ns = self.s.redis_namespace
         running = self.running()

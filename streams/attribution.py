@@ -56,29 +56,18 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from recstream.experiments.attribution import (
-    FLOAT_FIELDS,
-    SEEN_TTL_S,
-    Changes,
-    Impression,
-    State,
-    UnitTotals,
-    VariantTotals,
     is_outcome,
-    needed_impressions,
-    needed_recent,
-    recent_from_json,
-    recent_to_json,
     step,
 )
 from recstream.features import keys
 from recstream.settings import Settings
 from schemas import Event, Exposure, SchemaError
+from streams.attribution_store import AttributionStore, offset_field
 from streams.deadletter import DeadLetter
 from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, SnapshotHolder, serve_metrics, stop_on_signals, worker_registry
 from streams.producer import create_producer
@@ -86,7 +75,6 @@ from streams.reroute import is_copy
 
 log = logging.getLogger(__name__)
 
-UNIT_TTL_S = 90 * 86400
 MAX_RECORDS = 5000
 RETRY_S = 1.0
 COMMIT_TIMEOUT_S = 5.0
@@ -94,46 +82,6 @@ COMMIT_TIMEOUT_S = 5.0
 
 def group_id(s: Settings) -> str:
     return f"{s.app_id}-attribution"
-
-
-def offset_field(tp: TopicPartition) -> str:
-    return f"{tp.topic}:{tp.partition}"
-
-
-async def read_offsets(client: aioredis.Redis, ns: str) -> dict[TopicPartition, int]:
-    out = {}
-    for k, v in (await client.hgetall(keys.AttributionKeys(ns).offsets)).items():
-        topic, _, partition = _text(k).rpartition(":")
-        out[TopicPartition(topic, int(partition))] = int(v)
-    return out
-
-
-# -- read side (the report) ----------------------------------------------------------------------
-
-async def read_totals(client: aioredis.Redis, ns: str, experiment_id: str) -> dict[str, VariantTotals]:
-    """variant -> VariantTotals of one experiment ("_all" for every exposure)."""
-    k = keys.AttributionKeys(ns)
-    variants = sorted(_text(v) for v in await client.smembers(k.variants(experiment_id)))
-    pipe = client.pipeline(transaction=False)
-    for v in variants:
-        pipe.hgetall(k.tot(experiment_id, v))
-    return {v: VariantTotals.from_fields(h) for v, h in zip(variants, await pipe.execute())}
-
-
-async def read_daily(client: aioredis.Redis, ns: str, experiment_id: str) -> dict[str, dict[str, VariantTotals]]:
-    """variant -> UTC day "YYYY-MM-DD" -> that day's increments (cumulative sums give as-of totals)."""
-    k = keys.AttributionKeys(ns)
-    variants = sorted(_text(v) for v in await client.smembers(k.variants(experiment_id)))
-    pipe = client.pipeline(transaction=False)
-    for v in variants:
-        pipe.smembers(k.days(experiment_id, v))
-    days = {v: sorted(map(_text, d)) for v, d in zip(variants, await pipe.execute())}
-    pipe = client.pipeline(transaction=False)
-    for v in variants:
-        for d in days[v]:
-            pipe.hgetall(k.day(experiment_id, v, d))
-    hashes = iter(await pipe.execute())
-    return {v: {d: VariantTotals.from_fields(next(hashes)) for d in days[v]} for v in variants}
 
 
 # -- the worker ----------------------------------------------------------------------------------
@@ -149,7 +97,8 @@ class AttributionStats:
 
 class Attribution:
     def __init__(self, s: Settings, client: aioredis.Redis):
-        self.s, self.client, self.keys = s, client, keys.AttributionKeys(s.redis_namespace)
+        self.s, self.client = s, client
+        self.store = AttributionStore(client, s.redis_namespace)
         self.exposures, self.clickstream = s.topic("exposures"), s.topic("clickstream")
         self.stats = AttributionStats()
         self.next: dict[TopicPartition, int] = {}        # next offset per partition, as stored in Redis
@@ -197,7 +146,7 @@ class Attribution:
             await self.producer.stop()
 
     async def _seek_stored(self, tps) -> None:
-        stored = await read_offsets(self.client, self.s.redis_namespace)
+        stored = await self.store.offsets()
         for tp in tps:
             if tp in stored:
                 self.consumer.seek(tp, stored[tp])
@@ -245,8 +194,8 @@ class Attribution:
                     break
                 records.append(e)
         await self._dead_letters(letters)
-        ch = step(records, await self._load(records), self.s.attribution_window_s)
-        await self._write(ch, offsets)
+        ch = step(records, await self.store.load(records, self.s.attribution_window_s), self.s.attribution_window_s)
+        await self.store.write(ch, offsets, self.s.attribution_ttl_s)
         # after the transaction: positions of held partitions go back to the first record held
         for tp, off in offsets.items():
             self.next[tp] = off
@@ -273,58 +222,6 @@ class Attribution:
                                                  headers=letter.headers()))
         await asyncio.gather(*acks)
 
-    async def _load(self, records: list[Exposure | Event]) -> State:
-        k, window = self.keys, self.s.attribution_window_s
-        event_ids = sorted({r.event_id for r in records if isinstance(r, Event) and is_outcome(r)})
-        shoppers = sorted(needed_recent(records))
-        pipe = self.client.pipeline(transaction=False)
-        for eid in event_ids:
-            pipe.exists(k.seen(eid))
-        for u in shoppers:
-            pipe.get(k.recent(u))
-        got = await pipe.execute()
-        seen = {eid for eid, n in zip(event_ids, got) if n}
-        recent = {u: recent_from_json(raw) for u, raw in zip(shoppers, got[len(event_ids):]) if raw}
-        rids = sorted(needed_impressions(records, recent, window))
-        pipe = self.client.pipeline(transaction=False)
-        for rid in rids:
-            pipe.get(k.imp(rid))
-        impressions = {rid: Impression.from_json(rid, raw) for rid, raw in zip(rids, await pipe.execute()) if raw}
-        units = {(e, v, imp.unit) for imp in impressions.values() for e, v in imp.arms}
-        units |= {(e, v, x.unit) for x in records if isinstance(x, Exposure) for e, v in Impression.of(x).arms}
-        units_list = sorted(units)
-        pipe = self.client.pipeline(transaction=False)
-        for key in units_list:
-            pipe.hgetall(k.unit(*key))
-        unit_totals = {key: UnitTotals.from_fields(h) for key, h in zip(units_list, await pipe.execute()) if h}
-        return State(seen=seen, impressions=impressions, recent=recent, units=unit_totals)
-
-    async def _write(self, ch: Changes, offsets: Mapping[TopicPartition, int]) -> None:
-        k, s = self.keys, self.s
-        tx = self.client.pipeline(transaction=True)   # MULTI ... EXEC: all of it, offsets included, or none
-        for rid, imp in ch.impressions.items():
-            if rid in ch.new_impressions:
-                tx.set(k.imp(rid), imp.to_json(), ex=s.attribution_ttl_s)
-            else:
-                tx.set(k.imp(rid), imp.to_json(), keepttl=True)
-        for shopper, entries in ch.recent.items():
-            tx.set(k.recent(shopper), recent_to_json(entries), ex=s.attribution_ttl_s)
-        for key, u in ch.units.items():
-            tx.hset(k.unit(*key), mapping=u.to_fields())
-            tx.expire(k.unit(*key), UNIT_TTL_S)
-        for (exp, variant), inc in ch.totals.items():
-            _increment(tx, k.tot(exp, variant), inc)
-            tx.sadd(k.variants(exp), variant)
-            tx.sadd(k.experiments, exp)
-        for (exp, variant, day), inc in ch.daily.items():
-            _increment(tx, k.day(exp, variant, day), inc)
-            tx.sadd(k.days(exp, variant), day)
-        for eid in ch.seen:
-            tx.set(k.seen(eid), 1, ex=SEEN_TTL_S)
-        if offsets:
-            tx.hset(k.offsets, mapping={offset_field(tp): off for tp, off in offsets.items()})
-        await tx.execute()
-
     # -- on-call ---------------------------------------------------------------------------------
 
     def snapshot(self) -> dict:
@@ -341,7 +238,7 @@ class Attribution:
         key = self.s.redis_namespace + keys.metrics("attribution", socket.gethostname(), os.getpid())
         try:
             self.metrics_holder.snapshot = snap = self.snapshot()
-            await self.client.set(key, orjson.dumps(snap), ex=METRICS_TTL_S)
+            await self.store.publish_metrics(key, snap, METRICS_TTL_S)
         except Exception as exc:  # metrics must never stop the worker
             log.warning("metrics not published: %r", exc)
 
@@ -357,16 +254,6 @@ def watermark(partitions: Iterable[tuple[int | None, int | None, float | None]])
             continue
         wm = min(wm, -math.inf if last_ts is None else last_ts)
     return wm
-
-
-def _increment(tx, key: str, inc: Mapping[str, float]) -> None:
-    for f, v in inc.items():
-        if not v:
-            continue
-        if f in FLOAT_FIELDS:
-            tx.hincrbyfloat(key, f, v)
-        else:
-            tx.hincrby(key, f, int(v))
 
 
 class _SeekToStored(ConsumerRebalanceListener):
@@ -395,7 +282,3 @@ async def run_attribution(s: Settings, stop: asyncio.Event | None = None, ready:
         return 0
     finally:
         await client.aclose()
-
-
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

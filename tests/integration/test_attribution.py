@@ -8,7 +8,8 @@ import redis.asyncio as aioredis
 
 from recstream.experiments.attribution import VariantTotals
 from recstream.stats import LatencyHistogram
-from streams.attribution import read_daily, read_offsets, read_totals, run_attribution
+from streams.attribution import run_attribution
+from streams.attribution_store import read_daily, read_offsets, read_totals
 from streams.deadletter import DeadLetter
 from streams.producer import create_producer
 from streams.topics import ensure_topics

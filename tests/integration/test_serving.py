@@ -387,7 +387,7 @@ async def _homepages(srv: Served, users: list[str], **params) -> dict[str, dict]
 
 async def test_ab_variants_change_serving_and_are_logged_attributed_reported_and_promoted(served: Served, tmp_path):
     from cli import experiments as commands
-    from streams.attribution import read_totals
+    from streams.attribution_store import read_totals
 
     srv, s = served, served.s
     # the admin API: token required, bad input named, nothing applied
