@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import time
 
 import redis.asyncio as aioredis
@@ -29,6 +30,20 @@ async def wait_until(cond, timeout_s=60):
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+@contextlib.asynccontextmanager
+async def feature_agents(s):
+    """The feature agents of `s` running in this process, for the body of the `async with`."""
+    await ensure_topics(s)
+    client = aioredis.from_url(s.redis_url)
+    app = create_app(s)
+    agents = features.register(app, s, client)
+    try:
+        async with faust_app_running(app):
+            yield agents
+    finally:
+        await client.aclose()
 
 
 async def run_agents(s, records_by_topic, until):
@@ -127,28 +142,21 @@ async def test_malformed_records_go_to_the_dead_letter_topic_and_the_stream_goes
     s = fresh(home_dir=tmp_path)
     bad = [b"{oops", b'{"event_id":"x","user_id":"u1"}', ev(1, "u1", "view", "p1").to_json().replace(b'"view"', b'"wish"')]
     good = [ev(2, "u1", "view", "p1"), ev(3, "u1", "view", "p2")]
-    await ensure_topics(s)
-    client = aioredis.from_url(s.redis_url)
-    app = create_app(s)
-    agents = features.register(app, s, client)
-    try:
-        async with faust_app_running(app):
-            producer = create_producer(s)
-            await producer.start()
-            try:
-                for raw in bad:
-                    await producer.send_and_wait(s.topic("clickstream"), raw, key=b"u1")
-                await publish(producer, s.topic("clickstream"), good, progress=False)
-            finally:
-                await producer.stop()
+    async with feature_agents(s) as agents:
+        producer = create_producer(s)
+        await producer.start()
+        try:
+            for raw in bad:
+                await producer.send_and_wait(s.topic("clickstream"), raw, key=b"u1")
+            await publish(producer, s.topic("clickstream"), good, progress=False)
+        finally:
+            await producer.stop()
 
-            async def done():
-                return agents.stats.seen == len(bad) + len(good)
-            assert await wait_until(done)
-            assert await agents.store.user_session("u1") == ["p2", "p1"]  # after the bad ones
-        assert agents.stats.dead_letters == len(bad)
-    finally:
-        await client.aclose()
+        async def done():
+            return agents.stats.seen == len(bad) + len(good)
+        assert await wait_until(done)
+        assert await agents.store.user_session("u1") == ["p2", "p1"]  # after the bad ones
+    assert agents.stats.dead_letters == len(bad)
     msgs = await read_topic(s, s.topic("deadletter"))
     letters = [deadletter.DeadLetter.from_headers(m.key, m.value, list(m.headers)) for m in msgs]
     assert [lt.value for lt in letters] == bad  # the raw bytes, untouched

@@ -1,26 +1,20 @@
 """Services publishing with other Kafka clients (librdkafka, Java) on the real broker: their events
 reach the features whatever their partitioner, their malformed records the dead-letter topic."""
 import asyncio
-import contextlib
 import sys
 import time
 import zlib
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
-from faust.contrib.asgi import faust_app_running
 
-from agents import features
 from cli import services
 from schemas import Event
 from streams import deadletter
-from streams.app import create_app
 from streams.producer import owner_partition
-from streams.topics import ensure_topics
 from tests.integration.clients import java_publish, librdkafka_publish
 from tests.integration.conftest import read_topic
-from tests.integration.test_features import product, wait_until
+from tests.integration.test_features import feature_agents, product, wait_until
 from tests.integration.test_http_events import JSON, api
 
 PARTITIONS = 8   # the clickstream's default, as in the issue
@@ -41,19 +35,6 @@ def events_of(users: list[str], per_user: int) -> list[Event]:
     return [Event(event_id=f"{u}-e{i}", user_id=u, session_id=f"{u}-s", product_id=f"p{i}",
                   event_type="view" if i % 3 else "click", timestamp=t0 + i, category="Audio")
             for i in range(per_user) for u in users]
-
-
-@contextlib.asynccontextmanager
-async def feature_agents(s):
-    await ensure_topics(s)
-    client = aioredis.from_url(s.redis_url)
-    app = create_app(s)
-    agents = features.register(app, s, client)
-    try:
-        async with faust_app_running(app):
-            yield agents
-    finally:
-        await client.aclose()
 
 
 async def test_one_shopper_over_the_api_and_librdkafka_is_one_session_in_order(fresh, tmp_path):
