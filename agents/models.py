@@ -53,6 +53,7 @@ class ServingModel:
     booster: xgb.Booster | None = None         # ranking
     item_row: dict[str, int] | None = None     # ranking: ALS item id -> row of item_vectors
     item_vectors: np.ndarray | None = None     # ranking: ALS item vectors, what the ranker trained on
+    item_popularity: np.ndarray | None = None  # ranking: weighted events over the training window, by row
     orderings: Mapping[str, str] = field(default_factory=dict)   # ranking: task -> ordering (recstream.ordering)
     task_boosters: Mapping[str, xgb.Booster] = field(default_factory=dict)   # ranking: a task's own ranker
 
@@ -70,6 +71,15 @@ class ServingModel:
         out[rows < 0] = np.nan
         return out
 
+    def window_popularity(self, ids: list[str]) -> np.ndarray | None:
+        """Weighted events over the training window per item (0 for an item the window did not see);
+        None for a version trained before it was carried."""
+        if self.item_popularity is None or self.item_row is None:
+            return None
+        get = self.item_row.get
+        rows = np.fromiter((get(x, -1) for x in ids), np.int64, len(ids))
+        return np.where(rows < 0, 0.0, self.item_popularity[np.maximum(rows, 0)])
+
 
 def load_bundle(folder: Path, version: str, role: str, threads: int, shard: int = 0, shards: int = 1) -> ServingModel:
     """role 'retrieval' loads the index (the shard it serves of `shards`, models.index.load_index) and the
@@ -85,9 +95,11 @@ def load_bundle(folder: Path, version: str, role: str, threads: int, shard: int 
                          f"({len(names)} vs {len(FEATURE_NAMES)}); deploy the code it was trained with")
     ids = json.loads((folder / "batch" / "items.ids.json").read_text())
     chosen = folder / "orderings.json"   # absent in versions trained before per-task orderings: the ranker serves all
+    popular = folder / "batch" / "items.popularity.npy"
     return ServingModel(version, booster=booster.load((folder / "ranker.ubj").read_bytes(), threads),
                         item_row={x: i for i, x in enumerate(ids)},
                         item_vectors=np.load(folder / "batch" / "items.npy"),
+                        item_popularity=np.load(popular) if popular.exists() else None,
                         orderings=json.loads(chosen.read_text()) if chosen.exists() else {},
                         task_boosters={f.stem.split("-", 1)[1]: booster.load(f.read_bytes(), threads)
                                        for f in folder.glob("ranker-*.ubj")})

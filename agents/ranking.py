@@ -205,7 +205,8 @@ class Ranking:
                        seller_rating=np.array([x.seller_rating for x in f]),
                        in_stock=np.array([x.in_stock for x in f]), created_at=np.array([x.created_at for x in f]),
                        popularity_7d=pop, purchases_7d=bought, trending=trend,
-                       sources=source_matrix(len(ids), cs.scores))
+                       sources=source_matrix(len(ids), cs.scores),
+                       popularity_window=model.window_popularity(ids) if model is not None else None)
         ctx = Context(now_s=arrived, user_embedding=query, session=feats, recent=recent, category_affinity=affinity,
                       median_price=median, device=r.ctx("device"), page=r.ctx("page"),
                       session_idle_timeout_s=s.session_idle_timeout_s)
@@ -227,7 +228,8 @@ class Ranking:
         t0 = time.perf_counter()
         cs, r = w.cs, w.cs.request
         engaged = np.nan_to_num(w.cols.popularity_7d) + np.nan_to_num(w.cols.purchases_7d)
-        scores = ordering.scores(w.ordering, w.cols.sources, engaged, w.cols.trending, w.X[:, UI_DOT], w.scores)
+        scores = ordering.scores(w.ordering, w.cols.sources, engaged, w.cols.trending, w.X[:, UI_DOT], w.scores,
+                                 w.cols.popularity_window)
         per_category = r.overrides.max_per_category if r.overrides and r.overrides.max_per_category is not None \
             else self.s.max_per_category
         tier = primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")) if self.s.widget_tiers else None

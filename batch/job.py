@@ -264,12 +264,11 @@ def _aggregates(events: DataFrame, window: Window, s: Settings, warnings: list[s
                 .withColumn("cat", F.coalesce("category", "item_category")).filter(F.col("cat").isNotNull())
                 .groupBy("user_id", "cat").agg(F.sum("weight").alias("w"))
                 .withColumn("a", F.col("w") / F.sqrt(F.sum(F.col("w") * F.col("w")).over(W.partitionBy("user_id")))))
-    recent = F.col("timestamp") > window.end_s - s.popularity_window_days * DAY_S
     none = F.lit(None).cast("string")
     parts = [
         item_category.select(F.lit("category"), "product_id", "item_category", F.lit(None).cast("double")),
         affinity.select(F.lit("affinity"), "user_id", "cat", "a"),
-        (events.filter(recent).groupBy("product_id").agg(F.sum("weight").alias("w"))
+        (events.groupBy("product_id").agg(F.sum("weight").alias("w"))
          .select(F.lit("popularity"), "product_id", none, "w")),
         (events.filter((F.col("event_type") == "purchase") & F.col("price").isNotNull())
          .groupBy("user_id").agg(F.median("price").alias("p")).select(F.lit("price"), "user_id", none, "p")),

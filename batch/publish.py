@@ -9,7 +9,7 @@ before stays readable for requests in flight; older ones are removed.
   emb:user:{version}:{u1}          float32 bytes of the ALS user embedding
   emb:item:{version}:{p9}          float32 bytes of the item embedding (ALS, or content model for new items)
   uoff:{version}:{u1}              hash: category_affinity (JSON), median_price
-  ioff:{version}:{p9}              hash: popularity_7d, category
+  ioff:{version}:{p9}              hash: popularity (weighted events over the training window), category
 (recstream/features/keys.py builds them: braces are Redis Cluster hash tags, so a user's or item's
 vectors live in the slot of its features.)
 """
@@ -57,7 +57,7 @@ def _offline(out: BatchOutputs) -> Iterator[tuple[str, str, dict[str, str]]]:
             fields["median_price"] = repr(out.user_median_price[user])
         yield "user", user, fields
     for item in set(out.item_popularity) | set(out.item_category):
-        fields = {"popularity_7d": repr(out.item_popularity.get(item, 0.0))}
+        fields = {"popularity": repr(out.item_popularity.get(item, 0.0))}
         if item in out.item_category:
             fields["category"] = out.item_category[item]
         yield "item", item, fields

@@ -98,14 +98,14 @@ class ItemTable:
         self.all_rows = np.arange(len(ids), dtype=np.int64)
 
     def columns(self, rows: np.ndarray, sources: np.ndarray, pop: np.ndarray, bought: np.ndarray,
-                trend: np.ndarray) -> Columns:
+                trend: np.ndarray, window: np.ndarray | None = None) -> Columns:
         n = self.num
         emb = self.embeddings[rows] if self.embeddings.shape[1] else None
         return Columns(ids=[self.ids[i] for i in rows], categories=[self.category[i] for i in rows],
                        embeddings=emb, price=n["price"][rows], rating=n["rating"][rows],
                        seller_rating=n["seller_rating"][rows], in_stock=n["in_stock"][rows],
                        created_at=n["created_at"][rows], popularity_7d=pop, purchases_7d=bought, trending=trend,
-                       sources=sources)
+                       sources=sources, popularity_window=window)
 
 
 class Popularity:
@@ -115,6 +115,7 @@ class Popularity:
         self.n, self.window, self.half_life, self.weights = n_items, window_days, half_life_s, weights
         self.days: dict[int, np.ndarray] = {}     # day -> (3, n): views+clicks, purchases, weighted events
         self.trend: dict[int, np.ndarray] = {}    # landmark -> forward-decayed increments
+        self.total = np.zeros(n_items)            # weighted events since the window's start (the version's counts)
 
     def add(self, row: int, event_type: str, ts: float) -> None:
         d = self.days.setdefault(popularity.day(ts), np.zeros((3, self.n)))
@@ -124,6 +125,7 @@ class Popularity:
             d[1, row] += 1
         weight = self.weights[event_type]
         d[2, row] += weight
+        self.total[row] += weight
         t = self.trend.setdefault(popularity.landmark(ts), np.zeros(self.n))
         t[row] += popularity.trend_increment(weight, ts, self.half_life)
 
@@ -154,6 +156,7 @@ class Group:
     popularity_7d: np.ndarray
     purchases_7d: np.ndarray
     trending: np.ndarray
+    popularity_window: np.ndarray   # weighted events since the window's start (what the version will carry)
     target: str
     grade: int
     novel: bool                 # the target was not in the session, cart or purchases already
@@ -218,7 +221,7 @@ def build_examples(events: Iterable[Event], outputs: BatchOutputs, products: Seq
                 group.task = task
                 groups.append(group)
                 blocks.append(matrix(ctx, table.columns(group.rows, group.sources, group.popularity_7d,
-                                                        group.purchases_7d, group.trending)))
+                                                        group.purchases_7d, group.trending, group.popularity_window)))
         update = apply(state, e, cfg.features, table.category[row] if row is not None else None)
         if update.duplicate:
             continue
@@ -387,8 +390,8 @@ def _group(ctx: Context, ask: candidates.Ask, shopper: candidates.Shopper, q: ca
             sources[:, j] = [np.nan if col[i] is None else col[i] for i in keep]
     counts = replay.pop.window_counts(ctx.now_s, rows)
     known = {*state.recent, *state.cart, *state.purchases}
-    return Group(ctx, rows, sources, counts[0], counts[1], replay.pop.trending(ctx.now_s, rows), e.product_id,
-                 GRADES[e.event_type], e.product_id not in known)
+    return Group(ctx, rows, sources, counts[0], counts[1], replay.pop.trending(ctx.now_s, rows),
+                 replay.pop.total[rows].copy(), e.product_id, GRADES[e.event_type], e.product_id not in known)
 
 
 # -- training and evaluation -------------------------------------------------------------------
@@ -475,7 +478,7 @@ def _boost(ex: Examples, train: slice | np.ndarray, held_out: slice | np.ndarray
 
 _SCORE_COLUMNS = [FEATURE_NAMES.index(f"score_{s}") for s in SOURCES]
 _COLUMN = {name: FEATURE_NAMES.index(name)
-           for name in ("log_popularity_7d", "log_purchases_7d", "log_trending", "ui_dot")}
+           for name in ("log_popularity_7d", "log_purchases_7d", "log_trending", "ui_dot", "log_popularity_window")}
 
 
 def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -484,10 +487,11 @@ def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offset
     sources, dot, trending = X[:, _SCORE_COLUMNS], X[:, _COLUMN["ui_dot"]], np.expm1(X[:, _COLUMN["log_trending"]])
     engaged = (np.nan_to_num(np.expm1(X[:, _COLUMN["log_popularity_7d"]]))
                + np.nan_to_num(np.expm1(X[:, _COLUMN["log_purchases_7d"]])))
+    window = np.expm1(X[:, _COLUMN["log_popularity_window"]])
     out = np.empty(len(X))
     for lo, hi in zip(offsets[:-1], offsets[1:]):
         out[lo:hi] = ordering.scores(name, sources[lo:hi], engaged[lo:hi], trending[lo:hi], dot[lo:hi],
-                                     ranker_scores[lo:hi])
+                                     ranker_scores[lo:hi], window[lo:hi])
     return out
 
 

@@ -50,7 +50,7 @@ class BatchOutputs:
     knn: Neighbours                            # item kNN over every event type, cosine (the "knn" source)
     cobuy: Neighbours                          # "frequently bought together", cosine over purchases
     category_affinity: dict[str, dict[str, float]]   # user -> category -> weight, L2-normalised
-    item_popularity: dict[str, float]          # item -> weighted events in the last 7 days of the window
+    item_popularity: dict[str, float]          # item -> weighted events over the whole window
     user_median_price: dict[str, float]        # user -> median unit price of purchases (absent: none)
     item_category: dict[str, str] = field(default_factory=dict)  # item -> leaf category, where known
     metrics: dict[str, float] = field(default_factory=dict)
@@ -61,6 +61,9 @@ class BatchOutputs:
         for name, emb in (("users", self.user_embeddings), ("items", self.item_embeddings)):
             np.save(folder / f"{name}.npy", emb.vectors)
             (folder / f"{name}.ids.json").write_text(json.dumps(emb.ids))
+        # the ranking agent's window popularity, by row of items.npy (it loads no aggregates.json)
+        np.save(folder / "items.popularity.npy",
+                np.array([self.item_popularity.get(x, 0.0) for x in self.item_embeddings.ids], np.float64))
         for name in ("knn", "cobuy"):
             rows = [(a, b, s) for a, ns in getattr(self, name).items() for b, s in ns]
             pq.write_table(pa.table({"item": [r[0] for r in rows], "neighbour": [r[1] for r in rows],

@@ -45,16 +45,24 @@ def task_of_target(event_type: str, live: bool, basket: bool) -> str:
 
 
 def scores(ordering: str, sources: np.ndarray, popularity: np.ndarray, trending: np.ndarray,
-           ui_dot: np.ndarray | None, ranker: np.ndarray | None) -> np.ndarray:
+           ui_dot: np.ndarray | None, ranker: np.ndarray | None,
+           popularity_window: np.ndarray | None = None) -> np.ndarray:
     """Scores (higher first) of one ordering for candidates given by their source matrix (NaN: not
-    proposed), window popularity (views, clicks and purchases: a shop that logs only purchases has
-    all of it there), trending weight, ALS dot product (NaN or None: no vector) and the ranker's
-    scores (None: no ranker, then the rules)."""
+    proposed), the last days' popularity (views, clicks and purchases: a shop that logs only
+    purchases has all of it there), trending weight, ALS dot product (NaN or None: no vector), the
+    ranker's scores (None: no ranker, then the rules) and the weighted events over the model's
+    training window (None or NaN: unknown).
+
+    "popular" orders by the training window's counts where the version has them, the last days'
+    breaking ties: a week holds a few hundred baskets of a small shop, too few to rank its staples."""
     trend = np.nan_to_num(np.asarray(trending, np.float64))
     if ordering == "ranker" and ranker is not None:
         return np.asarray(ranker, np.float64)
     if ordering == "popular":
-        return np.log1p(np.nan_to_num(np.asarray(popularity, np.float64))) + 1e-3 * np.log1p(trend)
+        recent = np.log1p(np.nan_to_num(np.asarray(popularity, np.float64))) + 1e-3 * np.log1p(trend)
+        if popularity_window is None:
+            return recent
+        return np.log1p(np.nan_to_num(np.asarray(popularity_window, np.float64))) + 1e-3 * recent
     if ordering == "fusion":
         return fusion_scores(sources) + 1e-6 * np.log1p(trend)
     if ordering == "als" and ui_dot is not None:

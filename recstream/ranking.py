@@ -35,6 +35,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "category_match", "is_top_affinity_category", "user_top_affinity", "user_affinity_categories",
     # popularity
     "log_popularity_7d", "log_purchases_7d", "purchase_rate_7d", "log_trending", "popularity_rank_pct",
+    "log_popularity_window",
     # item
     "rating", "seller_rating", "in_stock", "item_age_days", "log_item_age_days",
     # real-time session
@@ -97,6 +98,7 @@ class Candidate:
     purchases_7d: float = NAN                # purchases over the same window (pop:purchase)
     trending: float = NAN                    # forward-decayed weight at request time (trend:*)
     sources: Mapping[str, float] = field(default_factory=dict)  # retrieval source -> its score; unknown names ignored
+    popularity_window: float = NAN           # weighted events over the model's training window (the version's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +175,7 @@ class Columns:
     purchases_7d: np.ndarray
     trending: np.ndarray
     sources: np.ndarray             # (n, len(SOURCES)), NaN where a source did not propose it
+    popularity_window: np.ndarray | None = None   # weighted events over the training window; None: unknown
 
 
 def columns(candidates: Sequence[Candidate]) -> Columns:
@@ -201,7 +204,7 @@ def columns(candidates: Sequence[Candidate]) -> Columns:
         seller_rating=col(it.seller_rating for it in items), in_stock=col(it.in_stock for it in items),
         created_at=col(it.created_at for it in items), popularity_7d=col(c.popularity_7d for c in candidates),
         purchases_7d=col(c.purchases_7d for c in candidates), trending=col(c.trending for c in candidates),
-        sources=src)
+        sources=src, popularity_window=col(c.popularity_window for c in candidates))
 
 
 def features(ctx: Context, candidates: Sequence[Candidate]) -> np.ndarray:
@@ -282,6 +285,7 @@ def matrix(ctx: Context, cols: Columns) -> np.ndarray:
         f["purchase_rate_7d"] = bought / (pop + 1.0)
         f["log_trending"] = np.log1p(cols.trending)
         f["popularity_rank_pct"] = _rank_pct(pop)
+        f["log_popularity_window"] = nan if cols.popularity_window is None else np.log1p(cols.popularity_window)
         # item
         age = (ctx.now_s - cols.created_at) / DAY_S
         f["rating"], f["seller_rating"], f["in_stock"] = cols.rating, cols.seller_rating, cols.in_stock

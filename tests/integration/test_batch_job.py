@@ -129,7 +129,7 @@ def test_shop_popularity_and_median_price(shop_run, shop, settings):
     out = shop_run[0]
     weights = settings.event_weights
     expected = Counter()
-    for e in shop.events:  # the shop spans 7 days: all of it is in the popularity window
+    for e in shop.events:  # popularity counts the whole training window, which holds the shop
         expected[e.product_id] += weights[e.event_type]
     assert out.item_popularity == pytest.approx(dict(expected))
     prices = defaultdict(list)

@@ -44,6 +44,18 @@ def test_each_ordering_orders_by_its_own_signal():
     assert _order("fusion") == [0, 1, 2]     # each source's best first (ties by trending), then popular's second
 
 
+def test_popular_ranks_by_the_training_window_and_breaks_ties_by_the_last_days():
+    """A small shop's week is a few hundred baskets: its staples show in the version's window counts."""
+    sources = source_matrix(3, {"popular": [1.0, 1.0, 1.0]})
+    week, trend = np.array([9.0, 0.0, 3.0]), np.zeros(3)
+    window = np.array([100.0, 400.0, 100.0])
+    s = ordering.scores("popular", sources, week, trend, None, None, window)
+    assert list(np.argsort(-s, kind="stable")) == [1, 0, 2]
+    # a version trained before it carried the counts: the last days decide, as before
+    s = ordering.scores("popular", sources, week, trend, None, None, None)
+    assert list(np.argsort(-s, kind="stable")) == [0, 2, 1]
+
+
 def test_fusion_puts_what_several_sources_rank_high_first_whatever_their_scales():
     sources = source_matrix(4, {"als": [0.9, 0.8, 0.1, NAN], "knn": [NAN, 40.0, 0.5, 90.0]})
     s = ordering.fusion_scores(sources)

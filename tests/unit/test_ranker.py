@@ -171,7 +171,8 @@ def _online(group, table, outputs, shop) -> np.ndarray:
                                     item=ItemFields.from_redis(redis[keys.item_features(pid)]),
                                     popularity_7d=float(group.popularity_7d[i]),
                                     purchases_7d=float(group.purchases_7d[i]),
-                                    trending=float(group.trending[i]), sources=srcs))
+                                    trending=float(group.trending[i]), sources=srcs,
+                                    popularity_window=float(group.popularity_window[i])))
     return features(ctx, candidates)
 
 
