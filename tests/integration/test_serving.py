@@ -30,6 +30,7 @@ from streams.deadletter import DeadLetter
 from streams.producer import create_producer
 from streams.replay import publish, publish_dataset
 from streams.topics import ensure_topics
+from tests.integration import namespaces
 from tests.integration.conftest import read_topic
 from tests.integration.serving_stack import Processes, get_json, small_deployment, wait_for
 
@@ -138,6 +139,7 @@ async def served(stack: Settings, tmp_path_factory):
         if training is not None and not training.done():
             await asyncio.wait([training])
         await client.aclose()
+        await namespaces.remove(s)
 
 
 async def _answered(srv: Served, path: str, params: dict) -> bool:
