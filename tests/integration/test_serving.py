@@ -615,8 +615,8 @@ async def _ready(srv: Served) -> bool:
     return r.status_code == 200 and r.json() == {"status": "ready", "model_version": srv.version}
 
 
-async def _exposure_ids(s: Settings) -> set[str]:
-    """The request ids of every record on the exposures topic, read to its end."""
+async def _exposures(s: Settings) -> tuple[Counter, dict[TopicPartition, int]]:
+    """The records per request id on the exposures topic, read to its end, and those end offsets."""
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -624,21 +624,23 @@ async def _exposure_ids(s: Settings) -> set[str]:
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)
-        ids: set[str] = set()
+        ids: Counter = Counter()
         async def behind() -> bool:
             return any([await consumer.position(tp) < end[tp] for tp in parts])
         while await behind():
-            for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                ids.update(orjson.loads(m.value)["request_id"] for m in msgs)
-        return ids
+            for tp, msgs in (await consumer.getmany(timeout_ms=500)).items():
+                ids.update(orjson.loads(m.value)["request_id"] for m in msgs if m.offset < end[tp])
+        return ids, end
     finally:
         await consumer.stop()
 
 
 async def test_an_api_process_killed_under_load_loses_no_exposure(served: Served):
-    """Exposures are at least once (serving/journal.py): every list a client received is on the exposures
-    topic although the API process that served it was killed (SIGKILL) while three clients kept asking;
-    the next API process sends what the dead one had journaled but not yet delivered."""
+    """Exposures are at least once (serving/journal.py) and counted once: every list a client received
+    (a 200) is on the exposures topic although the API process that served it was killed (SIGKILL) while
+    three clients kept asking (the next API process sends what the dead one had journaled but not yet
+    delivered), and the attribution worker counts each exposure on the topic exactly once, though the
+    topic may hold one twice (a line the dead process had sent but not yet deleted from its journal)."""
     srv = served
     answered: list[str] = []
     stop = asyncio.Event()
@@ -673,8 +675,32 @@ async def test_an_api_process_killed_under_load_loses_no_exposure(served: Served
     want = set(answered)
 
     async def all_logged() -> bool:
-        return want <= await _exposure_ids(srv.s)
+        return want <= (await _exposures(srv.s))[0].keys()
     await wait_for(all_logged, 60, "every answered request's exposure on the topic", interval_s=1.0)
+
+    # counted once each: the A/B totals of every exposure ("_all") equal the distinct lists on the topic
+    from recstream.experiments.attribution import ALL_EXPERIMENT, ALL_VARIANT
+    from streams.attribution_store import read_offsets, read_totals
+
+    if not srv.procs.alive("attribution"):
+        srv.procs.start("attribution")
+    seen: dict = {}
+
+    async def counted() -> bool:
+        on_topic, end = await _exposures(srv.s)
+        stored = await read_offsets(srv.redis, srv.s.redis_namespace)
+        totals = (await read_totals(srv.redis, srv.s.redis_namespace, ALL_EXPERIMENT)).get(ALL_VARIANT)
+        seen.update(records=sum(on_topic.values()), distinct=len(on_topic), counted=totals.impressions if totals else 0,
+                    behind={f"{tp.partition}": n - stored.get(tp, 0) for tp, n in end.items()})
+        return all(stored.get(tp, 0) >= n for tp, n in end.items()) and seen["counted"] == seen["distinct"]
+    try:
+        await wait_for(counted, 90, "the attribution worker through the exposures topic", interval_s=1.0,
+                       check=lambda: srv.procs.check_alive("attribution"))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}\n{srv.procs.tail('attribution')}") from None
+    imp = keys.AttributionKeys(srv.s.redis_namespace).imp
+    assert await srv.redis.exists(*(imp(rid) for rid in want)) == len(want)   # each answered list among them
+    print(f"EXPOSURE-FIGURES on_topic {seen['records']} distinct {seen['distinct']} counted {seen['counted']}")
 
 
 async def _true(value: bool) -> bool:
