@@ -4,8 +4,8 @@ by the RECSTREAM_* variables of one Settings object (cli/processes.py starts the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,10 +22,11 @@ def small_deployment(stack: Settings, home: Path, name: str, deadline_ms: int, *
     """Settings of a test's own serving deployment: its topics, consumer group, Redis namespace and
     model name, a tiny ALS and ranker on local Spark, the test's serving deadline. The namespace is
     removed at the end of the session (tests/integration/namespaces.py), or earlier by its fixture."""
-    return namespaces.make(
-        stack, clickstream_partitions=4, home_dir=home, model_name=f"test-{name}-{uuid.uuid4().hex[:10]}", als_rank=8,
-        als_iterations=3, ranker_trees=20, ranker_depth=4, spark_master="local[2]", spark_driver_memory="1g",
-        serving_deadline_ms=deadline_ms, experiments_file=home / "experiments.toml", **extra)
+    s = namespaces.make(
+        stack, clickstream_partitions=4, home_dir=home, als_rank=8, als_iterations=3, ranker_trees=20, ranker_depth=4,
+        spark_master="local[2]", spark_driver_memory="1g", serving_deadline_ms=deadline_ms,
+        experiments_file=home / "experiments.toml", **extra)
+    return dataclasses.replace(s, model_name=f"test-{name}-{s.topic_prefix[1:]}")   # the namespace's tag
 
 
 async def wait_for(cond, timeout_s: float, what: str, interval_s: float = 0.1, check=None):
