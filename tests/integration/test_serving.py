@@ -211,19 +211,18 @@ async def test_each_endpoint_answers_valid_in_stock_items_and_a_sold_out_one_lea
                 if gone in [it["product_id"] for it in body["items"]]:
                     still.append((path, params, "cached" if body["cached"] else "computed"))
             return not still
-        started = time.monotonic()
+        # behaviour, not speed (bench/ has that): the stock change invalidates the caches, so the bound stays
+        # under the homepage cache's and the agents' item cache's TTLs (300 s, 60 s), not at a latency
         try:
-            await wait_for(left_everywhere, 3, f"sold-out {gone} to leave every reply", interval_s=0.05)
+            await wait_for(left_everywhere, 30, f"sold-out {gone} to leave every reply", interval_s=0.1)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still in {still}") from None
-        took = time.monotonic() - started
         for path, params, exclude in srv.cases():   # still full answers without it
             r, body, _ = await srv.ask(path, **params)
             await _check_reply(srv, r, body, KIND[path], COUNT[path], exclude | {gone})
     finally:
         await _set_stock(srv, gone, True)
-    await wait_for(lambda: _not_oos(srv, gone), 5, f"{gone} back in stock")
-    assert took < 3
+    await wait_for(lambda: _not_oos(srv, gone), 30, f"{gone} back in stock")
 
 
 async def _not_oos(srv: Served, product_id: str) -> bool:
