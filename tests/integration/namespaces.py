@@ -7,6 +7,7 @@ broker as it found it; before, a few local runs left ~20,000 partitions and the 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import uuid
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -42,8 +43,10 @@ async def topics_of(s: Settings) -> list[str]:
 
 
 async def remove(s: Settings) -> tuple[int, int]:
-    """Delete the namespace's topics and Redis keys; (topics, keys) deleted. Forgets it either way."""
+    """Delete the namespace's topics, Redis keys and exposure journal folder (an API run in the test's
+    process journals under the stack's home); (topics, keys) deleted. Forgets it either way."""
     _live.pop(s.topic_prefix, None)
+    shutil.rmtree(s.home_dir / "exposures" / s.topic("exposures"), ignore_errors=True)
     names = await topics_of(s)
     if names:
         await delete_topics(s, names)
