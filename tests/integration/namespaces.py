@@ -20,11 +20,17 @@ from streams.topics import delete_topics
 _live: dict[str, Settings] = {}   # topic prefix -> the namespace's settings, until removed
 
 
+NAMES = ("topic_prefix", "app_id", "redis_namespace")
+
+
 def make(stack: Settings, **overrides) -> Settings:
-    """`stack` with a namespace of its own, remembered for removal; `overrides` set other fields."""
+    """`stack` with a namespace of its own, remembered for removal; `overrides` set other fields (not
+    the namespace's names: removal deletes by them, and must never reach the user's `recs.*` topics)."""
+    if named := set(NAMES) & overrides.keys():
+        raise ValueError(f"a test namespace is named here, not by the test: {sorted(named)}")
     tag = uuid.uuid4().hex[:10]
-    s = dataclasses.replace(stack, **{"topic_prefix": f"t{tag}", "app_id": f"recstream-test-{tag}",
-                                      "redis_namespace": f"t{tag}:", **overrides})
+    s = dataclasses.replace(stack, topic_prefix=f"t{tag}", app_id=f"recstream-test-{tag}", redis_namespace=f"t{tag}:",
+                            **overrides)
     _live[s.topic_prefix] = s
     return s
 
