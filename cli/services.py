@@ -236,7 +236,14 @@ def _kafka_answers(s: Settings) -> bool:
         finally:
             await admin.close()
 
-    return asyncio.run(probe())
+    # Not asyncio.run: it leaves the thread with no current event loop (set_event_loop(None)), and this
+    # runs inside processes that have one (the test session's, when `up` had to start Kafka).
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(probe())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 # -- Redis --------------------------------------------------------------------------------------

@@ -1,11 +1,9 @@
 """Integration fixtures: the real local stack, started by the project's own scripts (never skipped)."""
-import dataclasses
-import uuid
-
 import pytest
 
 from cli import services
 from recstream.settings import Settings, load
+from tests.integration import namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -18,15 +16,25 @@ def stack() -> Settings:
     return s
 
 
+@pytest.fixture(scope="session", autouse=True)
+async def _remove_namespaces():
+    """At the session's end, the namespaces module- and session-scoped fixtures made (tests/integration/namespaces.py)."""
+    yield
+    await namespaces.remove_all()
+
+
 @pytest.fixture
-def fresh(stack: Settings):
-    """A factory of Settings with a namespace of their own: topic prefix, app id, Redis key prefix."""
+async def fresh(stack: Settings):
+    """A factory of Settings with a namespace of their own: topic prefix, app id, Redis key prefix;
+    the test's topics and keys are deleted after it."""
+    made: list[Settings] = []
+
     def make(**overrides) -> Settings:
-        tag = uuid.uuid4().hex[:10]
-        values = {"topic_prefix": f"t{tag}", "app_id": f"recstream-test-{tag}", "clickstream_partitions": 4,
-                  "redis_namespace": f"t{tag}:"}
-        return dataclasses.replace(stack, **{**values, **overrides})
-    return make
+        made.append(namespaces.make(stack, **{"clickstream_partitions": 4, **overrides}))
+        return made[-1]
+    yield make
+    for s in made:
+        await namespaces.remove(s)
 
 
 async def read_topic(s: Settings, topic: str, timeout_ms: int = 5000) -> list:

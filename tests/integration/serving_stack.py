@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -16,17 +15,18 @@ from cli.processes import Processes, free_port  # noqa: F401  (the tests import 
 from recstream.data import Dataset, ShopConfig, shop_dataset
 from recstream.settings import Settings
 from streams.online_store import RedisStore
+from tests.integration import namespaces
 
 
 def small_deployment(stack: Settings, home: Path, name: str, deadline_ms: int, **extra) -> Settings:
     """Settings of a test's own serving deployment: its topics, consumer group, Redis namespace and
-    model name, a tiny ALS and ranker on local Spark, the test's serving deadline."""
-    tag = uuid.uuid4().hex[:10]
-    return dataclasses.replace(
-        stack, topic_prefix=f"t{tag}", app_id=f"recstream-test-{tag}", clickstream_partitions=4,
-        redis_namespace=f"t{tag}:", home_dir=home, model_name=f"test-{name}-{tag}", als_rank=8, als_iterations=3,
-        ranker_trees=20, ranker_depth=4, spark_master="local[2]", spark_driver_memory="1g",
-        serving_deadline_ms=deadline_ms, experiments_file=home / "experiments.toml", **extra)
+    model name, a tiny ALS and ranker on local Spark, the test's serving deadline. The namespace is
+    removed at the end of the session (tests/integration/namespaces.py), or earlier by its fixture."""
+    s = namespaces.make(
+        stack, clickstream_partitions=4, home_dir=home, als_rank=8, als_iterations=3, ranker_trees=20, ranker_depth=4,
+        spark_master="local[2]", spark_driver_memory="1g", serving_deadline_ms=deadline_ms,
+        experiments_file=home / "experiments.toml", **extra)
+    return dataclasses.replace(s, model_name=f"test-{name}-{s.topic_prefix[1:]}")   # the namespace's tag
 
 
 async def wait_for(cond, timeout_s: float, what: str, interval_s: float = 0.1, check=None):

@@ -37,6 +37,7 @@ from streams import lag
 from streams.archive import dataset_dir, read_archive
 from streams.archive import group_id as archive_group
 from streams.topics import ensure_topics
+from tests.integration import namespaces
 from tests.integration.serving_stack import Processes, free_port, get_json, small_deployment, wait_for
 
 pytestmark = pytest.mark.integration
@@ -643,6 +644,7 @@ async def trained(stack: Settings, tmp_path_factory):
         if training is not None and not training.done():
             await asyncio.wait([training])
         await client.aclose()
+        await namespaces.remove(s)
 
 
 async def _answered(tr: Trained, path: str, params: dict) -> bool:

@@ -1,13 +1,16 @@
 """The store's contract (tests/store_contract.py) on a single Redis and on a three-master Redis Cluster,
 with what only Redis shows: the keys themselves, and the cluster's slots and half-applied batches.
 
-The cluster is started by the project's own script (cli.redis_cluster.cluster_up, idempotent),
-like every other service: never skipped. Each test writes under a namespace of its own."""
+The cluster (free ports, a tmp home: this session's own) is started by the project's own script
+(cli.redis_cluster.cluster_up) like every other service, never skipped, and stopped after. Each test
+writes under a namespace of its own."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import os
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -31,15 +34,35 @@ from tests.store_contract import events, fold_all, product
 pytestmark = pytest.mark.integration
 
 
+def _cluster_ports(n: int = 3) -> str:
+    """n loopback ports that are free, each with its cluster-bus port (+10000)."""
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+    ports: list[int] = []
+    while len(ports) < n:
+        p = random.randrange(20_000, 30_000)
+        if p not in ports and free(p) and free(p + redis_cluster.BUS_OFFSET):
+            ports.append(p)
+    return ",".join(map(str, ports))
+
+
 @pytest.fixture(scope="session")
-def cluster(stack: Settings):
-    """The stack's settings pointed at the local Redis Cluster, started if it is not up, and stopped
-    after the tests if they started it (a test run leaves the machine's services as it found them)."""
-    was_up = redis_cluster.formed(stack)
-    redis_cluster.cluster_up(stack, say=lambda _: None)
-    yield dataclasses.replace(stack, redis_url=redis_cluster.url(stack), redis_cluster=True)
-    if not was_up:
-        redis_cluster.cluster_down(stack, say=lambda _: None)
+def cluster(stack: Settings, tmp_path_factory):
+    """The stack's settings pointed at a Redis Cluster of this session's own (free ports, a tmp home),
+    started by the project's script and stopped after the tests: a cluster the user started on the
+    configured ports, or another test run's, is neither used nor stopped (a test run leaves the
+    machine's services as it found them)."""
+    s = dataclasses.replace(stack, home_dir=tmp_path_factory.mktemp("redis-cluster"), redis_cluster_ports=_cluster_ports())
+    redis_cluster.cluster_up(s, say=lambda _: None)
+    try:
+        yield dataclasses.replace(s, redis_url=redis_cluster.url(s), redis_cluster=True)
+    finally:
+        redis_cluster.cluster_down(s, say=lambda _: None)
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -150,10 +173,12 @@ async def test_one_users_keys_share_a_slot_and_the_keys_spread_over_the_masters(
 def test_cluster_up_is_idempotent_and_status_reports(cluster):
     before = {svc.name: svc.own_pid() for svc in redis_cluster.nodes(cluster)}
     cli = [sys.executable, "-m", "cli.main", "services"]
-    out = subprocess.run([*cli, "cluster-up"], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "RECSTREAM_HOME_DIR": str(cluster.home_dir),
+           "RECSTREAM_REDIS_CLUSTER_PORTS": cluster.redis_cluster_ports}
+    out = subprocess.run([*cli, "cluster-up"], capture_output=True, text=True, check=True, env=env).stdout
     assert "redis cluster: ok" in out and "creating" not in out and "node started" not in out, out
     assert {svc.name: svc.own_pid() for svc in redis_cluster.nodes(cluster)} == before
-    status = subprocess.run([*cli, "cluster-status"], capture_output=True, text=True, check=True).stdout
+    status = subprocess.run([*cli, "cluster-status"], capture_output=True, text=True, check=True, env=env).stdout
     assert "redis-cluster        ok" in status and "stopped" not in status, status
 
 

@@ -27,6 +27,7 @@ from streams.online_store import open_store
 from streams.producer import create_producer
 from streams.replay import publish
 from streams.topics import ensure_topics
+from tests.integration import namespaces
 from tests.integration.conftest import read_changelog
 from tests.integration.serving_stack import Processes, request_cases, small_deployment, trained_shop, wait_for
 
@@ -274,6 +275,7 @@ async def serving_stack(stack: Settings, tmp_path_factory):
     finally:
         procs.stop_all()
         await client.aclose()
+        await namespaces.remove(s)
 
 
 async def _serving_snapshot(st: Stack, role: str, pid: int) -> dict | None:

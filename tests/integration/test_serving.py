@@ -30,6 +30,7 @@ from streams.deadletter import DeadLetter
 from streams.producer import create_producer
 from streams.replay import publish, publish_dataset
 from streams.topics import ensure_topics
+from tests.integration import namespaces
 from tests.integration.conftest import read_topic
 from tests.integration.serving_stack import Processes, get_json, small_deployment, wait_for
 
@@ -138,6 +139,7 @@ async def served(stack: Settings, tmp_path_factory):
         if training is not None and not training.done():
             await asyncio.wait([training])
         await client.aclose()
+        await namespaces.remove(s)
 
 
 async def _answered(srv: Served, path: str, params: dict) -> bool:
@@ -209,19 +211,18 @@ async def test_each_endpoint_answers_valid_in_stock_items_and_a_sold_out_one_lea
                 if gone in [it["product_id"] for it in body["items"]]:
                     still.append((path, params, "cached" if body["cached"] else "computed"))
             return not still
-        started = time.monotonic()
+        # behaviour, not speed (bench/ has that): the stock change invalidates the caches, so the bound stays
+        # under the homepage cache's and the agents' item cache's TTLs (300 s, 60 s), not at a latency
         try:
-            await wait_for(left_everywhere, 3, f"sold-out {gone} to leave every reply", interval_s=0.05)
+            await wait_for(left_everywhere, 30, f"sold-out {gone} to leave every reply", interval_s=0.1)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still in {still}") from None
-        took = time.monotonic() - started
         for path, params, exclude in srv.cases():   # still full answers without it
             r, body, _ = await srv.ask(path, **params)
             await _check_reply(srv, r, body, KIND[path], COUNT[path], exclude | {gone})
     finally:
         await _set_stock(srv, gone, True)
-    await wait_for(lambda: _not_oos(srv, gone), 5, f"{gone} back in stock")
-    assert took < 3
+    await wait_for(lambda: _not_oos(srv, gone), 30, f"{gone} back in stock")
 
 
 async def _not_oos(srv: Served, product_id: str) -> bool:
@@ -613,8 +614,8 @@ async def _ready(srv: Served) -> bool:
     return r.status_code == 200 and r.json() == {"status": "ready", "model_version": srv.version}
 
 
-async def _exposure_ids(s: Settings) -> set[str]:
-    """The request ids of every record on the exposures topic, read to its end."""
+async def _exposures(s: Settings) -> tuple[Counter, dict[TopicPartition, int]]:
+    """The records per request id on the exposures topic, read to its end, and those end offsets."""
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -622,21 +623,23 @@ async def _exposure_ids(s: Settings) -> set[str]:
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)
-        ids: set[str] = set()
+        ids: Counter = Counter()
         async def behind() -> bool:
             return any([await consumer.position(tp) < end[tp] for tp in parts])
         while await behind():
-            for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                ids.update(orjson.loads(m.value)["request_id"] for m in msgs)
-        return ids
+            for tp, msgs in (await consumer.getmany(timeout_ms=500)).items():
+                ids.update(orjson.loads(m.value)["request_id"] for m in msgs if m.offset < end[tp])
+        return ids, end
     finally:
         await consumer.stop()
 
 
 async def test_an_api_process_killed_under_load_loses_no_exposure(served: Served):
-    """Exposures are at least once (serving/journal.py): every list a client received is on the exposures
-    topic although the API process that served it was killed (SIGKILL) while three clients kept asking;
-    the next API process sends what the dead one had journaled but not yet delivered."""
+    """Exposures are at least once (serving/journal.py) and counted once: every list a client received
+    (a 200) is on the exposures topic although the API process that served it was killed (SIGKILL) while
+    three clients kept asking (the next API process sends what the dead one had journaled but not yet
+    delivered), and the attribution worker counts each exposure on the topic exactly once, though the
+    topic may hold one twice (a line the dead process had sent but not yet deleted from its journal)."""
     srv = served
     answered: list[str] = []
     stop = asyncio.Event()
@@ -671,8 +674,32 @@ async def test_an_api_process_killed_under_load_loses_no_exposure(served: Served
     want = set(answered)
 
     async def all_logged() -> bool:
-        return want <= await _exposure_ids(srv.s)
+        return want <= (await _exposures(srv.s))[0].keys()
     await wait_for(all_logged, 60, "every answered request's exposure on the topic", interval_s=1.0)
+
+    # counted once each: the A/B totals of every exposure ("_all") equal the distinct lists on the topic
+    from recstream.experiments.attribution import ALL_EXPERIMENT, ALL_VARIANT
+    from streams.attribution_store import read_offsets, read_totals
+
+    if not srv.procs.alive("attribution"):
+        srv.procs.start("attribution")
+    seen: dict = {}
+
+    async def counted() -> bool:
+        on_topic, end = await _exposures(srv.s)
+        stored = await read_offsets(srv.redis, srv.s.redis_namespace)
+        totals = (await read_totals(srv.redis, srv.s.redis_namespace, ALL_EXPERIMENT)).get(ALL_VARIANT)
+        seen.update(records=sum(on_topic.values()), distinct=len(on_topic), counted=totals.impressions if totals else 0,
+                    behind={f"{tp.partition}": n - stored.get(tp, 0) for tp, n in end.items()})
+        return all(stored.get(tp, 0) >= n for tp, n in end.items()) and seen["counted"] == seen["distinct"]
+    try:
+        await wait_for(counted, 90, "the attribution worker through the exposures topic", interval_s=1.0,
+                       check=lambda: srv.procs.check_alive("attribution"))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}\n{srv.procs.tail('attribution')}") from None
+    imp = keys.AttributionKeys(srv.s.redis_namespace).imp
+    assert await srv.redis.exists(*(imp(rid) for rid in want)) == len(want)   # each answered list among them
+    print(f"EXPOSURE-FIGURES on_topic {seen['records']} distinct {seen['distinct']} counted {seen['counted']}")
 
 
 async def _true(value: bool) -> bool:

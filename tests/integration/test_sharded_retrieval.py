@@ -26,6 +26,7 @@ from recstream.settings import Settings
 from schemas import CandidateSet, RecommendationRequest
 from streams.online_store import RedisStore, open_store
 from streams.topics import ensure_topics
+from tests.integration import namespaces
 from tests.integration.serving_stack import Processes, request_cases, small_deployment, trained_shop, wait_for
 
 API = "/api/v1/recommendations"
@@ -86,6 +87,7 @@ async def sharded(stack: Settings, tmp_path_factory):
     finally:
         procs.stop_all()
         await client.aclose()
+        await namespaces.remove(s)
 
 
 def _request(path: str, params: dict) -> RecommendationRequest:

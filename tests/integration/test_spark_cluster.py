@@ -10,6 +10,7 @@ import pytest
 from cli import spark_cluster
 from models.artifacts import BatchOutputs
 from models.registry import CHAMPION, Registry
+from tests.integration import namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -41,11 +42,8 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(cluster, tmp_path_factory):
     """(local settings, local run, cluster settings, cluster run, the master's new applications)."""
-    import dataclasses
-
     def fresh(**overrides):
-        tag = uuid.uuid4().hex[:10]
-        return dataclasses.replace(cluster, topic_prefix=f"t{tag}", redis_namespace=f"t{tag}:", **overrides)
+        return namespaces.make(cluster, **overrides)   # removed at the session's end
 
     local = _small(fresh, tmp_path_factory.mktemp("local"), "local")
     remote = _small(fresh, tmp_path_factory.mktemp("cluster"), "cluster")

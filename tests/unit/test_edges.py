@@ -70,9 +70,10 @@ def test_repeated_parameters_are_refused():
     assert parse("homepage", [("count", "5"), ("user_id", "u1")]).count == 5
 
 
-def test_the_app_refuses_repeated_and_bad_parameters():
+def test_the_app_refuses_repeated_and_bad_parameters(tmp_path):
     """Through the real route: the app hands parse every value, not Starlette's last one."""
-    client = TestClient(create_app(recstream.settings.load({})))   # no lifespan: parse answers before Kafka
+    s = dataclasses.replace(recstream.settings.load({}), home_dir=tmp_path)   # its exposure journal's folder
+    client = TestClient(create_app(s))   # no lifespan: parse answers before Kafka
     r = client.get("/api/v1/recommendations/homepage?count=abc&count=5")
     assert r.status_code == 400
     assert r.json() == {"error": "invalid request", "fields": [{"field": "count", "reason": "given 2 times; give it once"}]}
