@@ -1,8 +1,11 @@
 """Baseline recommenders for offline evaluation (`Method`s): popularity, S-POP, item/session kNN, iALS, genre, random."""
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -12,6 +15,17 @@ from recstream.evaluation.core import Query, Split
 from recstream.settings import Settings
 
 _CELLS = 2_000_000   # scores held at once (queries x items): bounds memory on large catalogues
+TUNED = Path(__file__).with_name("tuned_baselines.json")   # written by bench/tune_baselines.py
+
+
+def tuned_params(protocol: str, path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Per baseline name, the constructor arguments chosen on `protocol`'s validation split by
+    bench/tune_baselines.py (figures: bench/results/baseline_tuning.json); empty where none were."""
+    path = path or TUNED
+    if not path.exists():
+        return {}
+    table: dict[str, dict[str, dict[str, Any]]] = json.loads(path.read_text())["protocols"]
+    return table.get(protocol, {})
 
 
 class _Baseline:
