@@ -3,7 +3,8 @@
 Runs what `recstream evaluate --protocol NAME` runs (the test split; baselines and ours side by
 side in one run, on one split), writes each protocol's record and plot to bench/results/evaluation/,
 and keeps in evaluation.json, per protocol, the primary metric of the best baseline (and its
-name) and of the full pipeline, the lift, and every method's figures.
+name) and of the full pipeline, the lift, every method's figures, and how the baselines were set
+(`baselines`: tuned on the protocol's validation split by bench/tune_baselines.py, or not).
 
     .venv/bin/python bench/evaluation.py [--protocols homepage,session,fbt,movielens,new_items] [--validation]
 """
@@ -64,7 +65,8 @@ def collect(folder: Path, protocols: list[str], name: str, command: str) -> dict
     return harness.result(name, {p: summarise(r) for p, r in records.items()}, command=command,
                           date=min(dates) if dates else None,
                           methods={p: {m: x["metrics"] for m, x in r["methods"].items()} for p, r in records.items()},
-                          seconds={p: sum(x["seconds"] for x in r["methods"].values()) for p, r in records.items()})
+                          seconds={p: sum(x["seconds"] for x in r["methods"].values()) for p, r in records.items()},
+                          baselines={p: r.get("baselines", "") for p, r in records.items()})
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ class Evaluation:
     # the primary metric's family over ours' unordered candidate set, whole ("all") and per source, with the
     # mean set size ("size"): the ceiling of every ordering (see metrics.set_recall)
     candidate_recall: dict[str, float] = field(default_factory=dict)
+    baselines: str = ""             # how the baselines' hyper-parameters were set (tuned or not, and where)
 
     def result(self, name: str) -> MethodResult:
         return next(r for r in self.results if r.name == name)
@@ -92,11 +93,25 @@ class Evaluation:
         return self.full_pipeline.metrics[self.split.primary] / base - 1 if base > 0 else math.inf
 
 
-def default_baselines(s: Settings) -> list[Method]:
-    """Every baseline, on every protocol (the table is never a selected subset); implicit's ALS at our rank."""
-    return [bl.Popularity(), bl.SessionPopularity(), bl.ItemKNN(), bl.SessionKNN(),
-            bl.ImplicitALS(factors=s.als_rank, regularization=s.als_reg, alpha=s.als_alpha, iterations=s.als_iterations),
+def default_baselines(s: Settings, protocol: str | None = None) -> list[Method]:
+    """Every baseline, on every protocol (the table is never a selected subset). Untuned, implicit's ALS is at
+    our rank and the others at their constructors' defaults; for a protocol, the hyper-parameters chosen on its
+    validation split (bl.tuned_params: bench/tune_baselines.py) replace those."""
+    tuned = bl.tuned_params(protocol) if protocol is not None else {}
+    als = {"factors": s.als_rank, "regularization": s.als_reg, "alpha": s.als_alpha, "iterations": s.als_iterations}
+    return [bl.Popularity(**tuned.get("pop", {})), bl.SessionPopularity(), bl.ItemKNN(**tuned.get("iknn", {})),
+            bl.SessionKNN(**tuned.get("vsknn", {})), bl.ImplicitALS(**{**als, **tuned.get("ials", {})}),
             bl.GenreProfile(), bl.Random()]
+
+
+def baselines_note(protocol: str) -> str:
+    """How the default baselines of `protocol` were set, for the report."""
+    tuned = bl.tuned_params(protocol)
+    if not tuned:
+        return "baselines untuned: their constructors' defaults (implicit's ALS at our rank)"
+    return ("baselines tuned on this protocol's validation split (bench/tune_baselines.py; chosen settings in "
+            "recstream/evaluation/tuned_baselines.json, figures in bench/results/baseline_tuning.json): " +
+            "; ".join(f"{name} " + ", ".join(f"{k}={v}" for k, v in params.items()) for name, params in tuned.items()))
 
 
 def eval_settings(s: Settings, split: Split) -> Settings:
@@ -139,7 +154,11 @@ def run(s: Settings, split: Split, baselines: Sequence[Method] | None = None, pr
     if split.protocol == "new_items":
         universe = set(split.held_out_items)
     results: list[MethodResult] = []
-    for method in baselines if baselines is not None else default_baselines(s):
+    note = baselines_note(split.protocol) if baselines is None else "baselines given by the caller"
+    if baselines is None:
+        baselines = default_baselines(s, split.protocol)
+        progress(f"[evaluate] {note}")
+    for method in baselines:
         t0 = time.perf_counter()
         method.fit(split)
         lists = method.recommend(split.queries, split.max_k)
@@ -170,7 +189,7 @@ def run(s: Settings, split: Split, baselines: Sequence[Method] | None = None, pr
             clean = [_filtered(q, r, universe, split.max_k) for q, r in zip(split.queries, ranked)]
             results.append(_result(name, True, split, clean, ks, universe, seconds))
             progress(f"[evaluate] {name}: {split.primary} {results[-1].metrics[split.primary]:.4f}")
-    return Evaluation(split, results, {"train_s": train_s, **fitted.metrics}, recall)
+    return Evaluation(split, results, {"train_s": train_s, **fitted.metrics}, recall, note)
 
 
 def candidate_recall(split: Split, candidates: dict[str, list[list[str]]], universe: set[str]) -> dict[str, float]:

@@ -50,6 +50,8 @@ def table(ev: Evaluation) -> str:
     best, full = ev.best_baseline, ev.full_pipeline
     lines.append(f"{full.name} {primary} {full.metrics[primary]:.4f} vs best baseline {best.name} "
                  f"{best.metrics[primary]:.4f}: {ev.lift:+.1%} (bar: +10%) -> {'PASS' if ev.lift >= 0.10 else 'BELOW BAR'}")
+    if ev.baselines:
+        lines.append(ev.baselines)
     return "\n".join(lines)
 
 
@@ -64,7 +66,7 @@ def record(ev: Evaluation, command: str = "") -> dict:
             "methods": {r.name: {"ours": r.ours, "seconds": r.seconds, "metrics": r.metrics,
                                  "curve": {"k": list(range(1, len(r.curve) + 1)), p.split("@")[0]: r.curve}}
                         for r in ev.results},
-            "training": ev.training, "candidate_recall": ev.candidate_recall}
+            "training": ev.training, "candidate_recall": ev.candidate_recall, "baselines": ev.baselines}
 
 
 def plot(rec: dict, path: Path) -> Path:

@@ -1,7 +1,11 @@
 """Baseline recommenders for offline evaluation (`Method`s): popularity, S-POP, item/session kNN, iALS, genre, random."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -11,6 +15,17 @@ from recstream.evaluation.core import Query, Split
 from recstream.settings import Settings
 
 _CELLS = 2_000_000   # scores held at once (queries x items): bounds memory on large catalogues
+TUNED = Path(__file__).with_name("tuned_baselines.json")   # written by bench/tune_baselines.py
+
+
+def tuned_params(protocol: str, path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Per baseline name, the constructor arguments chosen on `protocol`'s validation split by
+    bench/tune_baselines.py (figures: bench/results/baseline_tuning.json); empty where none were."""
+    path = path or TUNED
+    if not path.exists():
+        return {}
+    table: dict[str, dict[str, dict[str, Any]]] = json.loads(path.read_text())["protocols"]
+    return table.get(protocol, {})
 
 
 class _Baseline:
@@ -145,13 +160,15 @@ class SessionPopularity(_Baseline):
         return scores
 
 
-def _cosine_top(x: sp.csr_matrix, neighbours: int) -> sp.csr_matrix:
-    """Item-item cosine over binary baskets, sim(a, b) = c_ab / sqrt(c_a c_b), each row pruned to its
-    `neighbours` most similar items (Sarwar et al., "Item-based collaborative filtering", WWW 2001)."""
-    c = (x.T @ x).tocsr()
+def _cosine_top(x: sp.csr_matrix, neighbours: int, shrink: float = 0.0) -> sp.csr_matrix:
+    """Item-item cosine over binary baskets, sim(a, b) = c_ab / (sqrt(c_a c_b) + shrink), each row pruned to
+    its `neighbours` most similar items (Sarwar et al., "Item-based collaborative filtering", WWW 2001; the
+    shrink term, which discounts pairs seen together rarely, as in Ferrari Dacrema et al.'s ItemKNN-CF)."""
+    c = (x.T @ x).tocoo()
     norm = np.sqrt(c.diagonal())
-    inv = sp.diags(np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0))
-    sim = (inv @ c @ inv).tocsr()
+    denom = norm[c.row] * norm[c.col] + shrink
+    data = np.divide(c.data, denom, out=np.zeros_like(c.data, dtype=float), where=denom > 0)
+    sim = sp.csr_matrix((data, (c.row, c.col)), shape=c.shape)
     sim.setdiag(0.0)
     sim.eliminate_zeros()
     for r in range(sim.shape[0]):
@@ -165,19 +182,21 @@ def _cosine_top(x: sp.csr_matrix, neighbours: int) -> sp.csr_matrix:
 
 class ItemKNN(_Baseline):
     """Item-to-item kNN on session co-occurrence: a candidate scores the summed similarity to the query's
-    anchors (the cart, else the last `anchors` history items weighted 1/position, newest first).
-    Cart queries use purchase baskets when training has purchases ("frequently bought together")."""
+    anchors (the cart, else the last `anchors` history items weighted 1/position, newest first), the
+    similarity shrunk by `shrink` (see `_cosine_top`). Cart queries use purchase baskets when training has
+    purchases ("frequently bought together")."""
     name = "iknn"
 
-    def __init__(self, neighbours: int = 100, anchors: int = 5,
+    def __init__(self, neighbours: int = 100, anchors: int = 5, shrink: float = 0.0,
                  *, seed: int | None = None, weights: Mapping[str, float] | None = None):
         super().__init__(seed=seed, weights=weights)
-        self.neighbours, self.anchors = neighbours, anchors
+        self.neighbours, self.anchors, self.shrink = neighbours, anchors, shrink
 
     def _fit(self, split: Split) -> None:
-        self.sim = _cosine_top(self._sessions(), self.neighbours)
+        self.sim = _cosine_top(self._sessions(), self.neighbours, self.shrink)
         bought = np.array([e.event_type == "purchase" for e in split.train], dtype=bool)
-        self.sim_cart = _cosine_top(self._sessions(bought), self.neighbours) if bought.any() else self.sim
+        self.sim_cart = (_cosine_top(self._sessions(bought), self.neighbours, self.shrink) if bought.any()
+                         else self.sim)
 
     def _scores(self, queries: Sequence[Query]) -> np.ndarray:
         cart, browse = [], []
@@ -196,18 +215,33 @@ class ItemKNN(_Baseline):
         return scores
 
 
+# V-SKNN's weight of the current session's item at position p of L (1 = oldest, L = newest), session-rec's
+# vsknn.py choices (Ludewig & Jannach 2018). "linear" is the decay the paper describes, 1 - 0.1 (L - p) down to
+# 0 (the newest ten items); session-rec's code has a condition `p <= 10` that zeroes the newest items of
+# sessions longer than ten, not taken here.
+POSITION_WEIGHTS: dict[str, Callable[[int, int], float]] = {
+    "same": lambda p, n: 1.0,
+    "div": lambda p, n: p / n,
+    "linear": lambda p, n: max(0.0, 1.0 - 0.1 * (n - p)),
+    "log": lambda p, n: 1.0 / math.log10(n - p + 1.7),
+    "quadratic": lambda p, n: (p / n) ** 2,
+}
+
+
 class SessionKNN(_Baseline):
     """V-SKNN (Ludewig & Jannach, "Evaluation of session-based recommendation algorithms", UMUAI 2018;
     session-rec's vsknn.py): candidate neighbours are the `sample` most recent training sessions sharing an
     item with the current session (history, then cart); similarity = sum over shared items of the item's
-    linear position weight p/L in the current session (newest 1, its last occurrence counts); the `k` most
-    similar are kept; an item scores the summed similarity of the neighbours holding it."""
+    position weight in the current session (`weighting`, see POSITION_WEIGHTS; its last occurrence counts);
+    the `k` most similar are kept; an item scores the summed similarity of the neighbours holding it."""
     name = "vsknn"
 
-    def __init__(self, k: int = 100, sample: int = 500,
+    def __init__(self, k: int = 100, sample: int = 500, weighting: str = "div",
                  *, seed: int | None = None, weights: Mapping[str, float] | None = None):
         super().__init__(seed=seed, weights=weights)
-        self.k, self.sample = k, sample
+        if weighting not in POSITION_WEIGHTS:
+            raise ValueError(f"weighting {weighting!r}: one of {', '.join(POSITION_WEIGHTS)}")
+        self.k, self.sample, self.weighting = k, sample, weighting
 
     def _fit(self, split: Split) -> None:
         self.x = self._sessions()   # row number = recency rank
@@ -216,7 +250,8 @@ class SessionKNN(_Baseline):
         weights = []
         for q in queries:
             session = q.history + q.cart
-            weights.append({item: p / len(session) for p, item in enumerate(session, 1)})   # later overwrite
+            w = POSITION_WEIGHTS[self.weighting]
+            weights.append({item: w(p, len(session)) for p, item in enumerate(session, 1)})   # later overwrite
         sims = (self.x @ self._matrix(weights).T).tocsc()   # sessions x queries: only sessions sharing an item
         r, c, v = [], [], []
         for j in range(len(queries)):

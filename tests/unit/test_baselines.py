@@ -1,7 +1,18 @@
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
-from recstream.evaluation.baselines import GenreProfile, ImplicitALS, ItemKNN, Popularity, Random, SessionKNN, SessionPopularity
+from recstream.evaluation.baselines import (
+    POSITION_WEIGHTS,
+    GenreProfile,
+    ImplicitALS,
+    ItemKNN,
+    Popularity,
+    Random,
+    SessionKNN,
+    SessionPopularity,
+    _cosine_top,
+)
 from recstream.evaluation.core import Query, Split
 from schemas import Event, Product
 from tests.factories import event, product
@@ -166,7 +177,8 @@ def test_random_is_seeded_per_query_and_not_by_batch():
     assert a[0] != a[1]
 
 
-METHODS = [Popularity, lambda: Popularity(window_days=0.5), SessionPopularity, ItemKNN, SessionKNN,
+METHODS = [Popularity, lambda: Popularity(window_days=0.5), SessionPopularity, ItemKNN, lambda: ItemKNN(shrink=50),
+           SessionKNN, lambda: SessionKNN(weighting="log"),
            lambda: ImplicitALS(factors=4, iterations=2), GenreProfile, Random]
 
 
@@ -190,3 +202,55 @@ def test_lists_are_full_distinct_and_respect_exclude_and_universe(make):
             allowed = (trained if query.universe is None else query.universe) - query.exclude
             assert len(ranked) == len(set(ranked)) == min(k, len(allowed)), (query.qid, ranked)
             assert set(ranked) <= allowed, query.qid
+
+
+def test_item_knn_shrinkage_divides_by_the_norms_plus_shrink():
+    # sessions x items (a, b, c): a in 4 sessions, once with b (b's only session), three times with c (c in 16)
+    rows = [[1, 1, 0]] + [[1, 0, 1]] * 3 + [[0, 0, 1]] * 13
+    x = sp.csr_matrix(np.array(rows, dtype=float))
+    plain, shrunk = (_cosine_top(x, 10, shrink).toarray() for shrink in (0.0, 10.0))
+    assert plain[0, 1] == pytest.approx(1 / np.sqrt(4 * 1)) and plain[0, 2] == pytest.approx(3 / np.sqrt(4 * 16))
+    assert shrunk[0, 1] == pytest.approx(1 / (2 + 10)) and shrunk[0, 2] == pytest.approx(3 / (8 + 10))
+    assert shrunk[1, 2] == plain[1, 2] == 0.0 and np.all(np.diag(shrunk) == 0.0)
+    np.testing.assert_allclose(shrunk, shrunk.T)
+
+
+def test_item_knn_shrinkage_prefers_the_pair_seen_together_more_often():
+    log = Events()
+    log.session("u", "s0", "a rare")                            # cos(a, rare) = 1/sqrt(4*1) = 0.5
+    for i in range(3):
+        log.session(f"v{i}", "s", "a often")                    # cos(a, often) = 3/sqrt(4*16) = 0.375
+    for i in range(13):
+        log.session(f"w{i}", "s", "often")
+    assert fitted(ItemKNN(), log.events).recommend([q(history="a")], 1) == [["rare"]]
+    # shrink 10: 1/(2+10) = 0.083 against 3/(8+10) = 0.167
+    assert fitted(ItemKNN(shrink=10), log.events).recommend([q(history="a")], 1) == [["often"]]
+
+
+@pytest.mark.parametrize("weighting, expected", [
+    ("same", [1.0, 1.0, 1.0]),
+    ("div", [1 / 3, 2 / 3, 1.0]),
+    ("linear", [0.8, 0.9, 1.0]),
+    ("log", [1 / np.log10(3.7), 1 / np.log10(2.7), 1 / np.log10(1.7)]),
+    ("quadratic", [1 / 9, 4 / 9, 1.0]),
+])
+def test_session_knn_position_weights_of_a_three_item_session(weighting, expected):
+    assert [POSITION_WEIGHTS[weighting](p, 3) for p in (1, 2, 3)] == pytest.approx(expected)
+
+
+def test_session_knn_linear_weight_stops_at_zero_after_ten_items():
+    assert POSITION_WEIGHTS["linear"](1, 12) == 0.0 and POSITION_WEIGHTS["linear"](12, 12) == 1.0
+
+
+def test_session_knn_weighting_changes_the_neighbours_similarity():
+    log = Events()
+    log.session("0", "0", "after_a")                            # after_a the more popular
+    log.session("2", "2", "b after_b")
+    log.session("1", "1", "a after_a")
+    query = q(history="a b", exclude="a b")
+    # div: the session sharing b (the newest click, weight 1) beats the one sharing a (1/2)
+    assert fitted(SessionKNN(weighting="div"), log.events).recommend([query], 2) == [["after_b", "after_a"]]
+    # same: both neighbours weigh 1; the tie goes to the more popular item
+    assert fitted(SessionKNN(weighting="same"), log.events).recommend([query], 2) == [["after_a", "after_b"]]
+    with pytest.raises(ValueError, match="weighting"):
+        SessionKNN(weighting="cubic")

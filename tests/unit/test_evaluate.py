@@ -97,3 +97,23 @@ def test_candidate_recall_is_every_orderings_ceiling_under_the_shared_filter():
     assert got == {"all": (0.5 + 1.0) / 2, "als": 0.25, "size": 1.5}   # x is excluded: no slot, no hit
     hits = candidate_recall(dataclasses.replace(split, primary="hitrate@20"), {"all": [["a"], []]}, {"a", "c"})
     assert hits["all"] == 0.5
+
+
+def test_default_baselines_take_the_settings_tuned_for_their_protocol(tmp_path, monkeypatch):
+    from cli.evaluate import baselines_note, default_baselines
+    from recstream.evaluation import baselines as bl
+    from recstream.settings import Settings
+
+    tuned = {"session": {"pop": {"window_days": 7.0}, "iknn": {"neighbours": 20, "shrink": 50.0},
+                         "vsknn": {"k": 50, "sample": 1000, "weighting": "log"}, "ials": {"factors": 32, "alpha": 1.0}}}
+    monkeypatch.setattr(bl, "TUNED", tmp_path / "tuned.json")
+    (tmp_path / "tuned.json").write_text(json.dumps({"protocols": tuned}))
+    s = Settings(als_rank=64, als_reg=0.5, als_alpha=20.0, als_iterations=3)
+    pop, _, iknn, vsknn, ials, *_ = default_baselines(s, "session")
+    assert pop.name == "pop7d" and (iknn.neighbours, iknn.shrink) == (20, 50.0)
+    assert (vsknn.k, vsknn.sample, vsknn.weighting) == (50, 1000, "log")
+    assert (ials.factors, ials.regularization, ials.alpha, ials.iterations) == (32, 0.5, 1.0, 3)   # the rest: ours
+    assert "tuned on this protocol's validation split" in baselines_note("session") and "shrink=50.0" in baselines_note("session")
+    pop, _, iknn, vsknn, ials, *_ = default_baselines(s, "fbt")                                       # none tuned
+    assert pop.name == "pop" and (iknn.neighbours, iknn.shrink, vsknn.weighting) == (100, 0.0, "div")
+    assert (ials.factors, ials.regularization, ials.alpha) == (64, 0.5, 20.0) and "untuned" in baselines_note("fbt")
