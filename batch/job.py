@@ -104,7 +104,7 @@ def build(spark: SparkSession, events_df: DataFrame, s: Settings, end_s: float |
         progress(f"batch als: rank {s.als_rank}, {s.als_iterations} iterations on {ratings:,} user-item pairs: "
                  f"{len(users.ids):,} users, {len(items.ids):,} items [{metrics['als_s']:.1f} s]")
         mark = time.perf_counter()
-        knn, cobuy, capped = _cooccurrence(events, s.cooccurrence_top_n)
+        knn, cobuy, capped = _cooccurrence(events, s.cooccurrence_top_n, s.knn_shrink)
         if capped:
             warnings.append(f"sessions with more than {MAX_SESSION_ITEMS} distinct items viewed (or bought): "
                             f"{capped:,}; co-occurrence counts only their last {MAX_SESSION_ITEMS}")
@@ -211,7 +211,7 @@ def _embeddings(factors: DataFrame, labels: list[str], rank: int) -> Embeddings:
     return Embeddings(ids, np.asarray(values, dtype=np.float32).reshape(len(ids), rank))
 
 
-def _cooccurrence(events: DataFrame, top_n: int) -> tuple[Neighbours, Neighbours, int]:
+def _cooccurrence(events: DataFrame, top_n: int, shrink: float = 0.0) -> tuple[Neighbours, Neighbours, int]:
     """Item-to-item neighbours within a session, over every event type ("knn": the retrieval source of
     that name, item kNN as Sarwar et al., WWW 2001) and over purchases ("cobuy"): per item, its top_n
     neighbours by cosine over sessions, c_ab / sqrt(c_a * c_b), where c_ab counts the distinct sessions
@@ -221,7 +221,10 @@ def _cooccurrence(events: DataFrame, top_n: int) -> tuple[Neighbours, Neighbours
     best-seller that sits in every basket no longer tops every list (raw counts), while an item seen once,
     once beside a, does not outrank a partner bought with a in many sessions (lift, c_ab / c_b, gives that
     single co-occurrence the highest possible score). A session is (user_id, session_id): session ids are
-    only unique per user. Returns (knn, cobuy, sessions cut to their last MAX_SESSION_ITEMS items)."""
+    only unique per user. `shrink` is added to item kNN's denominator, c_ab / (sqrt(c_a * c_b) + shrink)
+    (Koren's shrinkage, as the item-kNN baseline tuned on validation takes it): a pair seen in two
+    sessions of two rare items no longer ties with one seen in two hundred. Returns (knn, cobuy,
+    sessions cut to their last MAX_SESSION_ITEMS items)."""
     session = ["kind", "user_id", "session_id"]
     kinds = F.array(F.lit("knn"), F.when(F.col("event_type") == "purchase", F.lit("cobuy")))
     basket = (events.withColumn("kind", F.explode(kinds)).filter(F.col("kind").isNotNull())
@@ -238,7 +241,9 @@ def _cooccurrence(events: DataFrame, top_n: int) -> tuple[Neighbours, Neighbours
                  .groupBy("kind", "item", "neighbour").agg(F.count(F.lit(1)).alias("c_ab"))
                  .join(sessions.withColumnsRenamed({"product_id": "item", "c": "c_a"}), ["kind", "item"])
                  .join(sessions.withColumnsRenamed({"product_id": "neighbour", "c": "c_b"}), ["kind", "neighbour"])
-                 .withColumn("score", F.col("c_ab") / F.sqrt(F.col("c_a").cast("double") * F.col("c_b"))))
+                 .withColumn("score", F.col("c_ab") / (F.sqrt(F.col("c_a").cast("double") * F.col("c_b"))
+                                                       + F.when(F.col("kind") == "knn", F.lit(float(shrink)))
+                                                       .otherwise(F.lit(0.0)))))
         best = W.partitionBy("kind", "item").orderBy(F.desc("score"), F.desc("c_ab"), "neighbour")
         top = (pairs.withColumn("nth", F.row_number().over(best)).filter(F.col("nth") <= top_n)
                .select("kind", "item", "nth", "neighbour", "score").toArrow()

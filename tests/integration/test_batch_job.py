@@ -174,6 +174,23 @@ def test_no_purchases_single_event_users_and_uncategorised_items(spark, settings
     assert any(w.startswith(f"1 of {out.window.users:,} users have a single event") for w in out.warnings)
 
 
+def test_item_knn_is_cosine_over_sessions_with_shrinkage(spark, settings, tmp_path):
+    """c_ab / (sqrt(c_a c_b) + shrink) over distinct sessions: a pair of rare items seen together once
+    tops a's list without shrinkage and falls behind a pair seen in three sessions with it."""
+    def session(user: str, items: str) -> list[Event]:
+        return [Event(event_id=f"{user}-{p}", user_id=user, session_id="s", product_id=p, event_type="view",
+                      timestamp=SHOP.end_s - 3600 + i) for i, p in enumerate(items.split())]
+    events = session("u0", "a rare") + [e for i in range(1, 4) for e in session(f"u{i}", "a often")]
+    events += [e for i in range(4, 17) for e in session(f"u{i}", "often")]        # c_a 4, c_rare 1, c_often 16
+    path = events_to_parquet(events, tmp_path / "knn.parquet")
+    for shrink, order in ((0.0, ["rare", "often"]), (10.0, ["often", "rare"])):
+        out = build(spark, load_events(spark, path), dataclasses.replace(settings, knn_shrink=shrink),
+                    progress=lambda _: None)
+        got = dict(out.knn["a"])
+        assert got == pytest.approx({"rare": 1 / (np.sqrt(4 * 1) + shrink), "often": 3 / (np.sqrt(4 * 16) + shrink)})
+        assert [b for b, _ in out.knn["a"]] == order
+
+
 def test_taobao_head(spark, settings, shared_data, tmp_path):
     """The real Taobao head file: 84,287 events of 814 users. The window is 90 days so that every row
     is in it: the oldest outlier goes back to 2017-09-11 (its SOURCE.md); 30 days would leave out one."""
