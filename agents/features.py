@@ -27,6 +27,14 @@ there before its own offset can be committed, and the copy is folded like any re
 a redelivery or a refill does not copy it again. The session orders its items by event time
 (recstream.features.session), so a copy that arrives after newer events still takes its place.
 
+Erased shoppers (streams/erasures.py, README "Personal data"): every batch asks Redis which of its
+users are erased (keys.ERASED, one SMISMEMBER) and drops their events before the fold, their offsets
+passed like re-routed records' (`erased_dropped` counts them); after the fold it asks again, and a user
+erased while the batch was folding loses the keys the fold wrote and their table row (the erasure
+deleted the keys before the fold wrote them). A third agent reads the erasures topic, co-partitioned with the
+clickstream, so the worker holding a shopper's session gets their erasure: it deletes the row (Faust
+writes the changelog's tombstone) and the Redis keys again.
+
 Redis down: an agent retries its batch, backing off up to REDIS_RETRY_MAX_S, until Redis answers.
 It never lets the error escape: Faust would restart the agent in-process and go on past the batch,
 whose events would then be lost to the features (and the applied-offset guard would not bring
@@ -51,7 +59,7 @@ from recstream.features.config import feature_config, limits
 from recstream.features.plan import BatchPlan, missing_offsets
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
-from schemas import Event, Product, SchemaError
+from schemas import Erasure, Event, Product, SchemaError
 from streams import deadletter
 from streams.app import raw_topic
 from streams.online_store import open_store
@@ -72,6 +80,8 @@ class FeatureStats:
     refilled: int = 0    # records the consumer skipped, read again from Kafka
     rerouted: int = 0    # records on another partition than their shopper's, copied to the owner partition
     recovered_states: int = 0   # users whose table row was behind Redis' copy (a write lost in a rebalance)
+    erased_dropped: int = 0     # events of erased shoppers, dropped before the fold
+    erasures: int = 0           # erased shoppers whose table row and keys this worker deleted
     batches: int = 0
     items: int = 0
     last_offset: dict[int, int] = field(default_factory=dict)   # partition -> last processed offset
@@ -96,6 +106,7 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
     named functions of this module and recstream.features.plan, what stays here is their wiring."""
     clickstream = raw_topic(app, s.topic("clickstream"))
     catalogue = raw_topic(app, s.topic("catalogue"))
+    erasures = raw_topic(app, s.topic("erasures"))
     dead_letters = raw_topic(app, s.topic("deadletter"))
     # Keyed by user like the clickstream; a row lives on the partition of its user's events (see _as_current).
     sessions = app.Table("user-sessions", default=None, key_type=str, partitions=s.clickstream_partitions,
@@ -178,12 +189,37 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                 stats.dead_letters += 1
         return good
 
+    async def drop_erased(good: list[Any], skipped: list[Any]) -> tuple[list[Any], list[Any], list[tuple[int, int]]]:
+        """(good, skipped) less the events of erased shoppers, and the (partition, offset) of those."""
+        users = {e.user_id for _, e in good} | {i.event.user_id for _, i in skipped}
+        erased = await _until_redis_answers(lambda: store.erased(users), "erased shoppers") if users else set()
+        if not erased:
+            return good, skipped, []
+        dropped = ([(ev.message.partition, ev.message.offset) for ev, e in good if e.user_id in erased]
+                   + [(i.partition, i.offset) for _, i in skipped if i.event.user_id in erased])
+        stats.erased_dropped += len(dropped)
+        return ([(ev, e) for ev, e in good if e.user_id not in erased],
+                [(ev, i) for ev, i in skipped if i.event.user_id not in erased], dropped)
+
+    async def forget(stream: faust.StreamT[Any], context: dict[str, Any]) -> None:
+        """Delete the table rows (tombstones on the changelog) and the Redis keys of the users of `context`
+        (user -> an event of the partition their row is in)."""
+        await _until_redis_answers(lambda: store.erase_users(sorted(context)), "erasing shoppers' keys")
+        with _as_current(stream) as make_current:
+            for user, ev in context.items():
+                make_current(ev)
+                if sessions.get(user) is not None:
+                    del sessions[user]
+        stats.erasures += len(context)
+
     @app.agent(clickstream, name="update_session_features")
     async def update_session_features(stream: faust.StreamT) -> None:
         async for events in stream.take_events(s.feature_batch_max, within=s.feature_batch_within_ms / 1000):
             skipped = await refill(events)
             good = await decode(events, Event)
+            good, skipped, dropped = await drop_erased(good, skipped)
             good, skipped, passed = await reroute(good, skipped)
+            passed += dropped
             if not good and not skipped and not passed:
                 continue
             batch = [inc for _, inc in skipped] + [Incoming(e, ev.message.partition, ev.message.offset) for ev, e in good]
@@ -202,6 +238,20 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                                                 "session features")  # Redis first: see features/plan.py
             _write_states(stream, sessions, last_event, result.states)
             _account(stats, result, good, passed)
+            meanwhile = await _until_redis_answers(lambda: store.erased(result.states), "erased shoppers")
+            if meanwhile:   # erased while this batch folded: its writes came after the erasure's deletes
+                await forget(stream, {u: last_event[u] for u in meanwhile if u in last_event})
+
+    @app.agent(erasures, name="forget_erased_users")
+    async def forget_erased_users(stream: faust.StreamT[Any]) -> None:
+        async for ev in stream.events():   # one at a time: erasures are rare
+            try:
+                user = Erasure.from_json(ev.value).user_id
+            except (SchemaError, TypeError) as exc:   # (TypeError: a tombstone, no value)
+                log.warning("erasures[%d]@%d skipped: %s", ev.message.partition, ev.message.offset, exc)
+                continue
+            await _until_redis_answers(lambda: store.mark_erased([user]), "erased shoppers")
+            await forget(stream, {user: ev})
 
     @app.agent(catalogue, name="update_item_features")
     async def update_item_features(stream: faust.StreamT) -> None:
