@@ -135,12 +135,13 @@ class ErasureFollower:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.s.kafka_bootstrap, enable_auto_commit=False,
                                           auto_offset_reset="earliest")
         await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(self.topic)
-        if not parts:
-            await self._consumer.force_metadata_update()  # (a topic made a moment ago)
-            parts = self._consumer.partitions_for_topic(self.topic) or set()
-        self._consumer.assign([TopicPartition(self.topic, p) for p in sorted(parts)])
-        await self._consumer.seek_to_beginning()
+        try:
+            parts = await _partitions(self.s, self.topic)
+            self._consumer.assign([TopicPartition(self.topic, p) for p in sorted(parts)])
+            await self._consumer.seek_to_beginning()
+        except BaseException:
+            await self._consumer.stop()
+            raise
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -177,6 +178,22 @@ class ErasureFollower:
                     new.add(u)
         self.ids |= new
         return new
+
+
+async def _partitions(s: Settings, topic: str, timeout_s: float = 30) -> list[int]:
+    """The partitions of `topic` as the brokers describe it (a consumer's metadata knows only its own topics)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [p["partition"] for d in await admin.describe_topics([topic]) if not d["error_code"]
+                     for p in d["partitions"]]
+            if found or time.monotonic() > deadline:
+                return sorted(found)
+            await asyncio.sleep(0.2)   # (a topic made a moment ago: metadata settles)
+    finally:
+        await admin.close()
 
 
 async def read_erased(s: Settings, store: Store | None = None) -> set[str]:
