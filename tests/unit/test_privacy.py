@@ -146,3 +146,39 @@ def test_the_erase_route_needs_the_token_checks_the_id_and_is_repeatable(admin):
     r = client.delete(url + "down", headers=auth)
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert asked == ["u1", "u1", "down"]
+
+
+# -- the edges: the HTTP API hashes ids, the topics carry their retention -------------------------------
+
+def test_the_http_edge_hashes_user_ids_of_events_and_requests(tmp_path):
+    from serving.app import create_app
+
+    s = dataclasses.replace(recstream.settings.load({}), user_id_key="k", home_dir=tmp_path)
+    app = create_app(s)
+    sent, asked = [], []
+
+    async def send(events):
+        sent.extend(events)
+
+    async def check_products(req):
+        asked.append(req)
+        raise RuntimeError("stop here: the request as the recommender would see it is all this test needs")
+    app.state.sink.send = send
+    app.state.recommender.check_products = check_products
+    client = TestClient(app, raise_server_exceptions=False)   # no lifespan: nothing connects
+    r = client.post("/api/v1/events", json=[factories.event_json(1, user="alice@example.com"),
+                                            factories.event_json(2, user="bob")])
+    assert r.status_code == 202 and [e.user_id for e in sent] == [pseudonym("alice@example.com", "k"), pseudonym("bob", "k")]
+    client.get("/api/v1/recommendations/homepage", params={"user_id": "alice@example.com"})
+    assert [q.user_id for q in asked] == [pseudonym("alice@example.com", "k")]
+
+
+def test_topics_carry_the_retention_of_the_settings_and_erasures_are_compacted():
+    from streams.topics import specs
+
+    s = dataclasses.replace(recstream.settings.load({}), clickstream_retention_h=48, exposures_retention_h=72)
+    by_name = {t.name: t for t in specs(s)}
+    assert by_name["recs.clickstream"].config["retention.ms"] == str(48 * 3600 * 1000)
+    assert by_name["recs.exposures"].config["retention.ms"] == str(72 * 3600 * 1000)
+    erasures = by_name["recs.erasures"]
+    assert erasures.config == {"cleanup.policy": "compact"} and erasures.partitions == s.clickstream_partitions
