@@ -33,7 +33,7 @@ from recstream.settings import Settings
 from schemas import Erasure, SchemaError
 from streams.attribution_store import AttributionStore
 from streams.producer import create_producer, owner_partition
-from streams.redisconn import AnyRedis
+from streams.redisconn import AnyRedis, is_cluster
 from streams.store import Store
 from streams.topics import ensure_topics, spec
 
@@ -54,8 +54,10 @@ async def erase(s: Settings, store: Store, client: AnyRedis, user_ids: Sequence[
     users = tuple(sorted({u if hashed else pseudonym(u, s.user_id_key) for u in user_ids}))
     new = await store.mark_erased(users)
     redis_keys = await store.erase_users(users)
-    # (the A/B worker's keys live on one Redis, streams/attribution_store.py: the same client's)
-    ab_keys = await AttributionStore(cast(aioredis.Redis, client), s.redis_namespace).erase_users(users)
+    # The A/B worker's keys live on one Redis (streams/attribution_store.py): the same client's, unless the
+    # feature store is a cluster; then the attribution worker deletes them when it reads the record.
+    ab_keys = 0 if is_cluster(client) else await AttributionStore(cast(aioredis.Redis, client),
+                                                                   s.redis_namespace).erase_users(users)
     own = producer is None
     producer = producer or create_producer(s)
     if own:
