@@ -236,7 +236,8 @@ class Archive:
                 self.stats.erasure_pending = len(todo)
                 if todo:
                     users, todo = todo, set()
-                    done = await asyncio.to_thread(rewrite_without, self.root, users, _log_progress(len(users)))
+                    done = await asyncio.to_thread(rewrite_without, self.root, users, _log_progress(len(users)),
+                                                   self.s.archive_erasure_cpu_share)
                     self.stats.erasure_rewrites += 1
                     self.stats.erasure_files_rewritten += done.files_rewritten
                     self.stats.erasure_rows_removed += done.rows_removed

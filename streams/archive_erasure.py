@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,17 +52,27 @@ def archive_files(root: Path) -> list[Path]:
     return sorted(Path(root).glob("dt=*/hour=*/part-*.parquet"))
 
 
-def rewrite_without(root: Path, users: Iterable[str], progress: Progress | None = None) -> RewriteResult:
+def rewrite_without(root: Path, users: Iterable[str], progress: Progress | None = None,
+                    cpu_share: float = 1.0) -> RewriteResult:
     """Every archive file under `root` that holds an event of `users`, rewritten without those events
-    (a file left with none is removed). Reads only the user_id column of the files it keeps."""
+    (a file left with none is removed). Reads only the user_id column of the files it keeps.
+
+    It runs beside serving (the archive worker's host, or wherever `recstream erase` runs), so it yields:
+    the calling thread's CPU priority is lowered to the lowest (nice 19; Linux schedules threads on their
+    own), and after each file it sleeps long enough to use at most `cpu_share` of one core (1: no pause).
+    bench/erasure.py measured serving's p99 with and without these (bench/RESULTS.md, "erasure")."""
     wanted = pa.array(sorted(set(users)), pa.string())
     out = RewriteResult()
     started = time.perf_counter()
     files = archive_files(root)
+    _lowest_priority()
     for i, path in enumerate(files, 1):
+        t = time.perf_counter()
         with contextlib.suppress(FileNotFoundError):   # (retention dropped its partition meanwhile)
             _rewrite_one(root, path, wanted, out)
         out.files_scanned += 1
+        if 0 < cpu_share < 1:
+            time.sleep((time.perf_counter() - t) * (1 / cpu_share - 1))
         if progress is not None:
             progress(i, len(files), out.rows_removed)
     out.seconds = time.perf_counter() - started
@@ -69,6 +80,12 @@ def rewrite_without(root: Path, users: Iterable[str], progress: Progress | None 
         log.info("archive erasure: %d rows removed from %d of %d files (%d bytes rewritten) in %.2f s",
                  out.rows_removed, out.files_rewritten, out.files_scanned, out.bytes_rewritten, out.seconds)
     return out
+
+
+def _lowest_priority() -> None:
+    """nice 19 for the calling thread only (a thread is a task of its own to Linux's scheduler)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _rewrite_one(root: Path, path: Path, wanted: pa.Array, out: RewriteResult) -> None:

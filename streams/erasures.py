@@ -98,7 +98,8 @@ async def erase_here(s: Settings, user_ids: Sequence[str], *, archive: bool = Tr
         f"{report.tombstones} session-table tombstones, recorded on {report.topic}")
     root = dataset_dir(s)
     if archive and root.exists():
-        done = await asyncio.to_thread(rewrite_without, root, report.users, progress_printer(say))
+        done = await asyncio.to_thread(rewrite_without, root, report.users, progress_printer(say),
+                                       s.archive_erasure_cpu_share)
         report = replace(report, archive=done.to_json())
     return report
 
