@@ -199,6 +199,16 @@ async def test_a_shopper_is_erased_from_every_store(stack, tmp_path):
                 await wait_for(workers_past_everything, 60, "the workers past the late events and the erasure",
                                check=lambda: procs.check_alive())
 
+                # the archive worker's background rewrite (it read the erasure record) leaves no row of theirs
+                async def archive_clean() -> bool:
+                    try:
+                        rows = await asyncio.to_thread(lambda: read_archive(dataset_dir(s)).column("user_id").to_pylist())
+                    except FileNotFoundError:   # (a file of theirs alone, removed between listing and reading)
+                        return False
+                    return victim not in rows
+                await wait_for(archive_clean, 90, "the archive worker's rewrite", interval_s=1.0,
+                               check=lambda: procs.check_alive())
+
                 # a second erasure, through the command: nothing left to delete anywhere
                 again = await erase_here(s, [victim], say=lambda _: None)
                 assert again.newly_erased == 0 and again.redis_keys == 0 and again.ab_keys == 0
