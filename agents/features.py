@@ -28,12 +28,14 @@ a redelivery or a refill does not copy it again. The session orders its items by
 (recstream.features.session), so a copy that arrives after newer events still takes its place.
 
 Erased shoppers (streams/erasures.py, README "Personal data"): every batch asks Redis which of its
-users are erased (keys.ERASED, one SMISMEMBER) and drops their events before the fold, their offsets
-passed like re-routed records' (`erased_dropped` counts them); after the fold it asks again, and a user
-erased while the batch was folding loses the keys the fold wrote and their table row (the erasure
-deleted the keys before the fold wrote them). A third agent reads the erasures topic, co-partitioned with the
-clickstream, so the worker holding a shopper's session gets their erasure: it deletes the row (Faust
-writes the changelog's tombstone) and the Redis keys again.
+users are erased (keys.ERASED, one SMISMEMBER, sent with the read of the states' copies: no new wait
+between the take and the fold, where a rebalance could fall) and drops their events before the fold,
+their offsets passed like re-routed records' (`erased_dropped` counts them). A third agent reads the
+erasures topic, co-partitioned with the clickstream, so the worker holding a shopper's session gets their
+erasure: it deletes the row (Faust writes the changelog's tombstone) and the Redis keys again. A batch
+that was folding while the erasure came (checked before it, applied after) is covered both ways: if the
+agent reads the record after the batch wrote, its deletes come last; if before, the batch finds the
+user among those the agent deleted (`forgotten`, no wait) and deletes the row and keys again.
 
 Redis down: an agent retries its batch, backing off up to REDIS_RETRY_MAX_S, until Redis answers.
 It never lets the error escape: Faust would restart the agent in-process and go on past the batch,
@@ -118,6 +120,7 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
     stats = FeatureStats()
     cfg, lim = feature_config(s), limits(s)
     applied: dict[int, int] = {}
+    forgotten: set[str] = set()   # shoppers whose row and keys this process deleted (see the module docstring)
     seen: dict[int, int] = {}   # partition -> highest clickstream offset this process has taken
 
     async def refill(events) -> list[tuple[object, Incoming]]:
@@ -189,22 +192,11 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                 stats.dead_letters += 1
         return good
 
-    async def drop_erased(good: list[Any], skipped: list[Any]) -> tuple[list[Any], list[Any], list[tuple[int, int]]]:
-        """(good, skipped) less the events of erased shoppers, and the (partition, offset) of those."""
-        users = {e.user_id for _, e in good} | {i.event.user_id for _, i in skipped}
-        erased = await _until_redis_answers(lambda: store.erased(users), "erased shoppers") if users else set()
-        if not erased:
-            return good, skipped, []
-        dropped = ([(ev.message.partition, ev.message.offset) for ev, e in good if e.user_id in erased]
-                   + [(i.partition, i.offset) for _, i in skipped if i.event.user_id in erased])
-        stats.erased_dropped += len(dropped)
-        return ([(ev, e) for ev, e in good if e.user_id not in erased],
-                [(ev, i) for ev, i in skipped if i.event.user_id not in erased], dropped)
-
     async def forget(stream: faust.StreamT[Any], context: dict[str, Any]) -> None:
         """Delete the table rows (tombstones on the changelog) and the Redis keys of the users of `context`
         (user -> an event of the partition their row is in)."""
         await _until_redis_answers(lambda: store.erase_users(sorted(context)), "erasing shoppers' keys")
+        forgotten.update(context)
         with _as_current(stream) as make_current:
             for user, ev in context.items():
                 make_current(ev)
@@ -217,16 +209,23 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
         async for events in stream.take_events(s.feature_batch_max, within=s.feature_batch_within_ms / 1000):
             skipped = await refill(events)
             good = await decode(events, Event)
-            good, skipped, dropped = await drop_erased(good, skipped)
             good, skipped, passed = await reroute(good, skipped)
-            passed += dropped
             if not good and not skipped and not passed:
                 continue
             batch = [inc for _, inc in skipped] + [Incoming(e, ev.message.partition, ev.message.offset) for ev, e in good]
             # each user's newest event in the batch (a skipped record: an event of its partition)
             last_event = {inc.event.user_id: ev for ev, inc in skipped} | {e.user_id: ev for ev, e in good}
             states = _read_states(stream, sessions, last_event)
-            fresher = await _until_redis_answers(lambda: store.fresher(states), "session states")
+            # one wait between the take and the fold, as before erasures: a rebalance has no other gap to fall in
+            fresher, erased = await _until_redis_answers(lambda: _fresher_and_erased(store, states), "session states")
+            if erased:   # erased shoppers' events: dropped, their offsets passed (their keys stay deleted)
+                kept = [i for i in batch if i.event.user_id not in erased]
+                passed += [(i.partition, i.offset) for i in batch if i.event.user_id in erased]
+                stats.erased_dropped += len(batch) - len(kept)
+                batch, good = kept, [(ev, e) for ev, e in good if e.user_id not in erased]
+                last_event = {u: ev for u, ev in last_event.items() if u not in erased}
+                states = {u: st for u, st in states.items() if u not in erased}
+                fresher = {u: st for u, st in fresher.items() if u not in erased}
             for user, table_state in states.items():
                 if fresher[user] is not table_state:
                     stats.recovered_states += 1
@@ -238,8 +237,8 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                                                 "session features")  # Redis first: see features/plan.py
             _write_states(stream, sessions, last_event, result.states)
             _account(stats, result, good, passed)
-            meanwhile = await _until_redis_answers(lambda: store.erased(result.states), "erased shoppers")
-            if meanwhile:   # erased while this batch folded: its writes came after the erasure's deletes
+            meanwhile = forgotten.intersection(result.states)
+            if meanwhile:   # the erasures agent deleted them while this batch folded: the batch wrote them again
                 await forget(stream, {u: last_event[u] for u in meanwhile if u in last_event})
 
     @app.agent(erasures, name="forget_erased_users")
@@ -261,6 +260,12 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
             stats.items += await _until_redis_answers(lambda: store.write_items(products), "item features")
 
     return FeatureAgents(sessions, store, stats)
+
+
+async def _fresher_and_erased(store: Store, states: dict[str, UserState]) -> tuple[dict[str, UserState], set[str]]:
+    """Redis' copies of the batch's states (Store.fresher) and which of its users are erased, in one wait."""
+    fresher, erased = await asyncio.gather(store.fresher(states), store.erased(states))
+    return fresher, erased
 
 
 async def _until_redis_answers(call, what: str):
