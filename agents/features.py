@@ -27,6 +27,16 @@ there before its own offset can be committed, and the copy is folded like any re
 a redelivery or a refill does not copy it again. The session orders its items by event time
 (recstream.features.session), so a copy that arrives after newer events still takes its place.
 
+Erased shoppers (streams/erasures.py, README "Personal data"): every batch asks Redis which of its
+users are erased (keys.ERASED, one SMISMEMBER, sent with the read of the states' copies: no new wait
+between the take and the fold, where a rebalance could fall) and drops their events before the fold,
+their offsets passed like re-routed records' (`erased_dropped` counts them). A third agent reads the
+erasures topic, co-partitioned with the clickstream, so the worker holding a shopper's session gets their
+erasure: it deletes the row (Faust writes the changelog's tombstone) and the Redis keys again. A batch
+that was folding while the erasure came (checked before it, applied after) is covered both ways: if the
+agent reads the record after the batch wrote, its deletes come last; if before, the batch finds the
+user among those the agent deleted (`forgotten`, no wait) and deletes the row and keys again.
+
 Redis down: an agent retries its batch, backing off up to REDIS_RETRY_MAX_S, until Redis answers.
 It never lets the error escape: Faust would restart the agent in-process and go on past the batch,
 whose events would then be lost to the features (and the applied-offset guard would not bring
@@ -51,7 +61,7 @@ from recstream.features.config import feature_config, limits
 from recstream.features.plan import BatchPlan, missing_offsets
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
-from schemas import Event, Product, SchemaError
+from schemas import Erasure, Event, Product, SchemaError
 from streams import deadletter
 from streams.app import raw_topic
 from streams.online_store import open_store
@@ -72,6 +82,8 @@ class FeatureStats:
     refilled: int = 0    # records the consumer skipped, read again from Kafka
     rerouted: int = 0    # records on another partition than their shopper's, copied to the owner partition
     recovered_states: int = 0   # users whose table row was behind Redis' copy (a write lost in a rebalance)
+    erased_dropped: int = 0     # events of erased shoppers, dropped before the fold
+    erasures: int = 0           # erased shoppers whose table row and keys this worker deleted
     batches: int = 0
     items: int = 0
     last_offset: dict[int, int] = field(default_factory=dict)   # partition -> last processed offset
@@ -96,6 +108,7 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
     named functions of this module and recstream.features.plan, what stays here is their wiring."""
     clickstream = raw_topic(app, s.topic("clickstream"))
     catalogue = raw_topic(app, s.topic("catalogue"))
+    erasures = raw_topic(app, s.topic("erasures"))
     dead_letters = raw_topic(app, s.topic("deadletter"))
     # Keyed by user like the clickstream; a row lives on the partition of its user's events (see _as_current).
     sessions = app.Table("user-sessions", default=None, key_type=str, partitions=s.clickstream_partitions,
@@ -107,6 +120,7 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
     stats = FeatureStats()
     cfg, lim = feature_config(s), limits(s)
     applied: dict[int, int] = {}
+    forgotten: set[str] = set()   # shoppers whose row and keys this process deleted (see the module docstring)
     seen: dict[int, int] = {}   # partition -> highest clickstream offset this process has taken
 
     async def refill(events) -> list[tuple[object, Incoming]]:
@@ -178,6 +192,18 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                 stats.dead_letters += 1
         return good
 
+    async def forget(stream: faust.StreamT[Any], context: dict[str, Any]) -> None:
+        """Delete the table rows (tombstones on the changelog) and the Redis keys of the users of `context`
+        (user -> an event of the partition their row is in)."""
+        await _until_redis_answers(lambda: store.erase_users(sorted(context)), "erasing shoppers' keys")
+        forgotten.update(context)
+        with _as_current(stream) as make_current:
+            for user, ev in context.items():
+                make_current(ev)
+                if sessions.get(user) is not None:
+                    del sessions[user]
+        stats.erasures += len(context)
+
     @app.agent(clickstream, name="update_session_features")
     async def update_session_features(stream: faust.StreamT) -> None:
         async for events in stream.take_events(s.feature_batch_max, within=s.feature_batch_within_ms / 1000):
@@ -190,7 +216,16 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
             # each user's newest event in the batch (a skipped record: an event of its partition)
             last_event = {inc.event.user_id: ev for ev, inc in skipped} | {e.user_id: ev for ev, e in good}
             states = _read_states(stream, sessions, last_event)
-            fresher = await _until_redis_answers(lambda: store.fresher(states), "session states")
+            # one wait between the take and the fold, as before erasures: a rebalance has no other gap to fall in
+            fresher, erased = await _until_redis_answers(lambda: _fresher_and_erased(store, states), "session states")
+            if erased:   # erased shoppers' events: dropped, their offsets passed (their keys stay deleted)
+                kept = [i for i in batch if i.event.user_id not in erased]
+                passed += [(i.partition, i.offset) for i in batch if i.event.user_id in erased]
+                stats.erased_dropped += len(batch) - len(kept)
+                batch, good = kept, [(ev, e) for ev, e in good if e.user_id not in erased]
+                last_event = {u: ev for u, ev in last_event.items() if u not in erased}
+                states = {u: st for u, st in states.items() if u not in erased}
+                fresher = {u: st for u, st in fresher.items() if u not in erased}
             for user, table_state in states.items():
                 if fresher[user] is not table_state:
                     stats.recovered_states += 1
@@ -202,6 +237,20 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
                                                 "session features")  # Redis first: see features/plan.py
             _write_states(stream, sessions, last_event, result.states)
             _account(stats, result, good, passed)
+            meanwhile = forgotten.intersection(result.states)
+            if meanwhile:   # the erasures agent deleted them while this batch folded: the batch wrote them again
+                await forget(stream, {u: last_event[u] for u in meanwhile if u in last_event})
+
+    @app.agent(erasures, name="forget_erased_users")
+    async def forget_erased_users(stream: faust.StreamT[Any]) -> None:
+        async for ev in stream.events():   # one at a time: erasures are rare
+            try:
+                user = Erasure.from_json(ev.value).user_id
+            except (SchemaError, TypeError) as exc:   # (TypeError: a tombstone, no value)
+                log.warning("erasures[%d]@%d skipped: %s", ev.message.partition, ev.message.offset, exc)
+                continue
+            await _until_redis_answers(lambda: store.mark_erased([user]), "erased shoppers")
+            await forget(stream, {user: ev})
 
     @app.agent(catalogue, name="update_item_features")
     async def update_item_features(stream: faust.StreamT) -> None:
@@ -211,6 +260,12 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
             stats.items += await _until_redis_answers(lambda: store.write_items(products), "item features")
 
     return FeatureAgents(sessions, store, stats)
+
+
+async def _fresher_and_erased(store: Store, states: dict[str, UserState]) -> tuple[dict[str, UserState], set[str]]:
+    """Redis' copies of the batch's states (Store.fresher) and which of its users are erased, in one wait."""
+    fresher, erased = await asyncio.gather(store.fresher(states), store.erased(states))
+    return fresher, erased
 
 
 async def _until_redis_answers(call, what: str):

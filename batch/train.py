@@ -27,6 +27,7 @@ from models.content import ContentModel
 from models.registry import CHAMPION, Registry, write_manifest
 from recstream import ordering
 from recstream.data import ShopConfig, load_dataset, shop_dataset
+from recstream.privacy import pseudonymise_events, without_erased
 from recstream.ranking import FEATURE_NAMES
 from recstream.settings import Settings
 from schemas import Event, Product
@@ -66,12 +67,13 @@ class TrainReport:
 
 
 def load_source(s: Settings, source: Source) -> tuple[list[Event], list[Product]]:
+    # a dataset's ids hashed as the edges hash the stream's (RECSTREAM_USER_ID_KEY; the archive holds them hashed)
     if source.dataset == "shop" and source.shop is not None:
         data = shop_dataset(source.shop)
-        return data.events, data.products
+        return pseudonymise_events(data.events, s.user_id_key), data.products
     if source.dataset is not None:
         data = load_dataset(source.dataset, source.path)
-        return data.events, data.products
+        return pseudonymise_events(data.events, s.user_id_key), data.products
     from streams.archive import dataset_dir, read_archive
     from streams.catalogue import read_catalogue
 
@@ -84,6 +86,28 @@ def load_source(s: Settings, source: Source) -> tuple[list[Event], list[Product]
                     key=lambda e: e.timestamp)
     products, _ = asyncio.run(read_catalogue(s))
     return events, products
+
+
+def without_erased_shoppers(s: Settings, events: list[Event]) -> tuple[list[Event], int]:
+    """`events` less those of every shopper erased so far (the erasures topic and Redis' copy,
+    streams/erasures.py), so no model trained after an erasure has seen the shopper; and how many went.
+    The archive drops them too, but its rewrite runs in the background: this filter does not wait for it."""
+    from streams.erasures import read_erased
+    from streams.online_store import open_store
+    from streams.redisconn import connect
+
+    async def erased() -> set[str]:
+        client = connect(s)
+        try:
+            return await read_erased(s, open_store(s, client))
+        finally:
+            await client.aclose()
+
+    gone = asyncio.run(erased())
+    if not gone:
+        return events, 0
+    kept = list(without_erased(events, gone))
+    return kept, len(events) - len(kept)
 
 
 def train_once(s: Settings, source: Source, progress: Callable[[str], None] = print, publish_to_serving: bool = True,
@@ -108,6 +132,9 @@ def train_once(s: Settings, source: Source, progress: Callable[[str], None] = pr
             work = Path(tmp)
             with stage("load"):
                 events, products = load_source(s, source)
+                events, n_erased = without_erased_shoppers(s, events)
+                if n_erased:
+                    progress(f"[train] {n_erased} events of erased shoppers left out of the window")
                 if not events:
                     raise job.TrainingDataError(f"{source.describe()} holds no events")
             fitted = fit(s, events, products, work, progress, stage)

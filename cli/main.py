@@ -77,6 +77,12 @@ def _replay(args: argparse.Namespace, s: Settings) -> int:
         print(f"skipped {err}", file=sys.stderr)
     if len(data.errors) > 20:
         print(f"... and {len(data.errors) - 20} more malformed rows", file=sys.stderr)
+    if s.user_id_key:   # the command is an edge too: README "Personal data"
+        import dataclasses
+
+        from recstream.privacy import pseudonymise_events
+
+        data = dataclasses.replace(data, events=pseudonymise_events(data.events, s.user_id_key))
     result = asyncio.run(replay.publish_dataset(s, data, rate_per_s=args.rate))
     print(result.summary())
     return 0
@@ -157,6 +163,17 @@ def _train(args: argparse.Namespace, s: Settings) -> int:
             print(f"  {key:28} {report.metrics[key]:.4f}")
     for warning in report.warnings:
         print(f"  warning: {warning}")
+    return 0
+
+
+def _erase(args: argparse.Namespace, s: Settings) -> int:
+    import orjson
+
+    from streams.erasures import erase_here
+
+    report = asyncio.run(erase_here(s, args.user, archive=not args.no_archive, hashed=args.hashed,
+                                    say=lambda line: print(line, file=sys.stderr)))
+    print(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -350,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         ep.add_argument("--metric", default="ctr", help="the metric that decides: ctr, add_to_cart_rate, "
                                                         "conversion_rate, revenue_per_impression (default ctr)")
     sp.set_defaults(run=_experiments)
+
+    sp = sub.add_parser("erase", help="erase shoppers on request (GDPR/CCPA): Redis, session table, A/B units, "
+                                      "archive; later events dropped, later models without them (idempotent)")
+    sp.add_argument("--user", action="append", required=True, metavar="ID",
+                    help="a shopper's id as the shop knows it (hashed with RECSTREAM_USER_ID_KEY when set); repeat it")
+    sp.add_argument("--hashed", action="store_true", help="the ids given are already the stored pseudonyms")
+    sp.add_argument("--no-archive", action="store_true",
+                    help="leave the archive's rewrite to the archive worker (it does it on reading the erasure)")
+    sp.set_defaults(run=_erase)
 
     sp = sub.add_parser("lag", help="consumer lag per group and partition, and the workers' latest metrics")
     sp.set_defaults(run=_lag)

@@ -38,7 +38,8 @@ class Settings:
     clickstream_partitions: int = _setting(8, "partitions of the clickstream topic, keyed by user_id (count)")
     request_partitions: int = _setting(4, "partitions of the recommendation request/reply topics (count)")
     replication_factor: int = _setting(1, "replication factor of topics the project creates (count; 3 in production)")
-    clickstream_retention_h: int = _setting(24 * 7, "clickstream topic retention (hours)")
+    clickstream_retention_h: int = _setting(24 * 7, "clickstream topic retention (hours; personal data: README "
+                                                    "\"Personal data\")")
     # -- producers ---------------------------------------------------------------------------
     produce_timeout_ms: int = _setting(5000, "longest wait for Kafka to acknowledge a produced record (milliseconds)")
     producer_linger_ms: int = _setting(5, "producer batching delay (milliseconds)")
@@ -140,7 +141,8 @@ class Settings:
     attribution_window_s: int = _setting(1800, "an event without rec_request_id is attributed to the user's latest "
                                                "exposure listing its product within this long before it (seconds)")
     attribution_ttl_s: int = _setting(7 * 86400, "an exposure can be cited by rec_request_id for this long (seconds)")
-    exposures_retention_h: int = _setting(24 * 30, "exposures topic retention (hours)")
+    exposures_retention_h: int = _setting(24 * 30, "exposures topic retention (hours; it holds user ids: "
+                                                   "personal data, README \"Personal data\")")
     # -- operations: metrics, on-call dashboard, alerts --------------------------------------
     metrics_port: int = _setting(0, "workers serve Prometheus /metrics on this port (TCP port; 0 = off; "
                                     "the API serves /metrics on its own port)")
@@ -153,6 +155,18 @@ class Settings:
     # -- archive -----------------------------------------------------------------------------
     archive_flush_records: int = _setting(20000, "the archive writes a Parquet file after this many records (count)")
     archive_flush_interval_s: float = _setting(10.0, "... or after this long, whichever comes first (seconds)")
+    archive_retention_days: int = _setting(0, "the archive worker drops date partitions (dt=...) older than this, "
+                                              "once an hour; set it to the shop's retention policy, e.g. 90 (days; "
+                                              "0: kept for ever)")
+    archive_erasure_cpu_share: float = _setting(0.25, "the archive's rewrite after an erasure uses at most this share "
+                                                      "of one core (it pauses between files) at the lowest CPU "
+                                                      "priority, so serving beside it keeps its latency (fraction; "
+                                                      "1: no pause)")
+    # -- privacy (README "Personal data") -----------------------------------------------------
+    user_id_key: str = _setting("", "key of the keyed hash (blake2b) that replaces every user id at the edge: the "
+                                    "HTTP API, replay and `recstream erase`; empty: ids are stored as sent. Never "
+                                    "change it on a running deployment (every shopper would become new) (secret)",
+                                secret=True)
 
     @property
     def archive_dir(self) -> Path:

@@ -5,6 +5,12 @@
     PUT    /api/v1/admin/experiments/{id}   201 created | 200 replaced | 400 invalid | 409 conflict | 413
     DELETE /api/v1/admin/experiments/{id}   200 {"deleted": id} | 404 | 409
     PUT    /api/v1/admin/defaults           200 {"revision", "defaults"} | 400 | 409 | 413
+    DELETE /api/v1/admin/users/{id}         200 what was erased where (streams/erasures.py) | 400 | 503
+
+DELETE .../users/{id} erases a shopper on request (README "Personal data"): idempotent, a repeat answers
+200 with "erased_before": true. The id is the shop's own (hashed with RECSTREAM_USER_ID_KEY when set);
+the answer comes once Redis is clean and the erasure is on the erasures topic; the archive worker
+rewrites the archive in the background when it reads it.
 
 Every request needs `Authorization: Bearer <admin_token>` (401 otherwise); with no admin_token set
 the API is off (403). Experiments are JSON in the file's shape (recstream.experiments.definition:
@@ -23,6 +29,8 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,6 +48,7 @@ from recstream.experiments.definition import (
 )
 from recstream.experiments.store import ExperimentStore
 from recstream.settings import Settings
+from schemas.base import Id, Invalid
 from serving.errors import ApiError, OrjsonResponse, located
 
 PREFIX = "/api/v1/admin"
@@ -47,6 +56,7 @@ MAX_BODY_BYTES = 64 * 1024
 _TRUE = {"1", "true", "yes"}
 
 Handler = Callable[[Request], Awaitable[Response]]
+Eraser = Callable[[str], Awaitable[dict[str, Any]]]   # a user id -> the erasure's report (serving/app.py)
 
 
 class _Refused(ApiError):
@@ -58,7 +68,7 @@ class _Refused(ApiError):
         super().__init__(status, error, located(problems or []), headers)
 
 
-def admin_routes(s: Settings, store: ExperimentStore) -> list[Route]:
+def admin_routes(s: Settings, store: ExperimentStore, eraser: Eraser | None = None) -> list[Route]:
     """The admin API's routes, each behind the bearer token. Why this long: the handlers are closures
     over the settings and the experiments' store, each a few lines, and end in one route table."""
     def guarded(handler: Handler) -> Handler:
@@ -115,12 +125,27 @@ def admin_routes(s: Settings, store: ExperimentStore) -> list[Route]:
         es = await _write(lambda: store.set_defaults(changes))
         return OrjsonResponse({"revision": es.revision, "defaults": changes_to_json(es.defaults)})
 
+    async def erase_user(request: Request) -> Response:
+        uid = request.path_params["id"]
+        try:
+            Id()(uid, time.time())
+        except Invalid as exc:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "invalid user id", [f"id: {exc}"]) from None
+        if eraser is None:
+            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "erasure is not available in this process")
+        try:
+            return OrjsonResponse(await eraser(uid))
+        except (OSError, KafkaError, RedisError, TimeoutError) as exc:   # nothing half done is lost: a retry repeats it
+            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, f"erasure incomplete, retry: {type(exc).__name__}",
+                           headers={"Retry-After": "1"}) from None
+
     one = PREFIX + "/experiments/{id}"
     return [Route(PREFIX + "/experiments", guarded(list_experiments), methods=["GET"]),
             Route(one, guarded(get_experiment), methods=["GET"]),
             Route(one, guarded(put_experiment), methods=["PUT"]),
             Route(one, guarded(delete_experiment), methods=["DELETE"]),
-            Route(PREFIX + "/defaults", guarded(put_defaults), methods=["PUT"])]
+            Route(PREFIX + "/defaults", guarded(put_defaults), methods=["PUT"]),
+            Route(PREFIX + "/users/{id}", guarded(erase_user), methods=["DELETE"])]
 
 
 def _authorize(token: str, header: str) -> None:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -34,6 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from recstream.privacy import pseudonym, pseudonymise_events
 from recstream.settings import Settings
 from schemas import Event, Exposure, jsonschema
 from serving import ingest, params
@@ -43,6 +45,7 @@ from serving.experiments import Experiments, exposure
 from serving.journal import RECOVER_S, Journal, Segment
 from serving.ops import OpsMonitor, ops_routes
 from serving.recommend import Recommender, reply_body, status
+from streams.erasures import erase
 from streams.producer import create_producer
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,11 @@ class EventSink:
             else:
                 self.connected = True
                 return
+
+    @property
+    def producer(self) -> AIOKafkaProducer | None:
+        """The connected producer (None until connected): others that send from the API process share it."""
+        return self._producer if self.connected else None
 
     async def send(self, events: list[Event]) -> None:
         """Return once Kafka acknowledged every event, or raise KafkaUnavailable within the timeout."""
@@ -310,6 +318,8 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
     async def recommendations(request: Request) -> Response:
         t0 = time.perf_counter()
         req = params.parse(request.path_params["kind"], request.query_params.multi_items())
+        if s.user_id_key and req.user_id:   # README "Personal data": the id is stored, logged and exposed hashed
+            req = dataclasses.replace(req, user_id=pseudonym(req.user_id, s.user_id_key))
         req = ab.assign(await rec.check_products(req))
         reply = await rec.recommend(req)
         body = reply_body(reply)
@@ -319,6 +329,11 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
         if req.kind == "homepage" and req.user_id:
             ops.metrics.observe_cache(reply.cached)
         return Response(body, media_type="application/json")
+
+    async def erase_user(user_id: str) -> dict[str, Any]:
+        """DELETE /api/v1/admin/users/{id} (serving/admin.py): the shopper erased (streams/erasures.py)."""
+        report = await erase(s, rec.store, rec.client, [user_id], source="api", producer=sink.producer)
+        return report.to_json()
 
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -338,7 +353,7 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
         """Validate the whole request, send it, answer 202 after every ack (see module docstring)."""
         ingest.check_content_type(request.headers.get("content-type"))
         body = await _read_body(request, s.http_max_body_bytes)
-        events = ingest.parse_events(body, max_events=s.http_max_batch_events)
+        events = pseudonymise_events(ingest.parse_events(body, max_events=s.http_max_batch_events), s.user_id_key)
         await sink.send(events)
         return OrjsonResponse({"accepted": len(events)}, status_code=HTTPStatus.ACCEPTED)
 
@@ -382,7 +397,7 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
                 Route("/api/v1/events", post_events, methods=["POST"]), Route("/openapi.json", openapi, methods=["GET"]),
                 *(Route(f"/schemas/{name}", record_schema, methods=["GET"]) for name in schema_files),
                 Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]),
-                *admin_routes(s, ab.store),
+                *admin_routes(s, ab.store, erase_user),
                 Route("/metrics", metrics, methods=["GET"]), *ops_routes(ops)],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(RequestMetrics, ops=ops)],

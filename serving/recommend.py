@@ -303,7 +303,9 @@ class Recommender:
             return self._fallback(req, f"{DEADLINE_MISSED} {self.s.serving_deadline_ms} ms")
         except Exception as exc:  # Kafka, Redis, a bad reply: the shopper still gets items
             return self._fallback(req, f"{type(exc).__name__}: {exc}")
-        if cache_key and tag is not None and not reply.fallback:
+        # a shopper the store knows no event of (a new visitor, an erased shopper) is not cached: the reply
+        # is the anonymous one, and a key named by the id would outlive an erasure (README "Personal data")
+        if cache_key and tag is not None and not reply.fallback and not tag.startswith("0@"):
             task = asyncio.create_task(self._cache(cache_key, tag, reply))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)

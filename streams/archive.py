@@ -1,4 +1,10 @@
-"""Archive consumer group: clickstream to hourly Parquet files; offsets are committed only after fsync."""
+"""Archive consumer group: clickstream to hourly Parquet files; offsets are committed only after fsync.
+
+Privacy (README "Personal data"): the worker follows the erasures topic (streams/erasures.py), drops the
+events of erased shoppers (at take and again at flush), and rewrites the files that hold their earlier
+events without them (streams/archive_erasure.py) in the background: for every erased id when it starts,
+then for each new erasure. Once an hour it drops the date partitions older than
+RECSTREAM_ARCHIVE_RETENTION_DAYS."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +15,7 @@ import signal
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +31,7 @@ from recstream.settings import Settings
 from schemas import Event, SchemaError
 from schemas.arrow import arrow_schema, to_table
 from streams.deadletter import DeadLetter
+from streams.erasures import ErasureFollower
 from streams.metrics import serve_metrics, worker_registry
 from streams.producer import create_producer
 from streams.reroute import is_copy
@@ -153,6 +161,12 @@ class ArchiveStats:
     commit_failures: int = 0    # files written but offsets not committed (a rebalance): re-read later
     committed: dict[int, int] = field(default_factory=dict)  # partition -> next offset committed
     buffered: int = 0           # valid events waiting for the next flush
+    erased_dropped: int = 0     # events of erased shoppers not archived
+    erasure_rewrites: int = 0   # background rewrites done (each for the erasures known then)
+    erasure_pending: int = 0    # erased shoppers whose archived events are still to be rewritten away
+    erasure_files_rewritten: int = 0
+    erasure_rows_removed: int = 0
+    partitions_expired: int = 0  # dt= folders dropped by the retention policy
 
 
 @dataclass
@@ -174,6 +188,7 @@ class Archive:
         self._lock = asyncio.Lock()         # a batch and a flush never interleave
         self._consumer: AIOKafkaConsumer | None = None
         self._producer = None
+        self.erasures = ErasureFollower(s)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -182,6 +197,9 @@ class Archive:
         self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
         self._producer = create_producer(self.s)
         await self._producer.start()
+        await self.erasures.start()
+        await self.erasures.catch_up()
+        upkeep = asyncio.create_task(self._upkeep(stop), name="archive-erasures-and-retention")
         try:
             await self._consumer.start()
             log.info("archive group %s consuming %s into %s", group_id(self.s), self.topic, self.root)
@@ -195,14 +213,50 @@ class Archive:
             async with self._lock:
                 await self.flush("shutdown")
         finally:
+            upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upkeep
+            await self.erasures.stop()
             await self._consumer.stop()
             await self._producer.stop()
+
+    async def _upkeep(self, stop: asyncio.Event) -> None:
+        """In the background: the archive rewritten without erased shoppers (every one known at start,
+        then each new one, a second after it is read), and the partitions past retention dropped hourly."""
+        from streams.archive_erasure import drop_expired, rewrite_without  # (it writes with this module's helpers)
+
+        todo, next_retention = set(self.erasures.ids), 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + 3600
+                    gone = await asyncio.to_thread(drop_expired, self.root, self.s.archive_retention_days)
+                    self.stats.partitions_expired += len(gone)
+                todo |= await self.erasures.poll(1000)
+                self.stats.erasure_pending = len(todo)
+                if todo:
+                    users, todo = todo, set()
+                    done = await asyncio.to_thread(rewrite_without, self.root, users, _log_progress(len(users)),
+                                                   self.s.archive_erasure_cpu_share)
+                    self.stats.erasure_rewrites += 1
+                    self.stats.erasure_files_rewritten += done.files_rewritten
+                    self.stats.erasure_rows_removed += done.rows_removed
+                    self.stats.erasure_pending = len(todo)
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # the archive goes on; the ids are tried again on the next pass
+                log.exception("archive erasure or retention failed; tried again in 10 s")
+                todo |= self.erasures.ids
+                await asyncio.sleep(10)
 
     def metrics_snapshot(self) -> dict:
         """Counters for Prometheus (streams/metrics.py), read at scrape time."""
         st = self.stats
         return {"agent": "archive", "archived": st.archived, "dead_letters": st.dead_letters, "files": st.files,
-                "batches": st.flushes, "commit_failures": st.commit_failures, "buffered": st.buffered}
+                "batches": st.flushes, "commit_failures": st.commit_failures, "buffered": st.buffered,
+                "erased_dropped": st.erased_dropped, "erasure_pending": st.erasure_pending,
+                "erasure_files_rewritten": st.erasure_files_rewritten, "erasure_rows_removed": st.erasure_rows_removed,
+                "partitions_expired": st.partitions_expired}
 
     def _room(self) -> int:
         return max(1, min(MAX_POLL_RECORDS, self.s.archive_flush_records - self.stats.buffered))
@@ -237,13 +291,18 @@ class Archive:
             if is_copy(msg.headers):
                 continue   # a re-routed copy for the feature agents (streams/reroute.py): its original is archived
             try:
-                pending.rows.append((msg.offset, Event.from_json(msg.value or b"")))
-                self.stats.buffered += 1
+                event = Event.from_json(msg.value or b"")
             except SchemaError as exc:
                 letter = _letter(msg, exc)
                 log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, letter.reason)
                 acks.append(await self._producer.send(self.s.topic("deadletter"), letter.value or b"",
                                                       key=letter.key, headers=letter.headers()))
+                continue
+            if event.user_id in self.erasures.ids:
+                self.stats.erased_dropped += 1
+                continue
+            pending.rows.append((msg.offset, event))
+            self.stats.buffered += 1
         await asyncio.gather(*acks)
         self.stats.dead_letters += len(acks)
         pending.next_offset = msgs[-1].offset + 1
@@ -255,9 +314,12 @@ class Archive:
         if not self._pending:
             return
         pending, self._pending, self._oldest = self._pending, {}, None
-        rows = {tp.partition: p.rows for tp, p in pending.items() if p.rows}
+        self.stats.buffered -= sum(len(p.rows) for p in pending.values())  # written below, or read again
+        erased = self.erasures.ids   # (erasures read since the rows were taken)
+        rows = {tp.partition: kept for tp, p in pending.items()
+                if (kept := [r for r in p.rows if r[1].user_id not in erased])}
+        self.stats.erased_dropped += sum(len(p.rows) for p in pending.values()) - sum(map(len, rows.values()))
         archived = sum(map(len, rows.values()))
-        self.stats.buffered -= archived  # written below, or lost with this process and read again
         started = time.perf_counter()
         files = await asyncio.to_thread(write_batch, self.root, rows) if rows else []
         self.stats.archived += archived
@@ -292,6 +354,13 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("archive assigned %s", sorted(tp.partition for tp in assigned))
+
+
+def _log_progress(users: int) -> Callable[[int, int, int], None]:
+    def report(done: int, total: int, removed: int) -> None:
+        if done == total or done % 500 == 0:
+            log.info("archive erasure of %d shoppers: %d/%d files scanned, %d rows removed", users, done, total, removed)
+    return report
 
 
 def _letter(msg: ConsumerRecord, error: SchemaError) -> DeadLetter:

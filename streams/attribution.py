@@ -18,6 +18,11 @@ to their high-water mark, of the latest exposure time read from it; +inf when al
 click is never taken before the list it came from merely because the two topics were fetched at
 different speeds. An event that really precedes its exposure (clocks) is unattributed.
 
+Erased shoppers (streams/erasures.py): the worker follows the erasures topic; a new erasure deletes the
+shopper's units, recent list and impressions (AttributionStore.erase_users) under the batch lock, so no
+batch in flight writes them back, and their later exposures and events are dropped (`erased_dropped`).
+The per-variant totals keep what was counted before: they are aggregates, no one's data.
+
 Single worker: run ONE attribution worker per deployment. The read-modify-write of unit totals,
 impressions and recent lists happens between a read pipeline and the transaction without WATCH: it
 is not safe across concurrent workers (a second member of the group would take partitions and two
@@ -60,6 +65,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from recstream.experiments.assignment import unit_for
 from recstream.experiments.attribution import (
     is_outcome,
     step,
@@ -69,6 +75,7 @@ from recstream.settings import Settings
 from schemas import Event, Exposure, SchemaError
 from streams.attribution_store import AttributionStore, offset_field
 from streams.deadletter import DeadLetter
+from streams.erasures import ErasureFollower
 from streams.metrics import METRICS_EVERY_S, METRICS_TTL_S, SnapshotHolder, serve_metrics, stop_on_signals, worker_registry
 from streams.producer import create_producer
 from streams.reroute import is_copy
@@ -93,6 +100,8 @@ class AttributionStats:
     batches: int = 0
     held: int = 0          # events held back behind the exposures' watermark (re-read later)
     failures: int = 0      # batches whose transaction did not run (retried from the stored offsets)
+    erased_dropped: int = 0   # exposures and events of erased shoppers, not counted
+    erasures: int = 0         # erased shoppers whose A/B data this worker deleted
 
 
 class Attribution:
@@ -107,6 +116,7 @@ class Attribution:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer = None
         self.metrics_holder = SnapshotHolder()   # the latest snapshot, for Prometheus (streams/metrics.py)
+        self.erasures = ErasureFollower(s)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         s = self.s
@@ -116,11 +126,14 @@ class Attribution:
         self.consumer.subscribe([self.exposures, self.clickstream], listener=_SeekToStored(self))
         self.producer = create_producer(s)
         await self.producer.start()
+        await self.erasures.start()
+        await self._forget(await self.erasures.catch_up())
         next_metrics = 0.0
         try:
             await self.consumer.start()
             log.info("attribution %s consuming %s and %s", group_id(s), self.exposures, self.clickstream)
             while not stop.is_set():
+                await self._forget(await self.erasures.poll())
                 batch = await self.consumer.getmany(timeout_ms=300, max_records=MAX_RECORDS)
                 if ready and not ready.is_set() and self.consumer.assignment():
                     ready.set()
@@ -142,8 +155,16 @@ class Attribution:
                     await self.publish_metrics()
             await self.publish_metrics()
         finally:
+            await self.erasures.stop()
             await self.consumer.stop()
             await self.producer.stop()
+
+    async def _forget(self, users: set[str]) -> None:
+        """Delete newly erased shoppers' A/B data, between batches (their later records are dropped)."""
+        if users:
+            async with self.lock:
+                await self.store.erase_users(sorted(users))
+            self.stats.erasures += len(users)
 
     async def _seek_stored(self, tps) -> None:
         stored = await self.store.offsets()
@@ -194,6 +215,7 @@ class Attribution:
                     break
                 records.append(e)
         await self._dead_letters(letters)
+        records = self._without_erased(records)
         ch = step(records, await self.store.load(records, self.s.attribution_window_s), self.s.attribution_window_s)
         await self.store.write(ch, offsets, self.s.attribution_ttl_s)
         # after the transaction: positions of held partitions go back to the first record held
@@ -205,6 +227,15 @@ class Attribution:
         self.stats.dead_letters += len(letters)
         self.stats.batches += 1
         return offsets
+
+    def _without_erased(self, records: list[Exposure | Event]) -> list[Exposure | Event]:
+        erased = self.erasures.ids
+        if not erased:
+            return records
+        units = {unit_for(u) for u in erased}
+        kept = [r for r in records if r.user_id not in erased and not (isinstance(r, Exposure) and r.unit in units)]
+        self.stats.erased_dropped += len(records) - len(kept)
+        return kept
 
     def _watermark(self, batch_next: Mapping[TopicPartition, int]) -> float:
         return watermark([(batch_next.get(tp, self.next.get(tp)), self.consumer.highwater(tp),
@@ -232,6 +263,7 @@ class Attribution:
         st = self.stats
         return {"agent": "attribution", "ts": time.time(), "processed": dict(st.counts), "dead_letters": st.dead_letters,
                 "batches": st.batches, "held": st.held, "failures": st.failures, "lag": lag,
+                "erased_dropped": st.erased_dropped, "erasures": st.erasures,
                 "lag_total": sum(v for v in lag.values() if v is not None)}
 
     async def publish_metrics(self) -> None:

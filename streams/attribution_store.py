@@ -6,13 +6,14 @@ counts and the offsets it read up to are written together or not at all.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
+from recstream.experiments.assignment import unit_for
 from recstream.experiments.attribution import (
     FLOAT_FIELDS,
     SEEN_TTL_S,
@@ -106,6 +107,35 @@ class AttributionStore:
             pipe.hgetall(k.unit(*key))
         unit_totals = {key: UnitTotals.from_fields(h) for key, h in zip(units_list, await pipe.execute()) if h}
         return State(seen=seen, impressions=impressions, recent=recent, units=unit_totals)
+
+    async def erase_users(self, users: Sequence[str]) -> int:
+        """Forget `users`' A/B data: their impressions (abx:imp: naming them as shopper or unit), the units
+        of those impressions and their own (u:<id>), and their recent lists. The per-variant totals
+        and days (abx:tot:, abx:day:) stay: aggregates of every unit, no one's data. Two SCANs (units,
+        impressions), whatever the number of users. The count of keys deleted."""
+        k, wanted = self.keys, set(users)
+        if not wanted:
+            return 0
+        units = {unit_for(u) for u in wanted}
+        gone: list[str | bytes] = []
+        names: list[bytes] = [key async for key in self.redis.scan_iter(match=k.imp_pattern, count=5000)]
+        for i in range(0, len(names), 1000):
+            chunk = names[i:i + 1000]
+            for name, raw in zip(chunk, await self.redis.mget(chunk)):
+                if raw is None:
+                    continue
+                d = orjson.loads(raw)
+                if d.get("shopper") in wanted or d.get("unit") in units:
+                    gone.append(name)
+                    units.add(d.get("unit"))
+        async for key in self.redis.scan_iter(match=k.unit_pattern, count=5000):
+            if k.unit_of(_text(key)) in units:
+                gone.append(key)
+        gone += [k.recent(x) for x in wanted | units]
+        n = 0
+        for i in range(0, len(gone), 1000):
+            n += await self.redis.unlink(*gone[i:i + 1000])
+        return n
 
     async def write(self, ch: Changes, offsets: Mapping[TopicPartition, int], ttl_s: int) -> None:
         """The step's changes and the next offsets in one MULTI/EXEC: all of it, or none."""

@@ -155,6 +155,32 @@ class MemoryStore(BatchFold):
             self._delete(key)
         return sorted({v for _, v in gone})
 
+    # -- erasure -----------------------------------------------------------------------------------
+    async def mark_erased(self, user_ids: Sequence[str]) -> int:
+        erased = self.sets.setdefault(keys.ERASED, set())
+        new = set(user_ids) - erased
+        erased |= new
+        return len(new)
+
+    async def erased(self, user_ids: Iterable[str]) -> set[str]:
+        return set(user_ids) & self.sets.get(keys.ERASED, set())
+
+    async def erased_users(self) -> set[str]:
+        return set(self.sets.get(keys.ERASED, set()))
+
+    async def erase_users(self, user_ids: Sequence[str]) -> int:
+        """As RedisStore.erase_users: the fixed per-user keys, and the keys of keys.user_patterns whose
+        hash tag is one of the users."""
+        users = set(user_ids)
+        prefixes = tuple(p.rstrip("*") for p in keys.user_patterns())
+        names = {k for u in users for k in keys.user_keys(u)}
+        names |= {k for space in (self.strings, self.hashes, self.zsets, self.sets) for k in space
+                  if k.startswith(prefixes) and keys.hash_tag(k) in users}
+        gone = [k for k in names if self._exists(k)]
+        for k in gone:
+            self._delete(k)
+        return len(gone)
+
     # -- reads -------------------------------------------------------------------------------------
     async def categories(self, product_ids: Iterable[str]) -> dict[str, str]:
         found = {pid: self._hash(keys.item_features(pid)).get("category") for pid in sorted(set(product_ids))}

@@ -60,6 +60,30 @@ def _le(b: float) -> str:
     return repr(float(b))
 
 
+# (snapshot key, Prometheus counter, what it counts): the counters a worker's snapshot may carry
+COUNTERS = (
+    ("archived", "recstream_events_processed", "records processed (events/s: rate() of it)"),
+    ("handled", "recstream_requests_handled", "serving requests answered by the agent"),
+    ("expired", "recstream_requests_expired", "serving requests dropped past (or too near) their deadline"),
+    ("errors", "recstream_request_errors", "serving requests whose batch failed"),
+    ("dead_letters", "recstream_dead_letters", "records sent to the dead-letter topic"),
+    ("duplicates", "recstream_duplicates", "repeated events dropped by event_id"),
+    ("refilled", "recstream_refilled_records", "records the consumer skipped, read again from Kafka"),
+    ("rerouted", "recstream_rerouted_records",
+     "clickstream records on another partition than their shopper's (another partitioner), copied there"),
+    ("recovered_states", "recstream_recovered_states",
+     "users whose session-table row was behind Redis' copy (a table write lost in a rebalance)"),
+    ("erased_dropped", "recstream_erased_dropped",
+     "records of erased shoppers dropped, not folded, archived or counted (README \"Personal data\")"),
+    ("erasures", "recstream_erasures", "erased shoppers whose data this worker deleted"),
+    ("batches", "recstream_batches", "batches handled"),
+    ("files", "recstream_archive_files", "Parquet files written"),
+    ("commit_failures", "recstream_commit_failures", "offset commits that failed"),
+    ("gather_partial", "recstream_gather_partial", "sharded requests ranked without every shard's answer"),
+    ("gather_late", "recstream_gather_late", "shard answers that came after their request was ranked"),
+)
+
+
 class SnapshotCollector(Collector):
     """Metrics of one worker from the latest snapshot dict its loop published (see module docstring)."""
 
@@ -82,23 +106,7 @@ class SnapshotCollector(Collector):
                 fam.add_metric([w, str(kind)], float(n))
             fam.add_metric([w, "all"], float(sum(processed.values())))
             yield fam
-        for key, name, doc in (
-                ("archived", "recstream_events_processed", "records processed (events/s: rate() of it)"),
-                ("handled", "recstream_requests_handled", "serving requests answered by the agent"),
-                ("expired", "recstream_requests_expired", "serving requests dropped past (or too near) their deadline"),
-                ("errors", "recstream_request_errors", "serving requests whose batch failed"),
-                ("dead_letters", "recstream_dead_letters", "records sent to the dead-letter topic"),
-                ("duplicates", "recstream_duplicates", "repeated events dropped by event_id"),
-                ("refilled", "recstream_refilled_records", "records the consumer skipped, read again from Kafka"),
-                ("rerouted", "recstream_rerouted_records",
-                 "clickstream records on another partition than their shopper's (another partitioner), copied there"),
-                ("recovered_states", "recstream_recovered_states",
-                 "users whose session-table row was behind Redis' copy (a table write lost in a rebalance)"),
-                ("batches", "recstream_batches", "batches handled"),
-                ("files", "recstream_archive_files", "Parquet files written"),
-                ("commit_failures", "recstream_commit_failures", "offset commits that failed"),
-                ("gather_partial", "recstream_gather_partial", "sharded requests ranked without every shard's answer"),
-                ("gather_late", "recstream_gather_late", "shard answers that came after their request was ranked")):
+        for key, name, doc in COUNTERS:
             if isinstance(snap.get(key), (int, float)):
                 fam = CounterMetricFamily(name, doc, labels=["worker", "kind"] if key == "archived" else labels)
                 fam.add_metric([w, "all"] if key == "archived" else [w], float(snap[key]))

@@ -163,6 +163,39 @@ class RedisStore(BatchFold):
             await unlink_keys(self.redis, batch)
         return sorted(removed)
 
+    # -- erasure ---------------------------------------------------------------------------------
+    async def mark_erased(self, user_ids: Sequence[str]) -> int:
+        """Add the ids to the erased set (keys.ERASED); how many were not in it."""
+        return int(await self.redis.sadd(self.ns + keys.ERASED, *user_ids)) if user_ids else 0
+
+    async def erased(self, user_ids: Iterable[str]) -> set[str]:
+        """Those of `user_ids` that are erased (one SMISMEMBER)."""
+        ids = sorted(set(user_ids))
+        if not ids:
+            return set()
+        return {u for u, hit in zip(ids, await self.redis.smismember(self.ns + keys.ERASED, ids)) if hit}
+
+    async def erased_users(self) -> set[str]:
+        return {m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(self.ns + keys.ERASED)}
+
+    async def erase_users(self, user_ids: Sequence[str]) -> int:
+        """Delete every per-user key of `user_ids`: the fixed ones by name (keys.user_keys), then one SCAN
+        per pattern of keys.user_patterns (the homepage cache, every version's vectors and offline
+        features) keeping those whose hash tag is one of the users. The count deleted. One pass per
+        pattern whatever the number of users, so erase many at once."""
+        users = set(user_ids)
+        if not users:
+            return 0
+        n = await unlink_keys(self.redis, [self.ns + k for u in sorted(users) for k in keys.user_keys(u)])
+        for pattern in keys.user_patterns():
+            found = []
+            async for key in self.redis.scan_iter(match=self.ns + pattern, count=5000):
+                name = key.decode() if isinstance(key, bytes) else key
+                if keys.hash_tag(name[len(self.ns):]) in users:
+                    found.append(key)
+            n += await unlink_keys(self.redis, found)
+        return n
+
     # -- reads -----------------------------------------------------------------------------------
     async def categories(self, product_ids: Iterable[str]) -> dict[str, str]:
         ids = sorted(set(product_ids))

@@ -42,6 +42,11 @@ def specs(s: Settings) -> list[TopicSpec]:
         TopicSpec(s.topic("exposures"), s.clickstream_partitions, "user_id (else the unit)", "schemas.Exposure",
                   "every served recommendation list, API -> attribution (A/B metrics); keyed like the clickstream",
                   {"retention.ms": str(s.exposures_retention_h * 3600 * 1000)}),
+        TopicSpec(s.topic("erasures"), s.clickstream_partitions, "user_id", "schemas.Erasure",
+                  "shoppers erased on request; compacted (one record per shopper, kept for ever: the list later "
+                  "events are checked against); co-partitioned with the clickstream, so a shopper's erasure reaches "
+                  "the feature worker that holds their session",
+                  {"cleanup.policy": "compact"}),
         TopicSpec(s.topic("deadletter"), 1, "source topic", "raw bytes + x-error-* headers",
                   "records that failed to decode or validate, kept with the reason",
                   {"retention.ms": str(30 * 24 * 3600 * 1000)}),

@@ -218,3 +218,42 @@ async def the_serving_path(store: Store, s: Settings) -> None:
     assert (await store.serving_path(60.0, now))[0] == {"ranking:h:2": {"ts": now - 1, "model_version": None}}
     await store.forget_agent("ranking:h:2")
     assert (await store.serving_path(60.0, now))[0] == {}
+
+
+async def erasing_a_user_removes_their_keys_and_only_theirs(store: Store, s: Settings) -> None:
+    """An erasure: the erased set answers, and every per-user key of the user goes (session, features,
+    state, the homepage cache, the vectors and offline features of every published version); another
+    user's keys and the global counts stay. A second erasure deletes nothing."""
+    await store.write_items([product("p1", "Audio"), product("p2", "Audio")])
+    await fold_all(store, s, [Incoming(ev(1, "u1", "view", "p1"), 0, 0), Incoming(ev(2, "u2", "view", "p2"), 0, 1),
+                              Incoming(ev(3, "u1", "purchase", "p2"), 0, 2)], 10)
+    users = Embeddings(["u1", "u2"], np.ones((2, 4), dtype=np.float32))
+    items = Embeddings(["p1", "p2"], np.ones((2, 4), dtype=np.float32))
+    out = BatchOutputs(Window(0, 1, 10), users, items, {}, {}, {"u1": {"Audio": 1.0}, "u2": {"Audio": 1.0}},
+                       {"p1": 3.0}, {"u1": 19.5, "u2": 5.0}, {"p1": "Audio"})
+    for version in ("7", "8"):   # two published versions: the one serving and the one before it
+        await publish(s, "m", version, out, progress=lambda _: None, announce=False, store=store)
+    for user in ("u1", "u2"):
+        key = store.homepage_key(user, "-", 10, "web", "home")
+        _, tag = await store.homepage_cached(key, user)
+        await store.cache_homepage(key, tag, b"reply", 60)
+
+    assert await store.erased(["u1", "u2"]) == set()
+    assert await store.mark_erased(["u1"]) == 1 and await store.mark_erased(["u1"]) == 0
+    assert await store.erased(["u1", "u2", "u3"]) == {"u1"} and await store.erased([]) == set()
+    # session, features, state, 1 homepage cache, 2 versions x (vector + offline features)
+    assert await store.erase_users(["u1"]) == 3 + 1 + 2 * 2
+    assert await store.erase_users(["u1"]) == 0                        # a second erasure: nothing left
+    assert await store.user_session("u1") == [] and await store.user_features("u1") is None
+    assert await store.user_states(["u1"]) == {}
+    assert await store.embeddings("user", "7", ["u1"]) == [None] and await store.embeddings("user", "8", ["u1"]) == [None]
+    assert (await store.homepage_cached(store.homepage_key("u1", "-", 10, "web", "home"), "u1"))[0] is None
+    reads = await store.ranking_reads([], [], FIELDS, [], "u1", "8", NOW, 7, 3600.0)
+    assert reads.features is None and reads.recent == [] and reads.affinity == {} and reads.median_price is None
+    # the other shopper, the items and the counts are untouched
+    assert await store.user_session("u2") == ["p2"]
+    assert (await store.embeddings("user", "8", ["u2"]))[0] is not None
+    assert (await store.homepage_cached(store.homepage_key("u2", "-", 10, "web", "home"), "u2"))[0] == b"reply"
+    assert (await store.embeddings("item", "8", ["p1"]))[0] is not None
+    assert await store.popularity("view", NOW, 7, ["p1", "p2"]) == {"p1": 1.0, "p2": 1.0}
+    assert await store.erased_users() == {"u1"}

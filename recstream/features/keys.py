@@ -19,6 +19,7 @@ GLOBAL = "g"                      # the hash tag of every global key
 OOS = "oos:{g}"                   # set of products out of stock
 MODEL_CURRENT = "model:{g}:current"   # JSON pointer to the published model version
 AGENTS = "agents:{g}"             # hash: serving agent ("role:host:pid") -> JSON {ts, model_version}, every 2 s
+ERASED = "erased:{g}"             # set of erased user ids: the fast shared copy of the recs.erasures topic
 
 
 def metrics(agent: str, host: str, pid: int | str) -> str:
@@ -60,6 +61,18 @@ def user_state(user_id: str) -> str:
 
 def homecache(user_id: str, variants: str, count: int, device: str, page: str) -> str:
     return f"homecache:{{{user_id}}}:{variants}:{count}:{device}:{page}"
+
+
+def user_keys(user_id: str) -> tuple[str, ...]:
+    """The per-user keys with a fixed name (an erasure deletes them at once)."""
+    return (user_session(user_id), user_features(user_id), user_state(user_id))
+
+
+def user_patterns() -> tuple[str, ...]:
+    """SCAN patterns of the per-user keys whose names also carry a version or a variant (the homepage
+    cache, the published user vectors and offline features of every version): an erasure scans
+    them and deletes the keys whose hash tag (`hash_tag`) is an erased user."""
+    return ("homecache:*", "emb:user:*", "uoff:*")
 
 
 # -- per item: tag {product_id} -------------------------------------------------------------------
@@ -176,3 +189,16 @@ class AttributionKeys:
 
     def seen(self, event_id: str) -> str:
         return f"{self.ns}abx:seen:{event_id}"
+
+    @property
+    def unit_pattern(self) -> str:
+        """SCAN pattern of every unit hash (an erasure deletes the erased shoppers' units)."""
+        return f"{self.ns}abx:unit:*"
+
+    @property
+    def imp_pattern(self) -> str:
+        return f"{self.ns}abx:imp:*"
+
+    def unit_of(self, key: str) -> str:
+        """The unit a unit hash's key (with the namespace) counts: experiment and variant ids hold no ':'."""
+        return key[len(self.ns):].split(":", 4)[4]

@@ -105,7 +105,8 @@ async def dump(store: RedisStore) -> dict[str, Any]:
 # -- the contract (tests/store_contract.py, also run over the memory store) -------------------------
 
 CHECKS = [contract.folded_batches_read_back, contract.ranking_reads_embeddings_and_the_homepage_cache,
-          contract.a_zombie_does_not_regress_the_state, contract.the_serving_path]
+          contract.a_zombie_does_not_regress_the_state, contract.the_serving_path,
+          contract.erasing_a_user_removes_their_keys_and_only_theirs]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])

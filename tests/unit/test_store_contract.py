@@ -15,7 +15,8 @@ from streams.store import OffsetConflict
 from tests import store_contract as contract
 
 CHECKS = [contract.folded_batches_read_back, contract.ranking_reads_embeddings_and_the_homepage_cache,
-          contract.replays_count_once, contract.a_zombie_does_not_regress_the_state, contract.the_serving_path]
+          contract.replays_count_once, contract.a_zombie_does_not_regress_the_state, contract.the_serving_path,
+          contract.erasing_a_user_removes_their_keys_and_only_theirs]
 
 
 @pytest.fixture
