@@ -5,8 +5,11 @@ write. Batches (stream.take_events) amortise Faust's per-event cost and Redis ro
 
 Skipped records: a batch is checked for offsets the consumer never delivered (faust can skip a
 record when it seeks during a rebalance: seen here as one lost event per moved partition in about
-one rebalance test in four). Missing offsets are read again from Kafka and folded first, so every
-record reaches the features; the check costs nothing while offsets follow on.
+one rebalance test in four). Missing offsets are read again from Kafka and folded in their place
+(recstream.features.plan.plan folds a batch in offset order), so every record reaches the features;
+the check costs nothing while offsets follow on. A gap can open between two records of one batch
+(delivered 815, skipped 816-818, delivered 819, after a rebalance's seek): folded after the refilled
+818, the delivered 815 of the same user would read as a redelivery and be lost, Redis and table alike.
 
 Lost table writes: Faust can drop the session-table write of a batch folded while its partition is
 being revoked, though the batch's offsets are committed (seen for 1 user of 136 in about one
@@ -143,8 +146,9 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
         for p, ranges in missing_offsets(baseline, [(p, o) for p, o in offsets if p in suspects]).items():
             for start, end in ranges:
                 records = await read_range(s.kafka_bootstrap, clickstream.get_topic_name(), p, start, end)
-                log.warning("clickstream[%d]: offsets %d-%d were skipped by the consumer; %d records read again",
-                            p, start, end - 1, len(records))
+                log.warning("clickstream[%d]: offsets %d-%d were skipped by the consumer; %d records read again "
+                            "(%d records of the batch before them)", p, start, end - 1, len(records),
+                            sum(1 for q, o in offsets if q == p and o < start))
                 stats.refilled += len(records)
                 for m in records:
                     try:

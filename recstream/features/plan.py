@@ -131,7 +131,13 @@ def plan(batch: list[Incoming], states: Mapping[str, UserState], applied: Mappin
     Redis already holds; `categories` fills in the category of events that lack one. `passed`: the
     (partition, offset) of records of the batch that were re-routed to their owner partition (acked
     there, folded when they come back): nothing to fold, but the guard moves past them like past any
-    applied record, so a redelivery or a refill does not re-route them again."""
+    applied record, so a redelivery or a refill does not re-route them again.
+
+    The batch is folded in Kafka's order, (partition, offset), whatever order it comes in: a state
+    records the offset of the last event folded into it and takes any record at or below it for a
+    redelivery, so a record folded after a later one of its user would be lost. The agents' batches
+    come out of order when records the consumer skipped are read again (agents/features.py): a gap
+    may lie between two records the consumer delivered, and the refilled records go ahead of both."""
     new_states: dict[str, UserState] = {}
     ops = RedisOps()
     processed: list[Incoming] = []
@@ -140,7 +146,7 @@ def plan(batch: list[Incoming], states: Mapping[str, UserState], applied: Mappin
         if o > applied.get(p, -1):
             lo, hi = ops.offsets.get(p, (o, o))
             ops.offsets[p] = (min(lo, o), max(hi, o))
-    for inc in batch:
+    for inc in sorted(batch, key=_position):   # (stable: a record delivered twice stays a redelivery)
         e = inc.event
         state = new_states.get(e.user_id) or states.get(e.user_id) or UserState()
         if state.partition == inc.partition and inc.offset <= state.offset:
@@ -163,6 +169,10 @@ def plan(batch: list[Incoming], states: Mapping[str, UserState], applied: Mappin
         ops.hset[features_key(user)] = (features_value(state), limits.user_features_ttl_s)
         ops.set[state_key(user)] = (state_value(state), limits.user_features_ttl_s)
     return BatchPlan(new_states, ops, processed, duplicates)
+
+
+def _position(inc: Incoming) -> tuple[int, int]:
+    return inc.partition, inc.offset
 
 
 def _count(ops: RedisOps, e: Event, category: str | None, covisits: Sequence[tuple[str, str]],

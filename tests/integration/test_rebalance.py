@@ -20,7 +20,7 @@ from agents.worker import metrics_index
 from recstream.data import ShopConfig, shop_dataset
 from recstream.features import Incoming, UserState, plan
 from recstream.features.config import feature_config, limits
-from recstream.features.session import decode_features, features_value, newest
+from recstream.features.session import decode_features, features_value, fingerprint, newest
 from recstream.settings import Settings
 from schemas import Event
 from streams.online_store import open_store
@@ -152,6 +152,13 @@ async def _join_and_leave(fresh, tmp_path):
             got = await store.user_features(user)
             if got != decode_features(features_value(state)) or await store.user_session(user) != list(state.recent):
                 bad[user] = f"events {got and got['events']}, want {state.events} (partition {state.partition})"
+        if bad:
+            rows = await read_changelog(s)
+            stored = await store.user_states(list(bad))
+            where = {fingerprint(Event.from_json(m.value).event_id): (m.partition, m.offset) for m in records}
+            detail = {u: _missing(want.states[u], stored.get(u), UserState.from_dict(rows.get(u)), where) for u in bad}
+            figures("features-short", bad=bad, detail=detail,
+                    applied={str(p): o for p, o in (await store.applied_offsets(parts)).items()})
         assert not bad, f"{len(bad)} of {len(want.states)} users differ from the topic's fold: {bad}"
         # every counter holds each event exactly once: popularity, trending and co-occurrence
         by_key: dict[str, dict[str, float]] = defaultdict(dict)
@@ -186,6 +193,17 @@ async def _join_and_leave(fresh, tmp_path):
         procs.stop_all()
         await producer.stop()
         await client.aclose()
+
+
+def _missing(want: UserState, stored: UserState | None, row: UserState, where: dict) -> dict:
+    """Which of a user's events (partition, offset) Redis' copy and the changelog's row lack (of the
+    last SEEN_MAX the states remember), and the offset each copy has folded up to: a failure's evidence."""
+    def lacks(got: UserState | None) -> list:
+        have = set(got.seen) if got else set()
+        return sorted(where[f] for f in want.seen if f not in have)
+    return {"want_offset": want.offset, "redis_offset": stored and stored.offset, "redis_events": stored and stored.events,
+            "row_offset": row.offset, "row_events": row.events, "want_events": want.events,
+            "redis_lacks": lacks(stored), "row_lacks": lacks(row)}
 
 
 async def _owns(client: aioredis.Redis, s: Settings, pid: int, want: set[int]) -> bool:

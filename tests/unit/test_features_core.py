@@ -151,6 +151,28 @@ def test_redelivered_records_are_recognised_by_their_offset_however_old():
     assert again.duplicates == len(batch) and again.states == {} and not again.ops.incr
 
 
+def test_a_batch_folds_in_offset_order_when_refilled_records_come_ahead_of_delivered_ones():
+    """The rebalance test's loss (one user one event short, Redis and table alike): after a seek the
+    consumer delivered 815 and 819 and skipped 816-818; the agent read those again and put them at
+    the head of the batch. Folded in that order, 815 came after 818 of its user and read as a
+    redelivery. In offset order every record counts, once, as in the topic's fold."""
+    records = [Incoming(ev(i, pid=f"p{i}", user="u" if i % 2 else "v"), partition=0, offset=810 + i)
+               for i in range(10)]
+    delivered, skipped = records[:6] + records[9:], records[6:9]
+    topic = plan(records, {}, {}, {}, CFG, LIMITS)
+    first = plan(delivered[:5], {}, {}, {}, CFG, LIMITS)                      # 810-814
+    refilled = plan(skipped + delivered[5:], first.states, {0: 814}, {}, CFG, LIMITS)   # 816-818, then 815, 819
+    assert refilled.duplicates == 0 and len(refilled.processed) == 5
+    assert [i.offset for i in refilled.processed] == [815, 816, 817, 818, 819]
+    assert {**first.states, **refilled.states} == topic.states and topic.states["u"].events == 5
+    assert refilled.ops.offsets == {0: (815, 819)}
+    day = popularity.day(T)
+    assert all(refilled.ops.incr[(popularity.count_key("view", day), f"p{i}")] == 1 for i in range(5, 10))
+    # a record delivered twice in one batch is still a redelivery, wherever it lands
+    again = plan(delivered[5:] + skipped + delivered[5:6], first.states, {0: 814}, {}, CFG, LIMITS)
+    assert again.duplicates == 1 and again.states == refilled.states
+
+
 def test_missing_offsets_finds_the_holes_after_the_baseline_and_ignores_redeliveries():
     from recstream.features.plan import missing_offsets
 
