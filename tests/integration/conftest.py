@@ -51,7 +51,7 @@ async def read_topic(s: Settings, topic: str, timeout_ms: int = 5000) -> list:
 
 
 async def read_changelog(s: Settings) -> dict:
-    """The session table's changelog, last value per key: what a restoring worker reads."""
+    """The session table's changelog, last value per key (None: a tombstone): what a restoring worker reads."""
     import orjson
     from aiokafka import AIOKafkaConsumer
 
@@ -66,7 +66,7 @@ async def read_changelog(s: Settings) -> dict:
             idle = 0 if batch else idle + 1
             for msgs in batch.values():
                 for m in msgs:
-                    rows[orjson.loads(m.key)] = orjson.loads(m.value)
+                    rows[orjson.loads(m.key)] = None if m.value is None else orjson.loads(m.value)
     finally:
         await consumer.stop()
     return rows

@@ -18,7 +18,6 @@ import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer
 
 from batch.publish import current
 from batch.train import Source, train_once
@@ -29,10 +28,11 @@ from schemas import Event, Exposure
 from streams import lag
 from streams.archive import dataset_dir, group_id, read_archive
 from streams.attribution import group_id as attribution_group
-from streams.erasures import changelog_topic, erase_here
+from streams.erasures import erase_here
 from streams.producer import create_producer
 from streams.replay import publish, publish_dataset
 from streams.topics import ensure_topics
+from tests.integration.conftest import read_changelog
 from tests.integration.serving_stack import Processes, get_json, small_deployment, wait_for
 from tests.integration.test_features import feature_agents
 
@@ -59,25 +59,6 @@ def exposures_and_clicks(users: list[str], products: list[str], now: float) -> t
 
 async def scan(client: aioredis.Redis, pattern: str) -> list[str]:
     return sorted([k.decode() async for k in client.scan_iter(match=pattern, count=5000)])
-
-
-async def changelog(s) -> dict[str, object]:
-    """The session table's changelog, the last value per key (None: a tombstone), as a restoring worker reads it."""
-    consumer = AIOKafkaConsumer(changelog_topic(s), bootstrap_servers=s.kafka_bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
-    await consumer.start()
-    rows: dict[str, object] = {}
-    try:
-        idle = 0
-        while idle < 3:
-            batch = await consumer.getmany(timeout_ms=1000)
-            idle = 0 if batch else idle + 1
-            for msgs in batch.values():
-                for m in msgs:
-                    rows[orjson.loads(m.key)] = None if m.value is None else orjson.loads(m.value)
-    finally:
-        await consumer.stop()
-    return rows
 
 
 async def caught_up(s, group: str, topic: str) -> bool:
@@ -224,7 +205,7 @@ async def test_a_shopper_is_erased_from_every_store(stack, tmp_path):
             assert not [r for r in archived_after if r["user_id"] == victim]
             assert sorted(r["event_id"] for r in archived_after) == others_archived
             assert victim not in set(agents.sessions.keys())
-            log = await changelog(s)
+            log = await read_changelog(s)
             assert victim in log and log[victim] is None            # the changelog's last word: a tombstone
             assert log[others[0]] is not None
             assert agents.stats.erased_dropped >= 3
