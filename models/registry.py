@@ -7,6 +7,7 @@ newer version that did not pass the promotion rule and is kept for comparison.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,17 +27,33 @@ class Decision:
     reason: str
 
 
-def decide(new: dict[str, float], champion: dict[str, float] | None, metric: str, margin: float) -> Decision:
+def decide(new: dict[str, float], champion: dict[str, float] | None, metric: str, margin: float,
+           same_features: bool = True) -> Decision:
     """Pure promotion rule: the new version becomes champion unless its offline metric is worse
-    than the champion's by more than `margin` (a fraction of the champion's value)."""
+    than the champion's by more than `margin` (a fraction of the champion's value). A champion
+    trained on other ranker features than the new version (older code) cannot be served by the
+    code that trained the new one, so it is no measure: the new version takes its place."""
     if metric not in new:
         return Decision(False, f"the new version has no {metric} metric")
     if champion is None or metric not in champion:
         return Decision(True, "no champion yet")
+    if not same_features:
+        return Decision(True, "the champion was trained on other ranker features than this code builds: "
+                              "it cannot be served by it")
     floor = champion[metric] * (1 - margin)
     if new[metric] >= floor:
         return Decision(True, f"{metric} {new[metric]:.4f} >= {floor:.4f} (champion {champion[metric]:.4f} - {margin:.0%})")
     return Decision(False, f"{metric} {new[metric]:.4f} < {floor:.4f} (champion {champion[metric]:.4f} - {margin:.0%})")
+
+
+def features_of(bundle: Path) -> str | None:
+    """A fingerprint of the bundle's ranker feature list (features.json; None without one)."""
+    path = bundle / "features.json"
+    return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest() if path.exists() else None
+
+
+def _metrics(tags: dict[str, str]) -> dict[str, float]:
+    return {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")}
 
 
 @dataclass(frozen=True)
@@ -54,11 +71,14 @@ class Registry:
         self.name = model_name
 
     def champion_metrics(self) -> dict[str, float] | None:
+        tags = self._champion_tags()
+        return None if tags is None else _metrics(tags)
+
+    def _champion_tags(self) -> dict[str, str] | None:
         try:
-            mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
+            return dict(self.client.get_model_version_by_alias(self.name, CHAMPION).tags)
         except MlflowException:
             return None
-        return {k[len("metric."):]: float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
 
     def champion_version(self) -> str | None:
         try:
@@ -94,10 +114,13 @@ class Registry:
 
     def register(self, bundle: Path, metrics: dict[str, float], params: dict[str, object], metric: str,
                  margin: float) -> Registered:
-        """Log the bundle as one run, register it as a new version, and set its alias by `decide`."""
+        """Log the bundle as one run, register it as a new version (tagged with its metrics and its feature
+        list's fingerprint), and set its alias by `decide`."""
         mlflow.set_experiment(EXPERIMENT)
-        champion = self.champion_metrics()
-        decision = decide(metrics, champion, metric, margin)
+        tags = self._champion_tags()
+        features = features_of(bundle)
+        decision = decide(metrics, None if tags is None else _metrics(tags), metric, margin,
+                          same_features=tags is None or tags.get("features") == features)
         with mlflow.start_run() as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics(metrics)
@@ -109,7 +132,8 @@ class Registry:
             self.client.create_registered_model(self.name, description="recstream bundle: ALS, FAISS, ranker, content model")
         mv = self.client.create_model_version(self.name, source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id,
                                               tags={**{f"metric.{k}": str(v) for k, v in metrics.items()},
-                                                    "promotion": decision.reason})
+                                                    "promotion": decision.reason,
+                                                    **({"features": features} if features else {})})
         alias = CHAMPION if decision.promote else CHALLENGER
         self.client.set_registered_model_alias(self.name, alias, mv.version)
         return Registered(mv.version, run.info.run_id, alias, decision)

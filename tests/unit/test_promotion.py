@@ -14,3 +14,9 @@ from models.registry import decide
 def test_promotion_rule(new, champion, promote, says):
     d = decide(new, champion, "ndcg", 0.02)
     assert d.promote is promote and says in d.reason
+
+
+def test_a_champion_trained_on_other_features_gives_way_whatever_its_metric():
+    d = decide({"ndcg": 0.10}, {"ndcg": 0.30}, "ndcg", 0.02, same_features=False)
+    assert d.promote and "other ranker features" in d.reason
+    assert not decide({"ndcg": 0.10}, {"ndcg": 0.30}, "ndcg", 0.02, same_features=True).promote
