@@ -152,7 +152,7 @@ class Retrieval:
         shopper = candidates.Shopper.from_redis(got.session, got.features, now, self.s.session_idle_timeout_s)
         allowed = set(r.overrides.sources) if r.overrides and r.overrides.sources else set(SOURCES)   # A/B
         sources = {"als"} & allowed if self.shard else allowed   # shards but 0 propose only their ANN candidates
-        reads = candidates.plan(r, shopper, anchor_items, sources)
+        reads = candidates.plan(r, shopper, anchor_items, sources, self.s.knn_per_anchor)
         stored = await self.store.candidate_reads([rd for rd in reads if rd.table not in candidates.MODEL_TABLES],
                                                   now, self.s.trending_half_life_s)
         answers = candidates.answer(reads, stored, model.knn if model is not None else None)

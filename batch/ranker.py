@@ -45,6 +45,7 @@ class RankerConfig:
     nthread: int = 2                  # set explicitly: OpenMP's default oversubscribes shared cores
     seed: int = 0
     als_candidates: int = 50          # ANN candidates, as retrieval's RECSTREAM_RETRIEVAL_CANDIDATES
+    knn_per_anchor: int = 20          # item-kNN neighbours per anchor, as retrieval's RECSTREAM_KNN_PER_ANCHOR
     train_fraction: float = 0.8       # earliest share of targets, by time, to train on
     target_sample: float = 1.0        # share of targets kept, chosen by a hash of the event id (deterministic)
     targets_from_s: float = float("-inf")   # only events from here on are targets (earlier ones build the state)
@@ -61,7 +62,8 @@ def ranker_config(s: Settings, **overrides) -> RankerConfig:
     # as many ALS candidates as retrieval hands to ranking: trained on 50 while serving 200, the ranker
     # met items far down the ALS list only at serving, and scored them arbitrarily (Groceries, 167 items)
     return RankerConfig(trees=s.ranker_trees, depth=s.ranker_depth, popularity_window_days=s.popularity_window_days,
-                        als_candidates=s.retrieval_candidates, label_horizon_s=s.ranker_label_horizon_s,
+                        als_candidates=s.retrieval_candidates, knn_per_anchor=s.knn_per_anchor,
+                        label_horizon_s=s.ranker_label_horizon_s,
                         trending_half_life_s=s.trending_half_life_s, features=feature_config(s),
                         pins=s.ordering_pins, **overrides)
 
@@ -373,7 +375,7 @@ def _sampled(event_id: str, share: float) -> bool:
 def _group(ctx: Context, ask: candidates.Ask, shopper: candidates.Shopper, q: candidates.Query, state: UserState,
            e: Event, target_row: int, replay: ReplayState, cfg: RankerConfig) -> Group | None:
     """The candidates retrieval would propose for `ask` at this moment; None when the target is not among them."""
-    reads = candidates.plan(ask, shopper, replay.anchor_items(candidates.anchors(ask)), SOURCES)
+    reads = candidates.plan(ask, shopper, replay.anchor_items(candidates.anchors(ask)), SOURCES, cfg.knn_per_anchor)
     proposals = candidates.propose(ask, shopper, reads, replay.answer(reads, ctx.now_s), SOURCES)
     if q.vector is not None:
         candidates.add_ann(proposals, replay.nearest(q.vector, cfg.als_candidates + 1), q.anchor)

@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -131,6 +132,10 @@ def check_alive(proc: subprocess.Popen, log_path: Path, name: str | None = None)
         raise RuntimeError(f"{name or log_path.name} exited with {proc.returncode}:\n{tail}")
 
 
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 class Procs:
     """The `recstream` subprocesses a benchmark starts, by name, each with `env` (plus its own) and a
     log in `logdir`; stop_all() stops every one (SIGINT for the API, SIGTERM otherwise, then SIGKILL).
@@ -139,6 +144,10 @@ class Procs:
     def __init__(self, env: dict[str, str], logdir: Path):
         self.env, self.logdir = env, logdir
         self.procs: dict[str, subprocess.Popen] = {}
+        if threading.current_thread() is threading.main_thread():
+            # a benchmark stopped by SIGTERM (kill, timeout) unwinds as on Ctrl-C, so the `finally` that calls
+            # stop_all() runs: killed plainly, it left its workers running, still in its consumer groups
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """`recstream argv...` with the benchmark's environment, plus `env` (RECSTREAM_* of this process)."""

@@ -39,7 +39,6 @@ HISTORY_ITEMS = 30          # ... then the user's own items of earlier sessions 
 NEIGHBOURS = 10             # per anchor on the homepage; per kind below for product pages and the cart
 POPULAR = 20                # trending items proposed
 BRAND = 10
-KNN = 20                    # item-kNN neighbours read per anchor
 MODEL_TABLES = ("knn",)     # lists the served version carries, not the online store
 # (cobuy, covis) neighbours per anchor of the widgets about products
 PRODUCT_NEIGHBOURS = {"cart": (50, 20), "also_viewed": (NEIGHBOURS, 100), "similar": (NEIGHBOURS, NEIGHBOURS)}
@@ -128,9 +127,10 @@ def anchors(w: Widget) -> list[str]:
 
 
 def plan(w: Widget, shopper: Shopper, anchor_items: Sequence[Mapping[str, str]],
-         sources: Collection[str]) -> list[Read]:
+         sources: Collection[str], knn: int = 20) -> list[Read]:
     """What to read for a request: `anchor_items` are the anchors' item_features ({} where unknown),
-    `sources` those this process proposes (an A/B variant's, or ANN only on shards but the first)."""
+    `sources` those this process proposes (an A/B variant's, or ANN only on shards but the first),
+    `knn` the item-kNN neighbours per anchor (RECSTREAM_KNN_PER_ANCHOR)."""
     reads: list[Read] = []
 
     def read(source: str, table: str, key: str | None, n: int, weight: float = 1.0) -> None:
@@ -141,7 +141,7 @@ def plan(w: Widget, shopper: Shopper, anchor_items: Sequence[Mapping[str, str]],
     main = main_category(shopper.categories) if recent else None
     if w.kind == "homepage":
         for i, a in enumerate(shopper.touched[:ANCHORS]):   # what the shopper did last, of any kind
-            read("knn", "knn", a, KNN, 1.0 / (i + 1))
+            read("knn", "knn", a, knn, 1.0 / (i + 1))
         for a in recent:
             read("covis", "covis", a, NEIGHBOURS)
         for a in dict.fromkeys((*recent, *shopper.cart[:ANCHORS], *shopper.basket[:ANCHORS])):
@@ -152,7 +152,7 @@ def plan(w: Widget, shopper: Shopper, anchor_items: Sequence[Mapping[str, str]],
     for a in anchors(w):
         read("cobuy", "cobuy", a, cobuy)
         read("covis", "covis", a, covis)
-        read("knn", "knn", a, KNN)
+        read("knn", "knn", a, knn)
     categories = [it["category"] for it in anchor_items if it.get("category")]
     for c in dict.fromkeys(categories[:2]):
         read("same_category", "trend", c, POPULAR // 2 if w.kind == "cart" else POPULAR)

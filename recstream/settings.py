@@ -93,6 +93,8 @@ class Settings:
                                        "recall@200 0.95), ivfpq (IVF-PQ codes, 42 bytes an item instead of 512 on the GPU, "
                                        "re-ranked from a float16 copy in host memory), ivf, flat, flat16 or hnsw (name)")
     cooccurrence_top_n: int = _setting(50, "neighbours kept per item by the batch co-occurrence (count)")
+    knn_per_anchor: int = _setting(20, "item-kNN neighbours the candidate stage reads per anchor item, at most "
+                                       "cooccurrence_top_n (count)")
     knn_shrink: float = _setting(0.0, "item kNN's shrinkage: similarity c_ab / (sqrt(c_a c_b) + shrink), so pairs "
                                       "seen in few sessions count less (sessions)")
     ranker_trees: int = _setting(200, "XGBoost boosting rounds of the ranker (count)")
