@@ -586,8 +586,8 @@ async def components(s: Settings, client: aioredis.Redis, traffic: Traffic, args
         t = time.perf_counter()
         w = await ranking._features(c, time.time())
         parts["features_total"] += time.perf_counter() - t
-        parts["redis"] += w.redis_ms / 1000
-        parts["feature_matrix"] += w.features_ms / 1000
+        parts["redis"] += w.stages.ms.get("ranking_redis", 0.0) / 1000
+        parts["feature_matrix"] += w.stages.ms.get("ranking_features", 0.0) / 1000
         t = time.perf_counter()
         w.scores = booster.score(kmodel.booster, w.X)
         parts["predict"] += time.perf_counter() - t

@@ -91,11 +91,13 @@ def _lowest_priority() -> None:
 def _rewrite_one(root: Path, path: Path, wanted: pa.Array, out: RewriteResult) -> None:
     if len(wanted) == 0:
         return
-    hit = pc.is_in(pq.read_table(path, columns=["user_id"]).column("user_id"), value_set=wanted)
+    # use_threads=False: pyarrow's pool threads would run at normal priority beside serving (measured:
+    # bench/RESULTS.md, "erasure"); on the calling thread the work stays at nice 19 and within the share
+    hit = pc.is_in(pq.read_table(path, columns=["user_id"], use_threads=False).column("user_id"), value_set=wanted)
     n = pc.sum(hit).as_py() or 0
     if not n:
         return
-    table = pq.read_table(path)
+    table = pq.read_table(path, use_threads=False)
     kept = table.filter(pc.invert(pc.is_in(table.column("user_id"), value_set=wanted)))
     out.bytes_read += path.stat().st_size
     if kept.num_rows:

@@ -30,6 +30,8 @@ from recstream.experiments.attribution import (
 )
 from recstream.features import keys
 from schemas import Event, Exposure
+from streams.online_store import unlink_keys
+from streams.redisconn import scan
 
 UNIT_TTL_S = 90 * 86400   # a unit silent this long starts again from zero
 
@@ -118,7 +120,7 @@ class AttributionStore:
             return 0
         units = {unit_for(u) for u in wanted}
         gone: list[str | bytes] = []
-        names: list[bytes] = [key async for key in self.redis.scan_iter(match=k.imp_pattern, count=5000)]
+        names: list[bytes] = [key async for key in scan(self.redis, k.imp_pattern)]
         for i in range(0, len(names), 1000):
             chunk = names[i:i + 1000]
             for name, raw in zip(chunk, await self.redis.mget(chunk)):
@@ -128,14 +130,11 @@ class AttributionStore:
                 if d.get("shopper") in wanted or d.get("unit") in units:
                     gone.append(name)
                     units.add(d.get("unit"))
-        async for key in self.redis.scan_iter(match=k.unit_pattern, count=5000):
+        async for key in scan(self.redis, k.unit_pattern):
             if k.unit_of(_text(key)) in units:
                 gone.append(key)
         gone += [k.recent(x) for x in wanted | units]
-        n = 0
-        for i in range(0, len(gone), 1000):
-            n += await self.redis.unlink(*gone[i:i + 1000])
-        return n
+        return await unlink_keys(self.redis, gone)
 
     async def write(self, ch: Changes, offsets: Mapping[TopicPartition, int], ttl_s: int) -> None:
         """The step's changes and the next offsets in one MULTI/EXEC: all of it, or none."""
