@@ -140,7 +140,8 @@ def plan(w: Widget, shopper: Shopper, anchor_items: Sequence[Mapping[str, str]],
     recent = shopper.recent[:ANCHORS]
     main = main_category(shopper.categories) if recent else None
     if w.kind == "homepage":
-        for i, a in enumerate(shopper.touched[:ANCHORS]):   # what the shopper did last, of any kind
+        # what the shopper did last, of any kind: in this session, else (arriving) in earlier ones
+        for i, a in enumerate((shopper.touched or shopper.history)[:ANCHORS]):
             read("knn", "knn", a, knn, 1.0 / (i + 1))
         for a in recent:
             read("covis", "covis", a, NEIGHBOURS)
