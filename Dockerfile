@@ -14,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # and the JRE's postinst registers man pages there (harmless if it already exists).
 RUN mkdir -p /usr/share/man/man1 \
  && apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless procps \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless procps libopenblas0-pthread \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

@@ -36,7 +36,10 @@ def session(s: Settings, app_name: str = APP_NAME) -> SparkSession:
                .config("spark.ui.enabled", "false")
                .config("spark.ui.showConsoleProgress", "false")
                .config("spark.sql.session.timeZone", "UTC"))
+    # native BLAS (OpenBLAS, scripts/install.sh) one thread per task: Spark runs a task per core already
+    builder = builder.config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
     if not under_spark_submit():
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # the local JVM (driver and executor) inherits it
         builder = builder.master(s.spark_master).config("spark.driver.memory", s.spark_driver_memory)
         cores = local_cores(s.spark_master)
         if cores is not None:

@@ -10,6 +10,9 @@ command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v chromium >/dev/null || need+=(chromium)   # the dashboard's browser test (Playwright)
+# a native BLAS and LAPACK for Spark ALS (netlib loads libblas.so.3 and liblapack.so.3; without them it falls back
+# to pure Java and prints "netlib-blas: dlopen(libblas.so.3) failed")
+ldconfig -p | grep -q 'liblapack\.so\.3 ' || need+=(libopenblas0-pthread)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== apt-get install ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
