@@ -85,6 +85,17 @@ def main() -> None:
     tried: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}
 
+    def record(current: dict[str, Any], best: dict[str, Any]) -> None:
+        """The protocol's entry, written after every configuration (a search stopped early keeps its figures)."""
+        old = json.loads(args.out.read_text())["figures"] if args.out.exists() else {}
+        entry = {"primary": split.primary, "queries": len(split.queries), "max_queries": args.max_queries,
+                 "base_settings": base, "current": current, "best": best, "tried": tried,
+                 "axes": {n: v for n, v in axes}, "command": harness.command_line(),
+                 "seconds": harness.down(time.perf_counter() - t_all, 1)}
+        harness.write_json(args.out, harness.result(
+            "ours_tuning", {**old, args.protocol: entry}, command=harness.command_line(),
+            note="validation splits only (make_split(validation=True)); the test splits were not read"))
+
     def run(config: dict[str, Any]) -> dict[str, Any]:
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in seen:
@@ -94,6 +105,7 @@ def main() -> None:
             harness.log(f"  {config or 'current settings'}: {split.primary} {r[split.primary]:.4f} "
                         f"(± {r['ci95'] or 0:.4f}); orderings {r['orderings']}; candidate recall "
                         f"{r['candidate_recall'].get('all', float('nan')):.4f} [{r['seconds']:.0f} s]")
+            record(tried[0], max(tried, key=lambda x: x[split.primary]))
         return seen[key]
 
     current = run({})
@@ -105,16 +117,7 @@ def main() -> None:
             if r[split.primary] > best[split.primary]:
                 best = r
     harness.log(f"-> {args.protocol}: current {current[split.primary]:.4f}, best {best['config']} "
-                f"{best[split.primary]:.4f} [{time.perf_counter() - t_all:.0f} s]")
-    old = json.loads(args.out.read_text())["figures"] if args.out.exists() else {}
-    entry = {"primary": split.primary, "queries": len(split.queries), "max_queries": args.max_queries,
-             "base_settings": base, "current": current, "best": best, "tried": tried,
-             "axes": {n: v for n, v in axes}, "command": harness.command_line(),
-             "seconds": harness.down(time.perf_counter() - t_all, 1)}
-    harness.write_json(args.out, harness.result(
-        "ours_tuning", {**old, args.protocol: entry}, command=harness.command_line(),
-        note="validation splits only (make_split(validation=True)); the test splits were not read"))
-    print(f"wrote {args.out}")
+                f"{best[split.primary]:.4f} [{time.perf_counter() - t_all:.0f} s]; wrote {args.out}")
 
 
 if __name__ == "__main__":

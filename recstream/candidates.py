@@ -140,8 +140,10 @@ def plan(w: Widget, shopper: Shopper, anchor_items: Sequence[Mapping[str, str]],
     recent = shopper.recent[:ANCHORS]
     main = main_category(shopper.categories) if recent else None
     if w.kind == "homepage":
-        # what the shopper did last, of any kind: in this session, else (arriving) in earlier ones
-        for i, a in enumerate((shopper.touched or shopper.history)[:ANCHORS]):
+        # what the shopper did last, of any kind, in this session (anchoring an arriving shopper's at their
+        # earlier sessions' items was tried: neutral on the homepage's validation split, 0.1091 both, and
+        # 0.1151 -> 0.0880 on the regression gate's small models; bench/RESULTS.md)
+        for i, a in enumerate(shopper.touched[:ANCHORS]):
             read("knn", "knn", a, knn, 1.0 / (i + 1))
         for a in recent:
             read("covis", "covis", a, NEIGHBOURS)

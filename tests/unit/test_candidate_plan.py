@@ -15,14 +15,10 @@ def test_the_homepage_reads_knn_of_what_the_session_touched_newest_first():
     assert knn_reads(Ask("homepage"), live) == [("b", 20, 1.0), ("a", 20, 0.5)]
 
 
-def test_an_arriving_shopper_gets_knn_of_their_earlier_sessions():
-    """No live session (touched is empty once it idled out): the user's history anchors item kNN, as it
-    anchors the item-kNN baseline, instead of no kNN candidates at all."""
-    arriving = Shopper(history=("x", "y", "z", "w", "v", "u"))
-    assert knn_reads(Ask("homepage"), arriving) == [(x, 20, 1.0 / (i + 1)) for i, x in enumerate("xyzwv")]
-    assert knn_reads(Ask("homepage"), Shopper()) == []
+def test_an_arriving_shopper_reads_no_knn_lists():
+    assert knn_reads(Ask("homepage"), Shopper(history=("x", "y"))) == []
 
 
 def test_knn_neighbours_per_anchor_follow_the_setting():
-    assert {n for _, n, _ in knn_reads(Ask("homepage"), Shopper(history=("x",)), knn=200)} == {200}
+    assert {n for _, n, _ in knn_reads(Ask("homepage"), Shopper(touched=("x",)), knn=200)} == {200}
     assert {n for _, n, _ in knn_reads(Ask("similar", product_id="p"), Shopper(), knn=50)} == {50}
