@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,19 @@ def p50_p99(values) -> dict[str, Any]:
 
 
 # -- processes -------------------------------------------------------------------------------------------
+
+def coordinate_search(run: Callable[[dict[str, Any]], dict[str, Any]], best: dict[str, Any],
+                      stages: Sequence[Sequence[dict[str, Any]]], primary: str) -> dict[str, Any]:
+    """Tuning, one stage at a time: each change of a stage applied to the best configuration so far
+    (`run(config)` scores one: a dict with "config" and the `primary` metric); returns the best."""
+    for stage in stages:
+        start = best["config"]
+        for change in stage:
+            r = run({**start, **change})
+            if r[primary] > best[primary]:
+                best = r
+    return best
+
 
 def rss_mb(pid: int) -> float:
     """VmRSS of a process in MiB (0 when it is gone)."""

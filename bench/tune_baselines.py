@@ -113,12 +113,7 @@ def tune(s: Settings, split: Split, name: str, only_default: bool, log: Callable
 
     best = run(default)
     if not only_default:
-        for stage in STAGES[name]:
-            start = best["config"]
-            for change in stage:
-                r = run({**start, **change})
-                if r[split.primary] > best[split.primary]:
-                    best = r
+        best = harness.coordinate_search(run, best, STAGES[name], split.primary)
         for axis, ladder in LADDERS[name].items():
             searched = sorted(ladder.index(t["config"][axis]) for t in tried if t["config"].get(axis) in ladder)
             at = ladder.index(best["config"][axis]) if best["config"].get(axis) in ladder else None

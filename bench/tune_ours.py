@@ -109,13 +109,8 @@ def main() -> None:
         return seen[key]
 
     current = run({})
-    best = current
-    for name, values in axes:
-        start = best["config"]
-        for v in values:
-            r = run({**start, name: v})
-            if r[split.primary] > best[split.primary]:
-                best = r
+    best = harness.coordinate_search(run, current, [[{name: v} for v in values] for name, values in axes],
+                                     split.primary)
     harness.log(f"-> {args.protocol}: current {current[split.primary]:.4f}, best {best['config']} "
                 f"{best[split.primary]:.4f} [{time.perf_counter() - t_all:.0f} s]; wrote {args.out}")
 

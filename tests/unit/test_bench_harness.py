@@ -48,3 +48,17 @@ def test_procs_start_check_and_stop(tmp_path):
     assert procs.pids() == {}
     slow = harness.start_process(["-c", "import time; time.sleep(60)"], tmp_path / "slow.log")
     assert harness.stop_process(slow, timeout_s=10) != 0   # ended by SIGTERM
+
+
+def test_coordinate_search_applies_each_stage_to_the_best_so_far():
+    truth = {(1, "a"): 0.1, (2, "a"): 0.3, (3, "a"): 0.2, (2, "b"): 0.4, (2, "c"): 0.35}
+    runs = []
+
+    def run(config):
+        runs.append(config)
+        return {"config": config, "m": truth[(config["x"], config["y"])]}
+
+    best = harness.coordinate_search(run, run({"x": 1, "y": "a"}), [[{"x": 2}, {"x": 3}], [{"y": "b"}, {"y": "c"}]], "m")
+    assert best == {"config": {"x": 2, "y": "b"}, "m": 0.4}
+    # the second stage starts from x=2, the first stage's best, not from where the search began
+    assert runs[3:] == [{"x": 2, "y": "b"}, {"x": 2, "y": "c"}]
