@@ -61,6 +61,11 @@ async def run(s: Settings, args: argparse.Namespace, report: dict | None = None)
          f"{len(data.events)} events over {cfg.days} days: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common()))
 
     stats, expected = await _ingest(s, data, shop)
+    if stats.seen < expected:   # training and serving on missing features would only fail later, less clearly
+        _say(f"== stopped after {time.perf_counter() - t0:.1f} s: FAILED: the feature agents took {stats.seen} of "
+             f"{expected} acknowledged events within 120 s (their log is above; an agent stuck restoring an "
+             f"earlier run's table changelog is one cause: remove that run's topics and {s.home_dir})")
+        return 1
     letters = await _read_dead_letters(s, since_s=started_at)
     _say(f"== 7. dead-letter topic {s.topic('deadletter')}: {len(letters)} new "
          "(each consumer group, the feature agents and the archive, reports the records it refuses)")
