@@ -157,6 +157,17 @@ async def run(args: argparse.Namespace) -> dict:
             details["serving_before"] = before.summary()
             details["serving_during"] = during.summary()
             details["erase_covered_share_of_window"] = down(min(1.0, done["seconds"] / overlap), 3)
+            # which part of the erasure moves serving: the child's start-up, Redis and the record come first,
+            # the archive's rewrite last (its own seconds in the reply), then the window's rest
+            rewrite_from = max(0.0, done["seconds"] - done["reply"]["archive"]["seconds"])
+            details["during_by_phase"] = {
+                "start_up_redis_and_record": during.window(0.0, rewrite_from),
+                "archive_rewrite": during.window(rewrite_from, done["seconds"]),
+                "after": during.window(done["seconds"], float(args.seconds)),
+                "before_window": before.window(0.0, float(args.seconds))}
+            log("during, by phase: " + "; ".join(f"{k} {v['from_s']}-{v['to_s']} s: {v['requests']} requests, p99 "
+                                                 f"{v['p99_ms']} ms, fallback {v['fallback_share']}"
+                                                 for k, v in details["during_by_phase"].items()))
         reply = done["reply"]
         rewrite = reply["archive"]
         figures.update({"seconds": down(done["seconds"], 2), "archive_seconds": rewrite["seconds"],

@@ -376,6 +376,18 @@ class Load:
     reconnects: int = 0
     versions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     events: list = dataclasses.field(default_factory=list)
+    # per answered request, in the order of latencies_ms: its scheduled start (seconds into the run) and
+    # whether the fallback answered it (a timeline of the run: bench/erasure.py's phases)
+    starts_s: list = dataclasses.field(default_factory=list)
+    fell_back: list = dataclasses.field(default_factory=list)
+
+    def window(self, from_s: float, to_s: float) -> dict:
+        """p99 and the fallback share of the requests scheduled in [from_s, to_s) of the run."""
+        lat = [x for x, st in zip(self.latencies_ms, self.starts_s) if from_s <= st < to_s]
+        fell = [f for f, st in zip(self.fell_back, self.starts_s) if from_s <= st < to_s]
+        return {"from_s": down(from_s, 1), "to_s": down(to_s, 1), "requests": len(lat),
+                "p99_ms": down(pct(lat, 0.99)) if lat else None,
+                "fallback_share": down(sum(fell) / len(fell), 4) if fell else None}
 
     def ok_latencies(self) -> list:
         return self.latencies_ms
@@ -415,13 +427,17 @@ async def run_load(port: int, traffic: Traffic, rate: float, seconds: float, cpu
             res.statuses["transport"] += 1
             res.latencies_ms.append((time.perf_counter() - sched) * 1000)
             res.kinds.append(kind)
+            res.starts_s.append(sched - t0)
+            res.fell_back.append(False)
             return
         res.latencies_ms.append((time.perf_counter() - sched) * 1000)
         res.kinds.append(kind)
+        res.starts_s.append(sched - t0)
         res.statuses[status] += 1
+        d = orjson.loads(body) if status == 200 else {}
+        res.fell_back.append(bool(d.get("fallback")))
         if status != 200:
             return
-        d = orjson.loads(body)
         res.fallback += bool(d.get("fallback"))
         if kind == "homepage":
             res.homepage += 1
@@ -458,6 +474,8 @@ async def run_load(port: int, traffic: Traffic, rate: float, seconds: float, cpu
         now = time.perf_counter()
         res.latencies_ms.extend([(now - t0 - len(paths) / rate) * 1000] * len(unfinished))   # a lower bound
         res.kinds.extend(["?"] * len(unfinished))
+        res.starts_s.extend([len(paths) / rate] * len(unfinished))   # (their starts are not kept: the run's end)
+        res.fell_back.extend([False] * len(unfinished))
     res.client_cpu_cores = (time.process_time() - c0) / (cpu1["t"] - cpu0["t"])
     res.cpu = Cpu.cores(cpu0, cpu1)
     if side:

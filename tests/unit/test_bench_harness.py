@@ -62,3 +62,13 @@ def test_coordinate_search_applies_each_stage_to_the_best_so_far():
     assert best == {"config": {"x": 2, "y": "b"}, "m": 0.4}
     # the second stage starts from x=2, the first stage's best, not from where the search began
     assert runs[3:] == [{"x": 2, "y": "b"}, {"x": 2, "y": "c"}]
+
+
+def test_a_load_runs_timeline_windows_by_scheduled_start():
+    from bench.serving import Load
+
+    load = Load(rate=10, seconds=3, latencies_ms=[10.0, 20.0, 90.0, 30.0], starts_s=[0.1, 1.5, 1.2, 2.9],
+                fell_back=[False, False, True, False])
+    assert load.window(1.0, 2.0) == {"from_s": 1.0, "to_s": 2.0, "requests": 2, "p99_ms": 90.0,
+                                     "fallback_share": 0.5}
+    assert load.window(5.0, 6.0)["requests"] == 0 and load.window(5.0, 6.0)["p99_ms"] is None
