@@ -364,7 +364,6 @@ class Load:
     latencies_ms: list = dataclasses.field(default_factory=list)
     kinds: list = dataclasses.field(default_factory=list)
     statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    fallback: int = 0
     cached: int = 0
     homepage: int = 0
     timings: list = dataclasses.field(default_factory=list)     # debug timings of agent replies
@@ -381,10 +380,14 @@ class Load:
     starts_s: list = dataclasses.field(default_factory=list)
     fell_back: list = dataclasses.field(default_factory=list)
 
+    @property
+    def fallback(self) -> int:
+        return sum(self.fell_back)
+
     def window(self, from_s: float, to_s: float) -> dict:
         """p99 and the fallback share of the requests scheduled in [from_s, to_s) of the run."""
-        lat = [x for x, st in zip(self.latencies_ms, self.starts_s) if from_s <= st < to_s]
-        fell = [f for f, st in zip(self.fell_back, self.starts_s) if from_s <= st < to_s]
+        inside = [(x, f) for x, f, st in zip(self.latencies_ms, self.fell_back, self.starts_s) if from_s <= st < to_s]
+        lat, fell = [x for x, _ in inside], [f for _, f in inside]
         return {"from_s": down(from_s, 1), "to_s": down(to_s, 1), "requests": len(lat),
                 "p99_ms": down(pct(lat, 0.99)) if lat else None,
                 "fallback_share": down(sum(fell) / len(fell), 4) if fell else None}
@@ -438,7 +441,6 @@ async def run_load(port: int, traffic: Traffic, rate: float, seconds: float, cpu
         res.fell_back.append(bool(d.get("fallback")))
         if status != 200:
             return
-        res.fallback += bool(d.get("fallback"))
         if kind == "homepage":
             res.homepage += 1
             res.cached += bool(d.get("cached"))

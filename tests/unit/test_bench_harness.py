@@ -72,3 +72,4 @@ def test_a_load_runs_timeline_windows_by_scheduled_start():
     assert load.window(1.0, 2.0) == {"from_s": 1.0, "to_s": 2.0, "requests": 2, "p99_ms": 90.0,
                                      "fallback_share": 0.5}
     assert load.window(5.0, 6.0)["requests"] == 0 and load.window(5.0, 6.0)["p99_ms"] is None
+    assert load.fallback == 1   # the run's count, from the same per-request flags
