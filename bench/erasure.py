@@ -9,18 +9,23 @@ Run from the repository root, with Kafka, Redis and MLflow up (`recstream servic
 1. The archive: the serving benchmark's shop (bench/serving.py's defaults: 100k products, 5,000 shoppers,
    seed 11: ~354k events) written as the archive worker writes it (streams/archive.py write_batch): events
    in time order on the partition of their shopper (murmur2, 8 partitions), a flush every 20,000 records
-   (RECSTREAM_ARCHIVE_FLUSH_RECORDS), so one file per partition and hour of each flush. Its own deployment
-   (`benchera`: home, topics, Redis namespace), so nothing of the serving benchmark's set-up is erased.
+   (RECSTREAM_ARCHIVE_FLUSH_RECORDS), so one file per partition and hour of each flush, in its own home
+   (.local/benchera).
 2. Serving, unless --no-serving: bench/serving.py's deployment (its cached set-up, or built: 6-8 min on a
    quiet machine) with the features, retrieval and ranking workers and the API; the same open-loop mix at
    --rate QPS for --seconds, once alone (p99 before) and once while the erasure runs (p99 during).
 3. The erasure: `recstream erase --hashed --user ...` for --erase shoppers drawn at random (seed 5)
-   in a child process, as an operator would run it: the Redis part (erased set, keys: one SCAN per key
-   pattern over the whole Redis, the serving deployment's keys included), the records on the erasures
-   topic, then the archive's rewrite (every file read by its user_id column, those holding an erased
-   shopper rewritten without them, at the lowest CPU priority and at most --cpu-share of one core:
-   RECSTREAM_ARCHIVE_ERASURE_CPU_SHARE). Its time, the bytes it rewrote and the rows it removed come
-   from its reply. The load window starts with it; if the erasure outlasts it, the share it covered is recorded.
+   in a child process, as an operator would run it, on the serving deployment itself (its Redis
+   namespace, topics and session table; the archive above): the Redis part (erased set, the shoppers'
+   keys, the passes over the keyspace at most --cpu-share busy: RECSTREAM_ERASURE_CPU_SHARE), the
+   tombstones and records on the erasures topic, which the serving deployment's feature worker reads
+   and honours meanwhile, then the archive's rewrite (every file read by its user_id column, those
+   holding an erased shopper rewritten without them, at the lowest CPU priority and at most --cpu-share
+   of one core). Its time, the keys it deleted, the bytes it rewrote and the rows it removed come from
+   its reply. The load window starts with it; if the erasure outlasts it, the share it covered is
+   recorded. The erased shoppers are gone from the serving set-up afterwards, so its cache marker is
+   removed: the next serving or erasure run builds it again.
+   With --no-serving the erasure runs in a deployment of its own (`benchera`: topics, Redis namespace).
 The machine's load is recorded before each phase: the serving figures compare only on a quiet machine.
 """
 from __future__ import annotations
@@ -102,10 +107,30 @@ async def erase_child(s: Settings, users: list[str], logdir: Path) -> dict:
     return {"reply": orjson.loads(out), "seconds": seconds}
 
 
+async def keys_left(client: aioredis.Redis, s: Settings, users: list[str]) -> int:
+    """The erased shoppers' fixed per-user keys still in Redis (session, features, state: 0 when the
+    erasure and the feature worker's honouring of its records are through)."""
+    from recstream.features import keys
+
+    names = [s.redis_namespace + k for u in users for k in keys.user_keys(u)]
+    return sum([int(await client.exists(*names[i:i + 500])) for i in range(0, len(names), 500)])
+
+
+async def worker_erasures(client: aioredis.Redis, s: Settings) -> int | None:
+    """The erasure records the serving deployment's feature worker honoured (its latest metrics snapshot,
+    published every second or so); None without one."""
+    from recstream.features import keys
+
+    await asyncio.sleep(3)
+    names = await client.zrange(s.redis_namespace + keys.metrics_index("features"), 0, -1)
+    snaps = [orjson.loads(raw) for raw in await client.mget(names) if raw] if names else []
+    return sum(snap.get("erasures", 0) for snap in snaps) if snaps else None
+
+
 async def run(args: argparse.Namespace) -> dict:
     from streams.topics import ensure_topics
 
-    era = dataclasses.replace(erasure_settings(), archive_erasure_cpu_share=args.cpu_share)
+    era = dataclasses.replace(erasure_settings(), erasure_cpu_share=args.cpu_share)   # (--no-serving)
     logdir = Path(tempfile.mkdtemp(prefix="bench-erasure-"))
     details: dict = {"logs": str(logdir), "load_before_archive": machine_load()}
     cfg = ShopConfig(users=args.users, products=args.products, seed=args.seed,
@@ -117,6 +142,7 @@ async def run(args: argparse.Namespace) -> dict:
         sargs = argparse.Namespace(products=args.products, users=args.users, seed=args.seed,
                                    ranker_trees=args.ranker_trees, ranker_target_sample=0.02)
         s = serving_bench.bench_settings(sargs)
+        era = dataclasses.replace(s, home_dir=era.home_dir, erasure_cpu_share=args.cpu_share)
         client = aioredis.from_url(s.redis_url)
         procs = serving_bench.procs_for(s, logdir)
         serving = (serving_bench, s, sargs, client, procs)
@@ -149,10 +175,14 @@ async def run(args: argparse.Namespace) -> dict:
             details["load_before_serving"] = machine_load()
             before = await sb.run_load(port, traffic, args.rate, args.seconds, cpu)
             details["load_before_erase"] = machine_load()
+            await client.delete(f"{s.redis_namespace}bench:setup")   # the shoppers about to be erased leave it
+            log("the serving set-up's cache marker removed: the next run builds it again")
             erasing = asyncio.ensure_future(erase_child(era, users, logdir))
             during = await sb.run_load(port, traffic, args.rate, args.seconds, cpu)
             overlap = args.seconds
             done = await erasing
+            details["erased_shoppers_keys_left"] = await keys_left(client, s, users)
+            details["feature_worker_erasures"] = await worker_erasures(client, s)
             p99_before, p99_during = before.summary()["p99_ms"], during.summary()["p99_ms"]
             details["serving_before"] = before.summary()
             details["serving_during"] = during.summary()
@@ -196,7 +226,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=100.0, help="serving load during both windows (QPS)")
     p.add_argument("--seconds", type=float, default=60, help="length of each load window (seconds)")
     p.add_argument("--cpu-share", type=float, default=0.25,
-                   help="RECSTREAM_ARCHIVE_ERASURE_CPU_SHARE of the erasure (share of one core; 1: unthrottled)")
+                   help="RECSTREAM_ERASURE_CPU_SHARE of the erasure (share of one core; 1: unthrottled)")
     p.add_argument("--no-serving", action="store_true", help="the archive's erasure alone, no serving load")
     p.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = p.parse_args()

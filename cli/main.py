@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -167,6 +169,10 @@ def _train(args: argparse.Namespace, s: Settings) -> int:
 
 
 def _erase(args: argparse.Namespace, s: Settings) -> int:
+    # a background job beside serving: the lowest CPU priority from here on, its imports included (the
+    # threads it starts inherit it); the Redis passes and the archive's rewrite pace themselves as well
+    with contextlib.suppress(OSError):
+        os.nice(19)
     import orjson
 
     from streams.erasures import erase_here

@@ -160,10 +160,11 @@ class Settings:
     archive_retention_days: int = _setting(0, "the archive worker drops date partitions (dt=...) older than this, "
                                               "once an hour; set it to the shop's retention policy, e.g. 90 (days; "
                                               "0: kept for ever)")
-    archive_erasure_cpu_share: float = _setting(0.25, "the archive's rewrite after an erasure uses at most this share "
-                                                      "of one core (it pauses between files) at the lowest CPU "
-                                                      "priority, so serving beside it keeps its latency (fraction; "
-                                                      "1: no pause)")
+    erasure_cpu_share: float = _setting(0.25, "an erasure's background work, its passes over the Redis keyspace and "
+                                              "the archive's rewrite, keeps Redis and its own process busy at most "
+                                              "this share of the time (it pauses between SCAN calls and files; the "
+                                              "rewrite at the lowest CPU priority), so serving beside it keeps its "
+                                              "latency (fraction; 1: no pause)")
     # -- privacy (README "Personal data") -----------------------------------------------------
     user_id_key: str = _setting("", "key of the keyed hash (blake2b) that replaces every user id at the edge: the "
                                     "HTTP API, replay and `recstream erase`; empty: ids are stored as sent. Never "

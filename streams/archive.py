@@ -237,7 +237,7 @@ class Archive:
                 if todo:
                     users, todo = todo, set()
                     done = await asyncio.to_thread(rewrite_without, self.root, users, _log_progress(len(users)),
-                                                   self.s.archive_erasure_cpu_share)
+                                                   self.s.erasure_cpu_share)
                     self.stats.erasure_rewrites += 1
                     self.stats.erasure_files_rewritten += done.files_rewritten
                     self.stats.erasure_rows_removed += done.rows_removed

@@ -110,17 +110,18 @@ class AttributionStore:
         unit_totals = {key: UnitTotals.from_fields(h) for key, h in zip(units_list, await pipe.execute()) if h}
         return State(seen=seen, impressions=impressions, recent=recent, units=unit_totals)
 
-    async def erase_users(self, users: Sequence[str]) -> int:
+    async def erase_users(self, users: Sequence[str], share: float = 1.0) -> int:
         """Forget `users`' A/B data: their impressions (abx:imp: naming them as shopper or unit), the units
         of those impressions and their own (u:<id>), and their recent lists. The per-variant totals
         and days (abx:tot:, abx:day:) stay: aggregates of every unit, no one's data. Two SCANs (units,
-        impressions), whatever the number of users. The count of keys deleted."""
+        impressions), whatever the number of users, each busy at most `share` of the time
+        (redisconn.scan). The count of keys deleted."""
         k, wanted = self.keys, set(users)
         if not wanted:
             return 0
         units = {unit_for(u) for u in wanted}
         gone: list[str | bytes] = []
-        names: list[bytes] = [key async for key in scan(self.redis, k.imp_pattern)]
+        names: list[bytes] = [key async for key in scan(self.redis, k.imp_pattern, share=share)]
         for i in range(0, len(names), 1000):
             chunk = names[i:i + 1000]
             for name, raw in zip(chunk, await self.redis.mget(chunk)):
@@ -130,7 +131,7 @@ class AttributionStore:
                 if d.get("shopper") in wanted or d.get("unit") in units:
                     gone.append(name)
                     units.add(d.get("unit"))
-        async for key in scan(self.redis, k.unit_pattern):
+        async for key in scan(self.redis, k.unit_pattern, share=share):
             if k.unit_of(_text(key)) in units:
                 gone.append(key)
         gone += [k.recent(x) for x in wanted | units]

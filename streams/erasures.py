@@ -10,8 +10,8 @@ What `erase` does, in this order, each step idempotent (a repeat is a no-op):
 3. write a tombstone for their session-table key on the table's changelog (the feature worker that
    owns the partition deletes the row from its RocksDB too, when it reads step 4's record);
 4. record the erasure on the compacted erasures topic, keyed and partitioned like the clickstream:
-   the feature worker holding the shopper's session deletes the row (and its keys again, closing the
-   race with a batch it was folding), the attribution worker and the archive worker keep the id in a
+   the feature worker holding the shopper's session deletes the row (and the keys it writes again,
+   closing the race with a batch it was folding), the attribution worker and the archive worker keep the id in a
    set and drop later records, the archive worker rewrites its files without the shopper, and every
    later training run filters the shopper's events out of its window (`read_erased`).
 """
@@ -53,11 +53,11 @@ async def erase(s: Settings, store: Store, client: AnyRedis, user_ids: Sequence[
     (streams/archive_erasure.py: the CLI runs it here, the archive worker on reading the record)."""
     users = tuple(sorted({u if hashed else pseudonym(u, s.user_id_key) for u in user_ids}))
     new = await store.mark_erased(users)
-    redis_keys = await store.erase_users(users)
+    redis_keys = await store.erase_users(users, s.erasure_cpu_share)
     # The A/B worker's keys live on one Redis (streams/attribution_store.py): the same client's, unless the
     # feature store is a cluster; then the attribution worker deletes them when it reads the record.
     ab_keys = 0 if is_cluster(client) else await AttributionStore(cast(aioredis.Redis, client),
-                                                                   s.redis_namespace).erase_users(users)
+                                                                   s.redis_namespace).erase_users(users, s.erasure_cpu_share)
     own = producer is None
     producer = producer or create_producer(s)
     if own:
@@ -99,7 +99,7 @@ async def erase_here(s: Settings, user_ids: Sequence[str], *, archive: bool = Tr
     root = dataset_dir(s)
     if archive and root.exists():
         done = await asyncio.to_thread(rewrite_without, root, report.users, progress_printer(say),
-                                       s.archive_erasure_cpu_share)
+                                       s.erasure_cpu_share)
         report = replace(report, archive=done.to_json())
     return report
 

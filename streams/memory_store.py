@@ -168,14 +168,21 @@ class MemoryStore(BatchFold):
     async def erased_users(self) -> set[str]:
         return set(self.sets.get(keys.ERASED, set()))
 
-    async def erase_users(self, user_ids: Sequence[str]) -> int:
+    async def forget_users(self, user_ids: Sequence[str]) -> int:
+        """As RedisStore.forget_users: the fixed per-user keys."""
+        return self._delete_existing({k for u in set(user_ids) for k in keys.user_keys(u)})
+
+    async def erase_users(self, user_ids: Sequence[str], share: float = 1.0) -> int:
         """As RedisStore.erase_users: the fixed per-user keys, and the keys of keys.user_patterns whose
-        hash tag is one of the users."""
+        hash tag is one of the users (`share`: nothing to pace here)."""
         users = set(user_ids)
         prefixes = tuple(p.rstrip("*") for p in keys.user_patterns())
         names = {k for u in users for k in keys.user_keys(u)}
         names |= {k for space in (self.strings, self.hashes, self.zsets, self.sets) for k in space
                   if k.startswith(prefixes) and keys.hash_tag(k) in users}
+        return self._delete_existing(names)
+
+    def _delete_existing(self, names: set[str]) -> int:
         gone = [k for k in names if self._exists(k)]
         for k in gone:
             self._delete(k)

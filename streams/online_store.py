@@ -178,18 +178,24 @@ class RedisStore(BatchFold):
     async def erased_users(self) -> set[str]:
         return {m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(self.ns + keys.ERASED)}
 
-    async def erase_users(self, user_ids: Sequence[str]) -> int:
-        """Delete every per-user key of `user_ids`: the fixed ones by name (keys.user_keys), then one SCAN
+    async def forget_users(self, user_ids: Sequence[str]) -> int:
+        """Delete the per-user keys with a fixed name (keys.user_keys: what the feature agents write) of
+        `user_ids`; the count deleted."""
+        return await unlink_keys(self.redis, [self.ns + k for u in sorted(set(user_ids)) for k in keys.user_keys(u)])
+
+    async def erase_users(self, user_ids: Sequence[str], share: float = 1.0) -> int:
+        """Delete every per-user key of `user_ids`: the fixed ones by name (forget_users), then one SCAN
         per pattern of keys.user_patterns (the homepage cache, every version's vectors and offline
-        features) keeping those whose hash tag is one of the users. The count deleted. One pass per
-        pattern whatever the number of users, so erase many at once."""
+        features) keeping those whose hash tag is one of the users, each pass busy at most `share` of
+        the time (redisconn.scan). The count deleted. One pass per pattern whatever the number of
+        users, so erase many at once."""
         users = set(user_ids)
         if not users:
             return 0
-        n = await unlink_keys(self.redis, [self.ns + k for u in sorted(users) for k in keys.user_keys(u)])
+        n = await self.forget_users(sorted(users))
         for pattern in keys.user_patterns():
             found = []
-            async for key in scan(self.redis, self.ns + pattern):
+            async for key in scan(self.redis, self.ns + pattern, share=share):
                 name = key.decode() if isinstance(key, bytes) else key
                 if keys.hash_tag(name[len(self.ns):]) in users:
                     found.append(key)

@@ -1,6 +1,8 @@
 """The one way to open the feature store's Redis connection: a single node or a Redis Cluster (settings)."""
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeGuard, cast
 
@@ -61,7 +63,28 @@ def is_cluster(client: Any) -> TypeGuard[RedisCluster]:
 SCAN_COUNT = 500
 
 
-def scan(client: AnyRedis, match: str, count: int = SCAN_COUNT) -> AsyncIterator[Any]:
+async def scan(client: AnyRedis, match: str, count: int = SCAN_COUNT, share: float = 1.0) -> AsyncIterator[Any]:
     """The keys matching `match`, by SCAN in small steps (background jobs beside serving: erasure,
-    cleanup of old versions); on a cluster SCAN visits every master."""
-    return client.scan_iter(match=match, count=count)
+    cleanup of old versions); on a cluster SCAN visits every master in turn. With `share` < 1 it pauses
+    after each call, for as long as the call and the caller's work on its keys took times (1/share - 1):
+    the pass keeps Redis and the caller busy at most that share of the time (an erasure's passes over a
+    large keyspace, README "Personal data")."""
+    nodes: list[Any] = [None]
+    if is_cluster(client):
+        await client.initialize()   # (the slot map: a no-op once read)
+        nodes = client.get_primaries()
+    for node in nodes:
+        cursor: int = 0
+        while True:
+            started = time.perf_counter()
+            if node is None:
+                cursor, found = await client.scan(cursor, match=match, count=count)
+            else:
+                by_node, found = await client.scan(cursor, match=match, count=count, target_nodes=node)
+                cursor = by_node[node.name]
+            for key in found:
+                yield key
+            if cursor == 0:
+                break
+            if share < 1:
+                await asyncio.sleep((time.perf_counter() - started) * (1 / share - 1))

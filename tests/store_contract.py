@@ -257,3 +257,7 @@ async def erasing_a_user_removes_their_keys_and_only_theirs(store: Store, s: Set
     assert (await store.embeddings("item", "8", ["p1"]))[0] is not None
     assert await store.popularity("view", NOW, 7, ["p1", "p2"]) == {"p1": 1.0, "p2": 1.0}
     assert await store.erased_users() == {"u1"}
+    # what a feature worker deletes on reading an erasure record: the keys it writes, no pass over the keyspace
+    assert await store.forget_users(["u2"]) == 3 and await store.forget_users(["u2"]) == 0
+    assert await store.user_session("u2") == [] and await store.user_states(["u2"]) == {}
+    assert (await store.embeddings("user", "8", ["u2"]))[0] is not None   # left to the erasure's passes

@@ -4,6 +4,7 @@ from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import DataError
 
 from recstream.settings import load
+from streams import redisconn
 from streams.redisconn import connect, hiredis_packing
 
 COMMANDS = [
@@ -34,3 +35,33 @@ def test_connect_keeps_the_schemes_connection_class():
     cls = client.connection_pool.connection_class
     assert issubclass(cls, UnixDomainSocketConnection) and cls.pack_command is not Connection.pack_command
     assert hiredis_packing(Connection) is hiredis_packing(Connection)   # one class per base
+
+
+class Pages:
+    """A single Redis' SCAN as pages of keys: the cursor is the next page's index (0: the pass ended)."""
+
+    def __init__(self, pages):
+        self.pages, self.calls = pages, []
+
+    async def scan(self, cursor, match=None, count=None):
+        self.calls.append((cursor, match, count))
+        return (cursor + 1) % len(self.pages), self.pages[cursor]
+
+
+async def test_a_paced_scan_sleeps_between_calls_for_its_share(monkeypatch):
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(redisconn.asyncio, "sleep", sleep)
+    clock = iter(range(0, 1000, 2))    # every reading 2 s after the one before: each call and its keys take 2 s
+    monkeypatch.setattr(redisconn.time, "perf_counter", lambda: next(clock))
+    client = Pages([[b"a"], [], [b"b", b"c"]])   # a call that matches nothing still counts
+    keys = [k async for k in redisconn.scan(client, "ns:*", count=7, share=0.25)]
+    assert keys == [b"a", b"b", b"c"]
+    assert client.calls == [(0, "ns:*", 7), (1, "ns:*", 7), (2, "ns:*", 7)]
+    assert slept == [6, 6]   # busy 2 s, idle 2 * (1 / 0.25 - 1): none after the pass's last call
+
+    slept.clear()
+    assert [k async for k in redisconn.scan(Pages([[b"a"], [b"b"]]), "ns:*")] == [b"a", b"b"] and slept == []
