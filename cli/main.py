@@ -112,6 +112,11 @@ def _worker(args: argparse.Namespace, s: Settings) -> int:
     elif args.kind in ("retrieval", "ranking"):
         from agents.worker import run_serving
 
+        # freshness first: under overload the requests fall back at their deadline (the API answers
+        # them), while the feature worker beside these keeps the cores it needs (README "Operations")
+        with contextlib.suppress(OSError):
+            os.nice(s.serving_nice)
+
         return uvloop.run(run_serving(s, args.kind))
     elif args.kind == "attribution":
         from streams.attribution import run_attribution

@@ -125,6 +125,10 @@ class Settings:
                                               "and under overload the time goes to requests that can (milliseconds)")
     serving_batch_max: int = _setting(64, "most requests a serving agent takes per batch (count)")
     serving_threads: int = _setting(1, "threads FAISS and XGBoost use per serving agent (count)")
+    serving_nice: int = _setting(5, "the retrieval and ranking workers run this much below the normal CPU priority "
+                                    "(nice), so on a host they share, an overload of requests falls back (flagged) "
+                                    "before the real-time features, the archive and the API's ingest fall behind "
+                                    "(0..19; 0: equal)")
     homepage_cache_ttl_s: int = _setting(300, "homepage replies are reused for a user this long unless their session moves (seconds)")
     fallback_refresh_s: float = _setting(5.0, "the API refreshes its in-memory trending fallback this often (seconds)")
     item_cache_ttl_s: float = _setting(60.0, "the ranking agent keeps item fields (not stock) in memory this long (seconds)")
@@ -255,6 +259,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                  "retrieval_shards"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
+    if not 0 <= settings.serving_nice <= 19:
+        raise SettingsError(f"{PREFIX}SERVING_NICE is {settings.serving_nice}; it must be 0 to 19 (a niceness)")
+    if not 0 < settings.erasure_cpu_share <= 1:
+        raise SettingsError(f"{PREFIX}ERASURE_CPU_SHARE is {settings.erasure_cpu_share}; it must be over 0 and at most 1")
     if "{" in settings.redis_namespace or "}" in settings.redis_namespace:   # it would move the keys' hash tags
         raise SettingsError(f"{PREFIX}REDIS_NAMESPACE must not contain '{{' or '}}'")
     if not 0 <= settings.retrieval_shard < settings.retrieval_shards:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 import uuid
 from collections import Counter
@@ -763,3 +764,13 @@ async def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(s
     for _status, body, _ in results[switch:][-8:]:
         assert len(body["items"]) == (4 if body["kind"] == "cart" else 8)
 
+
+
+async def test_the_serving_agents_yield_the_cores_to_the_features_and_the_api(served: Served):
+    """Freshness first (RECSTREAM_SERVING_NICE): the retrieval and ranking workers run below the normal
+    CPU priority; the feature worker and the API (which takes the events in) do not."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)   # the workers start at this test's own niceness
+    niceness = {name: os.getpriority(os.PRIO_PROCESS, served.procs.procs[name].pid) for name in ("features", *SERVING)}
+    lowered = min(19, own + served.s.serving_nice)
+    assert served.s.serving_nice > 0
+    assert niceness == {"features": own, "retrieval": lowered, "ranking": lowered, "api": own}

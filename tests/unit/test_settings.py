@@ -24,6 +24,10 @@ def test_reads_prefixed_variables_with_types():
     ({"RECSTREAM_RETRIEVAL_SHARDS": "0"}, "RECSTREAM_RETRIEVAL_SHARDS must be at least 1"),
     ({"RECSTREAM_RETRIEVAL_SHARDS": "4", "RECSTREAM_RETRIEVAL_SHARD": "4"}, "it must be 0 to 3"),
     ({"RECSTREAM_RETRIEVAL_SHARD": "1"}, "RECSTREAM_RETRIEVAL_SHARD is 1; with RECSTREAM_RETRIEVAL_SHARDS=1"),
+    ({"RECSTREAM_SERVING_NICE": "20"}, "RECSTREAM_SERVING_NICE is 20; it must be 0 to 19"),
+    ({"RECSTREAM_SERVING_NICE": "-1"}, "RECSTREAM_SERVING_NICE is -1"),
+    ({"RECSTREAM_ERASURE_CPU_SHARE": "0"}, "RECSTREAM_ERASURE_CPU_SHARE is 0.0; it must be over 0"),
+    ({"RECSTREAM_ERASURE_CPU_SHARE": "1.5"}, "RECSTREAM_ERASURE_CPU_SHARE is 1.5"),
 ])
 def test_bad_settings_are_refused_by_name(env, message):
     with pytest.raises(SettingsError, match=message):
