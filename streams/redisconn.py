@@ -80,7 +80,9 @@ async def scan(client: AnyRedis, match: str, count: int = SCAN_COUNT, share: flo
             if node is None:
                 cursor, found = await client.scan(cursor, match=match, count=count)
             else:
-                by_node, found = await client.scan(cursor, match=match, count=count, target_nodes=node)
+                # (a cluster client answers {node name: cursor}, the keys; redis-py types it as one node's)
+                by_node, found = cast(tuple[dict[str, int], list[Any]],
+                                      await client.scan(cursor, match=match, count=count, target_nodes=node))
                 cursor = by_node[node.name]
             for key in found:
                 yield key
