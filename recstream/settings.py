@@ -125,6 +125,11 @@ class Settings:
                                               "and under overload the time goes to requests that can (milliseconds)")
     serving_batch_max: int = _setting(64, "most requests a serving agent takes per batch (count)")
     serving_threads: int = _setting(1, "threads FAISS and XGBoost use per serving agent (count)")
+    serving_shed_loop_lag_ms: float = _setting(100.0, "while the API's event loop stays this late (every firing "
+                                                      "of its timer over the last 0.5 s), recommendation "
+                                                      "requests are answered from the fallback at once (flagged, "
+                                                      "error 'overloaded'), without Kafka or Redis, so the loop "
+                                                      "catches up (milliseconds; 0: never)")
     serving_nice: int = _setting(5, "the retrieval and ranking workers run this much below the normal CPU priority "
                                     "(nice), so on a host they share, an overload of requests falls back (flagged) "
                                     "before the real-time features, the archive and the API's ingest fall behind "
@@ -259,6 +264,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                  "retrieval_shards"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
+    if settings.serving_shed_loop_lag_ms < 0:
+        raise SettingsError(f"{PREFIX}SERVING_SHED_LOOP_LAG_MS must be 0 (never) or more")
     if not 0 <= settings.serving_nice <= 19:
         raise SettingsError(f"{PREFIX}SERVING_NICE is {settings.serving_nice}; it must be 0 to 19 (a niceness)")
     if not 0 < settings.erasure_cpu_share <= 1:

@@ -320,8 +320,13 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
         req = params.parse(request.path_params["kind"], request.query_params.multi_items())
         if s.user_id_key and req.user_id:   # README "Personal data": the id is stored, logged and exposed hashed
             req = dataclasses.replace(req, user_id=pseudonym(req.user_id, s.user_id_key))
-        req = ab.assign(await rec.check_products(req))
-        reply = await rec.recommend(req)
+        late_s = ops.loop_lag.sustained(time.perf_counter())
+        if s.serving_shed_loop_lag_ms and late_s * 1000 > s.serving_shed_loop_lag_ms:
+            req = ab.assign(req)
+            reply = rec.shed(req, late_s)
+        else:
+            req = ab.assign(await rec.check_products(req))
+            reply = await rec.recommend(req)
         body = reply_body(reply)
         served = status(reply)
         sink.expose(exposure(req, reply, served, time.time()))

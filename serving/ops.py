@@ -137,6 +137,41 @@ def _num(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))) else round(float(x), 3)
 
 
+class LoopLag:
+    """How far behind the API's event loop runs. A timer due every `every_s` fires late by however long
+    the loop was busy with other work, and a request that arrived meanwhile waited as long before its
+    handler's clock started (uvicorn reads and parses it on the same loop): under load that wait is
+    most of what a client sees. `current`: the worst lateness of the last `window_s` (the gauge);
+    `latest`: the last firing's (what a request arriving now waits, roughly); `sustained`: the least of
+    the window's, at least two firings (late all along: an overload, not one pause of the loop)."""
+
+    def __init__(self, every_s: float = 0.02, window_s: float = 0.5):
+        self.every_s, self.window_s = every_s, window_s
+        self.samples: deque[tuple[float, float]] = deque()
+
+    def observe(self, now: float, late_s: float) -> None:
+        self.samples.append((now, max(0.0, late_s)))
+        while self.samples and self.samples[0][0] < now - self.window_s:
+            self.samples.popleft()
+
+    def current(self, now: float) -> float:
+        return max((late for t, late in self.samples if t >= now - self.window_s), default=0.0)
+
+    def latest(self) -> float:
+        return self.samples[-1][1] if self.samples else 0.0
+
+    def sustained(self, now: float) -> float:
+        recent = [late for t, late in self.samples if t >= now - self.window_s]
+        return min(recent) if len(recent) >= 2 else 0.0
+
+    async def run(self) -> None:
+        while True:
+            due = time.perf_counter() + self.every_s
+            await asyncio.sleep(self.every_s)
+            now = time.perf_counter()
+            self.observe(now, now - due)
+
+
 # -- the monitor -----------------------------------------------------------------------------------
 
 class OpsMonitor:
@@ -159,12 +194,17 @@ class OpsMonitor:
         self.feature_group = s.app_id
         self._tasks: list[asyncio.Task] = []
         self.started_at = time.time()
+        self.loop_lag = LoopLag()
+        self.metrics.loop_lag = lambda: self.loop_lag.current(time.perf_counter())
 
     def groups(self) -> list[tuple[str, str]]:
         return self.s.consumer_groups()
 
     # -- recording (called per request) --
     def observe_request(self, endpoint: str, code: int, seconds: float) -> None:
+        """One request, `seconds` from its handler's start; the event loop's latest lateness is added: the
+        wait it had before (LoopLag), so the histograms show what clients see, not only the handler."""
+        seconds += self.loop_lag.latest()
         self.metrics.requests.labels(endpoint, str(code)).inc()
         self.metrics.latency.labels(endpoint).observe(seconds)
         if endpoint != "events" and endpoint != "other":
@@ -180,6 +220,7 @@ class OpsMonitor:
     async def start(self) -> None:
         self.tick(time.time())
         self._tasks = [asyncio.create_task(self._ticks(), name="ops-ticks"),
+                       asyncio.create_task(self.loop_lag.run(), name="ops-loop-lag"),
                        asyncio.create_task(sample_forever(LagSampler(self.s.kafka_bootstrap, self.groups()), self.lag,
                                                           self.s.lag_sample_s, self._on_lag), name="ops-lag")]
 

@@ -48,6 +48,7 @@ FALLBACK_CATEGORIES = 500    # categories with a list kept in memory at most (th
 FALLBACK_NEW = 50            # categories without a list looked up per refresh at most (the most recently named)
 FALLBACK_CATEGORY_AGE_S = 3600   # a category no request named for this long is forgotten
 DEADLINE_MISSED = "no reply within"   # a fallback reply's error when the agents were too slow
+OVERLOADED = "overloaded:"            # ... when the API shed the request (its event loop ran late)
 AGENT_FRESH_S = 10.0         # a serving agent that has not reported (keys.AGENTS) for this long is taken as gone
 AGENT_FORGET_S = 3600.0      # ... and its entry is removed after this long
 PATH_CHECK_S = 1.0           # the API reads the agents' reports this often
@@ -339,6 +340,13 @@ class Recommender:
             await self.store.cache_homepage(key, tag, body, self.s.homepage_cache_ttl_s)
         except Exception as exc:
             log.info("homepage cache write failed: %r", exc)
+
+    def shed(self, req: RecommendationRequest, loop_lag_s: float) -> RecommendationReply:
+        """The fallback at once, asking neither Redis nor the agents: the API's event loop runs
+        `loop_lag_s` late (over RECSTREAM_SERVING_SHED_LOOP_LAG_MS), so the request already waited that
+        long and more work would only make the next ones wait longer."""
+        return self._fallback(req, f"{OVERLOADED} the API's event loop runs {loop_lag_s * 1000:.0f} ms late "
+                                   f"(shedding above {self.s.serving_shed_loop_lag_ms:g} ms)")
 
     def _fallback(self, req: RecommendationRequest, error: str) -> RecommendationReply:
         """The trending list, naming the version the agents serve and, where the agents' reports show

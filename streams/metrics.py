@@ -226,6 +226,7 @@ class ApiMetrics:
         self.exposures_logged: Callable[[], int] = lambda: 0
         self.exposures_deferred: Callable[[], int] = lambda: 0
         self.exposures_resent: Callable[[], int] = lambda: 0
+        self.loop_lag: Callable[[], float] = lambda: 0.0
         r.register(_ApiStateCollector(self))
 
     def observe_reply(self, endpoint: str, status: str, reply: RecommendationReply, seconds: float) -> None:
@@ -254,6 +255,10 @@ class _ApiStateCollector(Collector):
         late = CounterMetricFamily("recstream_late_replies", "agent replies that came after their deadline")
         late.add_metric([], float(m.late_replies()))
         yield late
+        loop = GaugeMetricFamily("recstream_event_loop_lag_seconds", "how late the API's event loop runs (the "
+                                 "worst of the last 0.5 s): the wait of a request before its handler")
+        loop.add_metric([], float(m.loop_lag()))
+        yield loop
         exposures = CounterMetricFamily("recstream_exposures", "exposure records: logged (acknowledged by Kafka), "
                                         "deferred (not acknowledged, kept in the journal), resent (from the "
                                         "journal) or lost (neither acknowledged nor journaled)", labels=["outcome"])

@@ -17,6 +17,7 @@
 | a real category under a junk flood; unnamed for an hour; 600 real ones | kept; forgotten; the 500 most recently named kept | test_fallback_keeps_real_categories_and_bounds_them |
 | `/readyz` before the agents report, with one group silent, before the published model is loaded | 503 naming what is missing; 200 once every group has a live agent with a model | test_readiness_waits_for_every_group_and_a_model |
 | a fallback reply while an agent is dead or a model is published | `model_version` the served version; `error` names the dead group before "no reply within" | test_fallback_names_the_served_version_and_the_real_reason |
+| requests queueing in the API (its event loop runs late) | the wait counted in the latency histograms (`recstream_event_loop_lag_seconds`); over `RECSTREAM_SERVING_SHED_LOOP_LAG_MS` the fallback at once, `error` "overloaded: ..." | tests/unit/test_shedding.py |
 """
 from __future__ import annotations
 

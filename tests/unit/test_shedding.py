@@ -1,0 +1,108 @@
+"""Load shedding in the API (issue 21, part 5): while its event loop runs late, a recommendation request is
+answered from the fallback at once, flagged and saying why, and the latency metrics count the wait."""
+import asyncio
+import dataclasses
+import time
+import warnings
+
+import pytest
+from starlette.exceptions import StarletteDeprecationWarning
+
+with warnings.catch_warnings():   # (as tests/unit/test_admin_api.py)
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+import recstream.settings
+from serving.ops import LoopLag
+
+
+def test_loop_lag_is_the_worst_lateness_of_its_window():
+    lag = LoopLag(every_s=0.02, window_s=0.5)
+    assert lag.current(100.0) == 0.0
+    lag.observe(100.0, 0.08)
+    assert lag.sustained(100.0) == 0.0            # one firing: a pause, not yet an overload
+    lag.observe(100.2, 0.01)
+    lag.observe(100.3, -0.001)   # a timer cannot be early: no negative lateness
+    assert lag.current(100.3) == 0.08 and lag.latest() == 0.0 and lag.sustained(100.3) == 0.0
+    assert lag.current(100.6) == 0.01   # the 0.08 left the window
+    lag.observe(101.0, 0.0)
+    assert lag.current(101.0) == 0.0 and len(lag.samples) == 1
+    lag.observe(101.2, 0.2)
+    lag.observe(101.4, 0.15)
+    assert lag.sustained(101.4) == 0.0            # (the on-time firing at 101.0 is still in the window)
+    lag.observe(101.6, 0.12)
+    assert lag.sustained(101.6) == 0.12 and lag.latest() == 0.12 and lag.current(101.6) == 0.2
+
+
+async def test_loop_lag_sees_a_loop_blocked_by_other_work():
+    lag = LoopLag(every_s=0.01, window_s=5.0)
+    task = asyncio.create_task(lag.run())
+    await asyncio.sleep(0.05)
+    time.sleep(0.2)              # the loop busy elsewhere: the timer fires at least this late
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert lag.current(time.perf_counter()) >= 0.15
+
+
+@pytest.fixture
+def app(tmp_path):
+    from serving.app import create_app
+
+    return create_app(dataclasses.replace(recstream.settings.load({}), home_dir=tmp_path, serving_shed_loop_lag_ms=100))
+
+
+def test_a_late_loop_sheds_requests_to_the_fallback_without_asking_redis_or_the_agents(app):
+    asked = []
+
+    async def check_products(req):
+        asked.append(req)
+        raise RuntimeError("the request went on to the recommender")
+    app.state.recommender.check_products = check_products
+    client = TestClient(app, raise_server_exceptions=False)   # no lifespan: nothing connects
+
+    now = time.perf_counter()
+    app.state.ops.loop_lag.observe(now, 0.3)
+    app.state.ops.loop_lag.observe(now, 0.3)      # late twice in a row: sustained
+    r = client.get("/api/v1/recommendations/homepage", params={"user_id": "u1", "count": "5"})
+    assert r.status_code == 200 and asked == []
+    body = r.json()
+    assert body["fallback"] is True and body["error"].startswith("overloaded: the API's event loop runs 300 ms late")
+    metrics = client.get("/metrics").text
+    assert 'recstream_recommendations_total{endpoint="homepage",status="fallback_error"} 1.0' in metrics
+    assert "recstream_event_loop_lag_seconds 0.3" in metrics
+    # the request's latency counts the wait before its handler: at least the loop's lag
+    assert 'recstream_http_request_duration_seconds_bucket{endpoint="homepage",le="0.25"} 0.0' in metrics
+
+    app.state.ops.loop_lag.samples.clear()   # on time again: the request goes on to the recommender
+    assert client.get("/api/v1/recommendations/homepage", params={"user_id": "u1"}).status_code == 500
+    assert [q.user_id for q in asked] == ["u1"]
+
+
+def test_shedding_off_with_zero(tmp_path):
+    from serving.app import create_app
+
+    app = create_app(dataclasses.replace(recstream.settings.load({}), home_dir=tmp_path, serving_shed_loop_lag_ms=0))
+    asked = []
+
+    async def check_products(req):
+        asked.append(req)
+        raise RuntimeError("the request went on to the recommender")
+    app.state.recommender.check_products = check_products
+    for _ in range(3):
+        app.state.ops.loop_lag.observe(time.perf_counter(), 5.0)
+    TestClient(app, raise_server_exceptions=False).get("/api/v1/recommendations/homepage", params={"user_id": "u1"})
+    assert len(asked) == 1
+
+
+def test_one_pause_of_the_loop_sheds_nothing(app):
+    asked = []
+
+    async def check_products(req):
+        asked.append(req)
+        raise RuntimeError("the request went on to the recommender")
+    app.state.recommender.check_products = check_products
+    now = time.perf_counter()
+    app.state.ops.loop_lag.observe(now, 0.5)       # a garbage collection, say: late once, then on time
+    app.state.ops.loop_lag.observe(now, 0.0)
+    TestClient(app, raise_server_exceptions=False).get("/api/v1/recommendations/homepage", params={"user_id": "u1"})
+    assert len(asked) == 1
