@@ -44,6 +44,17 @@ async def test_loop_lag_sees_a_loop_blocked_by_other_work():
     assert lag.current(time.perf_counter()) >= 0.15
 
 
+def record_requests(app) -> list:
+    """The requests that went on to the recommender (its product check, which then fails: a 500)."""
+    asked = []
+
+    async def check_products(req):
+        asked.append(req)
+        raise RuntimeError("the request went on to the recommender")
+    app.state.recommender.check_products = check_products
+    return asked
+
+
 @pytest.fixture
 def app(tmp_path):
     from serving.app import create_app
@@ -52,12 +63,7 @@ def app(tmp_path):
 
 
 def test_a_late_loop_sheds_requests_to_the_fallback_without_asking_redis_or_the_agents(app):
-    asked = []
-
-    async def check_products(req):
-        asked.append(req)
-        raise RuntimeError("the request went on to the recommender")
-    app.state.recommender.check_products = check_products
+    asked = record_requests(app)
     client = TestClient(app, raise_server_exceptions=False)   # no lifespan: nothing connects
 
     now = time.perf_counter()
@@ -82,12 +88,7 @@ def test_shedding_off_with_zero(tmp_path):
     from serving.app import create_app
 
     app = create_app(dataclasses.replace(recstream.settings.load({}), home_dir=tmp_path, serving_shed_loop_lag_ms=0))
-    asked = []
-
-    async def check_products(req):
-        asked.append(req)
-        raise RuntimeError("the request went on to the recommender")
-    app.state.recommender.check_products = check_products
+    asked = record_requests(app)
     for _ in range(3):
         app.state.ops.loop_lag.observe(time.perf_counter(), 5.0)
     TestClient(app, raise_server_exceptions=False).get("/api/v1/recommendations/homepage", params={"user_id": "u1"})
@@ -95,12 +96,7 @@ def test_shedding_off_with_zero(tmp_path):
 
 
 def test_one_pause_of_the_loop_sheds_nothing(app):
-    asked = []
-
-    async def check_products(req):
-        asked.append(req)
-        raise RuntimeError("the request went on to the recommender")
-    app.state.recommender.check_products = check_products
+    asked = record_requests(app)
     now = time.perf_counter()
     app.state.ops.loop_lag.observe(now, 0.5)       # a garbage collection, say: late once, then on time
     app.state.ops.loop_lag.observe(now, 0.0)
