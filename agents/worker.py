@@ -183,7 +183,7 @@ async def run_serving(s: Settings, role: str, stop: asyncio.Event | None = None,
                 snap |= {"gather_partial": handler.gather.partial, "gather_late": handler.gather.late}
             prom.snapshot = snap
             try:
-                await store.publish_metrics(key, None, snap, METRICS_TTL_S)
+                await store.publish_metrics(key, metrics_index(s, role), snap, METRICS_TTL_S)
                 # the API's readiness and fallback replies read who serves, and on which version
                 await store.report_agent(agent_field, now, version)
             except Exception as exc:  # metrics must never stop the worker

@@ -147,7 +147,7 @@ class Fallback:
                     raise
                 log.warning("fallback refresh failed (serving the list from %.0f s ago): %r",
                             time.time() - self.refreshed_at, exc)
-            await asyncio.sleep(self.s.fallback_refresh_s)
+            await _pause(self.s.fallback_refresh_s)
 
     def reply(self, req: RecommendationRequest, error: str, model_version: str = "none") -> RecommendationReply:
         category = req.ctx("category", "")
@@ -233,7 +233,7 @@ class Recommender:
                 if _stopping():
                     raise
                 log.info("agent reports not read: %r", exc)
-            await asyncio.sleep(PATH_CHECK_S)
+            await _pause(PATH_CHECK_S)
 
     async def _read_replies(self) -> None:
         assert self.consumer is not None
@@ -244,7 +244,7 @@ class Recommender:
                 if _stopping():
                     raise
                 log.warning("reading replies failed: %r; retrying", exc)
-                await asyncio.sleep(0.5)
+                await _pause(0.5)
                 continue
             for records in batches.values():
                 for r in records:
@@ -363,6 +363,15 @@ def _stopping() -> bool:
     another exception (seen with aiokafka under pytest), and a retry loop must still end."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+async def _pause(seconds: float) -> None:
+    """Sleep between the rounds of a background loop, unless the task is being cancelled: a library
+    may also swallow the cancellation whole (seen here: the fallback's refresh, cancelled in its Redis
+    reads, returned normally), and the loop then slept on; the API took 5 s to stop, the stop's bound."""
+    if _stopping():
+        raise asyncio.CancelledError
+    await asyncio.sleep(seconds)
 
 
 def _total(req: RecommendationRequest) -> dict[str, float]:

@@ -267,10 +267,11 @@ class Attribution:
                 "lag_total": sum(v for v in lag.values() if v is not None)}
 
     async def publish_metrics(self) -> None:
-        key = self.s.redis_namespace + keys.metrics("attribution", socket.gethostname(), os.getpid())
+        ns = self.s.redis_namespace
+        key = ns + keys.metrics("attribution", socket.gethostname(), os.getpid())
         try:
             self.metrics_holder.snapshot = snap = self.snapshot()
-            await self.store.publish_metrics(key, snap, METRICS_TTL_S)
+            await self.store.publish_metrics(key, ns + keys.metrics_index("attribution"), snap, METRICS_TTL_S)
         except Exception as exc:  # metrics must never stop the worker
             log.warning("metrics not published: %r", exc)
 

@@ -6,6 +6,7 @@ counts and the offsets it read up to are written together or not at all.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,8 +81,13 @@ class AttributionStore:
         hashes = iter(await pipe.execute())
         return {v: {d: VariantTotals.from_fields(next(hashes)) for d in days[v]} for v in variants}
 
-    async def publish_metrics(self, key: str, snapshot: dict[str, Any], ttl_s: int) -> None:
-        await self.redis.set(key, orjson.dumps(snapshot), ex=ttl_s)
+    async def publish_metrics(self, key: str, index: str, snapshot: dict[str, Any], ttl_s: int) -> None:
+        """The snapshot under `key` (expiring), listed in the sorted set `index` (as Store.publish_metrics)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, orjson.dumps(snapshot), ex=ttl_s)
+        pipe.zadd(index, {key: time.time()})
+        pipe.expire(index, ttl_s)
+        await pipe.execute()
 
     async def load(self, records: list[Exposure | Event], window: float) -> State:
         """What the pure step needs of the stored state for `records`, in three pipelined reads."""

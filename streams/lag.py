@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -60,32 +60,49 @@ def total(lags: list[PartitionLag]) -> int:
     return sum(p.lag for p in lags)
 
 
+METRICS_AGENTS = ("features", "attribution", "retrieval", "ranking")   # the workers that publish snapshots
+
+
 async def report(s: Settings) -> int:
-    """`recstream lag`: committed lag of each consumer group, then each worker's own snapshot."""
+    """`recstream lag`: committed lag of each consumer group, then each worker's own snapshot, found by
+    the agents' metrics indexes (no pass over the keyspace: a shop's Redis holds millions of keys)."""
+    import time
+
     import orjson
-    import redis.asyncio as aioredis
 
     from recstream.features import keys
+    from streams.metrics import METRICS_TTL_S
+    from streams.redisconn import connect
 
     for group, source in s.consumer_groups():
         lags = await group_lag(s, group, source)
         parts = " ".join(f"{p.partition}:{p.lag}" for p in lags)
         print(f"{group:28} {source}  total {total(lags):>8}   per partition {parts}")
-    client = aioredis.from_url(s.redis_url)
+    client = connect(s)
     try:
-        async for key in client.scan_iter(s.redis_namespace + keys.metrics("*", "*", "*")):
-            m = orjson.loads(await client.get(key) or b"{}")
-            if "lag_total" in m:   # a feature worker
-                lat = m["event_latency_ms"]
-                print(f"{key.decode():40} lag {m['lag_total']:>7}  event->feature p50 {_ms(lat['p50'])} "
-                      f"p99 {_ms(lat['p99'])}  processed {sum(m['processed'].values())}")
-            elif "handled" in m:   # a serving agent
-                lat = m["handle_latency_ms"]
-                print(f"{key.decode():40} model {m['model_version']}  handled {m['handled']}  expired {m['expired']}  "
-                      f"errors {m['errors']}  batch p50 {_ms(lat['p50'])} p99 {_ms(lat['p99'])}")
+        for agent in METRICS_AGENTS:
+            live = await client.zrangebyscore(s.redis_namespace + keys.metrics_index(agent),
+                                              time.time() - METRICS_TTL_S, "+inf")
+            for key in cast(list[bytes], live):   # (redis-py types every reply shape of ZRANGEBYSCORE)
+                raw = await client.get(key)   # one at a time: on a cluster the snapshots sit in many slots
+                if raw:
+                    print(f"{key.decode():40} {worker_line(agent, orjson.loads(raw))}")
     finally:
         await client.aclose()
     return 0
+
+
+def worker_line(agent: str, m: dict[str, Any]) -> str:
+    """One worker's snapshot as `recstream lag` prints it."""
+    if agent == "features":
+        lat = m["event_latency_ms"]
+        return (f"lag {m['lag_total']:>7}  event->feature p50 {_ms(lat['p50'])} p99 {_ms(lat['p99'])}  "
+                f"processed {sum(m['processed'].values())}")
+    if agent == "attribution":
+        return f"lag {m['lag_total']:>7}  processed {sum(m['processed'].values())}  held {m['held']}"
+    lat = m["handle_latency_ms"]
+    return (f"model {m['model_version']}  handled {m['handled']}  expired {m['expired']}  errors {m['errors']}  "
+            f"batch p50 {_ms(lat['p50'])} p99 {_ms(lat['p99'])}")
 
 
 def _ms(value: float | None) -> str:

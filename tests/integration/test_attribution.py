@@ -136,8 +136,8 @@ async def test_attribution_counts_exactly_once_through_redis_offsets(fresh):
         assert letter.source_topic == s.topic("clickstream") and "teleport" in letter.reason
 
         # On-call snapshot: the last run's counts and no lag.
-        keys = [k async for k in client.scan_iter(match=f"{s.redis_namespace}metrics:attribution:*")]
-        snap = orjson.loads(await client.get(keys[0]))
-        assert len(keys) == 1 and snap["lag_total"] == 0 and snap["agent"] == "attribution"
+        live = await client.zrange(f"{s.redis_namespace}metrics-index:attribution", 0, -1)
+        snap = orjson.loads(await client.get(live[0]))
+        assert len(live) == 1 and snap["lag_total"] == 0 and snap["agent"] == "attribution"
     finally:
         await client.aclose()

@@ -79,7 +79,7 @@ async def store(backend: Settings):
     client = connect(backend)
     yield open_store(backend, client)
     assert await unlink_matching(client, backend.redis_namespace + "*") > 0
-    assert [k async for k in client.scan_iter(match=backend.redis_namespace + "*")] == []   # every master's
+    assert [k async for k in client.scan_iter(match=backend.redis_namespace + "*", count=1000)] == []   # every master's
     await client.aclose()
 
 

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.worker import metrics_index
 from recstream.data import ShopConfig, shop_dataset
-from recstream.features import Incoming, UserState, plan
+from recstream.features import Incoming, UserState, keys, plan
 from recstream.features.config import feature_config, limits
 from recstream.features.session import decode_features, features_value, fingerprint, newest
 from recstream.settings import Settings
@@ -297,12 +297,8 @@ async def serving_stack(stack: Settings, tmp_path_factory):
 
 
 async def _serving_snapshot(st: Stack, role: str, pid: int) -> dict | None:
-    suffix = f":{socket.gethostname()}:{pid}"
-    async for key in st.redis.scan_iter(match=f"{st.s.redis_namespace}metrics:{role}:*"):
-        if key.decode().endswith(suffix):
-            raw = await st.redis.get(key)
-            return orjson.loads(raw) if raw else None
-    return None
+    raw = await st.redis.get(st.s.redis_namespace + keys.metrics(role, socket.gethostname(), pid))
+    return orjson.loads(raw) if raw else None
 
 
 async def test_serving_agents_join_and_leave_under_load_every_request_answered(serving_stack: Stack):

@@ -21,6 +21,7 @@ from agents.models import ModelHolder, load_bundle
 from agents.retrieval import Retrieval
 from models.index import ShardedIndex, shard_file
 from recstream.data import ShopConfig
+from recstream.features import keys
 from recstream.gather import ann_k, merge_parts
 from recstream.settings import Settings
 from schemas import CandidateSet, RecommendationRequest
@@ -144,12 +145,9 @@ async def test_the_trainer_writes_one_index_per_shard_and_their_merge_equals_the
 
 
 async def _ranking_snapshot(st: Stack) -> dict | None:
-    suffix = f":{socket.gethostname()}:{st.procs.procs['ranking'].pid}"
-    async for key in st.redis.scan_iter(match=f"{st.s.redis_namespace}metrics:ranking:*"):
-        if key.decode().endswith(suffix):
-            raw = await st.redis.get(key)
-            return orjson.loads(raw) if raw else None
-    return None
+    raw = await st.redis.get(st.s.redis_namespace + keys.metrics("ranking", socket.gethostname(),
+                                                                  st.procs.procs["ranking"].pid))
+    return orjson.loads(raw) if raw else None
 
 
 async def test_sharded_serving_answers_every_request_and_a_shard_down_only_narrows_the_candidates(sharded: Stack):

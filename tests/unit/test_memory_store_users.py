@@ -123,6 +123,32 @@ async def test_the_fallback_serves_trending_in_stock_items_by_category(s: Settin
     assert {i.reason for i in again.items} == {"trending in Phones"} and {i.source for i in again.items} == {"popular"}
 
 
+async def test_a_fallback_refresh_that_swallows_its_cancellation_still_ends_the_loop(s: Settings):
+    """A cancelled Redis read can return normally (the API then took its full 5 s bound to stop)."""
+    import asyncio
+    import dataclasses
+
+    store = await shop(s)
+    reads = asyncio.Event()
+    trending = store.trending
+
+    async def swallowing(*args, **kwargs):
+        reads.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass   # what the library did: the read returns as if nothing happened
+        return await trending(*args, **kwargs)
+
+    store.trending = swallowing   # type: ignore[method-assign]
+    fallback = recommend.Fallback(dataclasses.replace(s, fallback_refresh_s=3600.0), store)
+    task = asyncio.create_task(fallback.run())
+    await reads.wait()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=60)   # a "never hangs" bound: the loop would sleep an hour
+    assert done and task.cancelled()
+
+
 async def test_readiness_reads_the_agents_reports_from_the_store(s: Settings):
     store = MemoryStore()
     rec = recommend.Recommender(s, store=store)
