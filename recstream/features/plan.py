@@ -192,8 +192,10 @@ def _count(ops: RedisOps, e: Event, category: str | None, covisits: Sequence[tup
         key = popularity.category_key(category, d)
         ops.incr[(key, e.product_id)] += weight
         ops.expire_at[key] = popularity.expires_at(d, limits.window_days)
+    incr, trim, most = ops.incr, ops.trim, limits.cooccurrence_max
     for kind, pairs in (("covis", covisits), ("cobuy", copurchases)):
         for a, b in pairs:
-            for x, y in ((a, b), (b, a)):
-                ops.incr[(keys.neighbours(kind, x), y)] += 1
-                ops.trim[keys.neighbours(kind, x)] = limits.cooccurrence_max
+            ka, kb = keys.neighbours(kind, a), keys.neighbours(kind, b)
+            incr[(ka, b)] += 1
+            incr[(kb, a)] += 1
+            trim[ka] = trim[kb] = most
