@@ -6,7 +6,6 @@ counts and the offsets it read up to are written together or not at all.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ from recstream.experiments.attribution import (
 )
 from recstream.features import keys
 from schemas import Event, Exposure
-from streams.online_store import unlink_keys
+from streams.online_store import publish_snapshot, unlink_keys
 from streams.redisconn import scan
 
 UNIT_TTL_S = 90 * 86400   # a unit silent this long starts again from zero
@@ -82,12 +81,7 @@ class AttributionStore:
         return {v: {d: VariantTotals.from_fields(next(hashes)) for d in days[v]} for v in variants}
 
     async def publish_metrics(self, key: str, index: str, snapshot: dict[str, Any], ttl_s: int) -> None:
-        """The snapshot under `key` (expiring), listed in the sorted set `index` (as Store.publish_metrics)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(key, orjson.dumps(snapshot), ex=ttl_s)
-        pipe.zadd(index, {key: time.time()})
-        pipe.expire(index, ttl_s)
-        await pipe.execute()
+        await publish_snapshot(self.redis, key, index, snapshot, ttl_s)
 
     async def load(self, records: list[Exposure | Event], window: float) -> State:
         """What the pure step needs of the stored state for `records`, in three pipelined reads."""

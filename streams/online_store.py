@@ -400,12 +400,7 @@ class RedisStore(BatchFold):
 
     async def publish_metrics(self, key: str, index: str | None, snapshot: dict[str, Any], ttl_s: int) -> None:
         """A worker's metrics snapshot under `key` (expiring), listed in the sorted set `index` if given."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(key, orjson.dumps(snapshot), ex=ttl_s)
-        if index:
-            pipe.zadd(index, {key: time.time()})
-            pipe.expire(index, ttl_s)
-        await pipe.execute()
+        await publish_snapshot(self.redis, key, index, snapshot, ttl_s)
 
     async def model_pointer(self) -> dict[str, Any] | None:
         raw = await self.redis.get(self.ns + keys.MODEL_CURRENT)
@@ -455,6 +450,17 @@ async def unlink_matching(client: AnyRedis, pattern: str, chunk: int = 2000) -> 
     if found:
         n += await unlink_keys(client, found)
     return n
+
+
+async def publish_snapshot(client: AnyRedis, key: str, index: str | None, snapshot: dict[str, Any], ttl_s: int) -> None:
+    """`snapshot` under `key` (expiring after `ttl_s`), listed in the sorted set `index` (score: now) if given,
+    which expires with it: every worker kind's metrics (Store.publish_metrics, the attribution store)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.set(key, orjson.dumps(snapshot), ex=ttl_s)
+    if index:
+        pipe.zadd(index, {key: time.time()})
+        pipe.expire(index, ttl_s)
+    await pipe.execute()
 
 
 UNLINK_CHUNK = 200   # keys per UNLINK: 3,000 in one command held Redis 16.6 ms (SLOWLOG) while serving waited
