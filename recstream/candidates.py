@@ -274,5 +274,4 @@ def query(w: Widget, shopper: Shopper, user: np.ndarray | None,
 
 def add_ann(proposals: Proposals, found: Sequence[tuple[str, float]], anchor: str | None, keep_excluded: bool = False) -> None:
     """The ANN answer (best first) as "als" proposals; keep_excluded: a shard's answer (see Proposals.add)."""
-    for pid, score in found:
-        proposals.add(pid, "als", float(score), anchor, keep_excluded=keep_excluded)
+    proposals.add_all(found, "als", anchor, keep_excluded=keep_excluded)

@@ -7,7 +7,7 @@ No Kafka, no Redis, no model: the retrieval agent feeds `Proposals`, the ranking
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,21 +35,32 @@ class Proposals:
             keep_excluded: bool = False) -> None:
         """keep_excluded: propose it even if excluded (a shard's ANN answer: the merge of all shards drops
         it after taking the top k, as one index over every item would have it take a slot)."""
-        if not product_id or (product_id in self.exclude and not keep_excluded) or source not in SOURCES:
-            return
-        row = self._row.get(product_id)
-        if row is None:
-            row = self._row[product_id] = len(self.ids)
-            self.ids.append(product_id)
-        col = self.scores.setdefault(source, {})
-        if row not in col or score > col[row]:
-            col[row] = float(score)
-            if anchor is not None:
-                self.anchors.setdefault(source, {})[row] = anchor
+        self.add_all(((product_id, score),), source, anchor, keep_excluded=keep_excluded)
 
-    def add_all(self, rows: Sequence[tuple[str, float]], source: str, anchor: str | None = None) -> None:
-        for pid, score in rows:
-            self.add(pid, source, score, anchor)
+    def add_all(self, rows: Iterable[tuple[str | None, float]], source: str, anchor: str | None = None, *,
+                keep_excluded: bool = False) -> None:
+        """`add` of each (product id, score), in order (one loop: an ANN answer is a few hundred rows)."""
+        if source not in SOURCES:
+            return
+        ids, row_of, exclude = self.ids, self._row, self.exclude
+        col = self.scores.get(source) or {}
+        marks = self.anchors.get(source) or {}
+        for product_id, score in rows:
+            if not product_id or (product_id in exclude and not keep_excluded):
+                continue
+            row = row_of.get(product_id)
+            if row is None:
+                row = row_of[product_id] = len(ids)
+                ids.append(product_id)
+            old = col.get(row)
+            if old is None or score > old:
+                col[row] = float(score)
+                if anchor is not None:
+                    marks[row] = anchor
+        if col:   # (a source none of whose rows was kept gets no column)
+            self.scores[source] = col
+        if marks:
+            self.anchors[source] = marks
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,8 +68,8 @@ class Proposals:
     def columns(self) -> tuple[list[str], dict[str, list[float | None]], dict[str, list[str | None]]]:
         """What CandidateSet carries: ids, and per source one score (None: not proposed) and anchor per id."""
         n = len(self.ids)
-        scores = {s: [col.get(i) for i in range(n)] for s, col in self.scores.items()}
-        anchors = {s: [col.get(i) for i in range(n)] for s, col in self.anchors.items()}
+        scores = {s: list(map(col.get, range(n))) for s, col in self.scores.items()}
+        anchors = {s: list(map(col.get, range(n))) for s, col in self.anchors.items()}
         return self.ids, scores, anchors
 
 

@@ -377,6 +377,6 @@ class Record:
 def _plain(v: Any) -> Any:
     if isinstance(v, Record):
         return v.to_dict()
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
+    if isinstance(v, tuple):   # a field's items are all of one check (ListOf, a column): look at the first
+        return [_plain(x) for x in v] if v and isinstance(v[0], (Record, tuple)) else list(v)
     return v

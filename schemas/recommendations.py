@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import NoneType
 from typing import Any
 
 from schemas.base import Choice, Flag, Id, Invalid, ListOf, Nested, Number, NumMap, Record, StrMap, Text, Timestamp, check
@@ -85,11 +86,14 @@ class FloatColumn:
     def __call__(self, v: Any, now: float) -> tuple[float, ...]:
         if not isinstance(v, list) or len(v) > self.max_items:
             raise Invalid(f"expected a list of at most {self.max_items} numbers")
-        out = tuple(math.nan if x is None else x for x in v)
-        for i, x in enumerate(out):
-            if type(x) is not float and (type(x) is not int):
-                raise Invalid(f"item {i}: expected a number or null, got {type(x).__name__}")
-        return out
+        kinds = set(map(type, v))   # (types in C: a loop over ~230 cells in Python cost more than the parse)
+        if not kinds <= _NUMBER_CELL:
+            i = next(i for i, x in enumerate(v) if type(x) not in _NUMBER_CELL)
+            raise Invalid(f"item {i}: expected a number or null, got {type(v[i]).__name__}")
+        return tuple([math.nan if x is None else x for x in v]) if NoneType in kinds else tuple(v)
+
+
+_NUMBER_CELL = frozenset((float, int, NoneType))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,15 +122,17 @@ class TextColumn:
     def __call__(self, v: Any, now: float) -> tuple[str | None, ...]:
         if not isinstance(v, list) or len(v) > self.max_items:
             raise Invalid(f"expected a list of at most {self.max_items} strings")
-        for i, x in enumerate(v):
-            if self.nullable and x is None:
-                continue
-            if type(x) is not str:
-                what = "a string or null" if self.nullable else "a string"
-                raise Invalid(f"item {i}: expected {what}, got {type(x).__name__}")
-            if not self.nullable and not x:
-                raise Invalid(f"item {i}: must not be empty")
+        allowed = _TEXT_CELL if self.nullable else _ID_CELL
+        if not set(map(type, v)) <= allowed:
+            i = next(i for i, x in enumerate(v) if type(x) not in allowed)
+            what = "a string or null" if self.nullable else "a string"
+            raise Invalid(f"item {i}: expected {what}, got {type(v[i]).__name__}")
+        if not self.nullable and "" in v:
+            raise Invalid(f"item {v.index('')}: must not be empty")
         return tuple(v)
+
+
+_ID_CELL, _TEXT_CELL = frozenset((str,)), frozenset((str, NoneType))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

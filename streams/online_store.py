@@ -44,7 +44,7 @@ from recstream.features.plan import RedisOps
 from recstream.features.session import UserState, decode_features, decode_state, features_key, session_key
 from recstream.settings import Settings
 from schemas import Product
-from streams.redisconn import AnyRedis, is_cluster, scan
+from streams.redisconn import AnyRedis, is_cluster, scan, score_pairs
 from streams.store import BatchFold, OffsetConflict, RankingReads, RetrievalReads, decode_vector, item_fields
 
 __all__ = ["OffsetConflict", "RankingReads", "RedisStore", "RetrievalReads", "decode_vector", "item_fields",
@@ -258,24 +258,25 @@ class RedisStore(BatchFold):
         landmark's scores decayed to `now`, each read 2n deep, and keeps the best n."""
         pipe = self.redis.pipeline(transaction=False)
         weights = popularity.trend_read_weights(now, half_life_s)
-        for rd in reads:
+        for rd in reads:   # (the raw command: redis-py's zrevrange(withscores=True) formats and parses every score)
             if rd.table == "trend":
                 for lm in weights:
-                    pipe.zrevrange(self.ns + popularity.trend_key(lm, rd.key), 0, 2 * rd.n - 1, withscores=True)
+                    pipe.execute_command("ZREVRANGE", self.ns + popularity.trend_key(lm, rd.key), 0, 2 * rd.n - 1,
+                                         "WITHSCORES")
             else:
                 key = keys.brand(rd.key) if rd.table == "brand" else keys.neighbours(rd.table, rd.key)
-                pipe.zrevrange(self.ns + key, 0, rd.n - 1, withscores=True)
+                pipe.execute_command("ZREVRANGE", self.ns + key, 0, rd.n - 1, "WITHSCORES")
         res = iter(await pipe.execute() if reads else [])
         out = []
         for rd in reads:
             if rd.table == "trend":
                 acc: dict[str, float] = {}
                 for w in weights.values():
-                    for m, sc in next(res):
-                        acc[m.decode()] = acc.get(m.decode(), 0.0) + sc * w
+                    for m, sc in score_pairs(next(res)):
+                        acc[m] = acc.get(m, 0.0) + sc * w
                 out.append(sorted(acc.items(), key=lambda x: -x[1])[:rd.n])
             else:
-                out.append([(m.decode(), sc) for m, sc in next(res)])
+                out.append(score_pairs(next(res)))
         return out
 
     async def in_stock(self, product_ids: Sequence[str]) -> list[bool]:

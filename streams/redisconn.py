@@ -52,6 +52,14 @@ def hiredis_packing(base: type) -> type:
     return _PACKING[base]
 
 
+def score_pairs(raw: list[Any]) -> list[tuple[str, float]]:
+    """A sorted set's `ZRANGE ... WITHSCORES` reply as sent without redis-py's reshaping (which formats each
+    RESP3 score back to text and parses it again): [[member, score], ...] on RESP3, flat on RESP2."""
+    if raw and not isinstance(raw[0], list):
+        return [(m.decode(), float(sc)) for m, sc in zip(raw[::2], raw[1::2])]
+    return [(m.decode(), sc) for m, sc in raw]
+
+
 def is_cluster(client: Any) -> TypeGuard[RedisCluster]:
     return isinstance(client, RedisCluster)
 

@@ -1,4 +1,5 @@
-"""streams.redisconn: commands packed by hiredis are the bytes redis-py would send, and its errors stay."""
+"""streams.redisconn: commands packed by hiredis are the bytes redis-py would send, and its errors stay; a
+sorted set's reply read in either protocol."""
 import pytest
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import DataError
@@ -65,3 +66,12 @@ async def test_a_paced_scan_sleeps_between_calls_for_its_share(monkeypatch):
 
     slept.clear()
     assert [k async for k in redisconn.scan(Pages([[b"a"], [b"b"]]), "ns:*")] == [b"a", b"b"] and slept == []
+
+
+@pytest.mark.parametrize("raw", [
+    [[b"b", 2.0], [b"a", 1.5], [b"\xc3\xa9", -1e-05]],          # RESP3: pairs, scores as doubles
+    [b"b", b"2", b"a", b"1.5", b"\xc3\xa9", b"-1.0000000000000001e-05"],   # RESP2: flat, scores as text
+])
+def test_score_pairs_reads_a_withscores_reply_in_either_protocol(raw):
+    assert redisconn.score_pairs(raw) == [("b", 2.0), ("a", 1.5), ("\u00e9", -1e-05)]
+    assert redisconn.score_pairs([]) == []
