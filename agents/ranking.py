@@ -24,7 +24,7 @@ from agents.runner import Outgoing
 from models import booster
 from recstream import ordering
 from recstream.gather import Gather
-from recstream.ranking import FEATURE_NAMES, Columns, Context, ItemFields, matrix, session_view
+from recstream.ranking import FEATURE_NAMES, Columns, Context, ItemFields, matrix, session_view, ui_dot
 from recstream.rules import Rules, best_source, primary, reason, select, source_matrix
 from recstream.settings import Settings
 from recstream.stats import Stages
@@ -92,7 +92,8 @@ class Scored:
     recent: list[str]
     arrived: float
     stages: Stages                   # ranking_redis, ranking_features (per request)
-    X: np.ndarray
+    X: np.ndarray | None             # the feature matrix: built where the ranker orders the set
+    ui_dot: np.ndarray | None        # the ALS dot products (as X holds them): where the "als" ordering needs them
     task: str = "home"               # recstream.ordering.task_of_request
     ordering: str = "rules"          # what orders this request: its task's choice in the ranker's version
     scores: np.ndarray | None = None
@@ -153,10 +154,10 @@ class Ranking:
         """The ranker's scores of every set its task orders by the ranker: one predict per booster."""
         by_model: dict[int, list[Scored]] = {}
         for w in work:
-            if w.ordering == "ranker" and len(w.cs.product_ids):
+            if w.ordering == "ranker" and w.X is not None and len(w.cs.product_ids):
                 by_model.setdefault(id(w.ranker.booster_for(w.task)), []).append(w)
         for group in by_model.values():
-            X = np.concatenate([w.X for w in group])
+            X = np.concatenate([w.X for w in group if w.X is not None])
             model = group[0].ranker.booster_for(group[0].task)
             y = await asyncio.get_running_loop().run_in_executor(self._thread, booster.score, model, X)
             at = 0
@@ -198,37 +199,40 @@ class Ranking:
         r, s = cs.request, self.s
         ids, (pop, bought, trend) = list(cs.product_ids), stats
         in_stock, feats, recent, affinity, median = got.in_stock, got.features, got.recent, got.affinity, got.median_price
-        embeddings = model.item_embeddings(ids) if model is not None else None
+        ctx = Context(now_s=arrived, user_embedding=query, session=feats, recent=recent, category_affinity=affinity,
+                      median_price=median, device=r.ctx("device"), page=r.ctx("page"),
+                      session_idle_timeout_s=s.session_idle_timeout_s)
+        ov = r.overrides or Overrides()
+        # an A/B variant may name another ranker: its booster scores features built on the retrieving
+        # version's vectors (until it is loaded, the retrieving version's own ranker scores)
+        scorer = (self.models.ranker(ov.ranker) if ov.ranker else None) or model
+        task = ordering.task_of_request(r.kind, session_view(ctx).live)
+        chosen = ordering.resolve(scorer.orderings, task, scorer.booster is not None) if scorer else "rules"
         f = [it.fields for it in items]
-        cols = Columns(ids=ids, categories=[x.category for x in f], embeddings=embeddings,
+        cols = Columns(ids=ids, categories=[x.category for x in f],   # item vectors: for the orderings that read them
+                       embeddings=model.item_embeddings(ids) if model is not None and chosen in ("ranker", "als") else None,
                        price=np.array([x.price for x in f]), rating=np.array([x.rating for x in f]),
                        seller_rating=np.array([x.seller_rating for x in f]),
                        in_stock=np.array([x.in_stock for x in f]), created_at=np.array([x.created_at for x in f]),
                        popularity_7d=pop, purchases_7d=bought, trending=trend,
                        sources=source_matrix(len(ids), cs.scores),
                        popularity_window=model.window_popularity(ids) if model is not None else None)
-        ctx = Context(now_s=arrived, user_embedding=query, session=feats, recent=recent, category_affinity=affinity,
-                      median_price=median, device=r.ctx("device"), page=r.ctx("page"),
-                      session_idle_timeout_s=s.session_idle_timeout_s)
-        ov = r.overrides or Overrides()
         exclude = {*r.cart_items, *([r.product_id] if r.product_id else [])}
         if (s.exclude_purchased if ov.exclude_purchased is None else ov.exclude_purchased) and feats:
             exclude |= set(feats.get("purchases") or ())
-        X = matrix(ctx, cols)
-        # an A/B variant may name another ranker: its booster scores features built on the retrieving
-        # version's vectors (until it is loaded, the retrieving version's own ranker scores)
-        scorer = (self.models.ranker(ov.ranker) if ov.ranker else None) or model
-        task = ordering.task_of_request(r.kind, session_view(ctx).live)
-        chosen = ordering.resolve(scorer.orderings, task, scorer.booster is not None) if scorer else "rules"
+        # the whole feature matrix only where the ranker scores it: a task the version serves with a simpler
+        # ordering (most homepage and cart requests) needs at most its "ui_dot" column
+        X = matrix(ctx, cols) if chosen == "ranker" else None
+        dot = X[:, UI_DOT] if X is not None else ui_dot(ctx, cols) if chosen == "als" else None
         return Scored(cs, model, scorer, ctx, cols, items, in_stock, frozenset(exclude), recent, arrived,
-                      stage, X, task, chosen)
+                      stage, X, dot, task, chosen)
 
     async def _reply(self, w: Scored, model_ms: float) -> Outgoing:
         """Order by the task's ordering, apply the rules (stock, exclusions, per-category caps), explain."""
         t0 = time.perf_counter()
         cs, r = w.cs, w.cs.request
         engaged = np.nan_to_num(w.cols.popularity_7d) + np.nan_to_num(w.cols.purchases_7d)
-        scores = ordering.scores(w.ordering, w.cols.sources, engaged, w.cols.trending, w.X[:, UI_DOT], w.scores,
+        scores = ordering.scores(w.ordering, w.cols.sources, engaged, w.cols.trending, w.ui_dot, w.scores,
                                  w.cols.popularity_window)
         per_category = r.overrides.max_per_category if r.overrides and r.overrides.max_per_category is not None \
             else self.s.max_per_category

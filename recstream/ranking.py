@@ -231,6 +231,22 @@ def _safe_log(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _user_item(ctx: Context, cols: Columns) -> tuple[np.ndarray, np.ndarray, float]:
+    """(user . item, |item|, |user|) per candidate, NaN where a vector is missing: float64 sums so both
+    paths round the same way whatever the array layout."""
+    n, u = len(cols.ids), ctx.user_embedding
+    if u is None or cols.embeddings is None or n == 0:
+        return np.full(n, np.nan), np.full(n, np.nan), NAN
+    e = cols.embeddings.astype(np.float64)
+    u64 = np.asarray(u, np.float64)
+    return (e * u64).sum(axis=1), np.sqrt((e * e).sum(axis=1)), float(np.sqrt((u64 * u64).sum()))
+
+
+def ui_dot(ctx: Context, cols: Columns) -> np.ndarray:
+    """The matrix's "ui_dot" column alone (float32, as the matrix holds it), for orderings without the ranker."""
+    return _user_item(ctx, cols)[0].astype(np.float32)
+
+
 def matrix(ctx: Context, cols: Columns) -> np.ndarray:
     """(n, len(FEATURE_NAMES)) float32 for one request; column j is FEATURE_NAMES[j].
 
@@ -240,16 +256,7 @@ def matrix(ctx: Context, cols: Columns) -> np.ndarray:
     f: dict[str, Any] = {}
     nan = np.full(n, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
-        # user x item: float64 sums so both paths round the same way whatever the array layout
-        u = ctx.user_embedding
-        if u is None or cols.embeddings is None or n == 0:
-            dot, inorm, unorm = nan, nan, NAN
-        else:
-            e = cols.embeddings.astype(np.float64)
-            u64 = np.asarray(u, np.float64)
-            dot = (e * u64).sum(axis=1)
-            inorm = np.sqrt((e * e).sum(axis=1))
-            unorm = float(np.sqrt((u64 * u64).sum()))
+        dot, inorm, unorm = _user_item(ctx, cols)
         any_dot = not np.isnan(dot).all()
         f["ui_dot"] = dot
         f["ui_cosine"] = dot / (inorm * unorm)

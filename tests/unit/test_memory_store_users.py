@@ -15,8 +15,9 @@ from agents.retrieval import Retrieval
 from batch.publish import publish
 from models import index as faiss_index
 from models.artifacts import BatchOutputs, Embeddings, Window
-from recstream import candidates
+from recstream import candidates, ordering
 from recstream.features import Incoming
+from recstream.ranking import FEATURE_NAMES, matrix
 from recstream.settings import Settings
 from schemas import CandidateSet, RecommendationReply, RecommendationRequest
 from serving import recommend
@@ -105,6 +106,34 @@ async def test_ranking_orders_retrievals_candidates_by_the_rules_and_drops_what_
     got = [i.product_id for i in reply.items]
     assert set(got) == set(candidate_set.product_ids) - {"p7"}   # every candidate but the one out of stock
     assert all(i.reason and i.source in candidate_set.scores for i in reply.items)
+
+
+async def test_ranking_builds_the_feature_matrix_only_for_the_sets_its_ranker_orders(s: Settings):
+    """A task the version serves with a simpler ordering needs no matrix (the "als" ordering: its ui_dot
+    column alone, the values the matrix would hold)."""
+    store = await shop(s)
+    retrieval = retrieval_agent(s, store)
+    holder = ModelHolder(s, "ranking")
+    vectors = np.eye(8, dtype=np.float32)
+    ranking = Ranking(s, store, holder)
+    try:
+        [sent] = await retrieval.handle([RecommendationRequest(request_id="r1", kind="homepage", created_at=NOW,
+                                                               user_id="u1")])
+        cs = CandidateSet.from_json(sent.value, now=NOW)
+        for chosen in ("rules", "popular", "als"):
+            holder.current = ServingModel("7", item_vectors=vectors, item_row={f"p{i}": i for i in range(8)},
+                                          orderings=dict.fromkeys(ordering.TASKS, chosen))
+            w = await ranking._features(cs, NOW)
+            assert w.ordering == chosen and w.X is None
+            if chosen != "als":
+                assert w.ui_dot is None and w.cols.embeddings is None
+                continue
+            full = matrix(w.ctx, w.cols)[:, FEATURE_NAMES.index("ui_dot")]
+            assert w.ui_dot is not None and np.array_equal(w.ui_dot, full, equal_nan=True)
+            assert w.ui_dot[list(cs.product_ids).index("p4")] == 1.0   # u1's vector is p4's axis
+    finally:
+        retrieval.close()
+        ranking.close()
 
 
 async def test_the_fallback_serves_trending_in_stock_items_by_category(s: Settings):
