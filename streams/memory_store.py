@@ -223,11 +223,8 @@ class MemoryStore(BatchFold):
     def _trend(self, now: float, half_life_s: float, n: int, depth: int,
                category: str | None) -> list[tuple[str, float]]:
         """The landmarks' lists, each `depth` deep, decayed to `now` and summed; the best n."""
-        acc: dict[str, float] = {}
-        for lm, w in popularity.trend_read_weights(now, half_life_s).items():
-            for m, s in _best(self._zset(popularity.trend_key(lm, category)), depth):
-                acc[m] = acc.get(m, 0.0) + s * w
-        return sorted(acc.items(), key=lambda x: -x[1])[:n]
+        return popularity.merge_trend([(w, _best(self._zset(popularity.trend_key(lm, category)), depth))
+                                       for lm, w in popularity.trend_read_weights(now, half_life_s).items()], n)
 
     async def trending(self, now: float, half_life_s: float, n: int = 20,
                        category: str | None = None) -> list[tuple[str, float]]:

@@ -243,13 +243,10 @@ class RedisStore(BatchFold):
 
     async def trending(self, now: float, half_life_s: float, n: int = 20, category: str | None = None) -> list[tuple[str, float]]:
         """Top products by decayed weight at `now`, merging the current and previous landmark."""
-        weights = popularity.trend_read_weights(now, half_life_s)
-        scores: dict[str, float] = {}
-        for lm, w in weights.items():
-            for m, s in await self.redis.zrevrange(self.ns + popularity.trend_key(lm, category), 0, 4 * n - 1,
-                                                  withscores=True):
-                scores[m.decode()] = scores.get(m.decode(), 0.0) + s * w
-        return sorted(scores.items(), key=lambda x: -x[1])[:n]
+        lists = [(w, score_pairs(await self.redis.execute_command(
+                     "ZREVRANGE", self.ns + popularity.trend_key(lm, category), 0, 4 * n - 1, "WITHSCORES")))
+                 for lm, w in popularity.trend_read_weights(now, half_life_s).items()]
+        return popularity.merge_trend(lists, n)
 
     # -- serving reads -----------------------------------------------------------------------------
     async def candidate_reads(self, reads: Sequence[Read], now: float, half_life_s: float) -> list[list[tuple[str, float]]]:
@@ -270,11 +267,7 @@ class RedisStore(BatchFold):
         out = []
         for rd in reads:
             if rd.table == "trend":
-                acc: dict[str, float] = {}
-                for w in weights.values():
-                    for m, sc in score_pairs(next(res)):
-                        acc[m] = acc.get(m, 0.0) + sc * w
-                out.append(sorted(acc.items(), key=lambda x: -x[1])[:rd.n])
+                out.append(popularity.merge_trend([(w, score_pairs(next(res))) for w in weights.values()], rd.n))
             else:
                 out.append(score_pairs(next(res)))
         return out

@@ -9,6 +9,7 @@ key) so the exponent stays small; a reader merges the current and previous week.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from recstream.features import keys
 
@@ -62,6 +63,16 @@ def trend_read_weights(now: float, half_life_s: float) -> dict[int, float]:
     current = landmark(now)
     previous = current - LANDMARK_PERIOD_S
     return {lm: 2.0 ** (-(now - lm) / half_life_s) for lm in (current, previous)}
+
+
+def merge_trend(lists: Iterable[tuple[float, Iterable[tuple[str, float]]]], n: int) -> list[tuple[str, float]]:
+    """The best n of the landmarks' lists, each (weight from trend_read_weights, its (product, stored score)
+    rows): a product's scores times their weights, summed; ties in first-seen order."""
+    acc: dict[str, float] = {}
+    for w, rows in lists:
+        for m, sc in rows:
+            acc[m] = acc.get(m, 0.0) + sc * w
+    return sorted(acc.items(), key=lambda x: -x[1])[:n]
 
 
 def trend_expires_at(lm: int) -> int:
