@@ -130,6 +130,12 @@ class Settings:
                                                       "requests are answered from the fallback at once (flagged, "
                                                       "error 'overloaded'), without Kafka or Redis, so the loop "
                                                       "catches up (milliseconds; 0: never)")
+    serving_shed_feature_lag_s: float = _setting(5.0, "while the real-time feature consumer's committed lag (the "
+                                                      "API samples it every lag_sample_s) is this far behind, "
+                                                      "recommendation requests are answered from the fallback at once "
+                                                      "(flagged, error 'overloaded'): freshness first, the serving "
+                                                      "path gives the host's CPU to the features before they pass "
+                                                      "alert_lag_s (seconds; 0: never)")
     serving_nice: int = _setting(5, "the retrieval and ranking workers run this much below the normal CPU priority "
                                     "(nice), so on a host they share, an overload of requests falls back (flagged) "
                                     "before the real-time features, the archive and the API's ingest fall behind "
@@ -159,7 +165,7 @@ class Settings:
                                     "the API serves /metrics on its own port)")
     ops_sample_s: float = _setting(2.0, "the API samples its latency, fallbacks and the workers' metrics "
                                         "for the dashboard this often (seconds)")
-    lag_sample_s: float = _setting(5.0, "the API samples consumer lag (records and seconds) this often (seconds)")
+    lag_sample_s: float = _setting(2.0, "the API samples consumer lag (records and seconds) this often (seconds)")
     ops_history_s: int = _setting(900, "history the dashboard's charts keep in the API process (seconds)")
     alert_lag_s: float = _setting(10.0, "alert when the real-time feature consumer is this far behind (seconds)")
     alert_p99_ms: float = _setting(50.0, "alert when serving p99 over the last minute passes this (milliseconds)")
@@ -264,8 +270,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                  "retrieval_shards"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
-    if settings.serving_shed_loop_lag_ms < 0:
-        raise SettingsError(f"{PREFIX}SERVING_SHED_LOOP_LAG_MS must be 0 (never) or more")
+    for name in ("serving_shed_loop_lag_ms", "serving_shed_feature_lag_s"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{PREFIX}{name.upper()} must be 0 (never) or more")
     if not 0 <= settings.serving_nice <= 19:
         raise SettingsError(f"{PREFIX}SERVING_NICE is {settings.serving_nice}; it must be 0 to 19 (a niceness)")
     if not 0 < settings.erasure_cpu_share <= 1:

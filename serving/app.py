@@ -44,7 +44,7 @@ from serving.errors import ApiError, OrjsonResponse, error_response
 from serving.experiments import Experiments, exposure
 from serving.journal import RECOVER_S, Journal, Segment
 from serving.ops import OpsMonitor, ops_routes
-from serving.recommend import Recommender, reply_body, status
+from serving.recommend import Recommender, reply_body, shed_reason, status
 from streams.erasures import erase
 from streams.producer import create_producer
 
@@ -320,10 +320,10 @@ def create_app(s: Settings, producer: AIOKafkaProducer | None = None, recommende
         req = params.parse(request.path_params["kind"], request.query_params.multi_items())
         if s.user_id_key and req.user_id:   # README "Personal data": the id is stored, logged and exposed hashed
             req = dataclasses.replace(req, user_id=pseudonym(req.user_id, s.user_id_key))
-        late_s = ops.loop_lag.sustained(time.perf_counter())
-        if s.serving_shed_loop_lag_ms and late_s * 1000 > s.serving_shed_loop_lag_ms:
+        shed = shed_reason(s, ops.loop_lag.sustained(time.perf_counter()), ops.features_behind_s(time.time()))
+        if shed:
             req = ab.assign(req)
-            reply = rec.shed(req, late_s)
+            reply = rec.shed(req, shed)
         else:
             req = ab.assign(await rec.check_products(req))
             reply = await rec.recommend(req)

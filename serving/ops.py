@@ -192,6 +192,7 @@ class OpsMonitor:
         self.model: dict | None = None
         self.ctr: dict[str, dict[str, dict]] = {}
         self.feature_group = s.app_id
+        self.feature_lag: tuple[float, float] | None = None   # (sampled at, seconds behind) of the feature group
         self._tasks: list[asyncio.Task] = []
         self.started_at = time.time()
         self.loop_lag = LoopLag()
@@ -236,7 +237,17 @@ class OpsMonitor:
         self._tasks = []
 
     def _on_lag(self, samples: list[LagSample]) -> None:
-        self.lag_series.append(time.time(), group_totals(self.lag.values()))
+        totals = group_totals(self.lag.values())
+        self.lag_series.append(time.time(), totals)
+        if self.feature_group in totals:
+            self.feature_lag = (time.time(), totals[self.feature_group][1])
+
+    def features_behind_s(self, now: float) -> float | None:
+        """The real-time feature consumer's committed lag in seconds, as last sampled; None when unknown or
+        older than three sampling periods (the sampler cannot reach Kafka: no reason to shed on old news)."""
+        if self.feature_lag is None or now - self.feature_lag[0] > 3 * self.s.lag_sample_s:
+            return None
+        return self.feature_lag[1]
 
     async def _ticks(self) -> None:
         while True:

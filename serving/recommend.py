@@ -48,7 +48,7 @@ FALLBACK_CATEGORIES = 500    # categories with a list kept in memory at most (th
 FALLBACK_NEW = 50            # categories without a list looked up per refresh at most (the most recently named)
 FALLBACK_CATEGORY_AGE_S = 3600   # a category no request named for this long is forgotten
 DEADLINE_MISSED = "no reply within"   # a fallback reply's error when the agents were too slow
-OVERLOADED = "overloaded:"            # ... when the API shed the request (its event loop ran late)
+OVERLOADED = "overloaded:"            # ... when the API shed the request (shed_reason)
 AGENT_FRESH_S = 10.0         # a serving agent that has not reported (keys.AGENTS) for this long is taken as gone
 AGENT_FORGET_S = 3600.0      # ... and its entry is removed after this long
 PATH_CHECK_S = 1.0           # the API reads the agents' reports this often
@@ -166,6 +166,22 @@ class Fallback:
         return RecommendationReply(request_id=req.request_id, kind=req.kind, items=items, experiments=req.experiments,
                                    fallback=True, error=error[:512], model_version=model_version)
 
+
+
+def shed_reason(s: Settings, loop_late_s: float, features_behind_s: float | None) -> str | None:
+    """Why the API answers a recommendation request from the fallback at once, asking neither Redis nor
+    the agents, or None to serve it. Its event loop stays late (RECSTREAM_SERVING_SHED_LOOP_LAG_MS): the
+    request already waited that long and more work would only make the next ones wait longer. Or the
+    real-time feature consumer is behind (RECSTREAM_SERVING_SHED_FEATURE_LAG_S): freshness first, the
+    serving path gives the host's CPU to the features before they pass the on-call alert, and every
+    answer computed meanwhile would read stale sessions anyway."""
+    if s.serving_shed_loop_lag_ms and loop_late_s * 1000 > s.serving_shed_loop_lag_ms:
+        return (f"{OVERLOADED} the API's event loop runs {loop_late_s * 1000:.0f} ms late "
+                f"(shedding above {s.serving_shed_loop_lag_ms:g} ms)")
+    if s.serving_shed_feature_lag_s and features_behind_s is not None and features_behind_s > s.serving_shed_feature_lag_s:
+        return (f"{OVERLOADED} the real-time features are {features_behind_s:.1f} s behind "
+                f"(shedding above {s.serving_shed_feature_lag_s:g} s)")
+    return None
 
 class Recommender:
     def __init__(self, s: Settings, client: AnyRedis | None = None, store: Store | None = None):
@@ -341,12 +357,9 @@ class Recommender:
         except Exception as exc:
             log.info("homepage cache write failed: %r", exc)
 
-    def shed(self, req: RecommendationRequest, loop_lag_s: float) -> RecommendationReply:
-        """The fallback at once, asking neither Redis nor the agents: the API's event loop runs
-        `loop_lag_s` late (over RECSTREAM_SERVING_SHED_LOOP_LAG_MS), so the request already waited that
-        long and more work would only make the next ones wait longer."""
-        return self._fallback(req, f"{OVERLOADED} the API's event loop runs {loop_lag_s * 1000:.0f} ms late "
-                                   f"(shedding above {self.s.serving_shed_loop_lag_ms:g} ms)")
+    def shed(self, req: RecommendationRequest, reason: str) -> RecommendationReply:
+        """The fallback at once, asking neither Redis nor the agents (`shed_reason` says why)."""
+        return self._fallback(req, reason)
 
     def _fallback(self, req: RecommendationRequest, error: str) -> RecommendationReply:
         """The trending list, naming the version the agents serve and, where the agents' reports show

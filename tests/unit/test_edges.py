@@ -18,6 +18,7 @@
 | `/readyz` before the agents report, with one group silent, before the published model is loaded | 503 naming what is missing; 200 once every group has a live agent with a model | test_readiness_waits_for_every_group_and_a_model |
 | a fallback reply while an agent is dead or a model is published | `model_version` the served version; `error` names the dead group before "no reply within" | test_fallback_names_the_served_version_and_the_real_reason |
 | requests queueing in the API (its event loop runs late) | the wait counted in the latency histograms (`recstream_event_loop_lag_seconds`); over `RECSTREAM_SERVING_SHED_LOOP_LAG_MS` the fallback at once, `error` "overloaded: ..." | tests/unit/test_shedding.py |
+| the real-time features behind (their consumer's committed lag over `RECSTREAM_SERVING_SHED_FEATURE_LAG_S`) | the fallback at once, `error` "overloaded: the real-time features are N s behind ..."; served again once under it | tests/unit/test_shedding.py |
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Load shedding in the API (issue 21, part 5): while its event loop runs late, a recommendation request is
-answered from the fallback at once, flagged and saying why, and the latency metrics count the wait."""
+"""Load shedding in the API (issue 21, parts 2 and 5): while its event loop runs late, or the real-time
+features are behind, a recommendation request is answered from the fallback at once, flagged and saying
+why, and the latency metrics count the wait."""
 import asyncio
 import dataclasses
 import time
@@ -102,3 +103,34 @@ def test_one_pause_of_the_loop_sheds_nothing(app):
     app.state.ops.loop_lag.observe(now, 0.0)
     TestClient(app, raise_server_exceptions=False).get("/api/v1/recommendations/homepage", params={"user_id": "u1"})
     assert len(asked) == 1
+
+
+def test_features_behind_shed_requests_until_they_catch_up(app):
+    asked = record_requests(app)
+    client = TestClient(app, raise_server_exceptions=False)
+    ops = app.state.ops
+    assert ops.features_behind_s(time.time()) is None        # never sampled: nothing to go on, serve
+    ops.feature_lag = (time.time(), 7.5)                       # the API's lag sampler saw the features 7.5 s behind
+    r = client.get("/api/v1/recommendations/homepage", params={"user_id": "u1"})
+    assert r.status_code == 200 and asked == []
+    assert r.json()["fallback"] is True
+    assert r.json()["error"] == "overloaded: the real-time features are 7.5 s behind (shedding above 5 s)"
+
+    ops.feature_lag = (time.time(), 4.0)                       # caught up to under the threshold: served again
+    assert client.get("/api/v1/recommendations/homepage", params={"user_id": "u2"}).status_code == 500
+    ops.feature_lag = (time.time() - 3 * ops.s.lag_sample_s - 1, 60.0)   # an old sample (Kafka unreachable): served
+    assert client.get("/api/v1/recommendations/homepage", params={"user_id": "u3"}).status_code == 500
+    assert [q.user_id for q in asked] == ["u2", "u3"]
+
+
+def test_shed_reason_names_the_first_cause_and_zero_turns_each_off():
+    from serving.recommend import shed_reason
+
+    s = dataclasses.replace(recstream.settings.load({}), serving_shed_loop_lag_ms=100, serving_shed_feature_lag_s=5)
+    assert shed_reason(s, 0.0, None) is None and shed_reason(s, 0.1, 5.0) is None   # at the thresholds: served
+    assert shed_reason(s, 0.25, 9.0).startswith("overloaded: the API's event loop runs 250 ms late")
+    assert shed_reason(s, 0.0, 9.0).startswith("overloaded: the real-time features are 9.0 s behind")
+    off = dataclasses.replace(s, serving_shed_loop_lag_ms=0, serving_shed_feature_lag_s=0)
+    assert shed_reason(off, 5.0, 600.0) is None
+    with pytest.raises(recstream.settings.SettingsError, match="SERVING_SHED_FEATURE_LAG_S"):
+        recstream.settings.load({"RECSTREAM_SERVING_SHED_FEATURE_LAG_S": "-1"})
