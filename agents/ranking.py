@@ -102,6 +102,7 @@ class Scored:
 class Ranking:
     def __init__(self, s: Settings, store: Store, models: ModelHolder):
         self.s, self.store, self.models = s, store, models
+        self.fusion_weights = s.fusion_weight_vector
         # Catalogue fields and popularity counts are read through short-lived caches: both change
         # slowly, and reading 7 days x 3 event types of counts for 200 candidates cost Redis ~3 ms a
         # request. Stock is never cached: the oos set is read for every request.
@@ -233,7 +234,7 @@ class Ranking:
         cs, r = w.cs, w.cs.request
         engaged = np.nan_to_num(w.cols.popularity_7d) + np.nan_to_num(w.cols.purchases_7d)
         scores = ordering.scores(w.ordering, w.cols.sources, engaged, w.cols.trending, w.ui_dot, w.scores,
-                                 w.cols.popularity_window)
+                                 w.cols.popularity_window, self.fusion_weights)
         per_category = r.overrides.max_per_category if r.overrides and r.overrides.max_per_category is not None \
             else self.s.max_per_category
         tier = primary(r.kind, cs.scores, w.cols.categories, r.ctx("category", "")) if self.s.widget_tiers else None

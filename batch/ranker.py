@@ -52,10 +52,15 @@ class RankerConfig:
     label_horizon_s: float = 86_400.0  # positives: what the user engaged with within this long (0: the next event)
     k: int = 8                        # NDCG@k and recall@k
     pins: Mapping[str, str] = field(default_factory=dict)   # task -> ordering it serves whatever the held-out says
+    fusion_weights: tuple[float, ...] | None = None   # fusion's weight per source column, as the ranking agent's
     popularity_window_days: int = 7
     trending_half_life_s: float = 6 * 3600
     features: FeatureConfig = field(default_factory=FeatureConfig)
     progress: bool = True
+
+
+def _tuple(weights: np.ndarray | None) -> tuple[float, ...] | None:
+    return None if weights is None else tuple(float(w) for w in weights)
 
 
 def ranker_config(s: Settings, **overrides) -> RankerConfig:
@@ -65,7 +70,7 @@ def ranker_config(s: Settings, **overrides) -> RankerConfig:
                         als_candidates=s.retrieval_candidates, knn_per_anchor=s.knn_per_anchor,
                         label_horizon_s=s.ranker_label_horizon_s,
                         trending_half_life_s=s.trending_half_life_s, features=feature_config(s),
-                        pins=s.ordering_pins, **overrides)
+                        pins=s.ordering_pins, fusion_weights=_tuple(s.fusion_weight_vector), **overrides)
 
 
 # -- items and point-in-time popularity --------------------------------------------------------
@@ -437,7 +442,8 @@ def fit(ex: Examples, cfg: RankerConfig) -> RankerResult:
     orderings, task_models = {}, {}
     tasks = np.array([g.task for g in ex.groups])
     held_tasks = tasks[cut:]
-    per_ordering = {name: evaluate(_ordering_scores(name, ex.X[test], ranker, offsets), ex.y[test], offsets, cfg.k)[0]
+    per_ordering = {name: evaluate(_ordering_scores(name, ex.X[test], ranker, offsets, cfg.fusion_weights), ex.y[test],
+                                   offsets, cfg.k)[0]
                     for name in ordering.ORDERINGS}
     for task in ordering.TASKS:   # the ranker serves a task only where it beats every simpler ordering
         mine = np.flatnonzero(held_tasks == task)
@@ -483,17 +489,19 @@ _COLUMN = {name: FEATURE_NAMES.index(name)
            for name in ("log_popularity_7d", "log_purchases_7d", "log_trending", "ui_dot", "log_popularity_window")}
 
 
-def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _ordering_scores(name: str, X: np.ndarray, ranker_scores: np.ndarray, offsets: np.ndarray,
+                     fusion_weights: tuple[float, ...] | None = None) -> np.ndarray:
     """One ordering's scores of feature rows, from the columns the agent orders by at serving, group by
     group (rows offsets[g]:offsets[g+1]): as at serving, an ordering sees one request's candidates."""
     sources, dot, trending = X[:, _SCORE_COLUMNS], X[:, _COLUMN["ui_dot"]], np.expm1(X[:, _COLUMN["log_trending"]])
     engaged = (np.nan_to_num(np.expm1(X[:, _COLUMN["log_popularity_7d"]]))
                + np.nan_to_num(np.expm1(X[:, _COLUMN["log_purchases_7d"]])))
     window = np.expm1(X[:, _COLUMN["log_popularity_window"]])
+    weights = None if fusion_weights is None else np.asarray(fusion_weights)
     out = np.empty(len(X))
     for lo, hi in zip(offsets[:-1], offsets[1:]):
         out[lo:hi] = ordering.scores(name, sources[lo:hi], engaged[lo:hi], trending[lo:hi], dot[lo:hi],
-                                     ranker_scores[lo:hi], window[lo:hi])
+                                     ranker_scores[lo:hi], window[lo:hi], weights)
     return out
 
 

@@ -46,6 +46,13 @@ def parse_axis(text: str, s: Settings) -> tuple[str, list[Any]]:
     return name, [kind(v) for v in values.split(",")]
 
 
+def parse_set(text: str, s: Settings) -> tuple[str, Any]:
+    """'fusion_weights=als=1,knn=1' -> ("fusion_weights", "als=1,knn=1"): one value, commas and all."""
+    name, _ = parse_axis(text, s)
+    value = text.partition("=")[2]
+    return name, type(getattr(s, name))(value)
+
+
 def score(s: Settings, split: pr.Split, config: dict[str, Any]) -> dict[str, Any]:
     """One validation run of ours with `config` over the protocol's chosen settings."""
     spec = pr.PROTOCOLS[split.protocol]
@@ -74,7 +81,7 @@ def main() -> None:
     args = p.parse_args()
     s = load()
     axes = [parse_axis(a, s) for a in args.axis]
-    fixed = {name: values[0] for name, values in (parse_axis(a, s) for a in args.set)}
+    fixed = dict(parse_set(a, s) for a in args.set)
     t_all = time.perf_counter()
     split = pr.make_split(args.protocol, Path(args.data) / pr.PROTOCOLS[args.protocol].path, validation=True,
                           seed=pr.SEED, max_queries=args.max_queries)

@@ -46,12 +46,12 @@ def task_of_target(event_type: str, live: bool, basket: bool) -> str:
 
 def scores(ordering: str, sources: np.ndarray, popularity: np.ndarray, trending: np.ndarray,
            ui_dot: np.ndarray | None, ranker: np.ndarray | None,
-           popularity_window: np.ndarray | None = None) -> np.ndarray:
+           popularity_window: np.ndarray | None = None, fusion_weights: np.ndarray | None = None) -> np.ndarray:
     """Scores (higher first) of one ordering for candidates given by their source matrix (NaN: not
     proposed), the last days' popularity (views, clicks and purchases: a shop that logs only
     purchases has all of it there), trending weight, ALS dot product (NaN or None: no vector), the
-    ranker's scores (None: no ranker, then the rules) and the weighted events over the model's
-    training window (None or NaN: unknown).
+    ranker's scores (None: no ranker, then the rules), the weighted events over the model's
+    training window (None or NaN: unknown) and fusion's weight per source column (None: 1 each).
 
     "popular" orders by the training window's counts where the version has them, the last days'
     breaking ties: a week holds a few hundred baskets of a small shop, too few to rank its staples."""
@@ -64,7 +64,7 @@ def scores(ordering: str, sources: np.ndarray, popularity: np.ndarray, trending:
             return recent
         return np.log1p(np.nan_to_num(np.asarray(popularity_window, np.float64))) + 1e-3 * recent
     if ordering == "fusion":
-        return fusion_scores(sources) + 1e-6 * np.log1p(trend)
+        return fusion_scores(sources, fusion_weights) + 1e-6 * np.log1p(trend)
     if ordering == "als" and ui_dot is not None:
         dot = np.asarray(ui_dot, np.float64)
         if not np.isnan(dot).all():   # no vector at all (an unknown user, no session): the rules decide
@@ -72,18 +72,41 @@ def scores(ordering: str, sources: np.ndarray, popularity: np.ndarray, trending:
     return heuristic_scores(sources, trend)
 
 
-def fusion_scores(sources: np.ndarray) -> np.ndarray:
+def fusion_scores(sources: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Reciprocal rank fusion of the sources' own orders: each source that proposed a candidate adds
-    1 / (FUSION_K + its rank there) (rank 1 = the source's best), so an item high in several lists
-    (ALS and item kNN, say) goes first, whatever the scales of their scores."""
+    weight / (FUSION_K + its rank there) (rank 1 = the source's best; `weights` per column, None: 1
+    each, 0: the source is left out), so an item high in several lists (ALS and item kNN, say) goes
+    first, whatever the scales of their scores."""
     out = np.zeros(sources.shape[0])
     for j in range(sources.shape[1]):
+        w = 1.0 if weights is None else float(weights[j])
         col = sources[:, j]
         has = np.flatnonzero(~np.isnan(col))
-        if not len(has):
+        if not len(has) or not w:
             continue
         order = has[np.argsort(-col[has], kind="stable")]
-        out[order] += 1.0 / (FUSION_K + np.arange(1, len(order) + 1))
+        out[order] += w / (FUSION_K + np.arange(1, len(order) + 1))
+    return out
+
+
+def parse_weights(text: str, sources: tuple[str, ...]) -> np.ndarray | None:
+    """'als=1,knn=1' -> a weight per source column, in `sources` order, 0 for a source not named; ''
+    -> None (every source 1). ValueError naming what is wrong."""
+    if not text.strip():
+        return None
+    out = np.zeros(len(sources))
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or name not in sources:
+            raise ValueError(f"{part!r} is not SOURCE=WEIGHT with a source of {', '.join(sources)}")
+        try:
+            out[sources.index(name)] = weight = float(value)
+        except ValueError:
+            raise ValueError(f"{part!r}: the weight {value!r} is not a number") from None
+        if not 0 <= weight < float("inf"):
+            raise ValueError(f"{part!r}: a weight is 0 or more")
+    if not out.any():
+        raise ValueError(f"{text!r} gives every source weight 0")
     return out
 
 

@@ -6,7 +6,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PREFIX = "RECSTREAM_"
 INDEX_KINDS = ("auto", "flat", "flat16", "ivf", "ivfpq", "hnsw")   # models/index.py KINDS
@@ -108,6 +111,9 @@ class Settings:
     task_orderings: str = _setting("", "pin a task's ordering over the trainer's choice, empty: the trainer chooses "
                                    "each on its held-out targets (TASK=ORDERING list, e.g. next=rules,cart=popular; "
                                    "tasks home, next, cart; orderings popular, als, rules, fusion, ranker)")
+    fusion_weights: str = _setting("", "reciprocal rank fusion's weight per candidate source, where a task is served "
+                                       "by the fusion ordering (SOURCE=WEIGHT list, e.g. als=1,knn=1: a source not "
+                                       "named weighs 0; empty: every source 1)")
     retrieval_shards: int = _setting(1, "the catalogue's index is split by item into this many shards: the trainer "
                                         "builds one index a shard, one retrieval group serves each, ranking merges "
                                         "their top k (count; 1: one index)")
@@ -218,6 +224,14 @@ class Settings:
 
         return parse_pins(self.task_orderings)
 
+    @property
+    def fusion_weight_vector(self) -> np.ndarray | None:
+        """fusion_weights per column of schemas.recommendations.SOURCES (recstream.ordering.parse_weights)."""
+        from recstream.ordering import parse_weights
+        from schemas.recommendations import SOURCES
+
+        return parse_weights(self.fusion_weights, SOURCES)
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
 
@@ -286,6 +300,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         _ = settings.ordering_pins   # parsed here, so a bad pin fails at start-up
     except ValueError as exc:
         raise SettingsError(f"{PREFIX}TASK_ORDERINGS={settings.task_orderings!r}: {exc}") from None
+    try:
+        _ = settings.fusion_weight_vector
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}FUSION_WEIGHTS={settings.fusion_weights!r}: {exc}") from None
     if settings.index_kind not in INDEX_KINDS:
         raise SettingsError(f"{PREFIX}INDEX_KIND is {settings.index_kind!r}; one of: {', '.join(INDEX_KINDS)}")
     return settings

@@ -107,3 +107,31 @@ def test_item_lists_from_a_saved_tables_columns_answer_as_from_the_mapping():
     for item in ("a", "b", "z", None):
         assert ItemLists(mapping).get(item, 5) == columns.get(item, 5)
     assert columns.get("a", 1) == [("b", 0.9)] and len(columns) == 2
+
+
+def test_weighted_fusion_counts_each_source_by_its_weight_and_leaves_out_a_zero():
+    from schemas.recommendations import SOURCES
+
+    sources = source_matrix(3, {"als": [0.9, 0.5, NAN], "knn": [NAN, 2.0, 1.0], "popular": [NAN, NAN, 7.0]})
+    w = ordering.parse_weights("als=1, knn=2", SOURCES)
+    assert w is not None and w[SOURCES.index("popular")] == 0.0
+    s = ordering.fusion_scores(sources, w)
+    k = ordering.FUSION_K
+    assert s[0] == pytest.approx(1 / (k + 1)) and s[1] == pytest.approx(1 / (k + 2) + 2 / (k + 1))
+    assert s[2] == pytest.approx(2 / (k + 2))          # popular's first place counts nothing
+    assert ordering.parse_weights(" ", SOURCES) is None
+    assert list(ordering.fusion_scores(sources, None)) == list(ordering.fusion_scores(sources, np.ones(len(SOURCES))))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("als", "is not SOURCE=WEIGHT"), ("bogus=1", "is not SOURCE=WEIGHT"), ("als=x", "is not a number"),
+    ("als=-1", "0 or more"), ("als=inf", "0 or more"), ("als=0,knn=0", "every source weight 0"),
+])
+def test_bad_fusion_weights_are_refused_naming_the_part(text, message):
+    import recstream.settings
+    from schemas.recommendations import SOURCES
+
+    with pytest.raises(ValueError, match=message):
+        ordering.parse_weights(text, SOURCES)
+    with pytest.raises(recstream.settings.SettingsError, match="FUSION_WEIGHTS"):
+        recstream.settings.load({"RECSTREAM_FUSION_WEIGHTS": text})
