@@ -34,6 +34,11 @@ def summarise(rec: dict) -> dict:
             "lift": rec["lift"], "bar_met": rec["lift"] >= 0.10, "candidate_recall": rec.get("candidate_recall", {})}
 
 
+def _d4(x: float) -> str:
+    """Four decimals, truncated (never rounded up): 0.13479 is 0.1347."""
+    return f"{harness.down(x, 4):.4f}"
+
+
 def markdown(result: dict) -> str:
     """The tables for bench/RESULTS.md: per protocol, every method's figures (primary first)."""
     lines = []
@@ -43,11 +48,11 @@ def markdown(result: dict) -> str:
         ks = sorted({int(k.split("@")[1]) for m in methods.values() for k in m if "@" in k and "_ci95" not in k})
         keys = metric_names(protocol, primary, ks, {k for m in methods.values() for k in m})
         lines += [f"**{protocol}** ({primary}; best baseline {fig['best_baseline_name']} "
-                  f"{fig['best_baseline']:.4f}, full pipeline {fig['full_pipeline']:.4f}, "
-                  f"lift {fig['lift']:+.1%}, bar {'met' if fig['bar_met'] else 'not met'})", "",
+                  f"{_d4(fig['best_baseline'])}, full pipeline {_d4(fig['full_pipeline'])}, "
+                  f"lift {harness.down(100 * fig['lift'], 1):+.1f}%, bar {'met' if fig['bar_met'] else 'not met'})", "",
                   "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for name, m in methods.items():
-            cells = [f"{m[k]:.4f}" + (f" ± {m[k + '_ci95']:.4f}" if k == primary else "") if k in m else "-"
+            cells = [_d4(m[k]) + (f" ± {_d4(m[k + '_ci95'])}" if k == primary else "") if k in m else "-"
                      for k in keys]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
