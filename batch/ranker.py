@@ -42,6 +42,7 @@ class RankerConfig:
     trees: int = 200
     depth: int = 8
     learning_rate: float = 0.1
+    negatives: int = 0                # negatives kept per training group beside its positives (0: all)
     nthread: int = 2                  # set explicitly: OpenMP's default oversubscribes shared cores
     seed: int = 0
     als_candidates: int = 50          # ANN candidates, as retrieval's RECSTREAM_RETRIEVAL_CANDIDATES
@@ -66,7 +67,8 @@ def _tuple(weights: np.ndarray | None) -> tuple[float, ...] | None:
 def ranker_config(s: Settings, **overrides) -> RankerConfig:
     # as many ALS candidates as retrieval hands to ranking: trained on 50 while serving 200, the ranker
     # met items far down the ALS list only at serving, and scored them arbitrarily (Groceries, 167 items)
-    return RankerConfig(trees=s.ranker_trees, depth=s.ranker_depth, popularity_window_days=s.popularity_window_days,
+    return RankerConfig(trees=s.ranker_trees, depth=s.ranker_depth, negatives=s.ranker_negatives,
+                        popularity_window_days=s.popularity_window_days,
                         als_candidates=s.retrieval_candidates, knn_per_anchor=s.knn_per_anchor,
                         label_horizon_s=s.ranker_label_horizon_s,
                         trending_half_life_s=s.trending_half_life_s, features=feature_config(s),
@@ -473,6 +475,8 @@ def _boost(ex: Examples, train: slice | np.ndarray, held_out: slice | np.ndarray
     names = list(FEATURE_NAMES)
     params = {"objective": "rank:ndcg", "eval_metric": f"ndcg@{cfg.k}", "max_depth": cfg.depth,
               "eta": cfg.learning_rate, "nthread": cfg.nthread, "tree_method": "hist", "seed": cfg.seed}
+    if cfg.negatives > 0:
+        train = sample_negatives(np.arange(len(ex.y))[train], ex.y, ex.qid, cfg.negatives, cfg.seed)
     dtrain, dtest = (xgb.DMatrix(ex.X[rows], label=ex.y[rows], qid=ex.qid[rows], feature_names=names,
                                  nthread=cfg.nthread) for rows in (train, held_out))
     # at most cfg.trees rounds, fewer when the later groups stop improving (small data overfits:
@@ -482,6 +486,20 @@ def _boost(ex: Examples, train: slice | np.ndarray, held_out: slice | np.ndarray
     if booster.best_iteration + 1 < booster.num_boosted_rounds():
         booster = booster[: booster.best_iteration + 1]
     return booster
+
+
+def sample_negatives(rows: np.ndarray, y: np.ndarray, qid: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`rows` (ascending) less negatives: every positive (y > 0) of each group (qid) and at most `n` of its
+    negatives, drawn at random with `seed`; ascending, so the groups stay contiguous."""
+    key = np.random.default_rng(seed).random(len(rows))
+    negative = y[rows] <= 0
+    order = np.lexsort((key, ~negative, qid[rows]))    # by group, positives first, then negatives at random
+    s, neg = rows[order], negative[order]
+    g = qid[s]
+    start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    before = np.cumsum(neg) - neg                      # negatives before each row, over all groups
+    within = before - np.repeat(before[start], np.diff(np.r_[start, len(s)]))
+    return np.sort(s[~neg | (within < n)])
 
 
 _SCORE_COLUMNS = [FEATURE_NAMES.index(f"score_{s}") for s in SOURCES]

@@ -327,7 +327,8 @@ def write_bundle(folder: Path, out: BatchOutputs, idx, content, result, metrics,
 def _params(s: Settings, idx, source: Source) -> dict[str, object]:
     return {"source": source.describe(), "als_rank": s.als_rank, "als_iterations": s.als_iterations,
             "als_reg": s.als_reg, "als_alpha": s.als_alpha, "window_days": s.train_window_days,
-            "ranker_trees": s.ranker_trees, "ranker_depth": s.ranker_depth, "index_kind": idx.kind,
+            "ranker_trees": s.ranker_trees, "ranker_depth": s.ranker_depth, "ranker_negatives": s.ranker_negatives,
+            "index_kind": idx.kind,
             **{f"index_{k}": v for k, v in idx.params.items()}}
 
 

@@ -102,6 +102,8 @@ class Settings:
                                       "seen in few sessions count less (sessions)")
     ranker_trees: int = _setting(200, "XGBoost boosting rounds of the ranker (count)")
     ranker_depth: int = _setting(8, "XGBoost max tree depth of the ranker (count)")
+    ranker_negatives: int = _setting(0, "negatives per training group the ranker keeps, drawn at random (seeded) beside "
+                                        "every positive; the held-out groups keep all (count; 0: every candidate)")
     ranker_target_sample: float = _setting(1.0, "share of interactions the ranker trains on, chosen by event id (fraction)")
     ranker_label_horizon_s: float = _setting(86_400.0, "the ranker's positives: every item the shopper engaged with "
                                                        "within this long after the request, graded (seconds; 0: the next event only)")

@@ -1,6 +1,7 @@
 """The ranker on the generated shop: point-in-time examples, held-out NDCG, and no train/serve skew."""
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import numpy as np
@@ -10,7 +11,7 @@ import scipy.sparse as sp
 from implicit.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from batch.ranker import Examples, RankerConfig, RankerResult, build_examples, fit, ranker_config
+from batch.ranker import Examples, RankerConfig, RankerResult, build_examples, fit, ranker_config, sample_negatives
 from models.artifacts import BatchOutputs, Embeddings, Window
 from models.booster import load, score
 from recstream import ordering
@@ -200,6 +201,25 @@ def test_training_stops_early_when_the_later_groups_stop_improving(examples):
                      examples.offsets, examples.groups, examples.table, examples.targets)
     kept = fit(noise, CFG).metrics["ranker_trees_kept"]
     assert kept < CFG.trees
+
+
+def test_negative_sampling_keeps_every_positive_and_n_negatives_a_group_in_order():
+    y = np.array([0, 1, 0, 0, 0, 0, 0, 2, 0, 1, 0], np.float32)
+    qid = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2], np.uint32)
+    kept = sample_negatives(np.arange(len(y)), y, qid, 2, seed=0)
+    assert np.all(np.diff(kept) > 0)                                   # ascending: groups stay contiguous
+    assert set(np.flatnonzero(y > 0)) <= set(kept.tolist())
+    assert [int(((qid[kept] == g) & (y[kept] == 0)).sum()) for g in range(3)] == [2, 2, 1]
+    assert np.array_equal(kept, sample_negatives(np.arange(len(y)), y, qid, 2, seed=0))   # seeded
+    assert len(sample_negatives(np.arange(len(y)), y, qid, 100, seed=0)) == len(y)
+    part = sample_negatives(np.arange(2, len(y)), y, qid, 1, seed=0)   # a slice of the rows: only those
+    assert part.min() >= 2 and int(((qid[part] == 0) & (y[part] == 0)).sum()) == 1
+
+
+def test_a_ranker_on_sampled_negatives_trains_on_fewer_rows_and_still_beats_retrieval(examples):
+    m = fit(examples, dataclasses.replace(CFG, negatives=10)).metrics
+    assert m["ranker_ndcg@8"] > m["baseline_ndcg@8"]
+    assert ranker_config(Settings(ranker_negatives=10)).negatives == 10
 
 
 @pytest.mark.parametrize("n, k", [(100, 20), (5000, 20), (5000, 1)])
