@@ -29,7 +29,7 @@ QUERIES = 400
 # the tuned ones, so for them the gate keeps the figure from falling (and the best baseline is printed).
 GATES = {
     "homepage": ("recall@20", 0.1145, 0.015, False),    # best baseline ials 0.1171 (untuned: spop 0.1144)
-    "session": ("hitrate@20", 0.7022, 0.03, False),     # ials 0.7122 (re-recorded 2026-12-07 22:40 after the settings
+    "session": ("hitrate@20", 0.7022, 0.03, False),     # ials 0.7122 (re-recorded 2026-12-07 22:33 after the settings
                                                         # tuned on validation; 0.6849 before, untuned vsknn 0.6625)
     "fbt": ("hitrate@4", 0.2025, 0.03, True),           # vsknn 0.1950 (untuned: pop 0.1900; ours 0.1800 at the
                                                         # later commit: within the margin)
