@@ -289,6 +289,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     for name in ("serving_shed_loop_lag_ms", "serving_shed_feature_lag_s"):
         if getattr(settings, name) < 0:
             raise SettingsError(f"{PREFIX}{name.upper()} must be 0 (never) or more")
+    if settings.ranker_negatives < 0:
+        raise SettingsError(f"{PREFIX}RANKER_NEGATIVES is {settings.ranker_negatives}; it must be 0 (every candidate) or more")
     if not 0 <= settings.serving_nice <= 19:
         raise SettingsError(f"{PREFIX}SERVING_NICE is {settings.serving_nice}; it must be 0 to 19 (a niceness)")
     if not 0 < settings.erasure_cpu_share <= 1:
