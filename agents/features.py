@@ -1,7 +1,8 @@
 """Feature agents: clickstream -> user session table + Redis features; catalogue -> item features.
 
 Thin edges around the pure core (recstream/features): decode, fetch what the core needs, call it,
-write. Batches (stream.take_events) amortise Faust's per-event cost and Redis round trips.
+write. Batches (streams.take.take_events) amortise Faust's per-event cost and Redis round trips; their
+window is short while the agent keeps up and grows while it is behind (recstream.features.plan.batch_window).
 
 Skipped records: a batch is checked for offsets the consumer never delivered (faust can skip a
 record when it seeks during a rebalance: seen here as one lost event per moved partition in about
@@ -61,7 +62,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recstream.features import Incoming, UserState
 from recstream.features.config import feature_config, limits
-from recstream.features.plan import BatchPlan, missing_offsets
+from recstream.features.plan import BatchPlan, batch_window, missing_offsets
 from recstream.settings import Settings
 from recstream.stats import LatencyHistogram
 from schemas import Erasure, Event, Product, SchemaError
@@ -72,6 +73,7 @@ from streams.producer import owner_partition
 from streams.refill import read_range
 from streams.reroute import forward_all
 from streams.store import Store
+from streams.take import take_events
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_FIRST_S, REDIS_RETRY_MAX_S = 0.1, 5.0
@@ -88,6 +90,7 @@ class FeatureStats:
     erased_dropped: int = 0     # events of erased shoppers, dropped before the fold
     erasures: int = 0           # erased shoppers whose table row and keys this worker deleted
     batches: int = 0
+    window_s: float = 0.0       # how long the latest batch was gathered (recstream.features.plan.batch_window)
     items: int = 0
     last_offset: dict[int, int] = field(default_factory=dict)   # partition -> last processed offset
     event_latency: LatencyHistogram = field(default_factory=LatencyHistogram)   # event time -> Redis written
@@ -212,7 +215,15 @@ def register(app: faust.App, s: Settings, store_client) -> FeatureAgents:
 
     @app.agent(clickstream, name="update_session_features")
     async def update_session_features(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(s.feature_batch_max, within=s.feature_batch_within_ms / 1000):
+        age = 0.0   # seconds: now less the newest Kafka timestamp of the last batch
+
+        def window() -> float:
+            stats.window_s = batch_window(age, stats.window_s, s.feature_batch_within_ms / 1000,
+                                          s.feature_batch_within_max_ms / 1000)
+            return stats.window_s
+
+        async for events in take_events(stream, s.feature_batch_max, window):
+            age = time.time() - max(ev.message.timestamp for ev in events)   # Faust: seconds
             skipped = await refill(events)
             good = await decode(events, Event)
             good, skipped, passed = await reroute(good, skipped)

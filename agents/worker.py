@@ -53,6 +53,7 @@ def snapshot(app, s: Settings, agents: features.FeatureAgents) -> dict:
         "agent": "update_session_features", "ts": time.time(), "processed": dict(st.processed),
         "duplicates": st.duplicates, "dead_letters": st.dead_letters, "refilled": st.refilled,
         "rerouted": st.rerouted, "recovered_states": st.recovered_states, "batches": st.batches,
+        "batch_window_s": st.window_s,
         "erased_dropped": st.erased_dropped, "erasures": st.erasures,
         "items": st.items, "lag": lag, "lag_total": sum(lag.values()),
         "event_latency_ms": st.event_latency.percentiles_ms(), "ingest_latency_ms": st.ingest_latency.percentiles_ms(),

@@ -46,6 +46,10 @@ class Settings:
     # -- producers ---------------------------------------------------------------------------
     produce_timeout_ms: int = _setting(5000, "longest wait for Kafka to acknowledge a produced record (milliseconds)")
     producer_linger_ms: int = _setting(5, "producer batching delay (milliseconds)")
+    background_fetch_min_bytes: int = _setting(256 * 1024, "the archive and attribution consumers' fetches wait at the "
+                                                          "broker for this much data, or half a second: a few large "
+                                                          "fetches a second instead of hundreds of small ones, for "
+                                                          "consumers whose lag delays no answer (bytes; 1: at once)")
     # -- app ---------------------------------------------------------------------------------
     app_id: str = _setting("recstream", "Faust application id: consumer group and changelog prefix (name)")
     table_store: str = _setting("rocksdb://", "Faust table store URL: rocksdb:// (durable) or memory:// (name)")
@@ -77,7 +81,9 @@ class Settings:
     feature_batch_max: int = _setting(4000, "events the feature agent takes per batch (count)")
     worker_stall_timeout_s: float = _setting(120.0, "a worker whose committed offsets stop while it keeps "
                                                     "processing exits (status 3) for its supervisor to restart (seconds)")
-    feature_batch_within_ms: int = _setting(20, "longest wait to fill a batch (milliseconds)")
+    feature_batch_within_ms: int = _setting(20, "longest wait to fill a batch while the agent keeps up (milliseconds)")
+    feature_batch_within_max_ms: int = _setting(1000, "... while it is behind: the wait grows to a fifth of how far "
+                                                      "behind its last batch was, up to this (milliseconds)")
     # -- batch layer -------------------------------------------------------------------------
     spark_master: str = _setting("local[*]", "Spark master URL: local[*] here, spark://host:7077 or yarn on a cluster (URL)")
     spark_driver_memory: str = _setting("4g", "Spark driver memory (JVM size, e.g. 4g)")
@@ -146,8 +152,9 @@ class Settings:
                                                       "alert_lag_s (seconds; 0: never)")
     serving_nice: int = _setting(5, "the retrieval and ranking workers run this much below the normal CPU priority "
                                     "(nice), so on a host they share, an overload of requests falls back (flagged) "
-                                    "before the real-time features, the archive and the API's ingest fall behind "
-                                    "(0..19; 0: equal)")
+                                    "before the real-time features and the API's ingest fall behind (0..19; 0: equal)")
+    background_nice: int = _setting(5, "... the archive and attribution workers too: their lag delays a training run or "
+                                       "an A/B count, never an answer, so they yield to the features (0..19; 0: equal)")
     homepage_cache_ttl_s: int = _setting(300, "homepage replies are reused for a user this long unless their session moves (seconds)")
     fallback_refresh_s: float = _setting(5.0, "the API refreshes its in-memory trending fallback this often (seconds)")
     item_cache_ttl_s: float = _setting(60.0, "the ranking agent keeps item fields (not stock) in memory this long (seconds)")
@@ -234,6 +241,12 @@ class Settings:
 
         return parse_weights(self.fusion_weights, SOURCES)
 
+    def niceness(self, worker: str) -> int:
+        """How far below the normal CPU priority `recstream worker <worker>` runs (README "Freshness first"):
+        the feature worker and the API, which take the events in, at the normal one."""
+        return {"retrieval": self.serving_nice, "ranking": self.serving_nice,
+                "archive": self.background_nice, "attribution": self.background_nice}.get(worker, 0)
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
 
@@ -283,16 +296,21 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         values[name] = _coerce(name, types[str(fields[name].type)], raw)
     settings = Settings(**values)
     for name in ("clickstream_partitions", "request_partitions", "replication_factor", "produce_timeout_ms",
-                 "retrieval_shards"):
+                 "retrieval_shards", "background_fetch_min_bytes"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
     for name in ("serving_shed_loop_lag_ms", "serving_shed_feature_lag_s"):
         if getattr(settings, name) < 0:
             raise SettingsError(f"{PREFIX}{name.upper()} must be 0 (never) or more")
+    if not 1 <= settings.feature_batch_within_ms <= settings.feature_batch_within_max_ms:
+        raise SettingsError(f"{PREFIX}FEATURE_BATCH_WITHIN_MS is {settings.feature_batch_within_ms} and "
+                            f"{PREFIX}FEATURE_BATCH_WITHIN_MAX_MS {settings.feature_batch_within_max_ms}; "
+                            "the first must be at least 1 and at most the second")
     if settings.ranker_negatives < 0:
         raise SettingsError(f"{PREFIX}RANKER_NEGATIVES is {settings.ranker_negatives}; it must be 0 (every candidate) or more")
-    if not 0 <= settings.serving_nice <= 19:
-        raise SettingsError(f"{PREFIX}SERVING_NICE is {settings.serving_nice}; it must be 0 to 19 (a niceness)")
+    for name in ("serving_nice", "background_nice"):
+        if not 0 <= getattr(settings, name) <= 19:
+            raise SettingsError(f"{PREFIX}{name.upper()} is {getattr(settings, name)}; it must be 0 to 19 (a niceness)")
     if not 0 < settings.erasure_cpu_share <= 1:
         raise SettingsError(f"{PREFIX}ERASURE_CPU_SHARE is {settings.erasure_cpu_share}; it must be over 0 and at most 1")
     if "{" in settings.redis_namespace or "}" in settings.redis_namespace:   # it would move the keys' hash tags

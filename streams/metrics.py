@@ -119,6 +119,11 @@ class SnapshotCollector(Collector):
                 if n is not None:
                     gauge.add_metric([w, str(p)], float(n))
             yield gauge
+        if isinstance(snap.get("batch_window_s"), (int, float)):
+            gauge = GaugeMetricFamily("recstream_feature_batch_window_seconds", "how long the feature agent gathered "
+                                      "its latest batch: short while it keeps up, longer while behind", labels=labels)
+            gauge.add_metric([w], float(snap["batch_window_s"]))
+            yield gauge
         for key, name, doc in (
                 ("event_latency_counts", "recstream_event_to_feature_seconds", "event time to features written in Redis"),
                 ("ingest_latency_counts", "recstream_ingest_to_feature_seconds", "Kafka append time to features written"),

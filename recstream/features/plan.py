@@ -60,6 +60,20 @@ def missing_offsets(baseline: Mapping[int, int], offsets: Iterable[tuple[int, in
     return out
 
 
+DELIVERY_SLACK_S = 1.0   # Faust hands a record to the agent up to about a second after Kafka appended it
+
+
+def batch_window(age_s: float, last_s: float, shortest_s: float, longest_s: float) -> float:
+    """How long the feature agent gathers its next batch, from its last one: `age_s`, how old that batch's
+    newest record was when the batch closed (now less its Kafka timestamp), and `last_s`, how long it
+    gathered. A record that arrived while it gathered is at most `last_s` old, plus Faust's delivery
+    (DELIVERY_SLACK_S): the agent keeps up and takes `shortest_s`. Older, it is behind by the difference
+    and gathers for half of that, at most `longest_s`. Each batch pays fixed costs (Redis round trips,
+    a table write per user), so a backlog taken in small batches costs more per event and grows; half
+    keeps the wait itself within the lag it works off."""
+    return min(longest_s, max(shortest_s, (age_s - last_s - DELIVERY_SLACK_S) / 2))
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     session_ttl_s: int

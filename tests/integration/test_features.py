@@ -215,3 +215,45 @@ async def test_records_the_consumer_skipped_are_read_again_from_kafka(fresh, tmp
 
 async def _applied(store, offset: int) -> bool:
     return (await store.applied_offsets([0]))[0] >= offset
+
+
+async def test_a_backlog_is_taken_in_wide_batches_and_fresh_events_in_short_ones(fresh, tmp_path):
+    """Records appended a minute before the agent starts: it is behind, so it gathers for the longest
+    window (batch_window) and takes the backlog in a few large batches (a 20 ms window: dozens); an
+    event appended now, once it is caught up, brings the window back to the shortest."""
+    s = fresh(home_dir=tmp_path)
+    await ensure_topics(s)
+    backlog = [ev(i, f"u{i % 40}", "view", f"p{i % 25}", dt=0.1) for i in range(1, 3001)]
+    a_minute_ago = int((time.time() - 60) * 1000)
+    producer = create_producer(s)
+    await producer.start()
+    try:
+        sent = [await producer.send(s.topic("clickstream"), e.to_json(), key=e.key, timestamp_ms=a_minute_ago)
+                for e in backlog]
+        await asyncio.gather(*sent)
+        async with feature_agents(s) as agents:
+            async def seen(n: int):
+                return agents.stats.seen == n
+            assert await wait_until(lambda: seen(len(backlog))), agents.stats
+            assert sum(agents.stats.processed.values()) == len(backlog), agents.stats
+            widest = s.feature_batch_within_max_ms / 1000
+            assert agents.stats.window_s == widest
+            assert agents.stats.batches < 10, agents.stats.batches
+            shortest, windows = s.feature_batch_within_ms / 1000, []
+            for i in range(1, 6):   # events appended now, one at a time: a batch or two brings it down
+                await publish(producer, s.topic("clickstream"), [ev(5000 + i, "u-now", "view", f"p{i}",
+                                                                    timestamp=time.time())], progress=False)
+                assert await wait_until(lambda: seen(len(backlog) + i)), agents.stats
+                caught_up = await wait_until(lambda: _window_is(agents, shortest), timeout_s=3)
+                windows.append(agents.stats.window_s)   # (the window is chosen as the next batch begins)
+                if caught_up:
+                    break
+            assert windows[-1] == shortest and len(windows) <= 3, windows
+            assert (await agents.store.user_session("u-now"))[0] == f"p{len(windows)}"
+            assert (await agents.store.user_features("u7"))["events"] == len(backlog) // 40, agents.stats
+    finally:
+        await producer.stop()
+
+
+async def _window_is(agents, seconds: float) -> bool:
+    return agents.stats.window_s == seconds

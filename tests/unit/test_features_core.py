@@ -183,6 +183,16 @@ def test_missing_offsets_finds_the_holes_after_the_baseline_and_ignores_redelive
     assert missing_offsets({1: 0}, [(1, 4), (1, 4)]) == {1: [(1, 4)]}
 
 
+def test_the_batch_window_is_short_while_the_agent_keeps_up_and_grows_while_it_is_behind():
+    from recstream.features.plan import batch_window
+
+    assert batch_window(0.0, 0.02, 0.02, 1.0) == 0.02      # caught up: the shortest window
+    assert batch_window(-3.0, 0.02, 0.02, 1.0) == 0.02     # a producer's clock ahead of ours
+    assert batch_window(1.9, 1.0, 0.02, 1.0) == 0.02       # it arrived while the last window gathered
+    assert batch_window(1.82, 0.02, 0.02, 1.0) == 0.4      # 0.8 s behind (past delivery): half of it
+    assert batch_window(60.0, 1.0, 0.02, 1.0) == 1.0       # never longer than the longest
+
+
 def test_records_re_routed_elsewhere_move_the_guard_and_fold_nothing():
     batch = [Incoming(ev(1, pid="a"), 2, 7)]
     result = plan(batch, {}, {2: 4, 5: 9}, {}, CFG, LIMITS, passed=[(2, 5), (2, 6), (5, 8), (5, 10)])

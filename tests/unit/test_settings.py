@@ -27,8 +27,11 @@ def test_reads_prefixed_variables_with_types():
     ({"RECSTREAM_RANKER_NEGATIVES": "-5"}, "RECSTREAM_RANKER_NEGATIVES is -5; it must be 0"),
     ({"RECSTREAM_SERVING_NICE": "20"}, "RECSTREAM_SERVING_NICE is 20; it must be 0 to 19"),
     ({"RECSTREAM_SERVING_NICE": "-1"}, "RECSTREAM_SERVING_NICE is -1"),
+    ({"RECSTREAM_BACKGROUND_NICE": "20"}, "RECSTREAM_BACKGROUND_NICE is 20; it must be 0 to 19"),
     ({"RECSTREAM_ERASURE_CPU_SHARE": "0"}, "RECSTREAM_ERASURE_CPU_SHARE is 0.0; it must be over 0"),
     ({"RECSTREAM_ERASURE_CPU_SHARE": "1.5"}, "RECSTREAM_ERASURE_CPU_SHARE is 1.5"),
+    ({"RECSTREAM_FEATURE_BATCH_WITHIN_MS": "0"}, "RECSTREAM_FEATURE_BATCH_WITHIN_MS is 0 and"),
+    ({"RECSTREAM_FEATURE_BATCH_WITHIN_MAX_MS": "10"}, "RECSTREAM_FEATURE_BATCH_WITHIN_MAX_MS 10; the first must"),
 ])
 def test_bad_settings_are_refused_by_name(env, message):
     with pytest.raises(SettingsError, match=message):
@@ -64,3 +67,9 @@ def test_a_pinned_task_ordering_is_checked_when_settings_load():
     assert load({"RECSTREAM_TASK_ORDERINGS": "cart=rules"}).ordering_pins == {"cart": "rules"}
     with pytest.raises(SettingsError, match="TASK_ORDERINGS"):
         load({"RECSTREAM_TASK_ORDERINGS": "cart=magic"})
+
+
+def test_the_workers_that_take_events_in_keep_the_normal_priority():
+    s = load({"RECSTREAM_SERVING_NICE": "7", "RECSTREAM_BACKGROUND_NICE": "3"})
+    assert {w: s.niceness(w) for w in ("features", "retrieval", "ranking", "archive", "attribution", "api")} == \
+        {"features": 0, "retrieval": 7, "ranking": 7, "archive": 3, "attribution": 3, "api": 0}
