@@ -193,7 +193,8 @@ class Archive:
     async def run(self, stop: asyncio.Event) -> None:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.s.kafka_bootstrap, group_id=group_id(self.s), client_id=group_id(self.s),
-            enable_auto_commit=False, auto_offset_reset="earliest")
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            fetch_min_bytes=self.s.background_fetch_min_bytes, fetch_max_wait_ms=500)
         self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
         self._producer = create_producer(self.s)
         await self._producer.start()

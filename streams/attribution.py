@@ -122,7 +122,8 @@ class Attribution:
         s = self.s
         self.consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=group_id(s),
                                          client_id=group_id(s), enable_auto_commit=False,
-                                         auto_offset_reset="earliest", max_poll_records=MAX_RECORDS)
+                                         auto_offset_reset="earliest", max_poll_records=MAX_RECORDS,
+                                         fetch_min_bytes=s.background_fetch_min_bytes, fetch_max_wait_ms=500)
         self.consumer.subscribe([self.exposures, self.clickstream], listener=_SeekToStored(self))
         self.producer = create_producer(s)
         await self.producer.start()
