@@ -34,7 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
@@ -71,7 +71,18 @@ class Tally:
             self.error_samples.append(f"{time.time() - self.t0:.1f} s: {what} {detail}".strip())
 
 
-async def recommend(http: httpx.AsyncClient, rng: random.Random, users: list[str], products: list[str],
+# aiohttp, not httpx, drives the load: httpx cost the driver about half a core at the full rates on 2 cores,
+# CPU the stack under test then lacked (the driver is not part of it)
+HTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+async def call(http: aiohttp.ClientSession, method: str, path: str, **kw) -> tuple[int, bytes]:
+    """(status, body) of one request."""
+    async with http.request(method, path, **kw) as r:
+        return r.status, await r.read()
+
+
+async def recommend(http: aiohttp.ClientSession, rng: random.Random, users: list[str], products: list[str],
                     t: Tally) -> None:
     kind = MIX[rng.randrange(len(MIX))]
     if kind == "homepage_user":
@@ -84,18 +95,18 @@ async def recommend(http: httpx.AsyncClient, rng: random.Random, users: list[str
         path, q = kind.replace("_", "-"), {"product_id": rng.choice(products)}
     t0 = time.perf_counter()
     try:
-        r = await http.get(f"/api/v1/recommendations/{path}", params=q)
-    except httpx.HTTPError as exc:
+        status, body = await call(http, "GET", f"/api/v1/recommendations/{path}", params=q)
+    except HTTP_ERRORS as exc:
         t.requests += 1
         t.errors += 1
         t.error(type(exc).__name__, f"GET {path} {exc!r}")
         return
     t.requests += 1
     t.latency.append(time.perf_counter() - t0)
-    if r.status_code != 200:
+    if status != 200:
         t.errors += 1
-        t.error(f"HTTP {r.status_code}")
-    elif orjson.loads(r.content).get("fallback"):
+        t.error(f"HTTP {status}")
+    elif orjson.loads(body).get("fallback"):
         t.fallbacks += 1
 
 
@@ -111,19 +122,19 @@ def make_events(rng: random.Random, users: list[str], products: list[str], n: in
     return out
 
 
-async def post_events(http: httpx.AsyncClient, events: list[dict], t: Tally) -> None:
+async def post_events(http: aiohttp.ClientSession, events: list[dict], t: Tally) -> None:
     try:
-        r = await http.post("/api/v1/events", content=orjson.dumps(events),
-                            headers={"Content-Type": "application/json"})
-    except httpx.HTTPError as exc:
+        status, _ = await call(http, "POST", "/api/v1/events", data=orjson.dumps(events),
+                               headers={"Content-Type": "application/json"})
+    except HTTP_ERRORS as exc:
         t.event_errors += 1
         t.error("events " + type(exc).__name__, repr(exc))
         return
-    if r.status_code == 202:
+    if status == 202:
         t.events += len(events)
     else:
         t.event_errors += 1
-        t.error(f"events HTTP {r.status_code}")
+        t.error(f"events HTTP {status}")
 
 
 async def paced(rate: float, duration: float, max_inflight: int, make, t: Tally) -> None:
@@ -150,7 +161,7 @@ async def paced(rate: float, duration: float, max_inflight: int, make, t: Tally)
         await asyncio.wait(tasks, timeout=30)
 
 
-async def probe_lag(http: httpx.AsyncClient, client: aioredis.Redis, ns: str, run: str, every_s: float,
+async def probe_lag(http: aiohttp.ClientSession, client: aioredis.Redis, ns: str, run: str, every_s: float,
                     duration: float, samples: list[float], t: Tally) -> None:
     """Every `every_s`: post one marker event, then time until its user's session is in Redis."""
     end = time.perf_counter() + duration
@@ -193,6 +204,23 @@ async def sample_rss(procs: Processes, every_s: float, duration: float, peak: di
         await asyncio.sleep(every_s)
 
 
+def service_pids(s) -> dict[str, int]:
+    """Kafka's and Redis' pids where `recstream services up` started them (their pid files)."""
+    out = {}
+    for name in ("kafka", "redis"):
+        try:
+            out[name] = int((s.home_dir / "run" / f"{name}.pid").read_text())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the machine spent busy, all cores (/proc/stat: all but idle and iowait)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def publish_champion(s) -> str | None:
     """Publish the MLflow champion into this namespace; None when there is none (rules only)."""
     try:
@@ -207,20 +235,20 @@ def publish_champion(s) -> str | None:
         return None
 
 
-async def warm_up(procs: Processes, http: httpx.AsyncClient, timeout_s: float, want_model: bool) -> bool:
+async def warm_up(procs: Processes, http: aiohttp.ClientSession, timeout_s: float, want_model: bool) -> bool:
     """Wait until the API is healthy and (with a model) answers a homepage from the agents."""
     deadline = time.monotonic() + timeout_s
     served = False
     while time.monotonic() < deadline:
         procs.check_alive()
         try:
-            if (await http.get("/healthz")).status_code == 200:
-                r = await http.get("/api/v1/recommendations/homepage", params={"user_id": "u00001"})
-                if r.status_code == 200 and (not orjson.loads(r.content).get("fallback") or not want_model):
-                    served = not orjson.loads(r.content).get("fallback")
+            if (await call(http, "GET", "/healthz"))[0] == 200:
+                status, body = await call(http, "GET", "/api/v1/recommendations/homepage", params={"user_id": "u00001"})
+                if status == 200 and (not orjson.loads(body).get("fallback") or not want_model):
+                    served = not orjson.loads(body).get("fallback")
                     if served or not want_model:
                         return served
-        except httpx.HTTPError:
+        except HTTP_ERRORS:
             pass
         await asyncio.sleep(1)
     return served
@@ -243,7 +271,6 @@ async def soak(args: argparse.Namespace) -> dict:
     version = await asyncio.to_thread(publish_champion, s) if args.model else None
     procs = Processes(s, home)
     client = aioredis.from_url(s.redis_url)
-    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
     t, rng = Tally(), random.Random(7)
     samples: list[float] = []
     peak: dict[str, float] = {}
@@ -251,13 +278,16 @@ async def soak(args: argparse.Namespace) -> dict:
     try:
         for name in WORKERS:
             procs.start(name)
-        async with httpx.AsyncClient(base_url=procs.base_url, timeout=10, limits=limits) as http:
+        async with aiohttp.ClientSession(procs.base_url, timeout=aiohttp.ClientTimeout(total=10),
+                                         connector=aiohttp.TCPConnector(limit=args.connections)) as http:
             served = await warm_up(procs, http, 180, version is not None)
             await asyncio.sleep(5)    # let the warm-up events drain
             rss_start = {name: down(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
             rss_start["driver"] = down(rss_mb(os.getpid()), 1)
             pids = {**{name: p.pid for name, p in procs.procs.items()}, "driver": os.getpid()}
-            cpu_start = {name: cpu_s(pid, 0.0) for name, pid in pids.items()}
+            services = service_pids(base)
+            cpu_start = {name: cpu_s(pid, 0.0) for name, pid in {**pids, **services}.items()}
+            busy_start = machine_busy_s()
             print(f"soak: stack up (agents serving: {served}); {args.seconds:.0f} s at {args.qps:g} req/s "
                   f"+ {args.events:g} events/s")
             seq = iter(range(10 ** 9))
@@ -271,10 +301,12 @@ async def soak(args: argparse.Namespace) -> dict:
                 sample_rss(procs, 5.0, args.seconds, peak, lag_records, client, s.redis_namespace, t))
             elapsed = time.perf_counter() - started
             procs.check_alive()
-            healthy = (await http.get("/healthz")).status_code == 200
+            healthy = (await call(http, "GET", "/healthz"))[0] == 200
         rss_end = {name: down(rss_mb(p.pid), 1) for name, p in procs.procs.items()}
         rss_end["driver"] = down(rss_mb(os.getpid()), 1)
-        cpu_share = {name: down((cpu_s(pid, 0.0) - cpu_start[name]) / elapsed, 2) for name, pid in pids.items()}
+        cpu_share = {name: down((cpu_s(pid, 0.0) - cpu_start[name]) / elapsed, 2)
+                     for name, pid in {**pids, **services}.items()}
+        busy = down((machine_busy_s() - busy_start) / elapsed, 2)
         for name, mb in rss_end.items():
             peak[name] = max(peak.get(name, 0.0), mb)
         alive = {name: procs.alive(name) for name in WORKERS}
@@ -301,6 +333,9 @@ async def soak(args: argparse.Namespace) -> dict:
         "lag_p50_s": down(float(np.median(samples)), 3) if samples else None, "lag_samples": len(samples),
         "worker_lag_records_max": max(lag_records) if lag_records else None,
         "processes": processes, "alive_at_end": alive, "healthz_at_end": healthy,
+        # the services' CPU beside the project's processes, and the whole machine's (of nproc cores)
+        "services_cpu_cores": {name: cpu_share.get(name) for name in services},
+        "machine_busy_cores": busy,
         # flat memory after warm-up: every process ends within 15 % of its RSS at the 2-minute mark
         "rss_flat_after_2min": all(p["rss_end_mb"] <= 1.15 * p["rss_2min_mb"] for p in processes.values()
                                    if p["rss_2min_mb"] and p["rss_end_mb"]) if at_2min else None,
@@ -373,6 +408,8 @@ def table(r: dict) -> str:
     for name, p in f["processes"].items():
         out.append(f"{name:24} {p['rss_start_mb']:>10} {p['rss_end_mb']:>10} {p['rss_peak_mb']:>10} {p['growth_mb']:>8}"
                    f"        {p['cpu_cores']}")
+    out.append(f"{'services':24} " + ", ".join(f"{k} {v} cores" for k, v in f.get("services_cpu_cores", {}).items())
+               + f"; machine busy {f.get('machine_busy_cores')} of {r['machine'].get('nproc')} cores")
     return "\n".join(out)
 
 
