@@ -82,7 +82,7 @@ class Settings:
     worker_stall_timeout_s: float = _setting(120.0, "a worker whose committed offsets stop while it keeps "
                                                     "processing exits (status 3) for its supervisor to restart (seconds)")
     feature_batch_within_ms: int = _setting(20, "longest wait to fill a batch while the agent keeps up (milliseconds)")
-    feature_batch_within_max_ms: int = _setting(1000, "... while it is behind: the wait grows to a fifth of how far "
+    feature_batch_within_max_ms: int = _setting(1000, "... while it is behind: the wait grows to half of how far "
                                                       "behind its last batch was, up to this (milliseconds)")
     # -- batch layer -------------------------------------------------------------------------
     spark_master: str = _setting("local[*]", "Spark master URL: local[*] here, spark://host:7077 or yarn on a cluster (URL)")

@@ -139,13 +139,14 @@ def test_worker_registry_from_snapshot():
     h = LatencyHistogram()
     h.extend([0.02] * 4)
     snap = {"processed": {"view": 5, "click": 2}, "dead_letters": 1, "duplicates": 3, "lag": {"0": 4, "1": 0},
-            "event_latency_counts": h.counts.tolist(), "model_version": None}
+            "event_latency_counts": h.counts.tolist(), "model_version": None, "batch_window_s": 0.25}
     text = generate_latest(worker_registry("features", lambda: snap)).decode()
     assert 'recstream_events_processed_total{kind="all",worker="features"} 7.0' in text
     assert 'recstream_dead_letters_total{worker="features"} 1.0' in text
     assert 'recstream_worker_lag_records{partition="0",worker="features"} 4.0' in text
     assert 'recstream_event_to_feature_seconds_count{worker="features"} 4.0' in text
     assert 'recstream_worker_up{worker="features"} 1.0' in text
+    assert 'recstream_feature_batch_window_seconds{worker="features"} 0.25' in text
     empty = generate_latest(worker_registry("archive", lambda: None)).decode()
     assert 'recstream_worker_up{worker="archive"} 0.0' in empty
     assert np.asarray(h.counts).sum() == 4
