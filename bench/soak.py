@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
 from bench.harness import Processes, cpu_s, down, rss_mb  # noqa: E402  (figures truncated, never rounded up)
+from bench.ingest import machine_jiffies, service_pids  # noqa: E402  (Kafka's and Redis' pids, the machine's CPU)
 from recstream.data import ShopConfig, shop_dataset  # noqa: E402
 from recstream.features import keys  # noqa: E402
 from recstream.settings import load  # noqa: E402
@@ -204,23 +205,6 @@ async def sample_rss(procs: Processes, every_s: float, duration: float, peak: di
         await asyncio.sleep(every_s)
 
 
-def service_pids(s) -> dict[str, int]:
-    """Kafka's and Redis' pids where `recstream services up` started them (their pid files)."""
-    out = {}
-    for name in ("kafka", "redis"):
-        try:
-            out[name] = int((s.home_dir / "run" / f"{name}.pid").read_text())
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the machine spent busy, all cores (/proc/stat: all but idle and iowait)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def publish_champion(s) -> str | None:
     """Publish the MLflow champion into this namespace; None when there is none (rules only)."""
     try:
@@ -287,7 +271,7 @@ async def soak(args: argparse.Namespace) -> dict:
             pids = {**{name: p.pid for name, p in procs.procs.items()}, "driver": os.getpid()}
             services = service_pids(base)
             cpu_start = {name: cpu_s(pid, 0.0) for name, pid in {**pids, **services}.items()}
-            busy_start = machine_busy_s()
+            busy_start = machine_jiffies()[0]
             print(f"soak: stack up (agents serving: {served}); {args.seconds:.0f} s at {args.qps:g} req/s "
                   f"+ {args.events:g} events/s")
             seq = iter(range(10 ** 9))
@@ -306,7 +290,7 @@ async def soak(args: argparse.Namespace) -> dict:
         rss_end["driver"] = down(rss_mb(os.getpid()), 1)
         cpu_share = {name: down((cpu_s(pid, 0.0) - cpu_start[name]) / elapsed, 2)
                      for name, pid in {**pids, **services}.items()}
-        busy = down((machine_busy_s() - busy_start) / elapsed, 2)
+        busy = down((machine_jiffies()[0] - busy_start) / os.sysconf("SC_CLK_TCK") / elapsed, 2)
         for name, mb in rss_end.items():
             peak[name] = max(peak.get(name, 0.0), mb)
         alive = {name: procs.alive(name) for name in WORKERS}
